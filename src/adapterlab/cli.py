@@ -1,0 +1,168 @@
+"""The command line: each command parses, calls one function of the package, and formats."""
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from adapterlab.errors import AdapterlabError
+
+app = typer.Typer(help="Few-shot adapters on one frozen backbone.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+adapters_app = typer.Typer(help="Inspect the adapter store.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+console = Console()
+STORE = typer.Option("adapters", "--store", help="Adapter store folder.")
+JSON = typer.Option(False, "--json", help="End stdout with one JSON object.")
+
+
+@app.callback()
+def _quiet_libraries():
+    """Library chatter (weight-loading bars, advisories) would bury adapterlab's own output."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _clean_errors(command):
+    """Bad input ends in one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (AdapterlabError, FileNotFoundError) as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+
+    return run
+
+
+def _emit(payload: dict) -> None:
+    sys.stdout.write(json.dumps(payload) + "\n")
+
+
+@app.command()
+@_clean_errors
+def train(recipe: Path = typer.Argument(..., help="Recipe YAML."),
+          set_: list[str] = typer.Option([], "--set", help="Override a key: --set training.lr=3e-4"),
+          json_out: bool = JSON, quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
+    """Train one few-shot adapter (also under `accelerate launch -m adapterlab train`)."""
+    from adapterlab.recipe import load_recipe
+    from adapterlab.train import train as run_training
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    result = run_training(load_recipe(recipe, set_), show_progress=not quiet)
+    if result.adapter_path is None:  # not the main process: it wrote nothing and reports nothing
+        return
+    if json_out:
+        _emit(result.as_dict())
+    else:
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items())
+        console.print(f"saved {result.adapter_path} ({result.adapter_bytes:,} bytes, "
+                      f"{result.trainable_params:,} trainable params) in {result.train_seconds:.1f}s; {metrics}")
+
+
+@app.command("eval")
+@_clean_errors
+def eval_(adapter: str = typer.Argument(..., help="Adapter folder, or TASK/NAME in the store."),
+          data: str = typer.Option(..., "--data", help="Dataset (folder, file, demo:NAME)."),
+          split: str = typer.Option("test", "--split", help="train or test."),
+          limit: Optional[int] = typer.Option(None, "--limit", help="First N rows only."),
+          store: Path = STORE, json_out: bool = JSON):
+    """Accuracy and macro-F1 of a stored adapter on a dataset."""
+    from adapterlab.engine import Engine
+
+    engine = Engine.for_adapter(adapter, store)
+    metrics = engine.evaluate(adapter, data, split, limit)
+    if json_out:
+        _emit({"adapter": adapter, "data": data, "split": split, **metrics})
+    else:
+        console.print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+
+
+@app.command()
+@_clean_errors
+def predict(adapter: str = typer.Argument(..., help="Adapter folder, or TASK/NAME in the store."),
+            texts: list[str] = typer.Argument(..., help="Texts to classify."),
+            store: Path = STORE, json_out: bool = JSON):
+    """Label texts with a stored adapter."""
+    from adapterlab.engine import Engine
+
+    predictions = Engine.for_adapter(adapter, store).predict(adapter, texts)
+    if json_out:
+        _emit({"adapter": adapter, "predictions": [
+            {"text": t, "label": p.label, "score": p.score, "scores": p.scores} for t, p in zip(texts, predictions)]})
+        return
+    table = Table("text", "label", "score")
+    for text, prediction in zip(texts, predictions):
+        table.add_row(text, prediction.label, f"{prediction.score:.3f}")
+    console.print(table)
+
+
+@adapters_app.command("list")
+@_clean_errors
+def adapters_list(store: Path = STORE, json_out: bool = JSON):
+    """Every complete adapter in the store."""
+    from adapterlab.store import list_adapters
+
+    cards = list_adapters(store)
+    if json_out:
+        _emit({"store": str(store), "adapters": [
+            {"task": c.task, "name": c.name, "method": c.method, "backbone": c.backbone, "k": c.k,
+             "labels": c.labels, "metrics": c.metrics, "adapter_bytes": c.adapter_bytes} for c in cards]})
+        return
+    table = Table("task/name", "method", "backbone", "k", "labels", "accuracy", "bytes")
+    for c in cards:
+        accuracy = f"{c.metrics['accuracy']:.3f}" if "accuracy" in c.metrics else "-"
+        table.add_row(f"{c.task}/{c.name}", c.method, c.backbone, str(c.k), str(len(c.labels)), accuracy,
+                      f"{c.adapter_bytes:,}")
+    console.print(table)
+
+
+@adapters_app.command("show")
+@_clean_errors
+def adapters_show(adapter: str, store: Path = STORE, json_out: bool = JSON):
+    """An adapter's card."""
+    from adapterlab.store import read_card, resolve
+
+    card = read_card(resolve(store, adapter))
+    if json_out:
+        _emit(card.model_dump(mode="json"))
+    else:
+        console.print_json(card.model_dump_json())
+
+
+@adapters_app.command("verify")
+@_clean_errors
+def adapters_verify(adapter: Optional[str] = typer.Argument(None, help="One adapter; default: the whole store."),
+                    store: Path = STORE, json_out: bool = JSON):
+    """Check adapter folders: files present, safetensors readable, card valid. Exit 1 on any problem."""
+    from adapterlab.store import resolve, verify, adapter_folders
+
+    folders = [resolve(store, adapter)] if adapter else adapter_folders(store)
+    report = {str(folder): verify(folder) for folder in folders}
+    if json_out:
+        _emit({"ok": not any(report.values()), "adapters": report})
+    else:
+        for folder, problems in report.items():
+            console.print(f"{'ok ' if not problems else 'BAD'} {folder}" + "".join(f"\n    {p}" for p in problems))
+    if any(report.values()):
+        raise typer.Exit(1)
+
+
+@app.command()
+@_clean_errors
+def demo(recipes: Path = typer.Option(Path("recipes/demo"), help="Folder of demo recipes."),
+         store: Path = typer.Option(Path("adapters"), "--store", help="Adapter store folder.")):
+    """Train one adapter per demo task on one backbone, then show predictions and held-out accuracy."""
+    from adapterlab.demo import run_demo
+
+    run_demo(recipes, store, console)

@@ -1,0 +1,176 @@
+"""Task data: reading a dataset, its label names, and the balanced k-shot draw."""
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from adapterlab.errors import AdapterlabError
+
+DEMO_DIR = Path(__file__).parent / "demo"
+
+
+class DataError(AdapterlabError):
+    """Data that cannot be read or does not fit the task."""
+
+
+@dataclass
+class Split:
+    """Rows of one split: texts, optional second texts of pairs, label indices."""
+
+    texts: list[str]
+    labels: list[int]
+    text_pairs: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def select(self, indices: list[int]) -> "Split":
+        pairs = [self.text_pairs[i] for i in indices] if self.text_pairs is not None else None
+        return Split([self.texts[i] for i in indices], [self.labels[i] for i in indices], pairs)
+
+
+@dataclass
+class TaskData:
+    label_names: list[str]
+    train: Split
+    test: Split | None
+    label_descriptions: list[str] = field(default_factory=list)
+
+
+def load_task(config) -> TaskData:
+    """Read the dataset a recipe's `data:` section names, then draw k examples per class."""
+    train_rows, test_rows, file_names, descriptions = _read_source(config)
+    if config.labels and file_names and config.labels != file_names:
+        raise DataError(f"{config.path}: its labels ({', '.join(file_names)}) differ from the expected "
+                        f"labels ({', '.join(config.labels)})")
+    names = config.labels or file_names
+    if not names:
+        raise DataError(f"{config.path}: no label names: add labels.json or set data.labels")
+    train = _to_split(train_rows, config, names, "train")
+    test = _to_split(test_rows, config, names, "test") if test_rows is not None else None
+    if test is not None and config.test_limit:
+        test = test.select(list(range(min(config.test_limit, len(test)))))
+    if config.k is not None:
+        train = train.select(k_shot_indices(train.labels, config.k, config.seed, names))
+    return TaskData(names, train, test, descriptions or list(names))
+
+
+def k_shot_indices(labels: list[int], k: int, seed: int, names: list[str]) -> list[int]:
+    """k row indices per class, drawn with `seed`, in a seeded shuffled order (reproducible)."""
+    by_class: dict[int, list[int]] = {label: [] for label in range(len(names))}
+    for index, label in enumerate(labels):
+        by_class[label].append(index)
+    rng = random.Random(seed)
+    chosen = []
+    for label, indices in by_class.items():
+        if len(indices) < k:
+            raise DataError(f"class {names[label]!r} has only {len(indices)} training examples, k={k}")
+        chosen.extend(rng.sample(indices, k))
+    rng.shuffle(chosen)
+    return chosen
+
+
+def _read_source(config):
+    """(train rows, test rows or None, label names, label descriptions) from the path's form."""
+    path = config.path
+    if path.startswith("demo:"):
+        folder = DEMO_DIR / path.removeprefix("demo:")
+        if not folder.is_dir():
+            known = ", ".join(sorted(p.name for p in DEMO_DIR.iterdir() if p.is_dir()))
+            raise DataError(f"unknown demo dataset {path!r}; known: {known}")
+        return _read_folder(folder)
+    local = Path(path)
+    if local.is_dir():
+        return _read_folder(local)
+    if local.is_file():
+        test = _read_rows(Path(config.test_path)) if config.test_path else None
+        return _read_rows(local), test, *_read_label_file(local.parent)
+    if local.suffix in (".jsonl", ".csv", ".json") or path.startswith((".", "/")) or path.count("/") != 1:
+        raise DataError(f"data not found: {path}")
+    return _read_hub(path, config)
+
+
+def _read_folder(folder: Path):
+    train, test = _find_split(folder, "train"), _find_split(folder, "test")
+    if train is None:
+        raise DataError(f"{folder}: no train.jsonl or train.csv")
+    return _read_rows(train), _read_rows(test) if test else None, *_read_label_file(folder)
+
+
+def _find_split(folder: Path, split: str) -> Path | None:
+    for suffix in (".jsonl", ".csv"):
+        if (folder / f"{split}{suffix}").is_file():
+            return folder / f"{split}{suffix}"
+    return None
+
+
+def _read_label_file(folder: Path) -> tuple[list[str], list[str]]:
+    """labels.json holds names in index order, or objects {"name", "description"}."""
+    file = folder / "labels.json"
+    if not file.is_file():
+        return [], []
+    try:
+        entries = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{file}: malformed JSON ({error})") from None
+    names = [e["name"] if isinstance(e, dict) else str(e) for e in entries]
+    descriptions = [e.get("description", e["name"]) if isinstance(e, dict) else str(e) for e in entries]
+    return names, descriptions
+
+
+def _read_rows(file: Path) -> list[dict]:
+    if not file.is_file():
+        raise DataError(f"data not found: {file}")
+    if file.suffix == ".csv":
+        with open(file, newline="") as handle:
+            return list(csv.DictReader(handle))
+    rows = []
+    with open(file) as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise DataError(f"{file}:{number}: not a JSON object") from None
+    return rows
+
+
+def _read_hub(dataset_id: str, config):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{dataset_id!r} is not a local path; hub datasets need `pip install adapterlab[hub]`") from None
+    try:
+        loaded = datasets.load_dataset(dataset_id)
+    except Exception as error:  # offline or unknown id
+        raise DataError(f"data {dataset_id!r} is not a local path and the hub could not provide it "
+                        f"({type(error).__name__})") from None
+    test_split = next((s for s in ("test", "validation") if s in loaded), None)
+    feature = loaded["train"].features.get(config.label_field)
+    names = list(getattr(feature, "names", None) or [])
+    test = list(loaded[test_split]) if test_split else None
+    return list(loaded["train"]), test, names, list(names)
+
+
+def _to_split(rows: list[dict], config, names: list[str], split: str) -> Split:
+    index = {name: i for i, name in enumerate(names)}
+    texts, pairs, labels = [], [], []
+    for number, row in enumerate(rows, 1):
+        for column in (config.text_field, config.label_field, config.text_pair_field):
+            if column is not None and column not in row:
+                raise DataError(f"{split} row {number}: no column {column!r} (has: {', '.join(row)})")
+        texts.append(str(row[config.text_field]))
+        if config.text_pair_field:
+            pairs.append(str(row[config.text_pair_field]))
+        labels.append(_label_index(row[config.label_field], index, names, split, number))
+    return Split(texts, labels, pairs if config.text_pair_field else None)
+
+
+def _label_index(value, index: dict[str, int], names: list[str], split: str, number: int) -> int:
+    if isinstance(value, str) and value in index:
+        return index[value]
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+        if 0 <= int(value) < len(names):
+            return int(value)
+    raise DataError(f"{split} row {number}: label {value!r} is not in the label list ({', '.join(names)})")

@@ -1,0 +1,40 @@
+"""`make demo`: train one adapter per demo task on one backbone, then answer held-out texts."""
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from adapterlab.data import load_task
+from adapterlab.engine import Engine
+from adapterlab.recipe import load_recipe
+from adapterlab.train import train
+
+EXAMPLES_PER_TASK = 3
+
+
+def run_demo(recipes_dir: Path, store: Path, console: Console) -> None:
+    recipes = [load_recipe(path, [f"output.store={store}"]) for path in sorted(Path(recipes_dir).glob("*.yaml"))]
+    if not recipes:
+        raise FileNotFoundError(f"no demo recipes (*.yaml) in {recipes_dir}")
+    if len({recipe.backbone for recipe in recipes}) != 1:
+        raise ValueError("demo recipes must share one backbone")
+    summary = Table("task", "labels", "k", "trainable params", "train s", "held-out accuracy", "adapter")
+    trained = []
+    for recipe in recipes:
+        result = train(recipe)
+        summary.add_row(recipe.task, str(len(load_task(recipe.data).label_names)), str(recipe.data.k),
+                        f"{result.trainable_params:,}", f"{result.train_seconds:.1f}",
+                        f"{result.metrics['accuracy']:.1%}", f"{recipe.task}/{recipe.adapter_name}")
+        trained.append(recipe)
+    console.print(summary)
+
+    engine = Engine(recipes[0].backbone, store)
+    answers = Table("task", "text", "predicted", "true", "score")
+    for recipe in trained:
+        task = load_task(recipe.data)
+        rows = task.test.select(list(range(EXAMPLES_PER_TASK)))
+        for text, label, prediction in zip(rows.texts, rows.labels,
+                                           engine.predict(f"{recipe.task}/{recipe.adapter_name}", rows.texts)):
+            answers.add_row(recipe.task, text, prediction.label, task.label_names[label], f"{prediction.score:.2f}")
+    console.print(answers)

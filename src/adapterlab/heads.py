@@ -1,0 +1,104 @@
+"""Task heads: what turns backbone features into one score per label.
+
+Encoders get a classifier (a linear layer on pooled token states); LLMs can score each label's
+word as the next token (no new weights), or use a classifier on their last token's state.
+"""
+
+import torch
+from torch import nn
+
+from adapterlab.backbones import Features, features, tokenize
+from adapterlab.errors import AdapterlabError
+
+
+class ClassifierHead(nn.Module):
+    """A linear layer on pooled states; with `cosine_scale`, on unit vectors (a cosine classifier,
+    steadier with a few examples, and one whose rows can start as label-description embeddings)."""
+
+    needs_hidden = True
+
+    def __init__(self, hidden_size: int, num_labels: int, pooling: str, dropout: float,
+                 cosine_scale: float | None):
+        super().__init__()
+        self.pooling = pooling
+        self.cosine_scale = cosine_scale
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, features: Features) -> torch.Tensor:
+        pooled = self.dropout(pool(features, self.pooling))
+        if self.cosine_scale is None:
+            return self.linear(pooled)
+        weight = nn.functional.normalize(self.linear.weight, dim=-1)
+        return self.cosine_scale * nn.functional.normalize(pooled, dim=-1) @ weight.T + self.linear.bias
+
+    @torch.no_grad()
+    def init_from(self, label_embeddings: torch.Tensor) -> None:
+        """Start from the labels' own embeddings, so that step 0 is the zero-shot classifier."""
+        self.linear.weight.copy_(label_embeddings)
+        self.linear.bias.zero_()
+
+
+class LabelWordHead(nn.Module):
+    needs_hidden = False
+
+    def __init__(self, token_ids: list[int]):
+        super().__init__()
+        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long))
+
+    def forward(self, features: Features) -> torch.Tensor:
+        return features.next_token_logits[:, self.token_ids]
+
+
+def pool(features: Features, pooling: str) -> torch.Tensor:
+    hidden, mask = features.hidden, features.attention_mask
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "last":  # LLM inputs are left-padded: the last position is real
+        return hidden[:, -1]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def build_head(config, backbone, label_names: list[str], label_descriptions: list[str]) -> nn.Module:
+    """The head a recipe's `head:` section asks for, sized for `label_names`."""
+    kind = config.type if config.type != "auto" else ("classifier" if backbone.kind == "encoder" else "label_words")
+    if kind == "label_words":
+        if backbone.kind != "decoder":
+            raise AdapterlabError("head.type label_words needs an LLM backbone; encoders use 'classifier'")
+        return LabelWordHead(label_word_ids(backbone.tokenizer, label_names, config.label_words or {},
+                                            uses_chat(config, backbone)))
+    pooling = config.pooling if config.pooling != "auto" else ("mean" if backbone.kind == "encoder" else "last")
+    head = ClassifierHead(backbone.hidden_size, len(label_names), pooling, config.dropout, config.cosine_scale)
+    if config.init == "label_descriptions":
+        head.init_from(embed(backbone, label_descriptions, pooling, config.template))
+    return head
+
+
+@torch.no_grad()
+def embed(backbone, texts: list[str], pooling: str, template: str) -> torch.Tensor:
+    """Pooled states of the bare backbone (no adapter) for `texts`."""
+    batch = tokenize(backbone, texts, None, template, max_length=128, chat=False)
+    return pool(features(backbone, backbone.model, batch, need_hidden=True), pooling)
+
+
+def uses_chat(config, backbone) -> bool:
+    """Whether LLM prompts go through the chat template (head.chat, or: the tokenizer has one)."""
+    if backbone.kind != "decoder":
+        return False
+    return config.chat if config.chat is not None else bool(getattr(backbone.tokenizer, "chat_template", None))
+
+
+def label_word_ids(tokenizer, label_names: list[str], label_words: dict[str, str], chat: bool) -> list[int]:
+    """First token of each label's word: ' word' after a plain prompt, 'Word' opening a chat answer.
+    Labels must start with different tokens."""
+    unknown = set(label_words) - set(label_names)
+    if unknown:
+        raise AdapterlabError(f"head.label_words names unknown labels: {', '.join(sorted(unknown))}")
+    default = (lambda name: name.replace("_", " ").capitalize()) if chat else (lambda name: name.replace("_", " "))
+    words = [label_words.get(name, default(name)).strip() for name in label_names]
+    ids = [tokenizer(word if chat else " " + word, add_special_tokens=False)["input_ids"][0] for word in words]
+    clashes = {w for w, i in zip(words, ids) if ids.count(i) > 1}
+    if clashes:
+        raise AdapterlabError(f"label words {sorted(clashes)} start with the same token; set head.label_words")
+    return ids

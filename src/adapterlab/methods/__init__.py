@@ -1,0 +1,27 @@
+"""PEFT methods, one module each, all of the same shape.
+
+A method module defines `Config` (its recipe section, a pydantic model whose `name` field is the
+registry key), `DEFAULT_LR`, and `peft_config(config, backbone) -> peft.PeftConfig`. Adding a method
+means adding one module here and listing it in `_MODULES`; nothing else branches on the method name.
+"""
+
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from adapterlab.errors import AdapterlabError
+from adapterlab.methods import lora, prefix_tuning
+
+_MODULES = (lora, prefix_tuning)
+
+METHODS = {module.Config.model_fields["name"].default: module for module in _MODULES}
+
+MethodConfig = Annotated[Union[tuple(module.Config for module in _MODULES)], Field(discriminator="name")]
+
+
+def method_module(name: str):
+    """The module implementing method `name`."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise AdapterlabError(f"unknown method {name!r}; known: {', '.join(METHODS)}") from None

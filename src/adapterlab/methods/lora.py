@@ -1,0 +1,31 @@
+"""LoRA: low-rank updates added to the backbone's linear layers (Hu et al., 2021)."""
+
+from typing import Literal
+
+from peft import LoraConfig
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_LR = 1e-3
+
+
+class Config(BaseModel):
+    """The `method:` section of a LoRA recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["lora"] = "lora"
+    r: int = Field(8, gt=0, description="Rank of the update matrices.")
+    alpha: float = Field(16, gt=0, description="Scale: the update is multiplied by alpha / r.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="Module names to adapt; null takes peft's default for the architecture "
+        "(BERT: query, value; Llama: q_proj, v_proj); 'all-linear' adapts every linear layer.")
+
+
+def peft_config(config: Config, backbone) -> LoraConfig:
+    return LoraConfig(
+        task_type=backbone.peft_task_type,
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
+    )

@@ -1,0 +1,79 @@
+"""AdapterModel: the frozen backbone under one PEFT adapter, plus the task's head."""
+
+import torch
+from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from adapterlab.backbones import Backbone, features, tokenize
+from adapterlab.heads import build_head, uses_chat
+from adapterlab.methods import method_module
+
+
+class AdapterModel(nn.Module):
+    """Label scores for texts: backbone + adapter → features → head."""
+
+    def __init__(self, backbone: Backbone, peft_model: PeftModel, head: nn.Module, label_names: list[str],
+                 head_config, max_length: int):
+        super().__init__()
+        self.backbone = backbone  # a plain attribute: its model is already inside peft_model
+        self.peft_model = peft_model
+        self.head = head
+        self.label_names = label_names
+        self.template = head_config.template
+        self.chat = uses_chat(head_config, backbone)
+        self.max_length = max_length
+
+    def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, torch.Tensor]:
+        return tokenize(self.backbone, texts, pairs, self.template, self.max_length, self.chat)
+
+    def forward(self, input_ids, attention_mask, **extra) -> torch.Tensor:
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
+        return self.head(features(self.backbone, self.peft_model, batch, self.head.needs_hidden))
+
+    @torch.no_grad()
+    def scores(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> torch.Tensor:
+        """Label probabilities (N, num_labels), in eval mode. Rows are batched by length (less
+        padding); a row's scores do not depend on its batch."""
+        was_training = self.training
+        self.eval()
+        device = next(self.peft_model.parameters()).device
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]) + (len(pairs[i]) if pairs else 0))
+        result = torch.empty(len(texts), len(self.label_names))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = self.tokenize([texts[i] for i in rows], [pairs[i] for i in rows] if pairs else None)
+            logits = self(**{k: v.to(device) for k, v in batch.items()})
+            result[rows] = logits.float().softmax(-1).cpu()
+        self.train(was_training)
+        return result
+
+    def detach_backbone(self) -> None:
+        """Take the adapter's layers out of the backbone, so another adapter can be put on it."""
+        if isinstance(self.peft_model.base_model, BaseTuner):  # injected tuners (LoRA); prompts only wrap
+            self.peft_model.base_model.unload()
+
+
+def build_adapter_model(recipe, backbone: Backbone, label_names: list[str],
+                        label_descriptions: list[str]) -> AdapterModel:
+    """A fresh, trainable adapter and head for `recipe` on `backbone`."""
+    head = build_head(recipe.head, backbone, label_names, label_descriptions)  # reads the bare backbone
+    method = method_module(recipe.method.name)
+    peft_model = get_peft_model(backbone.model, method.peft_config(recipe.method, backbone))
+    return AdapterModel(backbone, peft_model, head, label_names, recipe.head, recipe.training.max_length)
+
+
+def load_adapter_model(folder, recipe, backbone: Backbone, label_names: list[str],
+                       head_state: dict[str, torch.Tensor]) -> AdapterModel:
+    """A saved adapter on `backbone`, in inference mode (the store checks the files first)."""
+    peft_model = PeftModel.from_pretrained(backbone.model, str(folder), is_trainable=False)
+    head = build_head(recipe.head.model_copy(update={"init": "random"}), backbone, label_names, label_names)
+    head.load_state_dict(head_state)
+    model = AdapterModel(backbone, peft_model, head, label_names, recipe.head, recipe.training.max_length)
+    return model.eval()
+
+
+def parameter_counts(model: AdapterModel) -> tuple[int, int]:
+    """(trainable, total) parameters: peft marks the adapter's own, the head is all trainable."""
+    params = list(model.peft_model.parameters()) + list(model.head.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -1,0 +1,156 @@
+"""The recipe: one YAML file that says what to train. The schema below is the format, the `--set`
+target and the `--help` text; each field is documented once, here."""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from adapterlab.methods import METHODS, MethodConfig
+from adapterlab.errors import AdapterlabError
+
+
+class RecipeError(AdapterlabError):
+    """A recipe that cannot be read or does not fit the schema."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HeadConfig(_Section):
+    type: Literal["auto", "classifier", "label_words"] = Field(
+        "auto", description="classifier: a linear layer on a pooled hidden state; label_words: an LLM "
+        "scores each label's word after the prompt. auto: classifier for encoders, label_words for LLMs.")
+    pooling: Literal["auto", "mean", "cls", "last"] = Field(
+        "auto", description="How a classifier pools token states: auto is mean for encoders, last for LLMs.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classifier.")
+    cosine_scale: float | None = Field(
+        20.0, gt=0, description="Classifier on unit vectors, logits scaled by this; null: a plain linear layer.")
+    init: Literal["label_descriptions", "random"] = Field(
+        "label_descriptions", description="Classifier rows start as the embeddings of the label "
+        "descriptions (labels.json) or names, i.e. at the zero-shot classifier; or at random.")
+    template: str = Field(
+        "Text: {text}\nLabel:", description="LLM prompt; {text} (and {text_pair}) are filled in.")
+    chat: bool | None = Field(
+        None, description="LLMs: send the prompt as a user turn of the tokenizer's chat template, so the "
+        "label word opens the assistant's answer. null: when the tokenizer has a chat template.")
+    label_words: dict[str, str] | None = Field(
+        None, description="Label name → word the LLM should say (default: the label name, capitalised "
+        "in chat mode, '_' read as a space).")
+
+
+class DataConfig(_Section):
+    path: str = Field(
+        description="A folder with train/test .jsonl or .csv files (and labels.json), one such file, "
+        "'demo:NAME' for a dataset shipped with adapterlab, or a hub dataset id.")
+    test_path: str | None = Field(None, description="Test file, when `path` names a single train file.")
+    text_field: str = Field("text", description="Column holding the text.")
+    text_pair_field: str | None = Field(None, description="Column holding the second text of a pair.")
+    label_field: str = Field("label", description="Column holding the label (index or name).")
+    labels: list[str] | None = Field(None, description="Label names in index order (default: labels.json).")
+    k: int | None = Field(16, gt=0, description="Training examples per class; null uses every row.")
+    seed: int = Field(0, description="Seed of the k-shot draw.")
+    test_limit: int | None = Field(None, gt=0, description="Evaluate on the first N test rows only.")
+
+
+class TrainingConfig(_Section):
+    epochs: int = Field(10, gt=0, description="Passes over the k-shot rows (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    lr: float | None = Field(None, gt=0, description="Learning rate (default: the method's).")
+    head_lr: float | None = Field(None, gt=0, description="Learning rate of the head (default: lr).")
+    batch_size: int = Field(16, gt=0, description="Rows per device per forward pass.")
+    grad_accum: int = Field(1, gt=0, description="Forward passes per optimizer step.")
+    max_length: int = Field(128, gt=0, description="Tokens per input; longer inputs are truncated.")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with a rising learning rate.")
+    seed: int = Field(0, description="Seed of initialisation, dropout and shuffling.")
+    eval_batch_size: int = Field(64, gt=0)
+    metrics: list[str] = Field(
+        [], description="Metrics beyond accuracy and macro_f1, by `evaluate` name (needs the hub).")
+
+
+class OutputConfig(_Section):
+    store: str = Field("adapters", description="Adapter store folder.")
+    name: str | None = Field(None, description="Adapter name (default: METHOD-kK-sSEED).")
+
+
+class Recipe(_Section):
+    task: str = Field(description="Task name; adapters are stored under STORE/TASK/.")
+    backbone: str = Field(description="'minilm', 'smollm2-135m', a local HF folder or a hub id.")
+    method: MethodConfig
+    head: HeadConfig = HeadConfig()
+    data: DataConfig
+    training: TrainingConfig = TrainingConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _names_are_safe(self):
+        for field, value in (("task", self.task), ("output.name", self.output.name)):
+            if value is not None and (not value or "/" in value or "\\" in value or value.startswith(".")):
+                raise ValueError(f"{field} {value!r} must be a plain name (no path separators, no leading dot)")
+        return self
+
+    @property
+    def adapter_name(self) -> str:
+        return self.output.name or f"{self.method.name}-k{self.data.k or 'all'}-s{self.data.seed}"
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply `key.sub=value` overrides, validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"recipe not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: malformed YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    for override in overrides:
+        apply_override(raw, override)
+    return validate_recipe(raw, source=str(path))
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Set `a.b.c=value` in a nested dict."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"--set {override!r}: expected KEY=VALUE")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {override!r}: {part!r} is not a section")
+    node[leaf] = _parse_value(value)
+
+
+def _parse_value(text: str):
+    """YAML scalars and lists ('3', 'null', '[a, b]'); a mapping only when written as one
+    ('{a: b}'), so that prompt templates like 'Review: {text}' stay strings."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, dict) and not (text.lstrip().startswith("{") and ": " in text):
+        return text
+    return value
+
+
+def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as error:
+        raise RecipeError(f"{source}: {_describe(error)}") from None
+
+
+def _describe(error: ValidationError) -> str:
+    """One line per problem, naming the key: 'training.lrr: unknown key'."""
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"] if part not in METHODS)  # drop union tags
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)

@@ -1,0 +1,143 @@
+"""Training one few-shot adapter under Accelerate: setup → fit → evaluate → save.
+
+Runs the same on one CPU or under `accelerate launch` on many processes: the k-shot rows are sharded
+by the prepared data loader, gradients averaged by Accelerate, and only the main process writes.
+"""
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from adapterlab.backbones import load_backbone
+from adapterlab.data import Split, TaskData, load_task
+from adapterlab.methods import method_module
+from adapterlab.metrics import classification_metrics
+from adapterlab.model import AdapterModel, build_adapter_model, parameter_counts
+from adapterlab.recipe import Recipe
+from adapterlab.store import AdapterCard, save_adapter
+
+log = logging.getLogger("adapterlab")
+
+
+@dataclass
+class TrainResult:
+    adapter_path: Path | None  # None on processes other than the main one
+    trainable_params: int
+    total_params: int
+    adapter_bytes: int
+    train_seconds: float
+    metrics: dict[str, float]
+
+    def as_dict(self) -> dict:
+        return {"adapter_path": str(self.adapter_path) if self.adapter_path else None,
+                "trainable_params": self.trainable_params, "total_params": self.total_params,
+                "adapter_bytes": self.adapter_bytes, "train_seconds": round(self.train_seconds, 3),
+                "metrics": self.metrics}
+
+
+def setup(recipe: Recipe) -> tuple[Accelerator, TaskData, AdapterModel]:
+    """Accelerator, k-shot data and a fresh adapter on the frozen backbone."""
+    accelerator = Accelerator(gradient_accumulation_steps=recipe.training.grad_accum)
+    set_seed(recipe.training.seed)
+    task = load_task(recipe.data)  # data errors surface before the backbone loads
+    backbone = load_backbone(recipe.backbone)
+    model = build_adapter_model(recipe, backbone, task.label_names, task.label_descriptions)
+    return accelerator, task, model
+
+
+def train(recipe: Recipe, show_progress: bool = True) -> TrainResult:
+    accelerator, task, model = setup(recipe)
+    trainable, total = parameter_counts(model)
+    log.info("trainable parameters: %d of %d (%.3f%%); backbone frozen", trainable, total, 100 * trainable / total)
+
+    started = time.perf_counter()
+    fit(model, task.train, recipe, accelerator, show_progress)
+    train_seconds = time.perf_counter() - started
+
+    model = accelerator.unwrap_model(model)
+    metrics = evaluate(model, task.test, recipe) if task.test is not None else {}
+    path, size = None, 0
+    if accelerator.is_main_process:
+        card = make_card(recipe, task, model, trainable, total, train_seconds, metrics)
+        path, card = save_adapter(model, card, recipe.output.store)
+        size = card.adapter_bytes
+    accelerator.wait_for_everyone()
+    return TrainResult(path, trainable, total, size, train_seconds, metrics)
+
+
+def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerator, show_progress: bool) -> None:
+    """Cross-entropy on the k-shot rows; only adapter and head parameters get gradients."""
+    config = recipe.training
+    loader = DataLoader(range(len(rows)), batch_size=config.batch_size, shuffle=True,
+                        collate_fn=lambda indices: _batch(model, rows, indices))
+    optimizer = torch.optim.AdamW(_param_groups(model, recipe), weight_decay=config.weight_decay)
+    prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps = config.max_steps or config.epochs * math.ceil(len(loader) / config.grad_accum)
+    # The prepared scheduler advances once per process at each step, hence the factor.
+    n = accelerator.num_processes
+    scheduler = accelerator.prepare(get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps) * n, steps * n))
+    prepared.train()
+    progress = tqdm(total=steps, desc=f"train {recipe.task}", disable=not (show_progress and accelerator.is_local_main_process))
+    step = 0
+    while step < steps:
+        for batch in loader:
+            with accelerator.accumulate(prepared):
+                labels = batch.pop("labels")
+                loss = torch.nn.functional.cross_entropy(prepared(**batch), labels)
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                step += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss.item():.3f}")
+                if step >= steps:
+                    break
+    progress.close()
+    prepared.eval()
+
+
+def _param_groups(model: AdapterModel, recipe: Recipe) -> list[dict]:
+    lr = recipe.training.lr or method_module(recipe.method.name).DEFAULT_LR
+    adapter = [p for p in model.peft_model.parameters() if p.requires_grad]
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    groups = [{"params": adapter, "lr": lr}]
+    if head:
+        groups.append({"params": head, "lr": recipe.training.head_lr or lr})
+    return groups
+
+
+def _batch(model: AdapterModel, rows: Split, indices: list[int]) -> dict[str, torch.Tensor]:
+    chosen = rows.select(indices)
+    batch = model.tokenize(chosen.texts, chosen.text_pairs)
+    batch["labels"] = torch.tensor(chosen.labels)
+    return batch
+
+
+def evaluate(model: AdapterModel, rows: Split, recipe: Recipe) -> dict[str, float]:
+    """Test metrics of `model` on `rows` through the same scoring path the engine uses."""
+    scores = model.scores(rows.texts, rows.text_pairs, batch_size=recipe.training.eval_batch_size)
+    predictions = scores.argmax(-1).tolist()
+    return classification_metrics(predictions, rows.labels, len(model.label_names), tuple(recipe.training.metrics))
+
+
+def make_card(recipe: Recipe, task: TaskData, model: AdapterModel, trainable: int, total: int, train_seconds: float,
+              metrics: dict[str, float]) -> AdapterCard:
+    return AdapterCard(
+        task=recipe.task, name=recipe.adapter_name, labels=task.label_names,
+        label_descriptions=task.label_descriptions, backbone=recipe.backbone,
+        backbone_fingerprint=model.backbone.fingerprint, method=recipe.method.name, k=recipe.data.k,
+        seed=recipe.data.seed, recipe=recipe.model_dump(mode="json"), metrics=metrics,
+        trainable_params=trainable, backbone_params=total - trainable,
+        train_seconds=round(train_seconds, 3))
+

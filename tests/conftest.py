@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny random BERT for fast unit tests, and the paths of the real data."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from adapterlab.backbones import resolve_path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def shared(name: str) -> str:
+    """A dataset of ../shared/data (read-only; never copied into the project)."""
+    path = SHARED_DATA / name
+    assert path.is_dir(), f"real test data missing: {path} (clone the project beside shared/)"
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide random BERT with MiniLM's tokenizer, saved as a local HF folder."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_path("minilm")).save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_recipe(backbone: str, store, **sections) -> dict:
+    """A raw recipe on the demo sentiment data, small enough to train in a second."""
+    raw = {"task": "sentiment", "backbone": backbone, "method": {"name": "lora", "r": 4},
+           "data": {"path": "demo:sentiment", "k": 4}, "training": {"max_steps": 3, "batch_size": 8},
+           "output": {"store": str(store)}}
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    return raw

@@ -1,0 +1,60 @@
+"""Each shipped recipe, trained for real on ../shared/data (AG News, 4 classes: chance is 25%).
+
+Asserts a held-out accuracy clearly above chance, that only adapter and head parameters moved, that the
+saved adapter reloads to identical predictions, and that the other backbone refuses it.
+"""
+
+import pytest
+import torch
+
+from adapterlab.backbones import load_backbone
+from adapterlab.engine import Engine
+from adapterlab.recipe import load_recipe
+from adapterlab.store import StoreError, load_adapter, save_adapter
+from adapterlab.train import evaluate, fit, make_card, setup
+from adapterlab.model import parameter_counts
+from conftest import ROOT, shared
+
+AGNEWS_LLM = ["head.template=Classify the topic of this news article as world, sports, business or science."
+              "\n\nArticle: {text}", "head.label_words={Sci/Tech: Science}"]
+# The LLM runs are kept short (k=8, 5 epochs, 100 test rows): a 135M model trains slowly on 2 cores.
+CASES = {
+    # recipe: (overrides, k, test rows, accuracy floor)
+    "sst2-lora-minilm.yaml": ([], 16, 200, 0.6),
+    "sst2-prefix-minilm.yaml": ([], 16, 200, 0.6),
+    "sst2-lora-smollm2.yaml": (AGNEWS_LLM + ["training.epochs=5"], 8, 100, 0.5),
+    "sst2-prefix-smollm2.yaml": (AGNEWS_LLM + ["training.epochs=5"], 8, 100, 0.5),
+}
+OTHER = {"minilm": "smollm2-135m", "smollm2-135m": "minilm"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CASES)
+def test_shipped_recipe_learns_saves_and_reloads(name, tmp_path):
+    overrides, k, test_rows, floor = CASES[name]
+    recipe = load_recipe(ROOT / "recipes" / name, overrides + [
+        f"data.path={shared('agnews')}", f"data.k={k}", f"data.test_limit={test_rows}", f"output.store={tmp_path}"])
+    accelerator, task, model = setup(recipe)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable, total = parameter_counts(model)
+    assert trainable / (total - trainable) < 0.01
+
+    fit(model, task.train, recipe, accelerator, show_progress=False)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    allowed = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed and changed <= allowed
+    assert all(n.startswith("head.") or "lora_" in n or "prompt_encoder" in n for n in allowed)
+
+    metrics = evaluate(model, task.test, recipe)
+    assert metrics["accuracy"] >= floor, metrics
+    folder, _ = save_adapter(model, make_card(recipe, task, model, trainable, total, 0.0, metrics), tmp_path)
+
+    texts = task.test.texts[:16]
+    expected = model.scores(texts)
+    engine = Engine(recipe.backbone, tmp_path)  # a fresh backbone, as another process would load it
+    reloaded = torch.tensor([list(p.scores.values()) for p in engine.predict(str(folder), texts)])
+    assert torch.allclose(reloaded, expected, atol=1e-5)
+    assert engine.evaluate(str(folder), shared("agnews"), limit=test_rows)["accuracy"] == metrics["accuracy"]
+
+    with pytest.raises(StoreError, match=f"trained on backbone '{recipe.backbone}'"):
+        load_adapter(folder, load_backbone(OTHER[recipe.backbone]))

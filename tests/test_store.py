@@ -1,0 +1,99 @@
+"""The adapter store on a tiny random BERT: atomic saves, verification, reload, refusals."""
+
+import json
+
+import pytest
+import torch
+
+import adapterlab.store as store_module
+from adapterlab.backbones import load_backbone
+from adapterlab.recipe import validate_recipe
+from adapterlab.store import StoreError, list_adapters, load_adapter, read_card, resolve, verify
+from adapterlab.train import train
+from conftest import tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_bert, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    result = train(validate_recipe(tiny_recipe(tiny_bert, store)), show_progress=False)
+    return store, result
+
+
+def test_saved_folder_is_complete_and_peft_loadable(trained, tiny_bert):
+    store, result = trained
+    folder = result.adapter_path
+    assert folder == store / "sentiment" / "lora-k4-s0"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "card.json", "head.safetensors"]
+    assert verify(folder) == []
+    card = read_card(folder)
+    assert card.labels == ["negative", "positive"] and card.k == 4 and card.method == "lora"
+    assert card.backbone_fingerprint.startswith("sha256:") and card.recipe["data"]["k"] == 4
+    assert card.adapter_bytes == result.adapter_bytes > 0
+    assert set(card.metrics) == {"accuracy", "macro_f1"}
+    from peft import PeftModel  # the standard loader reads our files as they are
+    PeftModel.from_pretrained(load_backbone(tiny_bert).model, str(folder))
+
+
+def test_reload_gives_identical_scores(trained, tiny_bert):
+    store, result = trained
+    texts = ["a lovely evening", "cold food and rude staff"]
+    first, _ = load_adapter(result.adapter_path, load_backbone(tiny_bert))
+    second, _ = load_adapter(resolve(store, "sentiment"), load_backbone(tiny_bert))
+    assert torch.equal(first.scores(texts), second.scores(texts))
+
+
+def test_crash_mid_save_leaves_store_valid(trained, tiny_bert, monkeypatch):
+    store, result = trained
+    before = [c.name for c in list_adapters(store)]
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(store_module, "save_file", crash)
+    raw = tiny_recipe(tiny_bert, store, output={"name": "second"})
+    with pytest.raises(KeyboardInterrupt):
+        train(validate_recipe(raw), show_progress=False)
+    assert [c.name for c in list_adapters(store)] == before
+    assert not any(p.name.startswith(".") for p in (store / "sentiment").iterdir())
+    assert verify(result.adapter_path) == []
+
+
+def test_corrupt_weights_are_named(trained, tmp_path, tiny_bert):
+    _, result = trained
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(result.adapter_path, broken)
+    (broken / "head.safetensors").write_bytes(b"\x00garbage")
+    problems = verify(broken)
+    assert any("head.safetensors is corrupt" in p for p in problems)
+    with pytest.raises(StoreError, match="unusable: head.safetensors is corrupt"):
+        load_adapter(broken, load_backbone(tiny_bert))
+
+
+def test_pickled_files_and_bad_cards_are_refused(trained, tmp_path):
+    _, result = trained
+    import shutil
+    folder = tmp_path / "pickled"
+    shutil.copytree(result.adapter_path, folder)
+    (folder / "adapter_model.bin").write_bytes(b"anything")
+    card = json.loads((folder / "card.json").read_text())
+    del card["labels"]
+    (folder / "card.json").write_text(json.dumps(card))
+    problems = verify(folder)
+    assert any("pickled" in p for p in problems) and any("corrupt card" in p for p in problems)
+
+
+def test_other_backbone_is_refused(trained):
+    _, result = trained
+    with pytest.raises(StoreError, match=r"trained on backbone '.*tiny-bert.*' \(sha256:.*\), not on the loaded backbone 'minilm'"):
+        load_adapter(result.adapter_path, load_backbone("minilm"))
+
+
+def test_unknown_reference_and_path_escape(trained):
+    store, _ = trained
+    with pytest.raises(StoreError, match="no adapter 'nope'"):
+        resolve(store, "nope")
+    with pytest.raises(StoreError, match="no '..'"):
+        resolve(store, "../sentiment/x")
