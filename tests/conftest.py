@@ -39,6 +39,6 @@ def tiny_recipe(backbone: str, store, **sections) -> dict:
     raw = {"task": "sentiment", "backbone": backbone, "method": {"name": "lora", "r": 4},
            "data": {"path": "demo:sentiment", "k": 4}, "training": {"max_steps": 3, "batch_size": 8},
            "output": {"store": str(store)}}
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    for section, values in sections.items():  # merged into the section; a new method replaces it
+        raw[section] = {**raw.get(section, {}), **values} if section != "method" else values
     return raw
