@@ -9,7 +9,7 @@ data ../shared/data/sst2), for the recipe's epochs and batch size, on the CPU. M
 Prints one JSON object on stdout (last line); everything else goes to stderr.
 
     make bench
-    .venv/bin/python benchmarks/train_speed.py [--seeds 0 1 2] [--k 16]
+    .venv/bin/python benchmarks/train_speed.py [--seeds 0 1 2] [--k 16] [--threads 1]
 """
 
 import argparse
@@ -101,7 +101,10 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="k-shot draw and training seeds")
     parser.add_argument("--k", type=int, default=16, help="training examples per class")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 helps on a busy machine")
     options = parser.parse_args(argv)
+    if options.threads:
+        torch.set_num_threads(options.threads)
 
     runs = []
     with tempfile.TemporaryDirectory() as store:

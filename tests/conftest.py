@@ -39,6 +39,7 @@ def tiny_recipe(backbone: str, store, **sections) -> dict:
     raw = {"task": "sentiment", "backbone": backbone, "method": {"name": "lora", "r": 4},
            "data": {"path": "demo:sentiment", "k": 4}, "training": {"max_steps": 3, "batch_size": 8},
            "output": {"store": str(store)}}
-    for section, values in sections.items():  # merged into the section; a new method replaces it
-        raw[section] = {**raw.get(section, {}), **values} if section != "method" else values
+    for section, values in sections.items():  # merged into a section; a new method or a scalar replaces
+        merge = isinstance(values, dict) and section != "method"
+        raw[section] = {**raw.get(section, {}), **values} if merge else values
     return raw

@@ -68,3 +68,9 @@ def test_missing_data_and_unknown_demo():
 def test_labels_that_disagree_with_labels_json():
     with pytest.raises(DataError, match="differ from the expected labels"):
         load_task(config(path=shared("sst2"), labels=["bad", "good"]))
+
+
+def test_hub_dataset_offline_is_a_clear_error():
+    # Offline here: the hub path must fail with a message naming the dataset, not a traceback.
+    with pytest.raises(DataError, match="'someone/some-dataset' is not a local path"):
+        load_task(config(path="someone/some-dataset"))

@@ -72,3 +72,12 @@ def test_missing_section_is_named():
 def test_bad_override_syntax(tmp_path):
     with pytest.raises(RecipeError, match="KEY=VALUE"):
         load_recipe(write(tmp_path, BASE), ["training.lr"])
+
+
+def test_hub_metrics_fail_clearly_offline():
+    from adapterlab.errors import AdapterlabError
+    from adapterlab.metrics import classification_metrics
+
+    assert classification_metrics([0, 1, 1], [0, 1, 0], 2) == {"accuracy": 2 / 3, "macro_f1": (2 / 3 + 2 / 3) / 2}
+    with pytest.raises(AdapterlabError, match="metric 'precision'"):
+        classification_metrics([0, 1], [0, 1], 2, ("precision",))

@@ -18,12 +18,13 @@ from conftest import ROOT, shared
 AGNEWS_LLM = ["head.template=Classify the topic of this news article as world, sports, business or science."
               "\n\nArticle: {text}", "head.label_words={Sci/Tech: Science}"]
 # The LLM runs are kept short (k=8, 5 epochs, 100 test rows): a 135M model trains slowly on 2 cores.
+# With 100 rows and 4 classes, 0.4 is 3.5 standard deviations above chance.
 CASES = {
     # recipe: (overrides, k, test rows, accuracy floor)
     "sst2-lora-minilm.yaml": ([], 16, 200, 0.6),
     "sst2-prefix-minilm.yaml": ([], 16, 200, 0.6),
-    "sst2-lora-smollm2.yaml": (AGNEWS_LLM + ["training.epochs=5"], 8, 100, 0.5),
-    "sst2-prefix-smollm2.yaml": (AGNEWS_LLM + ["training.epochs=5"], 8, 100, 0.5),
+    "sst2-lora-smollm2.yaml": (AGNEWS_LLM + ["training.epochs=5"], 8, 100, 0.4),
+    "sst2-prefix-smollm2.yaml": (AGNEWS_LLM + ["training.epochs=5"], 8, 100, 0.4),
 }
 OTHER = {"minilm": "smollm2-135m", "smollm2-135m": "minilm"}
 

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 from peft import TaskType
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from adapterlab.errors import AdapterlabError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -209,14 +209,31 @@ def _cut(tokenizer, text: str, budget: int) -> str:
     return text if len(ids) <= budget else tokenizer.decode(ids[:budget])
 
 
-def features(backbone: Backbone, model: torch.nn.Module, batch: dict, need_hidden: bool) -> Features:
-    """Run `model` (the backbone, possibly wrapped by an adapter) on a tokenized batch."""
+def features(backbone: Backbone, model: torch.nn.Module, batch: dict, need_hidden: bool,
+             prefix: "Prefix | None" = None) -> Features:
+    """Run `model` (the backbone, possibly wrapped by an adapter) on a tokenized batch, optionally
+    with per-row attention prefixes (the engine's way to serve prefix adapters in mixed batches)."""
     mask = batch["attention_mask"]
+    inputs = dict(batch)
+    if backbone.kind == "decoder":  # positions count real tokens only: answers do not depend on padding
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    if prefix is not None:
+        inputs["past_key_values"] = DynamicCache(prefix.key_values)
+        inputs["attention_mask"] = torch.cat([prefix.mask, mask], dim=1)
+        if backbone.kind == "encoder":  # as under peft: positions start after the row's own prefix
+            inputs["position_ids"] = prefix.lengths[:, None] + torch.arange(mask.shape[1])
     if backbone.kind == "encoder":
-        return Features(model(**batch).last_hidden_state, mask)
-    # Positions count real tokens only, so a row's answer does not depend on its padding.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
-                logits_to_keep=1, output_hidden_states=need_hidden)
+        return Features(model(**inputs).last_hidden_state, mask)
+    out = model(**inputs, logits_to_keep=1, output_hidden_states=need_hidden)
     hidden = out.hidden_states[-1] if need_hidden else None
     return Features(hidden, mask, out.logits[:, -1])
+
+
+@dataclass
+class Prefix:
+    """Per-row attention prefixes: per layer (K, V) of (B, kv_heads, P, head_dim); `mask` (B, P)
+    marks each row's real prefix positions, `lengths` (B,) counts them."""
+
+    key_values: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+    lengths: torch.Tensor

@@ -1,15 +1,34 @@
-"""The engine: one backbone, adapters from the store, label predictions. Every inference path
-(CLI predict and eval, the demo) goes through it, so what `eval` reports is what users get."""
+"""The engine: one backbone, many adapters. Every inference path (CLI predict and eval, the demo, the
+HTTP server) goes through it, so what `eval` reports is what users get.
 
+Adapters load on first use into a bounded LRU cache. Loading never touches the backbone's modules
+(LoRA deltas and prefixes are applied per batch by `mixed_batch`), so it costs the same whether 1 or
+1,000 adapters are resident, and a swap cannot disturb another adapter's answers.
+"""
+
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapterlab.backbones import Backbone, load_backbone
 from adapterlab.data import DataError, load_task
+from adapterlab.heads import build_head, uses_chat
+from adapterlab.methods import method_module
+from adapterlab.methods.base import AdapterWeights
 from adapterlab.metrics import classification_metrics
-from adapterlab.model import AdapterModel
-from adapterlab.recipe import DataConfig
-from adapterlab.store import AdapterCard, StoreError, load_adapter, read_card, resolve, verify
+from adapterlab.mixed_batch import PromptSettings, Row, Servable, forward_mixed
+from adapterlab.recipe import DataConfig, HeadConfig, Recipe
+from adapterlab.store import AdapterCard, StoreError, read_adapter, read_card, resolve, verify
+
+
+@dataclass
+class Request:
+    """One row to classify: with `adapter` (TASK/NAME or a folder), or zero-shot with `labels`."""
+
+    adapter: str | None
+    text: str
+    text_pair: str | None = None
+    labels: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -20,48 +39,108 @@ class Prediction:
 
 
 class Engine:
-    """Serves adapters of one backbone. One adapter is active at a time; asking for another swaps it."""
+    """Serves the adapters of one backbone from a store."""
 
-    def __init__(self, backbone: Backbone | str, store: str | Path = "adapters"):
+    def __init__(self, backbone: Backbone | str, store: str | Path = "adapters", max_adapters: int | None = 1024,
+                 max_bytes: int | None = None, batch_size: int = 64):
         self.backbone = load_backbone(backbone) if isinstance(backbone, str) else backbone
         self.store = Path(store)
-        self._active: tuple[Path, AdapterModel, AdapterCard] | None = None
+        self.max_adapters, self.max_bytes, self.batch_size = max_adapters, max_bytes, batch_size
+        self._resident: OrderedDict[Path, Servable] = OrderedDict()
+        self._zero_shot: dict[tuple[str, ...], Servable] = {}
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0}
 
     @classmethod
-    def for_adapter(cls, reference: str, store: str | Path = "adapters") -> "Engine":
+    def for_adapter(cls, reference: str, store: str | Path = "adapters", **options) -> "Engine":
         """An engine on the backbone that adapter `reference` was trained on."""
         folder = resolve(store, reference)
         problems = verify(folder)  # before the backbone loads: a broken adapter fails fast
         if problems:
             raise StoreError(f"adapter {folder} is unusable: {'; '.join(problems)}")
-        return cls(read_card(folder).backbone, store)
+        return cls(read_card(folder).backbone, store, **options)
 
-    def activate(self, reference: str) -> tuple[AdapterModel, AdapterCard]:
-        folder = resolve(self.store, reference).resolve()
-        if self._active is None or self._active[0] != folder:
-            if self._active is not None:
-                self._active[1].detach_backbone()
-                self._active = None
-            model, card = load_adapter(folder, self.backbone)
-            self._active = (folder, model, card)
-        return self._active[1], self._active[2]
+    # --- the cache -------------------------------------------------------------------------------
+    def servable(self, reference: str) -> Servable:
+        """The adapter ready to serve, loaded on first use; the least recently used are evicted."""
+        folder = resolve(self.store, reference)
+        servable = self._resident.get(folder)
+        if servable is not None:
+            self._resident.move_to_end(folder)
+            self.stats["hits"] += 1
+            return servable
+        self.stats["misses"] += 1
+        servable = self._load(folder)
+        self._resident[folder] = servable
+        self._evict()
+        return servable
 
     def card(self, reference: str) -> AdapterCard:
-        return self.activate(reference)[1]
+        return read_card(resolve(self.store, reference))
 
-    def predict(self, reference: str, texts: list[str], pairs: list[str] | None = None,
-                batch_size: int = 64) -> list[Prediction]:
-        model, card = self.activate(reference)
-        probabilities = model.scores(texts, pairs, batch_size)
-        predictions = []
-        for row in probabilities.tolist():
-            best = max(range(len(row)), key=row.__getitem__)
-            predictions.append(Prediction(card.labels[best], row[best], dict(zip(card.labels, row))))
+    def resident(self) -> list[str]:
+        return [servable.key for servable in self._resident.values()]
+
+    def resident_bytes(self) -> int:
+        return sum(servable.nbytes for servable in self._resident.values())
+
+    def unload(self, reference: str) -> bool:
+        return self._resident.pop(resolve(self.store, reference), None) is not None
+
+    def _load(self, folder: Path) -> Servable:
+        stored = read_adapter(folder, self.backbone.fingerprint, self.backbone.name)
+        card = stored.card
+        recipe = Recipe.model_validate(card.recipe)
+        weights = method_module(card.method).inference_weights(stored.tensors, stored.adapter_config)
+        head = build_head(recipe.head.model_copy(update={"init": "random"}), self.backbone, card.labels, card.labels)
+        head.load_state_dict(stored.head_tensors)
+        prompt = PromptSettings(recipe.head.template, uses_chat(recipe.head, self.backbone), recipe.training.max_length)
+        return Servable(f"{card.task}/{card.name}", card.labels, weights, head.eval(), prompt, stored.nbytes)
+
+    def _evict(self) -> None:
+        while self._resident and (
+                (self.max_adapters is not None and len(self._resident) > self.max_adapters)
+                or (self.max_bytes is not None and self.resident_bytes() > self.max_bytes and len(self._resident) > 1)):
+            self._resident.popitem(last=False)
+            self.stats["evictions"] += 1
+
+    def zero_shot(self, labels: tuple[str, ...], descriptions: tuple[str, ...] | None = None) -> Servable:
+        """A classifier with no adapter: label-description similarity (encoders) or label-word
+        scoring (LLMs), for labels given at inference time."""
+        key = (*labels, "|", *(descriptions or labels))
+        if key not in self._zero_shot:
+            config = HeadConfig()
+            head = build_head(config, self.backbone, list(labels), list(descriptions or labels))
+            prompt = PromptSettings(config.template, uses_chat(config, self.backbone), 128)
+            self._zero_shot[key] = Servable("base", list(labels), AdapterWeights(), head.eval(), prompt, 0)
+        return self._zero_shot[key]
+
+    # --- answering -------------------------------------------------------------------------------
+    def predict(self, reference: str, texts: list[str], pairs: list[str] | None = None) -> list[Prediction]:
+        return self.predict_batch([Request(reference, text, pairs[i] if pairs else None)
+                                   for i, text in enumerate(texts)])
+
+    def predict_batch(self, requests: list[Request]) -> list[Prediction]:
+        """Answers in request order; rows of any adapters (and zero-shot rows) share each forward pass."""
+        rows = [Row(self._servable_for(request), request.text, request.text_pair) for request in requests]
+        # Similar lengths together: less padding. A row's answer does not depend on its batch.
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].text) + len(rows[i].text_pair or ""))
+        predictions: list[Prediction | None] = [None] * len(rows)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            for i, probabilities in zip(chunk, forward_mixed(self.backbone, [rows[i] for i in chunk])):
+                predictions[i] = _prediction(rows[i].servable.labels, probabilities.tolist())
         return predictions
+
+    def _servable_for(self, request: Request) -> Servable:
+        if request.adapter is not None:
+            return self.servable(request.adapter)
+        if not request.labels:
+            raise StoreError("a row without an adapter needs its labels (zero-shot)")
+        return self.zero_shot(tuple(request.labels))
 
     def evaluate(self, reference: str, data: str, split: str = "test", limit: int | None = None) -> dict:
         """Metrics of an adapter on a dataset read with the adapter's own data settings."""
-        model, card = self.activate(reference)
+        card = self.card(reference)
         config = DataConfig.model_validate({**card.recipe["data"], "path": data, "test_path": None,
                                             "labels": card.labels, "k": None, "test_limit": None})
         task = load_task(config)
@@ -70,5 +149,13 @@ class Engine:
             raise DataError(f"{data}: no {split!r} split (splits: train, test)")
         if limit is not None:
             rows = rows.select(list(range(min(limit, len(rows)))))
-        predictions = model.scores(rows.texts, rows.text_pairs).argmax(-1).tolist()
-        return {"rows": len(rows), **classification_metrics(predictions, rows.labels, len(card.labels))}
+        predictions = self.predict(reference, rows.texts, rows.text_pairs)
+        index = {label: i for i, label in enumerate(card.labels)}
+        return {"rows": len(rows), **classification_metrics([index[p.label] for p in predictions], rows.labels,
+                                                            len(card.labels))}
+
+
+def _prediction(labels: list[str], probabilities: list[float]) -> Prediction:
+    best = max(range(len(labels)), key=probabilities.__getitem__)
+    return Prediction(labels[best], probabilities[best], dict(zip(labels, probabilities)))
+

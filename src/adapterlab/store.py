@@ -10,8 +10,11 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+import torch
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import SafetensorError, safe_open
@@ -166,18 +169,53 @@ def verify(folder: str | Path) -> list[str]:
     return problems
 
 
+@dataclass
+class StoredAdapter:
+    """An adapter's files, read: its card, PEFT config, adapter tensors and head tensors."""
+
+    folder: Path
+    card: AdapterCard
+    adapter_config: dict
+    tensors: dict[str, torch.Tensor]
+    head_tensors: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.tensors.values(), *self.head_tensors.values()))
+
+
+def read_adapter(folder: str | Path, fingerprint: str, backbone_name: str = "the loaded backbone") -> StoredAdapter:
+    """Read an adapter's files for a backbone with `fingerprint` (the engine's fast path: each file
+    is read once, safetensors only; a damaged file is named)."""
+    folder = Path(folder)
+    card = read_card(folder)
+    _check_backbone(card, fingerprint, backbone_name)
+    try:
+        adapter_config = json.loads((folder / "adapter_config.json").read_text())
+        tensors = load_file(folder / "adapter_model.safetensors")
+        head_tensors = load_file(folder / "head.safetensors")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise StoreError(f"adapter {folder} is unusable: {type(error).__name__}: {error}") from None
+    return StoredAdapter(folder, card, adapter_config, tensors, head_tensors)
+
+
+def _check_backbone(card: AdapterCard, fingerprint: str, backbone_name: str) -> None:
+    if card.backbone_fingerprint != fingerprint:
+        raise StoreError(
+            f"adapter {card.task}/{card.name} was trained on backbone {card.backbone!r} "
+            f"({card.backbone_fingerprint[:19]}…), not on the loaded backbone {backbone_name!r} "
+            f"({fingerprint[:19]}…)")
+
+
 def load_adapter(folder: str | Path, backbone: Backbone) -> tuple[AdapterModel, AdapterCard]:
-    """Load a verified adapter onto `backbone`; refused when it was trained on another backbone."""
+    """Load a verified adapter onto `backbone` through peft (for merging and exporting; serving goes
+    through `read_adapter` and the engine). Refused when it was trained on another backbone."""
     folder = Path(folder)
     problems = verify(folder)
     if problems:
         raise StoreError(f"adapter {folder} is unusable: {'; '.join(problems)}")
     card = read_card(folder)
-    if card.backbone_fingerprint != backbone.fingerprint:
-        raise StoreError(
-            f"adapter {card.task}/{card.name} was trained on backbone {card.backbone!r} "
-            f"({card.backbone_fingerprint[:19]}…), not on the loaded backbone {backbone.name!r} "
-            f"({backbone.fingerprint[:19]}…)")
+    _check_backbone(card, backbone.fingerprint, backbone.name)
     recipe = Recipe.model_validate(card.recipe)
     model = load_adapter_model(folder, recipe, backbone, card.labels, load_file(folder / "head.safetensors"))
     return model, card

@@ -137,7 +137,12 @@ def make_card(recipe: Recipe, task: TaskData, model: AdapterModel, trainable: in
         task=recipe.task, name=recipe.adapter_name, labels=task.label_names,
         label_descriptions=task.label_descriptions, backbone=recipe.backbone,
         backbone_fingerprint=model.backbone.fingerprint, method=recipe.method.name, k=recipe.data.k,
-        seed=recipe.data.seed, recipe=recipe.model_dump(mode="json"), metrics=metrics,
+        seed=recipe.data.seed, recipe=_resolved(recipe, model).model_dump(mode="json"), metrics=metrics,
         trainable_params=trainable, backbone_params=total - trainable,
         train_seconds=round(train_seconds, 3))
 
+
+
+def _resolved(recipe: Recipe, model: AdapterModel) -> Recipe:
+    """The recipe as it ran: settings left to the backbone (the chat template) written out."""
+    return recipe.model_copy(update={"head": recipe.head.model_copy(update={"chat": model.chat})})

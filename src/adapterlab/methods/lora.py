@@ -1,9 +1,14 @@
 """LoRA: low-rank updates added to the backbone's linear layers (Hu et al., 2021)."""
 
+import math
 from typing import Literal
 
+import torch
 from peft import LoraConfig
 from pydantic import BaseModel, ConfigDict, Field
+
+from adapterlab.errors import AdapterlabError
+from adapterlab.methods.base import AdapterWeights
 
 DEFAULT_LR = 1e-3
 
@@ -29,3 +34,19 @@ def peft_config(config: Config, backbone) -> LoraConfig:
         lora_dropout=config.dropout,
         target_modules=config.target_modules,
     )
+
+
+def inference_weights(state: dict[str, torch.Tensor], adapter_config: dict) -> AdapterWeights:
+    """The saved A/B matrices keyed by the backbone module they adapt, the LoRA scale folded into B."""
+    unsupported = [key for key in ("use_dora", "rank_pattern", "alpha_pattern") if adapter_config.get(key)]
+    if unsupported:
+        raise AdapterlabError(f"LoRA adapters with {', '.join(unsupported)} are not supported by the engine")
+    r = adapter_config["r"]
+    scale = adapter_config["lora_alpha"] / (math.sqrt(r) if adapter_config.get("use_rslora") else r)
+    deltas = {}
+    for key, a in state.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = state[key.replace(".lora_A.", ".lora_B.")]
+            deltas[module] = (a, b * scale)
+    return AdapterWeights(linear_deltas=deltas)

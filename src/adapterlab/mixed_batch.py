@@ -1,0 +1,156 @@
+"""One forward pass for rows of different adapters: the base output is computed once for the whole
+batch; each row then gets its own LoRA deltas, its own attention prefix, and its own head.
+
+Rows may mix LoRA adapters, prefix adapters, and zero-shot rows (no adapter) freely: LoRA deltas are
+added per row by batched matmuls in forward hooks (rows without a delta get zeros), prefixes are
+padded to the longest and masked per row. Heads differ in label count, so each group of rows goes
+through its own head after the shared backbone pass.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adapterlab.backbones import Backbone, Features, Prefix, features, tokenize
+from adapterlab.methods.base import AdapterWeights
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    template: str
+    chat: bool
+    max_length: int
+
+
+@dataclass(eq=False)
+class Servable:
+    """An adapter (or a zero-shot classifier) ready to answer: weights, head, prompt, labels."""
+
+    key: str
+    labels: list[str]
+    weights: AdapterWeights
+    head: nn.Module
+    prompt: PromptSettings
+    nbytes: int
+
+
+@dataclass
+class Row:
+    servable: Servable
+    text: str
+    text_pair: str | None = None
+
+
+@torch.no_grad()
+def forward_mixed(backbone: Backbone, rows: list[Row]) -> list[torch.Tensor]:
+    """Label probabilities for each row, from its own adapter and head, in one backbone pass."""
+    servables = list(dict.fromkeys(row.servable for row in rows))  # unique, in first-seen order
+    slot = {servable: i for i, servable in enumerate(servables)}
+    row_slots = torch.tensor([slot[row.servable] for row in rows])
+    batch = _tokenize_rows(backbone, rows)
+    prefix = _prefix(servables, row_slots, batch)
+    need_hidden = any(servable.head.needs_hidden for servable in servables)
+    with lora_deltas(backbone.model, servables, row_slots):
+        feats = features(backbone, backbone.model, batch, need_hidden, prefix)
+    results: list[torch.Tensor | None] = [None] * len(rows)
+    for servable in servables:
+        index = (row_slots == slot[servable]).nonzero().squeeze(1)
+        logits = servable.head(_select(feats, index))
+        for i, probabilities in zip(index.tolist(), logits.float().softmax(-1)):
+            results[i] = probabilities
+    return results
+
+
+def _select(feats: Features, index: torch.Tensor) -> Features:
+    pick = lambda t: t[index] if t is not None else None  # noqa: E731
+    return Features(pick(feats.hidden), feats.attention_mask[index], pick(feats.next_token_logits))
+
+
+def _tokenize_rows(backbone: Backbone, rows: list[Row]) -> dict[str, torch.Tensor]:
+    """Tokenize each prompt-settings group its own way, then pad all rows to one batch (on the
+    right for encoders, on the left for LLMs, as `backbones.tokenize` does)."""
+    groups: dict[PromptSettings, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.servable.prompt, []).append(i)
+    per_row: list[dict[str, torch.Tensor]] = [{}] * len(rows)
+    for prompt, indices in groups.items():
+        pairs = [rows[i].text_pair for i in indices]
+        encoded = tokenize(backbone, [rows[i].text for i in indices], pairs if any(p is not None for p in pairs)
+                           else None, prompt.template, prompt.max_length, prompt.chat)
+        for j, i in enumerate(indices):
+            keep = encoded["attention_mask"][j].bool()
+            per_row[i] = {key: value[j][keep] for key, value in encoded.items()}
+    left = backbone.kind == "decoder"
+    pad_id = backbone.tokenizer.pad_token_id or 0
+    width = max(len(r["input_ids"]) for r in per_row)
+    batch = {}
+    for key in per_row[0]:
+        fill = pad_id if key == "input_ids" else 0
+        batch[key] = torch.stack([_pad(r[key], width, fill, left) for r in per_row])
+    return batch
+
+
+def _pad(values: torch.Tensor, width: int, fill: int, left: bool) -> torch.Tensor:
+    padding = values.new_full((width - len(values),), fill)
+    return torch.cat([padding, values] if left else [values, padding])
+
+
+def _prefix(servables: list[Servable], row_slots: torch.Tensor, batch: dict) -> Prefix | None:
+    """Prefixes of the batch's prefix adapters, zero-padded to the longest and masked per row."""
+    lengths = torch.tensor([s.weights.prefix_length for s in servables])
+    longest = int(lengths.max())
+    if longest == 0:
+        return None
+    template = next(s.weights.prefix for s in servables if s.weights.prefix)
+    key_values = []
+    for layer, (key, _) in enumerate(template):
+        stacked = torch.zeros(2, len(servables), key.shape[0], longest, key.shape[2], dtype=key.dtype)
+        for i, servable in enumerate(servables):
+            if servable.weights.prefix:
+                k, v = servable.weights.prefix[layer]
+                stacked[0, i, :, :k.shape[1]], stacked[1, i, :, :v.shape[1]] = k, v
+        key_values.append((stacked[0][row_slots], stacked[1][row_slots]))
+    row_lengths = lengths[row_slots]
+    mask = (torch.arange(longest)[None, :] < row_lengths[:, None]).to(batch["attention_mask"].dtype)
+    if "token_type_ids" in batch:  # peft drops segment ids under prompt learning; so must serving
+        batch["token_type_ids"] = batch["token_type_ids"] * (row_lengths == 0)[:, None]
+    return Prefix(key_values, mask, row_lengths)
+
+
+@contextmanager
+def lora_deltas(model: nn.Module, servables: list[Servable], row_slots: torch.Tensor):
+    """While active, each adapted Linear adds x·Aᵀ·Bᵀ with every row's own (A, B): one batched
+    matmul pair per module, whatever the number of adapters in the batch."""
+    modules = sorted({name for s in servables for name in s.weights.linear_deltas})
+    handles = []
+    try:
+        for name in modules:
+            a_rows, b_rows = _stack_rows(name, servables, row_slots)
+            handles.append(model.get_submodule(name).register_forward_hook(_add_delta(a_rows, b_rows)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _stack_rows(name: str, servables: list[Servable], row_slots: torch.Tensor):
+    pairs = [s.weights.linear_deltas.get(name) for s in servables]
+    a0, b0 = next(pair for pair in pairs if pair is not None)
+    rank = max(pair[0].shape[0] for pair in pairs if pair is not None)
+    a = torch.zeros(len(servables), rank, a0.shape[1], dtype=a0.dtype)
+    b = torch.zeros(len(servables), b0.shape[0], rank, dtype=b0.dtype)
+    for i, pair in enumerate(pairs):
+        if pair is not None:
+            a[i, :pair[0].shape[0]], b[i, :, :pair[1].shape[1]] = pair
+    return a[row_slots], b[row_slots]
+
+
+def _add_delta(a_rows: torch.Tensor, b_rows: torch.Tensor):
+    def hook(module, inputs, output):
+        x = inputs[0].reshape(len(a_rows), -1, a_rows.shape[2])  # (B, tokens, in), tokens may be 1
+        delta = torch.bmm(torch.bmm(x, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))
+        return output + delta.reshape(output.shape)
+
+    return hook

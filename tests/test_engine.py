@@ -1,0 +1,82 @@
+"""The engine on a tiny random BERT: adapters equal their peft form, mixed batches equal separate
+runs (LoRA, prefix, zero-shot rows, 2/4/5-label heads together), eviction changes no answer."""
+
+import pytest
+import torch
+
+from adapterlab.backbones import load_backbone
+from adapterlab.engine import Engine, Request
+from adapterlab.recipe import validate_recipe
+from adapterlab.store import StoreError, load_adapter
+from adapterlab.train import train
+from conftest import tiny_recipe
+
+TEXTS = ["the soup was cold", "what a match last night", "please cancel my order", "loved every minute",
+         "markets slid on rate fears", "my card is gone"]
+ADAPTERS = {  # task/name: (demo data, method)
+    "sentiment/lora": ("demo:sentiment", {"name": "lora", "r": 4}),
+    "topic/lora": ("demo:topic", {"name": "lora", "r": 8, "target_modules": ["query", "key", "value", "dense"]}),
+    "intent/prefix": ("demo:intent", {"name": "prefix_tuning", "num_virtual_tokens": 5}),
+    "topic/prefix": ("demo:topic", {"name": "prefix_tuning", "num_virtual_tokens": 3}),
+}
+
+
+@pytest.fixture(scope="module")
+def store(tiny_bert, tmp_path_factory):
+    store = tmp_path_factory.mktemp("engine-store")
+    for reference, (data, method) in ADAPTERS.items():
+        task, name = reference.split("/")
+        raw = tiny_recipe(tiny_bert, store, task=task, method=method, data={"path": data},
+                          training={"max_steps": 4, "lr": 0.05}, output={"name": name})
+        train(validate_recipe(raw), show_progress=False)
+    return store
+
+
+def scores(predictions) -> torch.Tensor:
+    return torch.tensor([list(p.scores.values()) for p in predictions])
+
+
+@pytest.mark.parametrize("reference", ADAPTERS)
+def test_engine_equals_the_peft_model(store, tiny_bert, reference):
+    engine = Engine(tiny_bert, store)
+    model, card = load_adapter(store / reference, load_backbone(tiny_bert))
+    assert torch.allclose(scores(engine.predict(reference, TEXTS)), model.scores(TEXTS), atol=1e-5)
+
+
+def test_mixed_batch_equals_separate_runs(store, tiny_bert):
+    engine = Engine(tiny_bert, store, batch_size=64)
+    requests = [Request(list(ADAPTERS)[i % 4], text) for i, text in enumerate(TEXTS * 2)]
+    requests += [Request(None, text, labels=("food", "sport", "money")) for text in TEXTS[:3]]
+    mixed = engine.predict_batch(requests)
+    alone = [engine.predict_batch([request])[0] for request in requests]
+    for m, a, request in zip(mixed, alone, requests):
+        assert m.scores.keys() == a.scores.keys()
+        assert m.label == a.label
+        assert max(abs(m.scores[k] - a.scores[k]) for k in m.scores) < 1e-5, request
+    assert {len(m.scores) for m in mixed} == {2, 3, 4, 5}
+
+
+def test_eviction_and_reload_give_identical_answers(store, tiny_bert):
+    engine = Engine(tiny_bert, store, max_adapters=2)
+    first = {ref: engine.predict(ref, TEXTS) for ref in ADAPTERS}
+    assert len(engine.resident()) == 2 and engine.stats["evictions"] == 2
+    second = {ref: engine.predict(ref, TEXTS) for ref in reversed(list(ADAPTERS))}
+    for ref in ADAPTERS:
+        assert torch.equal(scores(first[ref]), scores(second[ref]))
+
+
+def test_byte_budget_bounds_resident_adapters(store, tiny_bert):
+    engine = Engine(tiny_bert, store, max_adapters=None, max_bytes=1)
+    for ref in ADAPTERS:
+        engine.servable(ref)
+    assert len(engine.resident()) == 1 and engine.stats["misses"] == 4
+
+
+def test_refusals(store, tiny_bert):
+    engine = Engine("minilm", store)
+    with pytest.raises(StoreError, match="not on the loaded backbone 'minilm'"):
+        engine.predict("sentiment/lora", ["x"])
+    with pytest.raises(StoreError, match="needs its labels"):
+        Engine(tiny_bert, store).predict_batch([Request(None, "x")])
+    with pytest.raises(StoreError, match="no adapter 'nope/x'"):
+        Engine(tiny_bert, store).predict("nope/x", ["x"])
