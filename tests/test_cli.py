@@ -102,3 +102,20 @@ def test_eval_with_labels_of_another_task(trained):
     store, out = trained
     assert_clean_error(invoke("eval", out["adapter_path"], "--data", shared("agnews")),
                        "differ from the expected labels")
+
+
+def test_predict_with_adapter_option_and_batch_file(trained, tmp_path):
+    store, out = trained
+    single = last_json(invoke("predict", "--adapter", "sentiment/lora-k4-s0", "--store", store, "nice", "--json"))
+    assert len(single["predictions"]) == 1
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"adapter": "sentiment/lora-k4-s0", "text": "nice"}\n'
+                    '{"adapter": null, "text": "nice", "labels": ["cats", "dogs", "fish"]}\n')
+    result = invoke("predict", "--batch", rows, "--store", store, "--output", tmp_path / "answers.jsonl")
+    assert result.exit_code == 0, result.output
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert answers[0]["label"] == single["predictions"][0]["label"]
+    assert answers[0]["scores"] == pytest.approx(single["predictions"][0]["scores"], abs=1e-6)
+    assert set(answers[1]["scores"]) == {"cats", "dogs", "fish"}
+    rows.write_text('{"adapter": "sentiment/lora-k4-s0", "text": "nice"}\nnot json\n')
+    assert_clean_error(invoke("predict", "--batch", rows, "--store", store), "rows.jsonl:2: expected a JSON object")

@@ -90,12 +90,34 @@ def eval_(adapter: str = typer.Argument(..., help="Adapter folder, or TASK/NAME 
 
 @app.command()
 @_clean_errors
-def predict(adapter: str = typer.Argument(..., help="Adapter folder, or TASK/NAME in the store."),
-            texts: list[str] = typer.Argument(..., help="Texts to classify."),
+def predict(args: Optional[list[str]] = typer.Argument(None, help="[ADAPTER] TEXT...: the adapter comes first "
+                                                       "unless --adapter names it."),
+            adapter: Optional[str] = typer.Option(None, "--adapter", help="TASK/NAME in the store, or a folder."),
+            batch: Optional[Path] = typer.Option(None, "--batch", help='JSONL of {"adapter", "text"} rows '
+                                                 '("text_pair", and "labels" for zero-shot rows, optional).'),
+            output: Optional[Path] = typer.Option(None, "--output", help="Write the --batch answers here (JSONL)."),
             store: Path = STORE, json_out: bool = JSON):
-    """Label texts with a stored adapter."""
-    from adapterlab.engine import Engine
+    """Label texts with stored adapters; --batch serves many adapters in mixed batches."""
+    from adapterlab.engine import Engine, Request, read_requests
 
+    if batch is not None:
+        requests = read_requests(batch)
+        first = next((r.adapter for r in requests if r.adapter), None)
+        if first is None:
+            raise AdapterlabError(f"{batch}: name at least one adapter (the engine needs a backbone)")
+        answers = Engine.for_adapter(first, store).predict_batch(requests)
+        lines = [json.dumps({"adapter": r.adapter, "text": r.text, "label": a.label, "score": a.score,
+                             "scores": a.scores}) for r, a in zip(requests, answers)]
+        if output is not None:
+            output.write_text("".join(line + "\n" for line in lines))
+        else:
+            sys.stdout.write("".join(line + "\n" for line in lines))
+        return
+    texts = list(args or [])
+    if adapter is None:
+        if len(texts) < 2:
+            raise AdapterlabError("predict needs an adapter and at least one text (or --batch FILE)")
+        adapter = texts.pop(0)
     predictions = Engine.for_adapter(adapter, store).predict(adapter, texts)
     if json_out:
         _emit({"adapter": adapter, "predictions": [
@@ -156,6 +178,44 @@ def adapters_verify(adapter: Optional[str] = typer.Argument(None, help="One adap
             console.print(f"{'ok ' if not problems else 'BAD'} {folder}" + "".join(f"\n    {p}" for p in problems))
     if any(report.values()):
         raise typer.Exit(1)
+
+
+@app.command()
+@_clean_errors
+def merge(adapter: str = typer.Argument(..., help="A LoRA adapter: TASK/NAME in the store, or a folder."),
+          output: Path = typer.Option(..., "--output", help="New folder for the merged model."),
+          store: Path = STORE, json_out: bool = JSON):
+    """Merge an adapter into its backbone: a standalone model folder with the head and card."""
+    from adapterlab.merge import merge_adapter
+
+    path = merge_adapter(store, adapter, output)
+    _emit({"merged": str(path)}) if json_out else console.print(f"merged model written to {path}")
+
+
+@app.command()
+@_clean_errors
+def combine(adapters: list[str] = typer.Argument(..., help="Two or more LoRA adapters with the same labels."),
+            name: str = typer.Option(..., "--name", help="Name of the new adapter."),
+            weights: Optional[list[float]] = typer.Option(None, "--weight", help="One per adapter (default: equal)."),
+            combination: str = typer.Option("linear", "--combination",
+                                            help="linear, ties, dare_linear, dare_ties, svd, cat, magnitude_prune."),
+            density: Optional[float] = typer.Option(None, "--density", help="Kept share for ties/dare/prune."),
+            task: Optional[str] = typer.Option(None, "--task", help="Task of the new adapter (default: the first's)."),
+            limit: int = typer.Option(200, "--limit", help="Test rows per parent task in the report."),
+            store: Path = STORE, json_out: bool = JSON):
+    """Combine adapters into a new one, and report each parent task's accuracy before and after."""
+    from adapterlab.merge import combine_adapters
+
+    weights = weights or [1.0 / len(adapters)] * len(adapters)
+    path, report = combine_adapters(store, adapters, weights, combination, name, task, density, limit)
+    if json_out:
+        _emit(report)
+        return
+    table = Table("parent task", "data", "accuracy before", "accuracy after", title=f"combined into {path}")
+    for parent in report["parents"]:
+        table.add_row(parent["adapter"], parent["data"], f"{parent['accuracy_before']:.3f}",
+                      f"{parent['accuracy_after']:.3f}")
+    console.print(table)
 
 
 @app.command()

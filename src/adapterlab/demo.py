@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from adapterlab.data import load_task
-from adapterlab.engine import Engine
+from adapterlab.engine import Engine, Request
 from adapterlab.recipe import load_recipe
 from adapterlab.train import train
 
@@ -29,12 +29,15 @@ def run_demo(recipes_dir: Path, store: Path, console: Console) -> None:
         trained.append(recipe)
     console.print(summary)
 
+    # Every task answered by one backbone, in one mixed batch.
     engine = Engine(recipes[0].backbone, store)
-    answers = Table("task", "text", "predicted", "true", "score")
+    requests, truths = [], []
     for recipe in trained:
         task = load_task(recipe.data)
-        rows = task.test.select(list(range(EXAMPLES_PER_TASK)))
-        for text, label, prediction in zip(rows.texts, rows.labels,
-                                           engine.predict(f"{recipe.task}/{recipe.adapter_name}", rows.texts)):
-            answers.add_row(recipe.task, text, prediction.label, task.label_names[label], f"{prediction.score:.2f}")
+        for text, label in zip(task.test.texts[:EXAMPLES_PER_TASK], task.test.labels):
+            requests.append(Request(f"{recipe.task}/{recipe.adapter_name}", text))
+            truths.append(task.label_names[label])
+    answers = Table("task", "text", "predicted", "true", "score", title="one mixed batch, one backbone")
+    for request, truth, prediction in zip(requests, truths, engine.predict_batch(requests)):
+        answers.add_row(request.adapter.split("/")[0], request.text, prediction.label, truth, f"{prediction.score:.2f}")
     console.print(answers)

@@ -6,6 +6,7 @@ Adapters load on first use into a bounded LRU cache. Loading never touches the b
 1,000 adapters are resident, and a swap cannot disturb another adapter's answers.
 """
 
+import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,23 @@ class Engine:
         index = {label: i for i, label in enumerate(card.labels)}
         return {"rows": len(rows), **classification_metrics([index[p.label] for p in predictions], rows.labels,
                                                             len(card.labels))}
+
+
+def read_requests(path: str | Path) -> list[Request]:
+    """Rows of a JSONL file: {"adapter", "text"} with optional "text_pair" and (zero-shot) "labels"."""
+    requests = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                labels = row.get("labels")
+                requests.append(Request(row.get("adapter"), row["text"], row.get("text_pair"),
+                                        tuple(labels) if labels else None))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise DataError(f"{path}:{number}: expected a JSON object with \"text\" (and \"adapter\")") from None
+    return requests
 
 
 def _prediction(labels: list[str], probabilities: list[float]) -> Prediction:

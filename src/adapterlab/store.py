@@ -63,7 +63,8 @@ def save_adapter(model: AdapterModel, card: AdapterCard, store: str | Path) -> t
     target = task_dir / card.name
     staging = Path(tempfile.mkdtemp(dir=task_dir, prefix=f".{card.name}.saving-"))
     try:
-        model.peft_model.save_pretrained(staging, safe_serialization=True)
+        model.peft_model.save_pretrained(staging, safe_serialization=True,
+                                         selected_adapters=[model.peft_model.active_adapter])
         save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
                   staging / "head.safetensors")
         card = card.model_copy(update={
