@@ -220,8 +220,9 @@ def features(backbone: Backbone, model: torch.nn.Module, batch: dict, need_hidde
     if prefix is not None:
         inputs["past_key_values"] = DynamicCache(prefix.key_values)
         inputs["attention_mask"] = torch.cat([prefix.mask, mask], dim=1)
-        if backbone.kind == "encoder":  # as under peft: positions start after the row's own prefix
-            inputs["position_ids"] = prefix.lengths[:, None] + torch.arange(mask.shape[1])
+        # As under peft: a row's positions start after its own prefix.
+        positions = inputs.get("position_ids", torch.arange(mask.shape[1]).expand_as(mask))
+        inputs["position_ids"] = positions + prefix.lengths[:, None]
     if backbone.kind == "encoder":
         return Features(model(**inputs).last_hidden_state, mask)
     out = model(**inputs, logits_to_keep=1, output_hidden_states=need_hidden)

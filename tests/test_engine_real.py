@@ -1,0 +1,95 @@
+"""The engine on the real backbones with adapters trained on ../shared/data (briefly: these tests
+check serving, not accuracy): mixed batches equal separate runs, eviction changes nothing, merged
+equals served, combinations report, and other backbones are refused."""
+
+import pytest
+
+from adapterlab.engine import Engine, Request
+from adapterlab.merge import combine_adapters, load_merged, merge_adapter
+from adapterlab.recipe import load_recipe
+from adapterlab.store import StoreError
+from adapterlab.train import train
+from conftest import ROOT, shared
+
+pytestmark = pytest.mark.slow
+
+MINILM = {  # task: (recipe, data, k)
+    "sst2": ("sst2-lora-minilm.yaml", "sst2", 4),
+    "imdb": ("sst2-lora-minilm.yaml", "imdb", 4),
+    "emotion": ("sst2-lora-minilm.yaml", "emotion", 4),
+    "banking77": ("sst2-lora-minilm.yaml", "banking77", 2),
+    "sst2-prefix": ("sst2-prefix-minilm.yaml", "sst2", 4),
+}
+SMOLLM2 = {"sst2-llm": ("sst2-lora-smollm2.yaml", 2), "sst2-llm-prefix": ("sst2-prefix-smollm2.yaml", 2)}
+
+
+def _train(store, recipe_file, task, data, k, steps):
+    recipe = load_recipe(ROOT / "recipes" / recipe_file, [
+        f"task={task}", f"data.path={shared(data)}", f"data.k={k}", "data.test_limit=16",
+        f"training.max_steps={steps}", f"output.store={store}", "output.name=a"])
+    train(recipe, show_progress=False)
+    return f"{task}/a"
+
+
+@pytest.fixture(scope="module")
+def minilm_store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("real-minilm")
+    refs = [_train(store, recipe, task, data, k, 6) for task, (recipe, data, k) in MINILM.items()]
+    return store, refs
+
+
+@pytest.fixture(scope="module")
+def texts():
+    import json
+    rows = [json.loads(line) for line in open(shared("emotion") + "/test.jsonl")][:6]
+    return [row["text"] for row in rows] + ["I want to freeze my card", "a dull, lifeless film"]
+
+
+def assert_same(mixed, alone):
+    for m, a in zip(mixed, alone):
+        assert m.label == a.label and max(abs(m.scores[k] - a.scores[k]) for k in m.scores) < 1e-5
+
+
+def test_minilm_mixed_batch_lora_prefix_heads_and_base(minilm_store, texts):
+    store, refs = minilm_store
+    engine = Engine("minilm", store)
+    requests = [Request(refs[i % len(refs)], text) for i, text in enumerate(texts * 2)]
+    requests += [Request(None, text, labels=("happy", "sad")) for text in texts[:2]]
+    mixed = engine.predict_batch(requests)
+    assert_same(mixed, [engine.predict_batch([r])[0] for r in requests])
+    assert {len(m.scores) for m in mixed} == {2, 6, 77}
+
+
+def test_minilm_eviction_and_reload(minilm_store, texts):
+    store, refs = minilm_store
+    engine = Engine("minilm", store, max_adapters=2)
+    first = [engine.predict(ref, texts) for ref in refs]
+    again = [engine.predict(ref, texts) for ref in refs]
+    assert engine.stats["evictions"] >= len(refs)
+    for a, b in zip(first, again):
+        assert_same(a, b)
+
+
+def test_minilm_merge_and_combine(minilm_store, texts, tmp_path):
+    store, refs = minilm_store
+    merged = load_merged(merge_adapter(store, "sst2/a", tmp_path / "merged")).scores(texts)
+    served = Engine("minilm", store).predict("sst2/a", texts)
+    assert max(abs(float(merged[i, j]) - list(p.scores.values())[j]) for i, p in enumerate(served)
+               for j in range(2)) < 1e-4
+    path, report = combine_adapters(store, ["sst2/a", "imdb/a"], [0.5, 0.5], "ties", "sentiment",
+                                    task="sentiment", density=0.5, report_rows=50)
+    assert [p["adapter"] for p in report["parents"]] == ["sst2/a", "imdb/a"]
+    assert all(0.0 <= p["accuracy_after"] <= 1.0 for p in report["parents"])
+    with pytest.raises(StoreError, match="different label sets"):
+        combine_adapters(store, ["sst2/a", "emotion/a"], [0.5, 0.5], "linear", "bad")
+
+
+def test_smollm2_mixed_batch_lora_prefix_and_base(tmp_path, texts, minilm_store):
+    refs = [_train(tmp_path, recipe, task, "sst2", k, 2) for task, (recipe, k) in SMOLLM2.items()]
+    engine = Engine("smollm2-135m", tmp_path)
+    requests = [Request(refs[i % 2], text) for i, text in enumerate(texts)]
+    requests += [Request(None, texts[0], labels=("Positive", "Negative"))]
+    assert_same(engine.predict_batch(requests), [engine.predict_batch([r])[0] for r in requests])
+    minilm_refs = minilm_store[1]
+    with pytest.raises(StoreError, match="trained on backbone 'minilm'"):
+        engine.predict(str(minilm_store[0] / minilm_refs[0]), texts[:1])
