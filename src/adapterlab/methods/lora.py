@@ -48,5 +48,5 @@ def inference_weights(state: dict[str, torch.Tensor], adapter_config: dict) -> A
         if key.endswith(".lora_A.weight"):
             module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
             b = state[key.replace(".lora_A.", ".lora_B.")]
-            deltas[module] = (a, b * scale)
+            deltas[module] = (a, b.mul_(scale))  # in place: the loaded tensors are ours, no second copy
     return AdapterWeights(linear_deltas=deltas)
