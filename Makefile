@@ -26,6 +26,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/train_speed.py
+	$(PY) benchmarks/engine.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -93,3 +93,17 @@ def test_cli_merge_and_combine(store, tmp_path):
     assert len(json.loads(combined.stdout.strip().splitlines()[-1])["parents"]) == 2
     refused = runner.invoke(app, ["combine", "sent/a", "sent/topic", "--name", "x", "--store", str(store)])
     assert refused.exit_code == 2 and "different label sets" in refused.stderr
+
+
+def test_adapters_of_different_backbones_are_not_combined(store):
+    import json
+    import shutil
+
+    foreign = store / "sent" / "foreign"
+    shutil.copytree(store / "sent" / "b", foreign)
+    card = json.loads((foreign / "card.json").read_text())
+    (foreign / "card.json").write_text(json.dumps({**card, "name": "foreign", "backbone": "other",
+                                                   "backbone_fingerprint": "sha256:" + "0" * 64}))
+    with pytest.raises(StoreError, match="trained on different backbones cannot be combined: .*on other"):
+        combine_adapters(store, ["sent/a", "sent/foreign"], [0.5, 0.5], "linear", "bad")
+    shutil.rmtree(foreign)
