@@ -2,7 +2,6 @@
 
 import torch
 from peft import PeftModel, get_peft_model
-from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from adapterlab.backbones import Backbone, features, tokenize
@@ -48,10 +47,6 @@ class AdapterModel(nn.Module):
         self.train(was_training)
         return result
 
-    def detach_backbone(self) -> None:
-        """Take the adapter's layers out of the backbone, so another adapter can be put on it."""
-        if isinstance(self.peft_model.base_model, BaseTuner):  # injected tuners (LoRA); prompts only wrap
-            self.peft_model.base_model.unload()
 
 
 def build_adapter_model(recipe, backbone: Backbone, label_names: list[str],
