@@ -44,8 +44,9 @@ def test_lora_targets_follow_the_architecture(tiny_bert, tmp_path):
 def test_head_starts_as_the_zero_shot_classifier(tiny_bert, tmp_path):
     recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path))
     model = build_adapter_model(recipe, load_backbone(tiny_bert), ["neg", "pos"], ["bad", "good"])
-    from adapterlab.heads import embed
-    expected = torch.nn.functional.normalize(embed(model.backbone, ["bad", "good"], "mean", ""), dim=-1)
+    from adapterlab.heads import label_embeddings
+    expected = torch.nn.functional.normalize(label_embeddings(model.backbone, ["bad", "good"],
+                                                              recipe.head.label_templates), dim=-1)
     assert torch.allclose(torch.nn.functional.normalize(model.head.linear.weight, dim=-1), expected, atol=1e-5)
 
 

@@ -179,14 +179,16 @@ class Features:
 
 
 def tokenize(backbone: Backbone, texts: list[str], pairs: list[str] | None, template: str,
-             max_length: int, chat: bool = False) -> dict[str, torch.Tensor]:
+             max_length: int, chat: bool = False, demonstrations: tuple[tuple[str, str], ...] = ()
+             ) -> dict[str, torch.Tensor]:
     """Encoders take (text, pair) natively. LLMs read the filled template (as a chat turn when `chat`),
-    with the texts cut to fit `max_length`, padded on the left so that each row ends at its last token."""
+    after any (text, answer) demonstrations, with the texts cut to fit `max_length`, padded on the
+    left so that each row ends at its last token."""
     tokenizer = backbone.tokenizer
     if backbone.kind == "encoder":
         return dict(tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length,
                               return_tensors="pt"))
-    prompt = _prompt_format(tokenizer, template, chat)
+    prompt = _prompt_format(tokenizer, template, chat, demonstrations)
     budget = max(8, max_length - len(tokenizer(prompt.format(text="", text_pair=""), add_special_tokens=False).input_ids))
     pairs = pairs or [""] * len(texts)
     prompts = [prompt.format(text=_cut(tokenizer, text, budget // (2 if pair else 1)),
@@ -195,13 +197,22 @@ def tokenize(backbone: Backbone, texts: list[str], pairs: list[str] | None, temp
     return dict(tokenizer(prompts, padding=True, add_special_tokens=not chat, return_tensors="pt"))
 
 
-def _prompt_format(tokenizer, template: str, chat: bool) -> str:
+def _prompt_format(tokenizer, template: str, chat: bool, demonstrations: tuple[tuple[str, str], ...]) -> str:
+    """A format string with {text} and {text_pair} left open; demonstrations come first, as earlier
+    chat turns or as filled-in examples."""
+    shown = [(template.format(text=_cut(tokenizer, text, 64), text_pair=""), answer) for text, answer in demonstrations]
     if not chat:
-        return template
-    marker = "\x00TEMPLATE\x00"  # the chat template wraps the recipe's template, placeholders intact
-    wrapped = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
-                                            tokenize=False)
-    return wrapped.replace("{", "{{").replace("}", "}}").replace(marker, template)
+        return "".join(_escape(f"{turn} {answer}\n\n") for turn, answer in shown) + template
+    marker = "\x00TEMPLATE\x00"  # the chat template wraps the template, placeholders intact
+    messages = [m for turn, answer in shown for m in ({"role": "user", "content": turn},
+                                                      {"role": "assistant", "content": answer})]
+    wrapped = tokenizer.apply_chat_template(messages + [{"role": "user", "content": marker}],
+                                            add_generation_prompt=True, tokenize=False)
+    return _escape(wrapped).replace(marker, template)
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def _cut(tokenizer, text: str, budget: int) -> str:

@@ -182,6 +182,37 @@ def adapters_verify(adapter: Optional[str] = typer.Argument(None, help="One adap
 
 @app.command()
 @_clean_errors
+def zeroshot(backbone: str = typer.Option(..., "--backbone", help="minilm, smollm2-135m, a folder or a hub id."),
+             data: str = typer.Option(..., "--data", help="Dataset (folder, file, demo:NAME)."),
+             labels_file: Optional[Path] = typer.Option(None, "--labels-file", help="labels.json to use instead "
+                                                        "of the dataset's (names, or {name, description})."),
+             template: Optional[list[str]] = typer.Option(None, "--template", help="Encoder label template, "
+                                                          "e.g. 'This text is about {label}.' (repeatable)."),
+             prompt: Optional[str] = typer.Option(None, "--prompt", help="LLM prompt with {labels} and {text}."),
+             shots: int = typer.Option(0, "--shots", help="LLM in-context demonstrations per class."),
+             text_field: str = typer.Option("text", "--text-field"),
+             text_pair_field: Optional[str] = typer.Option(None, "--text-pair-field"),
+             split: str = typer.Option("test", "--split"), limit: Optional[int] = typer.Option(None, "--limit"),
+             json_out: bool = JSON):
+    """Zero-shot accuracy of a backbone on a dataset: the baseline for every adapter."""
+    from adapterlab.data import read_labels
+    from adapterlab.engine import Engine
+    from adapterlab.recipe import DataConfig
+    from adapterlab.zeroshot import ZeroShotConfig, evaluate_zero_shot
+
+    names, descriptions = read_labels(labels_file) if labels_file else (None, None)
+    config = ZeroShotConfig(**{k: v for k, v in {"templates": template, "prompt": prompt}.items() if v},
+                            shots=shots)
+    data_config = DataConfig(path=data, labels=names, text_field=text_field, text_pair_field=text_pair_field)
+    metrics = evaluate_zero_shot(Engine(backbone), data_config, config, split, limit, descriptions)
+    if json_out:
+        _emit({"backbone": backbone, "data": data, **metrics})
+    else:
+        console.print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+
+
+@app.command()
+@_clean_errors
 def merge(adapter: str = typer.Argument(..., help="A LoRA adapter: TASK/NAME in the store, or a folder."),
           output: Path = typer.Option(..., "--output", help="New folder for the merged model."),
           store: Path = STORE, json_out: bool = JSON):
@@ -216,6 +247,25 @@ def combine(adapters: list[str] = typer.Argument(..., help="Two or more LoRA ada
         table.add_row(parent["adapter"], parent["data"], f"{parent['accuracy_before']:.3f}",
                       f"{parent['accuracy_after']:.3f}")
     console.print(table)
+
+
+@app.command()
+@_clean_errors
+def serve(store: Path = STORE,
+          backbone: Optional[str] = typer.Option(None, "--backbone", help="Default: the backbone of the store's adapters."),
+          host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
+          max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", help="How long a request waits to share a batch."),
+          max_batch_rows: int = typer.Option(256, "--max-batch-rows", help="Rows that close a batch."),
+          no_batching: bool = typer.Option(False, "--no-batching", help="One request, one forward (for comparison)."),
+          max_inputs: int = typer.Option(256, "--max-inputs", help="Inputs per request (more: 413)."),
+          max_chars: int = typer.Option(20_000, "--max-chars", help="Characters per input (more: 413)."),
+          max_upload_mb: float = typer.Option(64, "--max-upload-mb", help="Uploaded adapter archives (more: 413).")):
+    """Serve the store's adapters over HTTP with dynamic batching (OpenAPI at /docs)."""
+    from adapterlab.server import Settings, serve as run_server
+
+    settings = Settings(max_wait_ms=max_wait_ms, max_batch_rows=max_batch_rows, batching=not no_batching,
+                        max_inputs=max_inputs, max_chars=max_chars, max_upload_bytes=int(max_upload_mb * 2**20))
+    run_server(store, backbone, host, port, settings)
 
 
 @app.command()

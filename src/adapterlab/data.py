@@ -106,12 +106,16 @@ def _find_split(folder: Path, split: str) -> Path | None:
 
 
 def _read_label_file(folder: Path) -> tuple[list[str], list[str]]:
-    """labels.json holds names in index order, or objects {"name", "description"}."""
     file = folder / "labels.json"
-    if not file.is_file():
-        return [], []
+    return read_labels(file) if file.is_file() else ([], [])
+
+
+def read_labels(file: Path) -> tuple[list[str], list[str]]:
+    """(names, descriptions) from a labels.json: names in index order, or {"name", "description"} objects."""
+    if not Path(file).is_file():
+        raise DataError(f"labels file not found: {file}")
     try:
-        entries = json.loads(file.read_text())
+        entries = json.loads(Path(file).read_text())
     except json.JSONDecodeError as error:
         raise DataError(f"{file}: malformed JSON ({error})") from None
     names = [e["name"] if isinstance(e, dict) else str(e) for e in entries]

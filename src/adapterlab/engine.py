@@ -15,11 +15,11 @@ from adapterlab.backbones import Backbone, load_backbone
 from adapterlab.data import DataError, load_task
 from adapterlab.heads import build_head, uses_chat
 from adapterlab.methods import method_module
-from adapterlab.methods.base import AdapterWeights
 from adapterlab.metrics import classification_metrics
 from adapterlab.mixed_batch import PromptSettings, Row, Servable, forward_mixed
-from adapterlab.recipe import DataConfig, HeadConfig, Recipe
+from adapterlab.recipe import DataConfig, Recipe
 from adapterlab.store import AdapterCard, StoreError, read_adapter, read_card, resolve, verify
+from adapterlab.zeroshot import zero_shot_servable
 
 
 @dataclass
@@ -105,14 +105,10 @@ class Engine:
             self.stats["evictions"] += 1
 
     def zero_shot(self, labels: tuple[str, ...], descriptions: tuple[str, ...] | None = None) -> Servable:
-        """A classifier with no adapter: label-description similarity (encoders) or label-word
-        scoring (LLMs), for labels given at inference time."""
+        """A classifier with no adapter for labels given at inference time (see `zeroshot`)."""
         key = (*labels, "|", *(descriptions or labels))
         if key not in self._zero_shot:
-            config = HeadConfig()
-            head = build_head(config, self.backbone, list(labels), list(descriptions or labels))
-            prompt = PromptSettings(config.template, uses_chat(config, self.backbone), 128)
-            self._zero_shot[key] = Servable("base", list(labels), AdapterWeights(), head.eval(), prompt, 0)
+            self._zero_shot[key] = zero_shot_servable(self.backbone, list(labels), list(descriptions or labels))
         return self._zero_shot[key]
 
     # --- answering -------------------------------------------------------------------------------
@@ -122,7 +118,13 @@ class Engine:
 
     def predict_batch(self, requests: list[Request]) -> list[Prediction]:
         """Answers in request order; rows of any adapters (and zero-shot rows) share each forward pass."""
-        rows = [Row(self._servable_for(request), request.text, request.text_pair) for request in requests]
+        return self.answer([Row(self._servable_for(r), r.text, r.text_pair) for r in requests])
+
+    def classify(self, servable: Servable, texts: list[str], pairs: list[str] | None = None) -> list[Prediction]:
+        """Answers of one servable not kept in the cache (a zero-shot classifier with its own settings)."""
+        return self.answer([Row(servable, text, pairs[i] if pairs else None) for i, text in enumerate(texts)])
+
+    def answer(self, rows: list[Row]) -> list[Prediction]:
         # Similar lengths together: less padding. A row's answer does not depend on its batch.
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].text) + len(rows[i].text_pair or ""))
         predictions: list[Prediction | None] = [None] * len(rows)

@@ -71,8 +71,15 @@ def build_head(config, backbone, label_names: list[str], label_descriptions: lis
     pooling = config.pooling if config.pooling != "auto" else ("mean" if backbone.kind == "encoder" else "last")
     head = ClassifierHead(backbone.hidden_size, len(label_names), pooling, config.dropout, config.cosine_scale)
     if config.init == "label_descriptions":
-        head.init_from(embed(backbone, label_descriptions, pooling, config.template))
+        head.init_from(label_embeddings(backbone, label_descriptions, config.label_templates, pooling))
     return head
+
+
+def label_embeddings(backbone, descriptions: list[str], templates: list[str], pooling: str = "mean") -> torch.Tensor:
+    """Each description through each template, embedded by the bare backbone, unit-normalised, averaged."""
+    vectors = [nn.functional.normalize(embed(backbone, [t.format(label=d) for d in descriptions], pooling, "{text}"),
+                                       dim=-1) for t in templates]
+    return torch.stack(vectors).mean(0)
 
 
 @torch.no_grad()

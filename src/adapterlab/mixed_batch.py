@@ -22,6 +22,7 @@ class PromptSettings:
     template: str
     chat: bool
     max_length: int
+    demonstrations: tuple[tuple[str, str], ...] = ()  # in-context (text, answer) pairs for LLMs
 
 
 @dataclass(eq=False)
@@ -78,7 +79,7 @@ def _tokenize_rows(backbone: Backbone, rows: list[Row]) -> dict[str, torch.Tenso
     for prompt, indices in groups.items():
         pairs = [rows[i].text_pair for i in indices]
         encoded = tokenize(backbone, [rows[i].text for i in indices], pairs if any(p is not None for p in pairs)
-                           else None, prompt.template, prompt.max_length, prompt.chat)
+                           else None, prompt.template, prompt.max_length, prompt.chat, prompt.demonstrations)
         for j, i in enumerate(indices):
             keep = encoded["attention_mask"][j].bool()
             per_row[i] = {key: value[j][keep] for key, value in encoded.items()}

@@ -31,6 +31,9 @@ class HeadConfig(_Section):
     init: Literal["label_descriptions", "random"] = Field(
         "label_descriptions", description="Classifier rows start as the embeddings of the label "
         "descriptions (labels.json) or names, i.e. at the zero-shot classifier; or at random.")
+    label_templates: list[str] = Field(
+        ["{label}", "This text is about {label}."], min_length=1,
+        description="Each label description is embedded through these templates, then averaged.")
     template: str = Field(
         "Text: {text}\nLabel:", description="LLM prompt; {text} (and {text_pair}) are filled in.")
     chat: bool | None = Field(

@@ -24,6 +24,9 @@ class Config(BaseModel):
     target_modules: list[str] | Literal["all-linear"] | None = Field(
         None, description="Module names to adapt; null takes peft's default for the architecture "
         "(BERT: query, value; Llama: q_proj, v_proj); 'all-linear' adapts every linear layer.")
+    layers: list[int] | None = Field(
+        None, description="Adapt only these transformer layers (0 = nearest the input); null: all. "
+        "Top layers only train faster: the backward pass stops at the lowest adapted layer.")
 
 
 def peft_config(config: Config, backbone) -> LoraConfig:
@@ -33,6 +36,7 @@ def peft_config(config: Config, backbone) -> LoraConfig:
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=config.target_modules,
+        layers_to_transform=config.layers,
     )
 
 

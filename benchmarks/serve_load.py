@@ -1,0 +1,133 @@
+"""HTTP serving figures (JSON on stdout): throughput and p50/p95 latency of N concurrent clients
+spread over K adapters, with dynamic batching and with batching off (one request, one forward),
+plus p95 latency at light load (one client) for both. Each server runs alone as `adapterlab serve`
+on loopback; every loop is bounded in requests and in time. Random LoRA weights on MiniLM (see
+benchmarks/engine.py): fine for speed, meaningless for accuracy.
+
+    .venv/bin/python benchmarks/serve_load.py [--clients 32] [--adapters 64] [--requests 40]
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+TEXTS = ["the plot never finds its feet", "a warm, funny and generous film", "my card was declined twice",
+         "rates rose again this quarter", "is there a fee for transfers abroad?", "what a dull, lifeless match"]
+PHASE_SECONDS = 120  # no phase runs longer, whatever the request counts
+
+
+def engine_benchmark():
+    """benchmarks/engine.py as a module (benchmarks/ is not a package), for its `make_store`."""
+    spec = importlib.util.spec_from_file_location("engine_benchmark", Path(__file__).with_name("engine.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(store: Path, batching: bool, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "adapterlab", "serve", "--store", str(store), "--port", str(port)]
+    process = subprocess.Popen(command + ([] if batching else ["--no-batching"]), stdout=subprocess.DEVNULL,
+                               stderr=log.open("w"), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"the server did not start:\n{log.read_text()[-2000:]}")
+
+
+def run_clients(url: str, refs: list[str], clients: int, requests: int) -> dict:
+    """`clients` threads, each sending `requests` one-text requests in turn; latencies and throughput."""
+    latencies: list[float] = []
+    failures = []
+    deadline = time.monotonic() + PHASE_SECONDS
+
+    def client(index: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for step in range(requests):
+                if time.monotonic() > deadline:
+                    break
+                n = index * requests + step
+                started = time.perf_counter()
+                response = http.post("/v1/classify", json={"adapter": refs[n % len(refs)],
+                                                           "inputs": [TEXTS[n % len(TEXTS)]]})
+                latencies.append(time.perf_counter() - started)  # list.append is atomic
+                if response.status_code != 200:
+                    failures.append(response.status_code)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    ordered = sorted(latencies)
+    return {"requests": len(ordered), "failures": len(failures), "requests_per_s": round(len(ordered) / elapsed, 1),
+            "p50_ms": round(1e3 * ordered[len(ordered) // 2], 2),
+            "p95_ms": round(1e3 * ordered[int(0.95 * (len(ordered) - 1))], 2)}
+
+
+def measure(store: Path, refs: list[str], batching: bool, args) -> dict:
+    process, url = start_server(store, batching, store.parent / f"server-{batching}.log")
+    try:
+        run_clients(url, refs, 8, -(-len(refs) // 8))  # warm-up: every adapter loaded once
+        loaded = run_clients(url, refs, args.clients, args.requests)
+        light = run_clients(url, refs, 1, args.light_requests)
+        return {"loaded": loaded, "light": light}
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--adapters", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=40, help="Per client under load.")
+    parser.add_argument("--light-requests", type=int, default=100, help="Of the single client.")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="adapterlab-serve-bench-"))
+    try:
+        store = root / "store"
+        refs = engine_benchmark().make_store(store, args.adapters)
+        shutil.rmtree(store / "template")  # the trained template: served adapters are the random copies only
+        batched = measure(store, refs, True, args)
+        unbatched = measure(store, refs, False, args)
+        ratio = batched["loaded"]["requests_per_s"] / unbatched["loaded"]["requests_per_s"]
+        light_ratio = batched["light"]["p95_ms"] / unbatched["light"]["p95_ms"]
+        print(json.dumps({
+            "benchmark": "serve", "backbone": "minilm", "clients": args.clients, "adapters": args.adapters,
+            "cpu_cores": os.cpu_count(), "batching": batched, "no_batching": unbatched,
+            "throughput_ratio": round(ratio, 2), "light_load_p95_ratio": round(light_ratio, 2),
+            "targets": {"throughput_ratio_min": 3.0, "light_load_p95_ratio_max": 2.0},
+            "targets_met": ratio >= 3.0 and light_ratio <= 2.0}))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Zero-shot classifiers: no adapter, no training, labels given at inference time. They are the
+baseline every adapter is measured against, and what serves a task nobody has trained for yet.
+
+Encoders: cosine similarity between a text's embedding and its labels' descriptions, each
+description embedded through several templates and averaged. LLMs: the likelihood of each label's
+word after a prompt that lists the labels, optionally after k in-context demonstrations per class.
+"""
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapterlab.backbones import Backbone
+from adapterlab.data import k_shot_indices, load_task
+from adapterlab.heads import ClassifierHead, LabelWordHead, label_embeddings, label_word_ids
+from adapterlab.methods.base import AdapterWeights
+from adapterlab.metrics import classification_metrics
+from adapterlab.mixed_batch import PromptSettings, Servable
+from adapterlab.recipe import HeadConfig
+
+
+class ZeroShotConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    templates: list[str] = Field(
+        HeadConfig.model_fields["label_templates"].default, min_length=1,
+        description="Encoders: each label description is embedded through these, then averaged.")
+    prompt: str = Field("Which of these labels fits the text best: {labels}?\n\nText: {text}",
+                        description="LLMs: {labels} lists the label words, {text} is the input.")
+    chat: bool | None = Field(None, description="LLMs: use the chat template (null: when the tokenizer has one).")
+    shots: int = Field(0, ge=0, description="LLMs: in-context demonstrations per class, from the train split.")
+    seed: int = Field(0, description="Seed of the demonstrations' draw.")
+    max_length: int = Field(256, gt=0)
+    scale: float = Field(20.0, gt=0, description="Encoders: cosine similarities are multiplied by this.")
+
+
+def zero_shot_servable(backbone: Backbone, labels: list[str], descriptions: list[str],
+                       config: ZeroShotConfig = ZeroShotConfig(),
+                       demonstrations: tuple[tuple[str, str], ...] = ()) -> Servable:
+    """A classifier over `labels` that the engine serves like an adapter with no weights."""
+    if backbone.kind == "encoder":
+        head = ClassifierHead(backbone.hidden_size, len(labels), "mean", 0.0, config.scale)
+        head.init_from(label_embeddings(backbone, descriptions, config.templates))
+        prompt = PromptSettings("", False, config.max_length)
+    else:
+        chat = config.chat if config.chat is not None else bool(getattr(backbone.tokenizer, "chat_template", None))
+        words = [label.replace("_", " ") for label in labels]
+        head = LabelWordHead(label_word_ids(backbone.tokenizer, labels, {}, chat))
+        template = config.prompt.replace("{labels}", ", ".join(words))
+        prompt = PromptSettings(template, chat, config.max_length, demonstrations)
+    return Servable("base", list(labels), AdapterWeights(), head.eval(), prompt, 0)
+
+
+def evaluate_zero_shot(engine, data_config, config: ZeroShotConfig = ZeroShotConfig(), split: str = "test",
+                       limit: int | None = None, descriptions: list[str] | None = None) -> dict:
+    """Zero-shot metrics of the engine's backbone on a dataset: its label descriptions when it has
+    them (or `descriptions`, for `data_config.labels`)."""
+    task = load_task(data_config.model_copy(update={"k": None}))
+    if descriptions is not None:
+        task.label_descriptions = descriptions
+    rows = task.test if split == "test" else task.train
+    if limit is not None:
+        rows = rows.select(list(range(min(limit, len(rows)))))
+    demonstrations = ()
+    if config.shots:
+        chosen = task.train.select(k_shot_indices(task.train.labels, config.shots, config.seed, task.label_names))
+        words = [label_word_for(name, engine, config) for name in task.label_names]
+        demonstrations = tuple((text, words[label]) for text, label in zip(chosen.texts, chosen.labels))
+    servable = zero_shot_servable(engine.backbone, task.label_names, task.label_descriptions, config, demonstrations)
+    predictions = engine.classify(servable, rows.texts, rows.text_pairs)
+    index = {label: i for i, label in enumerate(task.label_names)}
+    return {"rows": len(rows), "shots": config.shots,
+            **classification_metrics([index[p.label] for p in predictions], rows.labels, len(task.label_names))}
+
+
+def label_word_for(name: str, engine, config: ZeroShotConfig) -> str:
+    """The answer a demonstration shows: the word the label-word head scores."""
+    chat = config.chat if config.chat is not None else bool(getattr(engine.backbone.tokenizer, "chat_template", None))
+    word = name.replace("_", " ")
+    return word.capitalize() if chat else word

@@ -1,0 +1,422 @@
+"""The HTTP server on loopback, on a tiny random BERT (and a tiny random Llama for generation):
+answers equal the engine's, a concurrent load across 12+ adapters with adapters registered and
+removed meanwhile (no 5xx, every answer from the adapter named), every refusal as a JSON error,
+a graceful shutdown, metrics and OpenAPI."""
+
+import io
+import json
+import os
+import shutil
+import stat
+import tarfile
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from adapterlab.backbones import load_backbone, resolve_path
+from adapterlab.cli import app as cli_app
+from adapterlab.engine import Engine, Request
+from adapterlab.errors import AdapterlabError
+from adapterlab.recipe import validate_recipe
+from adapterlab.server import Settings, backbone_from_store, create_app
+from adapterlab.train import train
+from conftest import tiny_recipe
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+TEXTS = ["the soup was cold", "what a match last night", "please cancel my order", "loved every minute",
+         "markets slid on rate fears"]
+TRAINED = {  # task: (demo data, method); 2, 4 and 5 labels
+    "sentiment": ("demo:sentiment", {"name": "lora", "r": 4}),
+    "topic": ("demo:topic", {"name": "lora", "r": 8, "target_modules": ["query", "key", "value", "dense"]}),
+    "intent": ("demo:intent", {"name": "prefix_tuning", "num_virtual_tokens": 4}),
+}
+SERVED = [f"{task}/a{i}" for task in TRAINED for i in range(4)]  # 12 adapters, each with its own weights
+CHURN = [f"churn/{task}" for task in TRAINED]  # registered and removed while the load runs
+ZERO_SHOT = ("food", "sport", "money")
+SETTINGS = Settings(max_inputs=64, max_chars=2000, max_upload_bytes=200_000)
+
+
+def copy_adapter(source: Path, store: Path, reference: str, seed: int) -> Path:
+    """A copy of an adapter as TASK/NAME with random weights of the same shapes (answers of its own),
+    written under a hidden name and renamed into place, as anything put in a live store must be."""
+    task, name = reference.split("/")
+    staging = store / task / f".{name}.copying"
+    shutil.copytree(source, staging)
+    card = json.loads((staging / "card.json").read_text())
+    (staging / "card.json").write_text(json.dumps({**card, "task": task, "name": name}))
+    generator = torch.Generator().manual_seed(seed)
+    for file in ("adapter_model.safetensors", "head.safetensors"):
+        tensors = load_file(staging / file)
+        save_file({k: v + 0.5 * torch.randn(v.shape, generator=generator) for k, v in tensors.items()}, staging / file)
+    return staging.rename(store / task / name)
+
+
+def archive(files: dict[str, bytes], kind: str = "zip", links: tuple[str, ...] = ()) -> bytes:
+    """A .zip or .tar of `files` (name: bytes), plus symbolic links named `links`."""
+    buffer = io.BytesIO()
+    if kind == "zip":
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as packed:
+            for name, data in files.items():
+                packed.writestr(name, data)
+            for name in links:
+                info = zipfile.ZipInfo(name)
+                info.external_attr = (stat.S_IFLNK | 0o777) << 16
+                packed.writestr(info, "/etc/passwd")
+    else:
+        with tarfile.open(fileobj=buffer, mode="w") as packed:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                packed.addfile(info, io.BytesIO(data))
+            for name in links:
+                info = tarfile.TarInfo(name)
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                packed.addfile(info)
+    return buffer.getvalue()
+
+
+def folder_files(folder: Path, prefix: str = "adapter/") -> dict[str, bytes]:
+    return {prefix + file.name: file.read_bytes() for file in folder.iterdir()}
+
+
+@contextmanager
+def running(app):
+    """The app under uvicorn on a free loopback port, in a thread; yields (base URL, uvicorn server)."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", server
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_bert, tmp_path_factory):
+    """(store with the SERVED adapters, spare folder with the CHURN adapters, expected answers)."""
+    root = tmp_path_factory.mktemp("server")
+    for task, (data, method) in TRAINED.items():
+        raw = tiny_recipe(tiny_bert, root / "trained", task=task, method=method, data={"path": data},
+                          training={"max_steps": 2}, output={"name": "t"})
+        train(validate_recipe(raw), show_progress=False)
+    for seed, reference in enumerate(SERVED):
+        copy_adapter(root / "trained" / reference.split("/")[0] / "t", root / "store", reference, seed)
+    for seed, reference in enumerate(CHURN, start=100):
+        copy_adapter(root / "trained" / reference.split("/")[1] / "t", root / "spare", reference, seed)
+    expected = {}
+    for folder, references in ((root / "store", SERVED), (root / "spare", CHURN)):
+        engine = Engine(tiny_bert, folder)
+        expected |= {reference: dict(zip(TEXTS, engine.predict(reference, TEXTS))) for reference in references}
+    expected[None] = dict(zip(TEXTS, engine.predict_batch([Request(None, t, labels=ZERO_SHOT) for t in TEXTS])))
+    return root / "store", root / "spare", expected
+
+
+@pytest.fixture(scope="module")
+def url(adapters):
+    with running(create_app(adapters[0], settings=SETTINGS)) as (base_url, _):  # the backbone: the store's
+        yield base_url
+
+
+@pytest.fixture
+def client(url):
+    with httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
+def assert_answer(answer: dict, expected) -> None:
+    scores = {item["label"]: item["score"] for item in answer["scores"]}
+    assert answer["label"] == expected.label and scores.keys() == expected.scores.keys()
+    assert max(abs(scores[label] - expected.scores[label]) for label in scores) < 1e-5
+
+
+def test_answers_equal_the_engine(client, adapters, tiny_bert):
+    store, _, expected = adapters
+    for reference in SERVED:
+        response = client.post("/v1/classify", json={"adapter": reference, "inputs": TEXTS})
+        assert response.status_code == 200, response.text
+        for answer, text in zip(response.json()["predictions"], TEXTS):
+            assert_answer(answer, expected[reference][text])
+    pairs = [{"text": text, "text_pair": "a second text"} for text in TEXTS[:2]]
+    response = client.post("/v1/classify", json={"adapter": "topic/a1", "inputs": [TEXTS[0], *pairs], "top_k": 2})
+    engine = Engine(tiny_bert, store)  # rows with and without a pair: the engine takes them apart
+    wanted = engine.predict("topic/a1", TEXTS[:1]) + engine.predict("topic/a1", TEXTS[:2], ["a second text"] * 2)
+    for answer, prediction in zip(response.json()["predictions"], wanted):
+        scores = [item["score"] for item in answer["scores"]]
+        assert len(scores) == 2 and scores == sorted(scores, reverse=True)
+        assert abs(scores[0] - prediction.score) < 1e-5 and answer["label"] == prediction.label
+    rows = [{"adapter": SERVED[i], "text": text} for i, text in enumerate(TEXTS)]
+    rows.append({"adapter": None, "text": TEXTS[0], "labels": list(ZERO_SHOT)})
+    response = client.post("/v1/classify/batch", json={"rows": rows})
+    for row, answer in zip(rows, response.json()["predictions"]):
+        assert answer["adapter"] == row["adapter"]
+        assert_answer(answer, expected[row["adapter"]][row["text"]])
+
+
+def test_concurrent_load_while_adapters_come_and_go(url, adapters):
+    """32 clients x 50 requests across 15 adapters (2, 4, 5 labels, zero-shot rows too) while
+    another client registers (from a path, by upload) and deletes adapters."""
+    store, spare, expected = adapters
+    names = SERVED + CHURN
+    stop, changes = threading.Event(), []
+
+    def change_adapters():
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for step in range(300):
+                if stop.is_set():
+                    break
+                reference = CHURN[step % len(CHURN)]
+                if (step // len(CHURN)) % 2 == 1:
+                    changes.append(client.delete(f"/v1/adapters/{reference}").status_code)
+                elif step % 2:
+                    data = archive(folder_files(spare / reference), "zip" if step % 4 == 1 else "tar")
+                    changes.append(client.post("/v1/adapters", files={"file": ("a", data)}).status_code)
+                else:
+                    shutil.copytree(spare / reference, store / "churn" / ".incoming")
+                    (store / "churn" / ".incoming").rename(store / reference)
+                    changes.append(client.post("/v1/adapters", json={"path": reference}).status_code)
+                time.sleep(0.02)
+
+    def load(worker: int) -> list:
+        outcomes = []
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for step in range(50):
+                pick = [names[(worker * 7 + step * 3 + k) % len(names)] for k in range(3)]
+                texts = [TEXTS[(worker + step + k) % len(TEXTS)] for k in range(3)]
+                if step % 4 == 3:  # rows of several adapters, one of them zero-shot
+                    rows = [{"adapter": a, "text": t} for a, t in zip(pick[:2], texts)]
+                    rows.append({"adapter": None, "text": texts[2], "labels": list(ZERO_SHOT)})
+                    response = client.post("/v1/classify/batch", json={"rows": rows})
+                    outcomes.append(([row["adapter"] for row in rows], texts, response))
+                else:
+                    count = 1 + step % 3
+                    response = client.post("/v1/classify", json={"adapter": pick[0], "inputs": texts[:count]})
+                    outcomes.append(([pick[0]] * count, texts[:count], response))
+        return outcomes
+
+    changer = threading.Thread(target=change_adapters)
+    changer.start()
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            outcomes = [outcome for result in pool.map(load, range(32)) for outcome in result]
+    finally:
+        stop.set()
+        changer.join(60)
+    assert len(outcomes) == 1600 and all(response.status_code < 500 for _, _, response in outcomes)
+    answered = 0
+    for references, texts, response in outcomes:
+        if response.status_code == 404:  # only an adapter that was away at the time
+            assert any(reference in CHURN and repr(reference) in response.json()["error"] for reference in references)
+            continue
+        assert response.status_code == 200, response.text
+        for reference, text, answer in zip(references, texts, response.json()["predictions"]):
+            assert_answer(answer, expected[reference][text])
+            answered += 1
+    assert answered > 2000
+    assert len(changes) > 10 and set(changes) <= {200, 201}, changes
+    with httpx.Client(base_url=url) as client:
+        metrics = client.get("/metrics").text
+    batches = float(next(line.split()[1] for line in metrics.splitlines() if line.startswith("adapterlab_batch_rows_count")))
+    assert batches < 1600  # concurrent requests shared batches
+
+
+def test_register_replace_and_delete(client, adapters):
+    store, spare, expected = adapters
+    files = folder_files(spare / "churn/topic")
+    response = client.post("/v1/adapters", files={"file": ("topic.tar", archive(files, "tar"))})
+    assert response.status_code == 201 and response.json()["adapter"] == "churn/topic"
+    listing = client.get("/v1/adapters").json()
+    assert "churn/topic" in listing["resident"]
+    assert {item["adapter"] for item in listing["available"]} >= {"churn/topic", *SERVED}
+    # The same name with other weights replaces it: answers change with it.
+    replacement = {**files, "adapter/head.safetensors": (store / "topic/a2/head.safetensors").read_bytes()}
+    assert client.post("/v1/adapters", files={"file": ("x.zip", archive(replacement))}).status_code == 201
+    answer = client.post("/v1/classify", json={"adapter": "churn/topic", "inputs": TEXTS[:1]}).json()["predictions"][0]
+    assert abs(answer["score"] - expected["churn/topic"][TEXTS[0]].score) > 1e-5
+    assert client.delete("/v1/adapters/churn/topic").json() == {"deleted": "churn/topic"}
+    response = client.post("/v1/classify", json={"adapter": "churn/topic", "inputs": TEXTS[:1]})
+    assert response.status_code == 404 and response.json() == {"error": "no adapter 'churn/topic' in the store"}
+    assert client.delete("/v1/adapters/churn/topic").status_code == 404
+    assert not (store / "churn" / "topic").exists() and not list(store.glob(".*")) and not list(store.glob("*/.*"))
+
+
+def test_refusals(client, adapters):
+    store, spare, _ = adapters
+    good = folder_files(store / "sentiment/a0")
+    foreign = {**good, "adapter/card.json": json.dumps({**json.loads(good["adapter/card.json"]), "task": "other",
+                                                        "backbone": "elsewhere",
+                                                        "backbone_fingerprint": "sha256:" + "0" * 64}).encode()}
+    shutil.copytree(store / "sentiment/a0", store / "other" / "a0")
+    (store / "other/a0/card.json").write_bytes(foreign["adapter/card.json"])
+
+    def upload(files, kind="zip", links=()):
+        return client.post("/v1/adapters", files={"file": ("adapter", archive(files, kind, links))})
+
+    cases = [  # (response, status, part of the message)
+        (client.post("/v1/classify", json={"adapter": "sentiment/nope", "inputs": ["x"]}), 404, "no adapter"),
+        (client.post("/v1/classify", content=b'{"adapter": ', headers={"content-type": "application/json"}), 422,
+         "not valid JSON"),
+        (client.post("/v1/classify", json={"adapter": "sentiment/a0"}), 422, "inputs: Field required"),
+        (client.post("/v1/classify", json={"adapter": "sentiment/a0", "inputs": ["x"], "topk": 1}), 422, "topk"),
+        (client.post("/v1/classify", json={"adapter": None, "inputs": ["x"]}), 422, "needs its labels"),
+        (client.post("/v1/classify", json={"adapter": "sentiment/a0", "inputs": ["x"] * 65}), 413, "65 inputs"),
+        (client.post("/v1/classify", json={"adapter": "sentiment/a0", "inputs": ["x" * 2001]}), 413, "2,001 characters"),
+        (client.post("/v1/classify/batch", json={"rows": [{"adapter": "sentiment/a0", "text": "x" * 2001}]}), 413,
+         "characters"),
+        (client.post("/v1/classify", json={"adapter": "other/a0", "inputs": ["x"]}), 409, "trained on backbone 'elsewhere'"),
+        (client.post("/v1/adapters", json={"path": "other/a0"}), 409, "not on the served backbone"),
+        (upload(foreign), 409, "trained on backbone 'elsewhere'"),
+        (client.post("/v1/classify", json={"adapter": "../sentiment/a0", "inputs": ["x"]}), 400, "TASK/NAME"),
+        (client.post("/v1/classify", json={"adapter": "sentiment/a0/x", "inputs": ["x"]}), 400, "TASK/NAME"),
+        (client.post("/v1/classify", json={"adapter": "sentiment\\a0", "inputs": ["x"]}), 400, "TASK/NAME"),
+        (client.post("/v1/adapters", json={"path": "../../etc"}), 400, "TASK/NAME"),
+        (client.delete("/v1/adapters/sentiment/..%2F..%2Fstore"), 400, "TASK/NAME"),
+        (client.delete("/v1/adapters/sentiment"), 400, "TASK/NAME"),
+        (upload({**good, "adapter/adapter_model.bin": b"pickle"}), 415, "pickled"),
+        (upload({**good, "adapter/head.pkl": b"pickle"}, "tar"), 415, "pickled"),
+        (upload({**good, "adapter/adapter_model.safetensors": b"\x80\x04pickle"}), 400, "corrupt"),
+        (upload({**good, "adapter/run.py": b"print()"}), 400, "holds only"),
+        (upload({"../card.json": b"{}", **good}), 400, "outside its folder"),
+        (upload({"/tmp/card.json": b"{}", **good}, "tar"), 400, "outside its folder"),
+        (upload(good, "tar", links=("adapter/link",)), 400, "link"),
+        (upload(good, "zip", links=("adapter/link",)), 400, "link"),
+        (upload({name: data for name, data in good.items() if not name.endswith("card.json")}), 400, "missing card.json"),
+        (client.post("/v1/adapters", files={"file": ("a.zip", b"not an archive")}), 400, "not a .zip or .tar"),
+        (client.post("/v1/adapters", files={"file": ("a.zip", os.urandom(300_000))}), 413, "over 200,000 bytes"),
+        (upload({**good, "adapter/README.md": b"0" * 300_000}), 413, "unpacks to more than"),
+        (client.post("/v1/generate", json={"prompt": "hello"}), 400, "needs an LLM backbone"),
+        (client.post("/v1/generate", json={"prompt": "hello", "max_new_tokens": 1000}), 413, "max_new_tokens"),
+        (client.get("/v1/nothing"), 404, "Not Found"),
+    ]
+    for response, status, message in cases:
+        assert response.status_code == status and message in response.json()["error"], (response.request.url,
+                                                                                        response.text)
+        assert "Traceback" not in response.text and str(store) not in response.text
+    shutil.rmtree(store / "other")
+    assert not list(store.glob(".*")) and not list(store.glob("*/.*"))  # no upload left half-written
+
+
+def test_unexpected_errors_are_a_generic_500_and_the_connection_lives(tiny_bert, adapters):
+    app = create_app(adapters[0], tiny_bert)
+
+    def broken(requests):
+        raise RuntimeError("secret detail")
+
+    app.state.server.engine.predict_batch = broken
+    with running(app) as (base_url, _), httpx.Client(base_url=base_url) as client:
+        response = client.post("/v1/classify", json={"adapter": "sentiment/a0", "inputs": ["x"]})
+        assert response.status_code == 500 and "secret" not in response.text
+        assert response.json() == {"error": "internal server error (logged on the server)"}
+        assert client.get("/health").status_code == 200
+
+
+def test_shutdown_lets_requests_in_flight_finish(tiny_bert, adapters):
+    app = create_app(adapters[0], tiny_bert)
+    engine = app.state.server.engine
+    predict_batch = engine.predict_batch
+    engine.predict_batch = lambda requests: (time.sleep(0.3), predict_batch(requests))[1]  # a slow engine
+    with running(app) as (base_url, server):
+        def ask(text):
+            return httpx.post(f"{base_url}/v1/classify", json={"adapter": "intent/a1", "inputs": [text]}, timeout=60)
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(ask, text) for text in TEXTS]
+            deadline = time.monotonic() + 30
+            while server.server_state.total_requests < len(TEXTS) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            server.should_exit = True
+            assert [future.result().status_code for future in futures] == [200] * len(TEXTS)
+
+
+def test_metrics_health_and_openapi(client):
+    client.post("/v1/classify", json={"adapter": "sentiment/a0", "inputs": ["x"]})
+    client.post("/v1/classify", json={"adapter": "sentiment/nope", "inputs": ["x"]})
+    metrics = client.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    for line in ('adapterlab_requests_total{endpoint="/v1/classify",status="200"}',
+                 'adapterlab_errors_total{endpoint="/v1/classify",status="404"}',
+                 'adapterlab_request_seconds_bucket{endpoint="/v1/classify",le="+Inf"}',
+                 "adapterlab_batch_rows_bucket{le=", "adapterlab_resident_adapters ",
+                 "adapterlab_cache_hits_total ", "adapterlab_cache_misses_total "):
+        assert line in metrics.text, line
+    assert client.get("/health").json()["status"] == "ok"
+    paths = client.get("/openapi.json").json()["paths"]
+    assert set(paths) >= {"/health", "/metrics", "/v1/adapters", "/v1/adapters/{name}", "/v1/classify",
+                          "/v1/classify/batch", "/v1/generate"}
+    assert set(paths["/v1/adapters"]["post"]["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    assert client.get("/docs").status_code == 200
+
+
+def test_backbone_comes_from_the_store(adapters, tmp_path, tiny_bert):
+    store = adapters[0]
+    assert backbone_from_store(store) == tiny_bert
+    with pytest.raises(AdapterlabError, match="holds no adapters"):
+        backbone_from_store(tmp_path)
+    shutil.copytree(store / "sentiment/a0", tmp_path / "sentiment/a0")
+    shutil.copytree(store / "topic/a0", tmp_path / "topic/a0")
+    card = json.loads((tmp_path / "topic/a0/card.json").read_text())
+    (tmp_path / "topic/a0/card.json").write_text(json.dumps({**card, "backbone": "other",
+                                                             "backbone_fingerprint": "sha256:1"}))
+    with pytest.raises(AdapterlabError, match=r"several backbones \(.*other"):
+        backbone_from_store(tmp_path)
+    result = CliRunner().invoke(cli_app, ["serve", "--store", str(tmp_path / "empty")])
+    assert result.exit_code == 2 and "holds no adapters" in result.output
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide random Llama with MiniLM's tokenizer: an LLM backbone in a second."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_path("minilm")).save_pretrained(folder)
+    return str(folder)
+
+
+def test_generation_bare_and_under_lora_and_prefix_adapters(tiny_llama, tmp_path):
+    for name, method in (("lora", {"name": "lora", "r": 4}), ("prefix", {"name": "prefix_tuning", "num_virtual_tokens": 3})):
+        raw = tiny_recipe(tiny_llama, tmp_path, method=method, training={"max_steps": 2, "lr": 0.05},
+                          output={"name": name})
+        train(validate_recipe(raw), show_progress=False)
+    backbone = load_backbone(tiny_llama)
+    encoded = backbone.tokenizer("the movie was", return_tensors="pt")
+
+    def expected(model) -> str:
+        out = model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
+                             max_new_tokens=6, do_sample=False, pad_token_id=backbone.tokenizer.pad_token_id)
+        return backbone.tokenizer.decode(out[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    from peft import PeftModel
+
+    wanted = {None: expected(backbone.model)}
+    for name in ("lora", "prefix"):
+        wanted[f"sentiment/{name}"] = expected(PeftModel.from_pretrained(load_backbone(tiny_llama).model,
+                                                                         str(tmp_path / "sentiment" / name)))
+    assert len(set(wanted.values())) == 3
+    with running(create_app(tmp_path)) as (base_url, _), httpx.Client(base_url=base_url, timeout=60) as client:
+        for adapter in [None, "sentiment/lora", "sentiment/prefix", None, "sentiment/lora"]:  # adapters leave no trace
+            response = client.post("/v1/generate", json={"adapter": adapter, "prompt": "the movie was", "max_new_tokens": 6})
+            assert response.status_code == 200 and response.json()["text"] == wanted[adapter], response.text
+        response = client.post("/v1/classify", json={"adapter": "sentiment/prefix", "inputs": TEXTS[:2]})
+        for answer, prediction in zip(response.json()["predictions"],
+                                      Engine(tiny_llama, tmp_path).predict("sentiment/prefix", TEXTS[:2])):
+            assert_answer(answer, prediction)
+        assert client.post("/v1/generate", json={"adapter": "sentiment/nope", "prompt": "x"}).status_code == 404
