@@ -44,6 +44,6 @@ def test_unseen_labels_at_inference():
 def test_llm_zero_shot_and_in_context_beat_chance():
     engine = Engine("smollm2-135m", "unused-store")
     data = DataConfig(path=shared("sst2"))
-    plain = evaluate_zero_shot(engine, data, ZeroShotConfig(), limit=80)
-    shown = evaluate_zero_shot(engine, data, ZeroShotConfig(shots=1), limit=80)
-    assert plain["accuracy"] >= 0.6 and shown["accuracy"] >= 0.6, (plain, shown)  # chance: 0.5
+    plain = evaluate_zero_shot(engine, data, ZeroShotConfig(), limit=120)
+    shown = evaluate_zero_shot(engine, data, ZeroShotConfig(shots=1), limit=120)
+    assert plain["accuracy"] >= 0.6 and shown["accuracy"] >= 0.6, (plain, shown)  # chance 0.5, sd 0.046

@@ -22,7 +22,7 @@ class ZeroShotConfig(BaseModel):
     templates: list[str] = Field(
         HeadConfig.model_fields["label_templates"].default, min_length=1,
         description="Encoders: each label description is embedded through these, then averaged.")
-    prompt: str = Field("Which of these labels fits the text best: {labels}?\n\nText: {text}",
+    prompt: str = Field("Classify the text as one of: {labels}.\n\nText: {text}",
                         description="LLMs: {labels} lists the label words, {text} is the input.")
     chat: bool | None = Field(None, description="LLMs: use the chat template (null: when the tokenizer has one).")
     shots: int = Field(0, ge=0, description="LLMs: in-context demonstrations per class, from the train split.")
