@@ -1,7 +1,7 @@
 """HTTP serving figures (JSON on stdout): throughput and p50/p95 latency of N concurrent clients
 spread over K adapters, with dynamic batching and with batching off (one request, one forward),
-plus p95 latency at light load (one client) for both. Each server runs alone as `adapterlab serve`
-on loopback; every loop is bounded in requests and in time. Random LoRA weights on MiniLM (see
+plus p95 latency at light load (one client) for both. The servers run as `adapterlab serve` on
+loopback; every loop is bounded in requests and in time. Random LoRA weights on MiniLM (see
 benchmarks/engine.py): fine for speed, meaningless for accuracy.
 
     .venv/bin/python benchmarks/serve_load.py [--clients 32] [--adapters 64] [--requests 40]
@@ -90,16 +90,23 @@ def run_clients(url: str, refs: list[str], clients: int, requests: int) -> dict:
             "p95_ms": round(1e3 * ordered[int(0.95 * (len(ordered) - 1))], 2)}
 
 
-def measure(store: Path, refs: list[str], batching: bool, args) -> dict:
-    process, url = start_server(store, batching, store.parent / f"server-{batching}.log")
+def measure(store: Path, refs: list[str], args) -> dict:
+    """Both servers up at once, their phases interleaved: on a shared machine, background load then
+    weighs on both alike."""
+    modes = {"batching": True, "no_batching": False}
+    servers = {mode: start_server(store, batching, store.parent / f"{mode}.log") for mode, batching in modes.items()}
     try:
-        run_clients(url, refs, 8, -(-len(refs) // 8))  # warm-up: every adapter loaded once
-        loaded = run_clients(url, refs, args.clients, args.requests)
-        light = run_clients(url, refs, 1, args.light_requests)
-        return {"loaded": loaded, "light": light}
+        for _, url in servers.values():  # warm-up: every adapter loaded once
+            run_clients(url, refs, 8, -(-len(refs) // 8))
+        figures = {mode: {} for mode in modes}
+        for phase, clients, requests in (("loaded", args.clients, args.requests), ("light", 1, args.light_requests)):
+            for mode, (_, url) in servers.items():
+                figures[mode][phase] = run_clients(url, refs, clients, requests)
+        return figures
     finally:
-        process.terminate()
-        process.wait(30)
+        for process, _ in servers.values():
+            process.terminate()
+            process.wait(30)
 
 
 def main() -> None:
@@ -114,8 +121,8 @@ def main() -> None:
         store = root / "store"
         refs = engine_benchmark().make_store(store, args.adapters)
         shutil.rmtree(store / "template")  # the trained template: served adapters are the random copies only
-        batched = measure(store, refs, True, args)
-        unbatched = measure(store, refs, False, args)
+        figures = measure(store, refs, args)
+        batched, unbatched = figures["batching"], figures["no_batching"]
         ratio = batched["loaded"]["requests_per_s"] / unbatched["loaded"]["requests_per_s"]
         light_ratio = batched["light"]["p95_ms"] / unbatched["light"]["p95_ms"]
         print(json.dumps({

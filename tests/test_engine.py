@@ -80,3 +80,13 @@ def test_refusals(store, tiny_bert):
         Engine(tiny_bert, store).predict_batch([Request(None, "x")])
     with pytest.raises(StoreError, match="no adapter 'nope/x'"):
         Engine(tiny_bert, store).predict("nope/x", ["x"])
+
+
+def test_rows_with_and_without_text_pairs_share_a_batch(store, tiny_bert):
+    engine = Engine(tiny_bert, store)
+    requests = [Request("topic/lora", "a match", "tonight"), Request("topic/lora", "a match tonight"),
+                Request("intent/prefix", "cancel it", "please"), Request("intent/prefix", "cancel it please")]
+    mixed = engine.predict_batch(requests)
+    for m, request in zip(mixed, requests):
+        alone = engine.predict_batch([request])[0]
+        assert max(abs(m.scores[k] - alone.scores[k]) for k in m.scores) < 1e-5

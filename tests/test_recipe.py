@@ -5,7 +5,8 @@ import pytest
 from adapterlab.recipe import RecipeError, load_recipe, validate_recipe
 from conftest import ROOT
 
-SHIPPED = sorted((ROOT / "recipes").rglob("*.yaml"))
+SHIPPED = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "sweeps" not in p.parts)
+SWEEPS = sorted((ROOT / "recipes" / "sweeps").glob("*.yaml"))
 
 
 def test_recipes_are_shipped():
@@ -18,6 +19,14 @@ def test_recipes_are_shipped():
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     assert recipe.task and recipe.method.name in ("lora", "prefix_tuning")
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_shipped_sweep_validates(path, monkeypatch):
+    from adapterlab.sweep import load_sweep
+
+    monkeypatch.chdir(ROOT)  # recipe paths in sweeps are relative to the project root
+    assert load_sweep(path).methods
 
 
 def write(tmp_path, text: str) -> Path:

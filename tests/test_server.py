@@ -31,9 +31,7 @@ from adapterlab.errors import AdapterlabError
 from adapterlab.recipe import validate_recipe
 from adapterlab.server import Settings, backbone_from_store, create_app
 from adapterlab.train import train
-from conftest import tiny_recipe
-
-os.environ["HF_HUB_OFFLINE"] = "1"
+from conftest import tiny_recipe  # conftest also sets HF_HUB_OFFLINE=1
 
 TEXTS = ["the soup was cold", "what a match last night", "please cancel my order", "loved every minute",
          "markets slid on rate fears"]
@@ -120,12 +118,11 @@ def adapters(tiny_bert, tmp_path_factory):
         copy_adapter(root / "trained" / reference.split("/")[0] / "t", root / "store", reference, seed)
     for seed, reference in enumerate(CHURN, start=100):
         copy_adapter(root / "trained" / reference.split("/")[1] / "t", root / "spare", reference, seed)
-    expected = {}
-    for folder, references in ((root / "store", SERVED), (root / "spare", CHURN)):
-        engine = Engine(tiny_bert, folder)
-        expected |= {reference: dict(zip(TEXTS, engine.predict(reference, TEXTS))) for reference in references}
-    expected[None] = dict(zip(TEXTS, engine.predict_batch([Request(None, t, labels=ZERO_SHOT) for t in TEXTS])))
-    return root / "store", root / "spare", expected
+    served, spare = Engine(tiny_bert, root / "store"), Engine(tiny_bert, root / "spare")
+    expected = {reference: dict(zip(TEXTS, served.predict(reference, TEXTS))) for reference in SERVED}
+    expected |= {reference: dict(zip(TEXTS, spare.predict(reference, TEXTS))) for reference in CHURN}
+    zero_shot = served.predict_batch([Request(None, text, labels=ZERO_SHOT) for text in TEXTS])
+    return root / "store", root / "spare", {**expected, None: dict(zip(TEXTS, zero_shot))}
 
 
 @pytest.fixture(scope="module")

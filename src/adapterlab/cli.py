@@ -213,6 +213,21 @@ def zeroshot(backbone: str = typer.Option(..., "--backbone", help="minilm, smoll
 
 @app.command()
 @_clean_errors
+def sweep(file: Path = typer.Argument(..., help="Sweep YAML (see recipes/sweeps/)."), json_out: bool = JSON):
+    """Datasets × methods × k × seeds, resumable: a results table (CSV, JSON, markdown) and PNG plots."""
+    from adapterlab.sweep import load_sweep, run_sweep
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    folder = run_sweep(load_sweep(file))
+    if json_out:
+        _emit({"output": str(folder), "summary": json.loads((folder / "summary.json").read_text())})
+    else:
+        console.print((folder / "summary.md").read_text())
+        console.print(f"results, plots: {folder}")
+
+
+@app.command()
+@_clean_errors
 def merge(adapter: str = typer.Argument(..., help="A LoRA adapter: TASK/NAME in the store, or a folder."),
           output: Path = typer.Option(..., "--output", help="New folder for the merged model."),
           store: Path = STORE, json_out: bool = JSON):

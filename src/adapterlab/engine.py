@@ -22,6 +22,9 @@ from adapterlab.store import AdapterCard, StoreError, read_adapter, read_card, r
 from adapterlab.zeroshot import zero_shot_servable
 
 
+ZERO_SHOT_CACHE = 256  # zero-shot classifiers kept, one per label set
+
+
 @dataclass
 class Request:
     """One row to classify: with `adapter` (TASK/NAME or a folder), or zero-shot with `labels`."""
@@ -48,7 +51,7 @@ class Engine:
         self.store = Path(store)
         self.max_adapters, self.max_bytes, self.batch_size = max_adapters, max_bytes, batch_size
         self._resident: OrderedDict[Path, Servable] = OrderedDict()
-        self._zero_shot: dict[tuple[str, ...], Servable] = {}
+        self._zero_shot: OrderedDict[tuple[str, ...], Servable] = OrderedDict()  # label sets clients sent
         self.stats = {"hits": 0, "misses": 0, "evictions": 0}
 
     @classmethod
@@ -109,6 +112,9 @@ class Engine:
         key = (*labels, "|", *(descriptions or labels))
         if key not in self._zero_shot:
             self._zero_shot[key] = zero_shot_servable(self.backbone, list(labels), list(descriptions or labels))
+            if len(self._zero_shot) > ZERO_SHOT_CACHE:
+                self._zero_shot.popitem(last=False)
+        self._zero_shot.move_to_end(key)
         return self._zero_shot[key]
 
     # --- answering -------------------------------------------------------------------------------

@@ -72,14 +72,14 @@ def _select(feats: Features, index: torch.Tensor) -> Features:
 def _tokenize_rows(backbone: Backbone, rows: list[Row]) -> dict[str, torch.Tensor]:
     """Tokenize each prompt-settings group its own way, then pad all rows to one batch (on the
     right for encoders, on the left for LLMs, as `backbones.tokenize` does)."""
-    groups: dict[PromptSettings, list[int]] = {}
+    groups: dict[tuple[PromptSettings, bool], list[int]] = {}  # pairs and single texts tokenize apart
     for i, row in enumerate(rows):
-        groups.setdefault(row.servable.prompt, []).append(i)
+        groups.setdefault((row.servable.prompt, row.text_pair is not None), []).append(i)
     per_row: list[dict[str, torch.Tensor]] = [{}] * len(rows)
-    for prompt, indices in groups.items():
-        pairs = [rows[i].text_pair for i in indices]
-        encoded = tokenize(backbone, [rows[i].text for i in indices], pairs if any(p is not None for p in pairs)
-                           else None, prompt.template, prompt.max_length, prompt.chat, prompt.demonstrations)
+    for (prompt, paired), indices in groups.items():
+        pairs = [rows[i].text_pair for i in indices] if paired else None
+        encoded = tokenize(backbone, [rows[i].text for i in indices], pairs, prompt.template, prompt.max_length,
+                           prompt.chat, prompt.demonstrations)
         for j, i in enumerate(indices):
             keep = encoded["attention_mask"][j].bool()
             per_row[i] = {key: value[j][keep] for key, value in encoded.items()}

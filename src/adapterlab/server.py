@@ -169,10 +169,12 @@ def _family(name: str, kind: str, description: str, samples: list[str]) -> list[
 class Job:
     """One classification request on its way through a batch."""
 
-    requests: list[Request]  # adapters as store folders
-    names: dict[str, str]  # folder -> the name the client gave (for messages)
+    requests: list[Request]  # adapters named by their folders in the store
     future: asyncio.Future
     arrived: float
+
+    def folders(self) -> set[Path]:
+        return {Path(request.adapter) for request in self.requests if request.adapter is not None}
 
 
 class Server:
@@ -220,14 +222,13 @@ class Server:
     async def classify(self, rows: list[BatchRow]) -> list[Prediction]:
         """Answers for rows (each with its own adapter, or zero-shot labels), through the batcher."""
         self.check_size(len(rows), *(text for row in rows for text in (row.text, row.text_pair, *(row.labels or ()))))
-        names: dict[str, str] = {}
-        requests = [self._engine_request(row, names) for row in rows]
+        requests = [self._engine_request(row) for row in rows]
         loop = asyncio.get_running_loop()
-        job = Job(requests, names, loop.create_future(), loop.time())
+        job = Job(requests, loop.create_future(), loop.time())
         self.queue.put_nowait(job)
         return await job.future
 
-    def _engine_request(self, row: BatchRow, names: dict[str, str]) -> Request:
+    def _engine_request(self, row: BatchRow) -> Request:
         if row.adapter is None:
             if not row.labels:
                 raise ApiError(422, "a row without an adapter needs its labels (zero-shot)")
@@ -236,37 +237,17 @@ class Server:
             return Request(None, row.text, row.text_pair, tuple(row.labels))
         if row.labels:
             raise ApiError(422, "labels are for zero-shot rows (adapter null)")
-        folder = str(self.adapter_folder(row.adapter))
-        names[folder] = row.adapter
-        return Request(folder, row.text, row.text_pair)
+        return Request(str(self.adapter_folder(row.adapter)), row.text, row.text_pair)
 
     async def _batch_loop(self) -> None:
-        """Gather jobs until the first has waited max_wait_ms or max_batch_rows are in, then run them
-        as one batch on the worker (jobs that queued during the last batch go without waiting)."""
-        loop = asyncio.get_running_loop()
+        """Batch after batch on the worker, until the queue closes (None)."""
         closing = False
         while not closing:
             first = await self.queue.get()
             if first is None:
                 break
-            jobs, rows = [first], len(first.requests)
-            deadline = first.arrived + self.settings.max_wait_ms / 1000
-            while self.settings.batching and rows < self.settings.max_batch_rows:
-                try:
-                    job = self.queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    if deadline <= loop.time():
-                        break
-                    try:
-                        job = await asyncio.wait_for(self.queue.get(), deadline - loop.time())
-                    except TimeoutError:
-                        break
-                if job is None:
-                    closing = True
-                    break
-                jobs.append(job)
-                rows += len(job.requests)
-            self.metrics.batch_rows.observe(rows)
+            jobs, closing = await self._gather(first)
+            self.metrics.batch_rows.observe(sum(len(job.requests) for job in jobs))
             try:
                 outcomes = await self.on_worker(self._answer_batch, jobs)
             except Exception as error:  # a bug, not bad input: the batch's requests get a 500
@@ -274,6 +255,25 @@ class Server:
             for job, outcome in zip(jobs, outcomes):
                 if not job.future.done():  # done: its client went away
                     (job.future.set_exception if isinstance(outcome, Exception) else job.future.set_result)(outcome)
+
+    async def _gather(self, first: Job) -> tuple[list[Job], bool]:
+        """`first` and the jobs that join it until it has waited max_wait_ms or max_batch_rows are in
+        (jobs queued during the previous batch join at once); and whether the queue closed."""
+        jobs, rows = [first], len(first.requests)
+        deadline = first.arrived + self.settings.max_wait_ms / 1000
+        while self.settings.batching and rows < self.settings.max_batch_rows:
+            try:
+                job = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), deadline - asyncio.get_running_loop().time())
+                except TimeoutError:
+                    break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+            rows += len(job.requests)
+        return jobs, False
 
     def _answer_batch(self, jobs: list[Job]) -> list:
         """On the worker: each job's predictions, or its error. A job naming a missing adapter fails
@@ -286,7 +286,7 @@ class Server:
         return outcomes
 
     def _missing(self, job: Job) -> ApiError | None:
-        missing = [name for folder, name in job.names.items() if not Path(folder, "card.json").is_file()]
+        missing = sorted(_name(folder) for folder in job.folders() if not (folder / "card.json").is_file())
         return ApiError(404, f"no adapter {missing[0]!r} in the store") if missing else None
 
     def _predict(self, jobs: list[Job]) -> list:
@@ -295,38 +295,30 @@ class Server:
         if not jobs:
             return []
         try:
-            predictions = iter(self._engine_answers([request for job in jobs for request in job.requests]))
+            predictions = iter(self.engine.predict_batch([request for job in jobs for request in job.requests]))
             return [[next(predictions) for _ in job.requests] for job in jobs]
         except Exception as error:
             if len(jobs) > 1:
                 return [self._predict([job])[0] for job in jobs]
             return [self._problem(jobs[0], error)]
 
-    def _engine_answers(self, requests: list[Request]) -> list[Prediction]:
-        """predict_batch, but rows with a text pair and rows without in separate calls: the engine
-        cannot tokenize both kinds together."""
-        answers: list = [None] * len(requests)
-        for paired in (False, True):
-            index = [i for i, request in enumerate(requests) if (request.text_pair is not None) == paired]
-            for i, answer in zip(index, self.engine.predict_batch([requests[i] for i in index]) if index else ()):
-                answers[i] = answer
-        return answers
-
     def _problem(self, job: Job, error: Exception) -> Exception:
         if not isinstance(error, AdapterlabError):
             return error  # a bug: logged, and a generic 500 for the client
-        for folder, name in job.names.items():
+        for folder in job.folders():
             try:
-                self._checked_card(Path(folder), name)
+                self._checked_card(folder)
             except ApiError as problem:
                 return problem
-        message = str(error)
-        for folder, name in job.names.items():  # the client's names, not the server's paths
-            message = message.replace(folder, name)
-        return ApiError(400, message)
+        return ApiError(400, self._scrub(str(error)))
 
-    def _checked_card(self, folder: Path, name: str) -> AdapterCard:
+    def _scrub(self, message: str) -> str:
+        """The client's TASK/NAME in a message, not the server's paths."""
+        return message.replace(f"{self.store}/", "")
+
+    def _checked_card(self, folder: Path, name: str | None = None) -> AdapterCard:
         """The card of a complete adapter for this backbone: 404, 400 or 409 otherwise."""
+        name = name or _name(folder)
         if not (folder / "card.json").is_file():
             raise ApiError(404, f"no adapter {name!r} in the store")
         problems = [problem.replace(f"{folder}/", "") for problem in verify(folder)]
@@ -348,7 +340,7 @@ class Server:
     def check_in_place(self, name: str) -> Path:
         """An adapter folder copied into the store as TASK/NAME, checked (its card must agree)."""
         folder = self.adapter_folder(name)
-        card = self._checked_card(folder, name)
+        card = self._checked_card(folder)
         if (card.task, card.name) != (folder.parent.name, folder.name):
             raise ApiError(400, f"adapter {name!r}: its card names it {card.task}/{card.name}")
         return folder
@@ -365,7 +357,7 @@ class Server:
                 raise ApiError(400, f"the archive could not be read ({type(error).__name__})") from None
             if not (staging / "card.json").is_file():
                 raise ApiError(400, "the upload is unusable: missing card.json")
-            card = self._checked_card(staging, "upload")
+            card = self._checked_card(staging, "the upload")
             return staging, self.store / card.task / card.name
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -388,30 +380,30 @@ class Server:
                 target.rename(staging)
                 if previous is not None:
                     previous.rename(target)
-            raise ApiError(400, str(error).replace(str(target), f"{target.parent.name}/{target.name}")) from None
+            raise ApiError(400, self._scrub(str(error))) from None
         finally:
             self._publish_engine_figures()
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
         return read_card(target)
 
-    def remove(self, folder: Path, name: str) -> None:
+    def remove(self, folder: Path) -> None:
         """On the worker, so after every batch already submitted: unload, then delete atomically
         (renamed to a hidden name first: the store never shows half an adapter)."""
         if not (folder / "card.json").is_file():
-            raise ApiError(404, f"no adapter {name!r} in the store")
+            raise ApiError(404, f"no adapter {_name(folder)!r} in the store")
         self.engine.unload(str(folder))
         trash = folder.rename(folder.with_name(f".{folder.name}.deleted-{uuid.uuid4().hex[:8]}"))
         shutil.rmtree(trash, ignore_errors=True)
         self._publish_engine_figures()
 
     # --- generation ------------------------------------------------------------------------------
-    def generate(self, folder: Path | None, name: str | None, prompt: str, max_new_tokens: int) -> str:
+    def generate(self, folder: Path | None, prompt: str, max_new_tokens: int) -> str:
         """On the worker: greedy generation by the bare backbone, or under a peft adapter applied
         to a second copy of the backbone (peft injects layers, which the engine's must never get)."""
         if folder is None:
             return _generate(self.engine.backbone.model, self.engine.backbone.tokenizer, prompt, max_new_tokens)
-        self._checked_card(folder, name)
+        self._checked_card(folder)
         from peft import PeftModel
 
         if self.generator is None:
@@ -432,6 +424,11 @@ def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     output = model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _name(folder: Path) -> str:
+    """TASK/NAME of a folder of the store."""
+    return f"{folder.parent.name}/{folder.name}"
 
 
 def _plain(name: str) -> bool:
@@ -575,7 +572,7 @@ async def register(request: HttpRequest, server: ServerDep) -> dict:
 @router.delete("/v1/adapters/{name:path}")
 async def delete(name: str, server: ServerDep) -> dict:
     """Stop serving an adapter and delete it from the store; requests naming it get 404 after."""
-    await server.on_worker(server.remove, server.adapter_folder(name), name)
+    await server.on_worker(server.remove, server.adapter_folder(name))
     return {"deleted": name}
 
 
@@ -606,7 +603,7 @@ async def generate(body: GenerateBody, server: ServerDep) -> dict:
     if backbone.kind != "decoder":
         raise ApiError(400, f"generation needs an LLM backbone; {backbone.name!r} is an encoder")
     folder = server.adapter_folder(body.adapter) if body.adapter else None
-    text = await server.on_worker(server.generate, folder, body.adapter, body.prompt, body.max_new_tokens)
+    text = await server.on_worker(server.generate, folder, body.prompt, body.max_new_tokens)
     return {"adapter": body.adapter, "text": text}
 
 
@@ -648,7 +645,7 @@ class Gate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started, status, received = time.perf_counter(), 500, 0
+        started, status, received = time.perf_counter(), None, 0
         upload = scope["method"] == "POST" and scope["path"] == "/v1/adapters"
         limit = self.settings.max_upload_bytes if upload else self.settings.max_body_bytes
 
@@ -670,12 +667,12 @@ class Gate:
             await self.app(scope, limited_receive, noting_send)
         except Exception:
             log.exception("unexpected error on %s %s", scope["method"], scope["path"])
-            if status != 500:  # the answer had started: nothing more can be sent
+            if status is not None:  # the answer had started: nothing more can be sent
                 raise
             await _error(500, "internal server error (logged on the server)")(scope, receive, noting_send)
         finally:
             route = scope.get("route")
-            self.metrics.record(route.path if route else "unmatched", status, time.perf_counter() - started)
+            self.metrics.record(route.path if route else "unmatched", status or 500, time.perf_counter() - started)
 
 
 def create_app(store: str | Path, backbone: str | None = None, settings: Settings | None = None) -> FastAPI:

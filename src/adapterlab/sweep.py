@@ -1,0 +1,212 @@
+"""Sweeps: datasets × methods × k × seeds in one command, resumable, with a table and plots.
+
+A sweep file names a backbone, datasets (data sections), methods (recipe files, or `zeroshot`), the
+k values and the seeds. Each finished cell is appended to results.jsonl at once, so an interrupted
+sweep resumes where it stopped; the report (CSV, JSON, markdown with mean ± std over seeds, PNG
+plots) is rebuilt from that file after every run.
+"""
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tqdm.auto import tqdm
+
+from adapterlab.errors import AdapterlabError
+from adapterlab.recipe import DataConfig, load_recipe
+
+ZERO_SHOT = "zeroshot"
+
+
+class SweepError(AdapterlabError):
+    """A sweep file that cannot be read or does not fit the schema."""
+
+
+class Sweep(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="Names the output folder.")
+    backbone: str = Field(description="Every recipe runs on this backbone.")
+    datasets: dict[str, dict] = Field(description="Dataset name → data section (path, fields, labels).")
+    methods: dict[str, str] = Field(description="Method name → recipe file, or 'zeroshot'.")
+    k: list[int] = Field(description="Examples per class.", min_length=1)
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    test_limit: int | None = Field(None, gt=0, description="Evaluate on the first N test rows.")
+    overrides: list[str] = Field([], description="--set overrides applied to every recipe.")
+    output: str = Field("results/sweeps", description="Results go to OUTPUT/NAME/.")
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+        sweep = Sweep.model_validate(raw)
+    except FileNotFoundError:
+        raise SweepError(f"sweep file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise SweepError(f"{path}: malformed YAML: {str(error).splitlines()[0]}") from None
+    except ValidationError as error:
+        problems = ["{}: {}".format(".".join(map(str, e["loc"])),
+                                    "unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+                    for e in error.errors()]
+        raise SweepError(f"{path}: {'; '.join(problems)}") from None
+    for method, recipe in sweep.methods.items():
+        if recipe != ZERO_SHOT and not Path(recipe).is_file():
+            raise SweepError(f"{path}: method {method!r}: recipe not found: {recipe}")
+    return sweep
+
+
+def cells(sweep: Sweep) -> list[dict]:
+    """Every run of the sweep; zero-shot runs once per dataset (no k, no training seed)."""
+    grid = []
+    for dataset in sweep.datasets:
+        for method, recipe in sweep.methods.items():
+            if recipe == ZERO_SHOT:
+                grid.append({"dataset": dataset, "method": method, "k": 0, "seed": 0})
+                continue
+            grid += [{"dataset": dataset, "method": method, "k": k, "seed": seed}
+                     for k in sweep.k for seed in sweep.seeds]
+    return grid
+
+
+def run_sweep(sweep: Sweep, show_progress: bool = True) -> Path:
+    """Run the cells not yet in results.jsonl, then write the report; returns the output folder."""
+    folder = Path(sweep.output) / sweep.name
+    folder.mkdir(parents=True, exist_ok=True)
+    results_file = folder / "results.jsonl"
+    done = {_key(row) for row in read_results(results_file)}
+    todo = [cell for cell in cells(sweep) if _key(cell) not in done]
+    engine = None
+    for cell in tqdm(todo, desc=f"sweep {sweep.name}", disable=not show_progress):
+        if sweep.methods[cell["method"]] == ZERO_SHOT:
+            engine = engine or _engine(sweep.backbone)
+            metrics, seconds = _zero_shot(engine, sweep, cell), 0.0
+        else:
+            metrics, seconds = _train(sweep, cell, folder)
+        with open(results_file, "a") as handle:  # one line per finished cell: resumable
+            handle.write(json.dumps({**cell, **metrics, "train_seconds": seconds}) + "\n")
+    write_report(read_results(results_file), folder)
+    return folder
+
+
+def _key(row: dict) -> tuple:
+    return row["dataset"], row["method"], row["k"], row["seed"]
+
+
+def read_results(file: Path) -> list[dict]:
+    if not file.exists():
+        return []
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+def _engine(backbone: str):
+    from adapterlab.engine import Engine
+
+    return Engine(backbone)
+
+
+def _zero_shot(engine, sweep: Sweep, cell: dict) -> dict:
+    from adapterlab.zeroshot import evaluate_zero_shot
+
+    data = DataConfig.model_validate({**sweep.datasets[cell["dataset"]], "k": None})
+    metrics = evaluate_zero_shot(engine, data, limit=sweep.test_limit)
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+
+
+def _train(sweep: Sweep, cell: dict, folder: Path) -> tuple[dict, float]:
+    from adapterlab.train import train
+
+    data = sweep.datasets[cell["dataset"]]
+    overrides = [f"data.{key}={json.dumps(value)}" for key, value in data.items()] + [
+        f"task={cell['dataset']}", f"backbone={sweep.backbone}", f"data.k={cell['k']}", f"data.seed={cell['seed']}",
+        f"training.seed={cell['seed']}", f"output.store={folder / 'adapters'}",
+        f"output.name={cell['method']}-k{cell['k']}-s{cell['seed']}", *sweep.overrides]
+    if sweep.test_limit:
+        overrides.append(f"data.test_limit={sweep.test_limit}")
+    result = train(load_recipe(sweep.methods[cell["method"]], overrides), show_progress=False)
+    return {"accuracy": result.metrics["accuracy"], "macro_f1": result.metrics["macro_f1"]}, result.train_seconds
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds for each dataset × method × k."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["method"], row["k"]), []).append(row)
+    summary = []
+    for (dataset, method, k), group in sorted(groups.items()):
+        accuracies = [row["accuracy"] for row in group]
+        summary.append({"dataset": dataset, "method": method, "k": k, "seeds": len(group),
+                        "accuracy_mean": statistics.fmean(accuracies),
+                        "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                        "train_seconds_mean": statistics.fmean(row["train_seconds"] for row in group)})
+    return summary
+
+
+def write_report(rows: list[dict], folder: Path) -> None:
+    """results.csv (every run), summary.json and summary.md (mean ± std), and the PNG plots."""
+    if not rows:
+        return
+    with open(folder / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = summarize(rows)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    lines = ["| dataset | method | k | accuracy (mean ± std) | seeds | train s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {s['dataset']} | {s['method']} | {s['k'] or '-'} | {100 * s['accuracy_mean']:.1f} ± "
+              f"{100 * s['accuracy_std']:.1f} | {s['seeds']} | {s['train_seconds_mean']:.1f} |" for s in summary]
+    (folder / "summary.md").write_text("\n".join(lines) + "\n")
+    plot(summary, folder)
+
+
+def plot(summary: list[dict], folder: Path) -> None:
+    """accuracy_vs_k.png: a panel per dataset, a line with a ±std band per method, zero-shot dashed.
+    methods.png: each method's accuracy at the largest k, per dataset, against zero-shot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({s["dataset"] for s in summary})
+    methods = sorted({s["method"] for s in summary if s["k"]})
+    ks = sorted({s["k"] for s in summary if s["k"]})
+    figure, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
+    for axis, dataset in zip(axes[0], datasets):
+        for method in methods:
+            points = sorted((s["k"], s["accuracy_mean"], s["accuracy_std"]) for s in summary
+                            if s["dataset"] == dataset and s["method"] == method)
+            xs, means, stds = zip(*points)
+            axis.plot(xs, means, marker="o", label=method)
+            axis.fill_between(xs, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)], alpha=0.2)
+        for s in summary:
+            if s["dataset"] == dataset and not s["k"]:
+                axis.axhline(s["accuracy_mean"], linestyle="--", color="grey", label=f"{s['method']} (no training)")
+        axis.set(title=dataset, xlabel="k (examples per class)", ylabel="test accuracy", xscale="log")
+        axis.minorticks_off()
+        axis.set_xticks(ks, labels=[str(k) for k in ks])
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(folder / "accuracy_vs_k.png", dpi=110)
+    plt.close(figure)
+
+    largest = ks[-1]
+    figure, axis = plt.subplots(figsize=(1.6 + 1.4 * len(datasets), 3.6))
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        values = [next((s for s in summary if s["dataset"] == d and s["method"] == method and s["k"] == largest), None)
+                  for d in datasets]
+        axis.bar([j + i * width for j in range(len(datasets))], [v["accuracy_mean"] if v else 0 for v in values],
+                 width, yerr=[v["accuracy_std"] if v else 0 for v in values], label=f"{method} (k={largest})")
+    for j, dataset in enumerate(datasets):
+        for s in summary:
+            if s["dataset"] == dataset and not s["k"]:
+                axis.hlines(s["accuracy_mean"], j - width / 2, j + len(methods) * width - width / 2, colors="black",
+                            linestyles="--", label="zero-shot" if j == 0 else None)
+    axis.set_xticks([j + (len(methods) - 1) * width / 2 for j in range(len(datasets))], labels=datasets)
+    axis.set(ylabel="test accuracy", title="methods against zero-shot")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(folder / "methods.png", dpi=110)
+    plt.close(figure)

@@ -1,0 +1,63 @@
+"""Sweeps on a tiny random BERT and the demo data: table, plots, resume, bad files."""
+
+import csv
+import json
+
+import matplotlib.image
+import pytest
+import yaml
+
+import adapterlab.sweep as sweep_module
+from adapterlab.sweep import SweepError, load_sweep, run_sweep
+from conftest import tiny_recipe
+
+
+@pytest.fixture
+def sweep_file(tiny_bert, tmp_path):
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_bert, tmp_path / "unused")))
+    sweep = {"name": "tiny", "backbone": tiny_bert, "output": str(tmp_path / "out"),
+             "datasets": {"sentiment": {"path": "demo:sentiment"}, "topic": {"path": "demo:topic"}},
+             "methods": {"zeroshot": "zeroshot", "lora": str(recipe)}, "k": [2, 4], "seeds": [0, 1]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def test_sweep_writes_table_and_plots_then_resumes(sweep_file, monkeypatch):
+    folder = run_sweep(load_sweep(sweep_file), show_progress=False)
+    rows = list(csv.DictReader(open(folder / "results.csv")))
+    assert len(rows) == 2 * (1 + 2 * 2)  # per dataset: one zero-shot cell, lora at 2 k × 2 seeds
+    assert {(r["dataset"], r["method"]) for r in rows} == {(d, m) for d in ("sentiment", "topic")
+                                                           for m in ("zeroshot", "lora")}
+    summary = json.loads((folder / "summary.json").read_text())
+    lora_k4 = next(s for s in summary if s["dataset"] == "topic" and s["method"] == "lora" and s["k"] == 4)
+    runs = [float(r["accuracy"]) for r in rows if r["dataset"] == "topic" and r["method"] == "lora" and r["k"] == "4"]
+    assert lora_k4["seeds"] == 2 and lora_k4["accuracy_mean"] == pytest.approx(sum(runs) / 2)
+    table = (folder / "summary.md").read_text()
+    assert f"| topic | lora | 4 | {100 * lora_k4['accuracy_mean']:.1f} ± {100 * lora_k4['accuracy_std']:.1f} |" in table
+    for name in ("accuracy_vs_k.png", "methods.png"):
+        image = matplotlib.image.imread(folder / name)
+        assert image.shape[0] > 200 and image.shape[1] > 300 and image.std() > 0.05  # a drawn figure
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr("adapterlab.train.train", must_not_train)
+    monkeypatch.setattr(sweep_module, "_zero_shot", must_not_train)
+    run_sweep(load_sweep(sweep_file), show_progress=False)
+    assert len(list(csv.DictReader(open(folder / "results.csv")))) == len(rows)
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    ({"methodz": {}}, "methodz: unknown key"),
+    ({"k": "many"}, "k: Input should be a valid list"),
+    ({"methods": {"lora": "missing.yaml"}}, "recipe not found: missing.yaml"),
+    ({"k": []}, "k: List should have at least 1 item"),
+])
+def test_bad_sweep_files_are_named(sweep_file, edit, fragment):
+    raw = yaml.safe_load(sweep_file.read_text())
+    sweep_file.write_text(yaml.safe_dump({**raw, **edit}))
+    with pytest.raises(SweepError) as error:
+        load_sweep(sweep_file)
+    assert fragment in str(error.value)
