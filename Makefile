@@ -27,6 +27,7 @@ test-fast: setup
 bench: setup
 	$(PY) benchmarks/train_speed.py
 	$(PY) benchmarks/engine.py
+	$(PY) benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
