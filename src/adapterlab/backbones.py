@@ -55,14 +55,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ADAPTERLAB_CACHE", Path.home() / ".cache" / "adapterlab"))
 
 
-def load_backbone(name: str) -> Backbone:
-    """Load a backbone by packaged name, local folder or hub id; its parameters are frozen."""
+def load_backbone(name: str, quantization=None) -> Backbone:
+    """Load a backbone by packaged name, local folder or hub id; its parameters are frozen. With a
+    recipe's `quantization` section, linear layers are 8- or 4-bit (bitsandbytes); the fingerprint
+    is that of the full-precision files, so adapters move freely between the two."""
     path = resolve_path(name)
     config = AutoConfig.from_pretrained(path)
     kind = "decoder" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or ()) \
         else "encoder"
     loader = AutoModelForCausalLM if kind == "decoder" else AutoModel
-    model = loader.from_pretrained(path, dtype=torch.float32)
+    model = loader.from_pretrained(path, dtype=torch.float32, quantization_config=_bitsandbytes(quantization))
+    for module in model.modules():
+        # bitsandbytes 0.50 repacks 4-bit weights for CPU inference at the first no-grad forward, after
+        # which training through that layer fails ("a view of a leaf Variable ... in-place"): keep one format.
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
     model.requires_grad_(False)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -70,6 +77,24 @@ def load_backbone(name: str) -> Backbone:
         tokenizer.pad_token = tokenizer.eos_token
     return Backbone(name=name, path=path, kind=kind, model=model, tokenizer=tokenizer,
                     fingerprint=fingerprint(path))
+
+
+# Kept in full precision: LLM label words are read from lm_head; the pooler is unused.
+_NOT_QUANTIZED = ["lm_head", "pooler"]
+
+
+def _bitsandbytes(quantization):
+    if quantization is None or quantization.mode == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise BackboneError(f"quantization {quantization.mode} needs bitsandbytes (pip install adapterlab[quant])")
+    from transformers import BitsAndBytesConfig
+
+    if quantization.mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=_NOT_QUANTIZED)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization.quant_type,
+                              bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
+                              llm_int8_skip_modules=_NOT_QUANTIZED)
 
 
 def resolve_path(name: str) -> Path:

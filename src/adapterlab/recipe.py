@@ -44,6 +44,14 @@ class HeadConfig(_Section):
         "in chat mode, '_' read as a space).")
 
 
+class QuantizationConfig(_Section):
+    mode: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="Load the backbone's linear layers in 8 or 4 bits (bitsandbytes; CPU or GPU). "
+        "Adapters trained this way serve on the full-precision backbone too.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="4-bit compute dtype.")
+
+
 class DataConfig(_Section):
     path: str = Field(
         description="A folder with train/test .jsonl or .csv files (and labels.json), one such file, "
@@ -82,6 +90,7 @@ class OutputConfig(_Section):
 class Recipe(_Section):
     task: str = Field(description="Task name; adapters are stored under STORE/TASK/.")
     backbone: str = Field(description="'minilm', 'smollm2-135m', a local HF folder or a hub id.")
+    quantization: QuantizationConfig = QuantizationConfig()
     method: MethodConfig
     head: HeadConfig = HeadConfig()
     data: DataConfig

@@ -49,7 +49,7 @@ def setup(recipe: Recipe) -> tuple[Accelerator, TaskData, AdapterModel]:
     accelerator = Accelerator(gradient_accumulation_steps=recipe.training.grad_accum)
     set_seed(recipe.training.seed)
     task = load_task(recipe.data)  # data errors surface before the backbone loads
-    backbone = load_backbone(recipe.backbone)
+    backbone = load_backbone(recipe.backbone, recipe.quantization)
     model = build_adapter_model(recipe, backbone, task.label_names, task.label_descriptions)
     return accelerator, task, model
 

@@ -1,0 +1,18 @@
+"""Batching and limits of the server (`Settings`)."""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Settings:
+    """Batching and limits (the `adapterlab serve` options)."""
+
+    max_wait_ms: float = 2.0  # how long a batch's first request waits for company
+    max_batch_rows: int = 256  # a batch closes once it holds this many rows
+    batching: bool = True  # off: one request, one forward (the benchmark's baseline)
+    max_inputs: int = 256  # rows per request
+    max_chars: int = 20_000  # per text, text pair, label or prompt
+    max_labels: int = 64  # zero-shot labels per row
+    max_new_tokens: int = 256
+    max_upload_bytes: int = 64 << 20
+    max_body_bytes: int = 32 << 20  # any other request body

@@ -1,0 +1,63 @@
+"""Unpacking an uploaded adapter archive (.zip or .tar), checked in full before anything is written."""
+
+import shutil
+import stat
+import tarfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Callable, NamedTuple
+
+from adapterlab.server.errors import ApiError
+
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "head.safetensors", "card.json", "README.md"}
+PICKLED = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class Entry(NamedTuple):
+    name: str
+    is_dir: bool
+    is_plain_file: bool
+    size: int
+    open: Callable[[], BinaryIO]
+
+
+def unpack(upload: BinaryIO, target: Path, max_bytes: int) -> None:
+    """Write a .zip or .tar of one adapter folder into `target`: only the adapter's own files, no
+    pickles, no links, nothing outside the folder; checked in full before anything is written."""
+    if zipfile.is_zipfile(upload):
+        upload.seek(0)
+        with zipfile.ZipFile(upload) as archive:
+            _write_entries([Entry(i.filename, i.is_dir(), not stat.S_ISLNK(i.external_attr >> 16), i.file_size,
+                                  lambda i=i: archive.open(i)) for i in archive.infolist()], target, max_bytes)
+        return
+    upload.seek(0)
+    try:
+        archive = tarfile.open(fileobj=upload, mode="r:*")
+    except tarfile.TarError:
+        raise ApiError(400, "the upload is not a .zip or .tar archive") from None
+    with archive:
+        _write_entries([Entry(m.name, m.isdir(), m.isfile(), m.size, lambda m=m: archive.extractfile(m))
+                        for m in archive.getmembers()], target, max_bytes)
+
+
+def _write_entries(entries: list[Entry], target: Path, max_bytes: int) -> None:
+    files = [entry for entry in entries if not entry.is_dir]
+    for entry in entries:
+        path = PurePosixPath(entry.name)
+        if path.is_absolute() or ".." in path.parts or "\\" in entry.name:
+            raise ApiError(400, f"archive entry {entry.name!r} points outside its folder")
+        if not (entry.is_dir or entry.is_plain_file):
+            raise ApiError(400, f"archive entry {entry.name!r} is a link or a device: plain files only")
+        if not entry.is_dir and entry.name.lower().endswith(PICKLED):
+            raise ApiError(415, f"archive entry {entry.name!r} holds pickled weights: adapterlab reads safetensors only")
+        if not entry.is_dir and path.name not in ADAPTER_FILES:
+            raise ApiError(400, f"archive entry {entry.name!r}: an adapter folder holds only "
+                                f"{', '.join(sorted(ADAPTER_FILES))}")
+    names = [PurePosixPath(entry.name).name for entry in files]
+    if len({PurePosixPath(entry.name).parent for entry in files}) > 1 or len(set(names)) < len(names):
+        raise ApiError(400, "the archive must hold one adapter folder (its files at the top or in one folder)")
+    if sum(entry.size for entry in files) > max_bytes:
+        raise ApiError(413, f"the archive unpacks to more than {max_bytes:,} bytes")
+    for entry, name in zip(files, names):
+        with entry.open() as source, open(target / name, "xb") as destination:
+            shutil.copyfileobj(source, destination)

@@ -1,0 +1,310 @@
+"""`Server`: the engine, its worker thread and the batcher.
+
+The engine is not thread-safe, so every engine call (batches, loading, unloading, generation) runs on
+one worker thread, in submission order; the event loop only parses, queues and answers. Concurrent
+classification requests are gathered for a short window (bounded by time and rows) and answered by
+one `Engine.predict_batch` call whatever adapters they name; a request's rows stay together.
+Registering and deleting adapters go through the same worker, so a running batch finishes with the
+adapters it resolved and the next batch sees the change.
+"""
+
+import asyncio
+import shutil
+import tempfile
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from adapterlab.backbones import Backbone, load_backbone
+from adapterlab.engine import Engine, Prediction, Request
+from adapterlab.errors import AdapterlabError
+from adapterlab.server.bodies import BatchRow
+from adapterlab.server.errors import ApiError
+from adapterlab.server.metrics import Metrics
+from adapterlab.server.settings import Settings
+from adapterlab.server.uploads import unpack
+from adapterlab.store import AdapterCard, list_adapters, read_card, verify
+
+
+@dataclass
+class Job:
+    """One classification request on its way through a batch."""
+
+    requests: list[Request]  # adapters named by their folders in the store
+    future: asyncio.Future
+    arrived: float
+
+    def folders(self) -> set[Path]:
+        return {Path(request.adapter) for request in self.requests if request.adapter is not None}
+
+
+class Server:
+    """The engine, its worker thread and the batcher; the routes in app.py call it."""
+
+    def __init__(self, store: str | Path, backbone: str | None = None, settings: Settings | None = None):
+        self.store = Path(store).resolve()
+        self.settings = settings or Settings()
+        self.engine = Engine(backbone or backbone_from_store(self.store), self.store)
+        self.store.mkdir(parents=True, exist_ok=True)
+        self.metrics = Metrics()
+        self.generator: Backbone | None = None  # a second backbone for generation under peft adapters
+
+    async def start(self) -> None:
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="adapterlab-engine")
+        self.queue: asyncio.Queue[Job | None] = asyncio.Queue()
+        self.batcher = asyncio.create_task(self._batch_loop())
+
+    async def stop(self) -> None:
+        """Answer every queued request, then stop the worker."""
+        self.queue.put_nowait(None)
+        await self.batcher
+        self.worker.shutdown(wait=True)
+
+    async def on_worker(self, function: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.worker, function, *args)
+
+    # --- names and limits (on the event loop) ----------------------------------------------------
+    def adapter_folder(self, name: str) -> Path:
+        """STORE/TASK/NAME for a client's TASK/NAME; anything that could leave the store is refused."""
+        parts = name.split("/")
+        if len(parts) != 2 or not all(map(_plain, parts)):
+            raise ApiError(400, f"adapter {name!r}: name adapters TASK/NAME, each part a plain name "
+                                "(no '/', '\\', '..' or leading '.')")
+        return self.store / parts[0] / parts[1]
+
+    def check_size(self, count: int, *texts: str | None) -> None:
+        if count > self.settings.max_inputs:
+            raise ApiError(413, f"{count} inputs in one request; the limit is {self.settings.max_inputs}")
+        longest = max((len(text) for text in texts if text is not None), default=0)
+        if longest > self.settings.max_chars:
+            raise ApiError(413, f"an input holds {longest:,} characters; the limit is {self.settings.max_chars:,}")
+
+    # --- classification --------------------------------------------------------------------------
+    async def classify(self, rows: list[BatchRow]) -> list[Prediction]:
+        """Answers for rows (each with its own adapter, or zero-shot labels), through the batcher."""
+        self.check_size(len(rows), *(text for row in rows for text in (row.text, row.text_pair, *(row.labels or ()))))
+        requests = [self._engine_request(row) for row in rows]
+        loop = asyncio.get_running_loop()
+        job = Job(requests, loop.create_future(), loop.time())
+        self.queue.put_nowait(job)
+        return await job.future
+
+    def _engine_request(self, row: BatchRow) -> Request:
+        if row.adapter is None:
+            if not row.labels:
+                raise ApiError(422, "a row without an adapter needs its labels (zero-shot)")
+            if len(row.labels) > self.settings.max_labels or len(set(row.labels)) != len(row.labels):
+                raise ApiError(422, f"zero-shot labels must be distinct, at most {self.settings.max_labels}")
+            return Request(None, row.text, row.text_pair, tuple(row.labels))
+        if row.labels:
+            raise ApiError(422, "labels are for zero-shot rows (adapter null)")
+        return Request(str(self.adapter_folder(row.adapter)), row.text, row.text_pair)
+
+    async def _batch_loop(self) -> None:
+        """Batch after batch on the worker, until the queue closes (None)."""
+        closing = False
+        while not closing:
+            first = await self.queue.get()
+            if first is None:
+                break
+            jobs, closing = await self._gather(first)
+            self.metrics.batch_rows.observe(sum(len(job.requests) for job in jobs))
+            try:
+                outcomes = await self.on_worker(self._answer_batch, jobs)
+            except Exception as error:  # a bug, not bad input: the batch's requests get a 500
+                outcomes = [error] * len(jobs)
+            for job, outcome in zip(jobs, outcomes):
+                if not job.future.done():  # done: its client went away
+                    (job.future.set_exception if isinstance(outcome, Exception) else job.future.set_result)(outcome)
+
+    async def _gather(self, first: Job) -> tuple[list[Job], bool]:
+        """`first` and the jobs that join it until it has waited max_wait_ms or max_batch_rows are in
+        (jobs queued during the previous batch join at once); and whether the queue closed."""
+        jobs, rows = [first], len(first.requests)
+        deadline = first.arrived + self.settings.max_wait_ms / 1000
+        while self.settings.batching and rows < self.settings.max_batch_rows:
+            try:
+                job = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), deadline - asyncio.get_running_loop().time())
+                except TimeoutError:
+                    break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+            rows += len(job.requests)
+        return jobs, False
+
+    def _answer_batch(self, jobs: list[Job]) -> list:
+        """On the worker: each job's predictions, or its error. A job naming a missing adapter fails
+        alone; the others share one predict_batch call."""
+        outcomes: list = [self._missing(job) for job in jobs]
+        ready = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        for i, outcome in zip(ready, self._predict([jobs[i] for i in ready])):
+            outcomes[i] = outcome
+        self._publish_engine_figures()
+        return outcomes
+
+    def _missing(self, job: Job) -> ApiError | None:
+        missing = sorted(_name(folder) for folder in job.folders() if not (folder / "card.json").is_file())
+        return ApiError(404, f"no adapter {missing[0]!r} in the store") if missing else None
+
+    def _predict(self, jobs: list[Job]) -> list:
+        """Predictions per job from one forward; if that fails, each job alone, so that only the
+        faulty one fails (a damaged adapter, one for another backbone)."""
+        if not jobs:
+            return []
+        try:
+            predictions = iter(self.engine.predict_batch([request for job in jobs for request in job.requests]))
+            return [[next(predictions) for _ in job.requests] for job in jobs]
+        except Exception as error:
+            if len(jobs) > 1:
+                return [self._predict([job])[0] for job in jobs]
+            return [self._problem(jobs[0], error)]
+
+    def _problem(self, job: Job, error: Exception) -> Exception:
+        if not isinstance(error, AdapterlabError):
+            return error  # a bug: logged, and a generic 500 for the client
+        for folder in job.folders():
+            try:
+                self._checked_card(folder)
+            except ApiError as problem:
+                return problem
+        return ApiError(400, self._scrub(str(error)))
+
+    def _scrub(self, message: str) -> str:
+        """The client's TASK/NAME in a message, not the server's paths."""
+        return message.replace(f"{self.store}/", "")
+
+    def _checked_card(self, folder: Path, name: str | None = None) -> AdapterCard:
+        """The card of a complete adapter for this backbone: 404, 400 or 409 otherwise."""
+        name = name or _name(folder)
+        if not (folder / "card.json").is_file():
+            raise ApiError(404, f"no adapter {name!r} in the store")
+        problems = [problem.replace(f"{folder}/", "") for problem in verify(folder)]
+        if problems:
+            raise ApiError(400, f"adapter {name!r} is unusable: {'; '.join(problems)}")
+        card = read_card(folder)
+        if not (_plain(card.task) and _plain(card.name)):
+            raise ApiError(400, f"adapter {name!r}: its card's task and name must be plain names")
+        if card.backbone_fingerprint != self.engine.backbone.fingerprint:
+            raise ApiError(409, f"adapter {name!r} was trained on backbone {card.backbone!r} "
+                                f"({card.backbone_fingerprint[:19]}…), not on the served backbone "
+                                f"{self.engine.backbone.name!r} ({self.engine.backbone.fingerprint[:19]}…)")
+        return card
+
+    def _publish_engine_figures(self) -> None:
+        self.metrics.engine = {"resident": len(self.engine.resident()), **self.engine.stats}
+
+    # --- registering and removing adapters -------------------------------------------------------
+    def check_in_place(self, name: str) -> Path:
+        """An adapter folder copied into the store as TASK/NAME, checked (its card must agree)."""
+        folder = self.adapter_folder(name)
+        card = self._checked_card(folder)
+        if (card.task, card.name) != (folder.parent.name, folder.name):
+            raise ApiError(400, f"adapter {name!r}: its card names it {card.task}/{card.name}")
+        return folder
+
+    def stage_upload(self, upload: BinaryIO) -> tuple[Path, Path]:
+        """(The unpacked adapter in a hidden folder of the store, where it belongs), checked."""
+        staging = Path(tempfile.mkdtemp(dir=self.store, prefix=".upload-"))
+        try:
+            try:
+                unpack(upload, staging, self.settings.max_upload_bytes)
+            except ApiError:
+                raise
+            except Exception as error:  # archive readers fail in many ways on damaged input
+                raise ApiError(400, f"the archive could not be read ({type(error).__name__})") from None
+            if not (staging / "card.json").is_file():
+                raise ApiError(400, "the upload is unusable: missing card.json")
+            card = self._checked_card(staging, "the upload")
+            return staging, self.store / card.task / card.name
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def install(self, staging: Path | None, target: Path) -> AdapterCard:
+        """On the worker: move a staged adapter into place (replacing one of the same name), and
+        load it; if it does not load, the store is left as it was."""
+        previous = None
+        if staging is not None:
+            target.parent.mkdir(exist_ok=True)
+            if target.exists():
+                previous = target.rename(target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"))
+            staging.rename(target)
+        self.engine.unload(str(target))  # a replaced adapter must not answer from the cache
+        try:
+            self.engine.servable(str(target))
+        except AdapterlabError as error:
+            if staging is not None:
+                target.rename(staging)
+                if previous is not None:
+                    previous.rename(target)
+            raise ApiError(400, self._scrub(str(error))) from None
+        finally:
+            self._publish_engine_figures()
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+        return read_card(target)
+
+    def remove(self, folder: Path) -> None:
+        """On the worker, so after every batch already submitted: unload, then delete atomically
+        (renamed to a hidden name first: the store never shows half an adapter)."""
+        if not (folder / "card.json").is_file():
+            raise ApiError(404, f"no adapter {_name(folder)!r} in the store")
+        self.engine.unload(str(folder))
+        trash = folder.rename(folder.with_name(f".{folder.name}.deleted-{uuid.uuid4().hex[:8]}"))
+        shutil.rmtree(trash, ignore_errors=True)
+        self._publish_engine_figures()
+
+    # --- generation ------------------------------------------------------------------------------
+    def generate(self, folder: Path | None, prompt: str, max_new_tokens: int) -> str:
+        """On the worker: greedy generation by the bare backbone, or under a peft adapter applied
+        to a second copy of the backbone (peft injects layers, which the engine's must never get)."""
+        if folder is None:
+            return _generate(self.engine.backbone.model, self.engine.backbone.tokenizer, prompt, max_new_tokens)
+        self._checked_card(folder)
+        from peft import PeftModel
+
+        if self.generator is None:
+            self.generator = load_backbone(self.engine.backbone.name)
+        try:
+            model = PeftModel.from_pretrained(self.generator.model, str(folder), is_trainable=False)
+            text = _generate(model, self.generator.tokenizer, prompt, max_new_tokens)
+            if not model.active_peft_config.is_prompt_learning:  # prefixes add no layers: nothing to undo
+                model.unload()
+            return text
+        except Exception:
+            self.generator = None  # it may still hold the adapter's layers: load a clean one next time
+            raise
+
+
+def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    encoded = tokenizer(prompt, return_tensors="pt")
+    output = model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
+                            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _name(folder: Path) -> str:
+    """TASK/NAME of a folder of the store."""
+    return f"{folder.parent.name}/{folder.name}"
+
+
+def _plain(name: str) -> bool:
+    """A name that cannot leave its folder (the recipe's rule for task and adapter names)."""
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
+
+
+def backbone_from_store(store: Path) -> str:
+    """The backbone the store's adapters share (when the server is not told one)."""
+    backbones = {card.backbone_fingerprint: card.backbone for card in list_adapters(store)}
+    if not backbones:
+        raise AdapterlabError(f"store {store} holds no adapters: name the backbone with --backbone")
+    if len(backbones) > 1:
+        names = ", ".join(sorted(f"{name} ({fingerprint[:19]}…)" for fingerprint, name in backbones.items()))
+        raise AdapterlabError(f"store {store} holds adapters of several backbones ({names}): choose one with --backbone")
+    return next(iter(backbones.values()))

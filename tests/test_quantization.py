@@ -1,0 +1,32 @@
+"""8-bit and 4-bit MiniLM backbones (bitsandbytes on the CPU): LoRA learns on them, and the adapter
+serves on the full-precision backbone (same fingerprint)."""
+
+import pytest
+
+from adapterlab.backbones import load_backbone
+from adapterlab.engine import Engine
+from adapterlab.recipe import QuantizationConfig, load_recipe
+from adapterlab.store import read_card
+from adapterlab.train import train
+from conftest import ROOT, shared
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+def test_lora_on_a_quantized_backbone_serves_in_full_precision(mode, tmp_path):
+    quantized = load_backbone("minilm", QuantizationConfig(mode=mode))
+    full = load_backbone("minilm")
+    layer = quantized.model.encoder.layer[0].attention.self.query
+    assert type(layer).__name__ == {"8bit": "Linear8bitLt", "4bit": "Linear4bit"}[mode]
+    assert quantized.model.get_memory_footprint() < 0.75 * full.model.get_memory_footprint()
+    assert quantized.fingerprint == full.fingerprint
+
+    recipe = load_recipe(ROOT / "recipes/sst2-lora-minilm.yaml", [
+        f"quantization.mode={mode}", f"data.path={shared('agnews')}", "data.k=8", "data.test_limit=100",
+        f"output.store={tmp_path}"])
+    result = train(recipe, show_progress=False)
+    assert result.metrics["accuracy"] >= 0.6, result.metrics  # chance: 0.25
+    assert read_card(result.adapter_path).recipe["quantization"]["mode"] == mode
+    served = Engine(full, tmp_path).evaluate(str(result.adapter_path), shared("agnews"), limit=100)
+    assert served["accuracy"] >= 0.6 and abs(served["accuracy"] - result.metrics["accuracy"]) <= 0.1
