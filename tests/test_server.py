@@ -417,3 +417,24 @@ def test_generation_bare_and_under_lora_and_prefix_adapters(tiny_llama, tmp_path
                                       Engine(tiny_llama, tmp_path).predict("sentiment/prefix", TEXTS[:2])):
             assert_answer(answer, prediction)
         assert client.post("/v1/generate", json={"adapter": "sentiment/nope", "prompt": "x"}).status_code == 404
+
+
+@pytest.mark.slow
+def test_real_backbone_over_http_equals_the_engine(tmp_path):
+    """MiniLM adapters trained on ../shared/data, served over HTTP, answer as the engine does."""
+    from adapterlab.recipe import load_recipe
+    from conftest import ROOT, shared
+
+    for task, data in (("sst2", "sst2"), ("emotion", "emotion")):
+        train(load_recipe(ROOT / "recipes/sst2-lora-minilm.yaml", [
+            f"task={task}", f"data.path={shared(data)}", "data.k=4", "data.test_limit=8",
+            "training.max_steps=3", f"output.store={tmp_path}", "output.name=a"]), show_progress=False)
+    texts = ["a gorgeous, moving film", "I am so angry about the delay", "what a dull evening"]
+    expected = Engine("minilm", tmp_path)
+    with running(create_app(tmp_path)) as (url, _):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for adapter in ("sst2/a", "emotion/a"):
+                answer = client.post("/v1/classify", json={"adapter": adapter, "inputs": texts})
+                assert answer.status_code == 200, answer.text
+                for got, want in zip(answer.json()["predictions"], expected.predict(adapter, texts)):
+                    assert got["label"] == want.label

@@ -61,3 +61,21 @@ def test_bad_sweep_files_are_named(sweep_file, edit, fragment):
     with pytest.raises(SweepError) as error:
         load_sweep(sweep_file)
     assert fragment in str(error.value)
+
+
+@pytest.mark.slow
+def test_sweep_on_minilm_and_real_data(tmp_path):
+    """A small real sweep: zero-shot and LoRA on SST-2 with MiniLM; LoRA starts at zero-shot and
+    must not end far below it."""
+    from conftest import ROOT, shared
+
+    sweep = {"name": "real", "backbone": "minilm", "output": str(tmp_path), "test_limit": 200,
+             "datasets": {"sst2": {"path": shared("sst2")}},
+             "methods": {"zeroshot": "zeroshot", "lora": str(ROOT / "recipes/sst2-lora-minilm.yaml")},
+             "k": [8], "seeds": [0, 1], "overrides": ["training.epochs=5"]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    folder = run_sweep(load_sweep(path), show_progress=False)
+    summary = {s["method"]: s for s in json.loads((folder / "summary.json").read_text())}
+    assert summary["zeroshot"]["accuracy_mean"] >= 0.6 and summary["lora"]["seeds"] == 2
+    assert summary["lora"]["accuracy_mean"] >= summary["zeroshot"]["accuracy_mean"] - 0.05, summary
