@@ -57,7 +57,8 @@ def setup(recipe: Recipe) -> tuple[Accelerator, TaskData, AdapterModel]:
 def train(recipe: Recipe, show_progress: bool = True) -> TrainResult:
     accelerator, task, model = setup(recipe)
     trainable, total = parameter_counts(model)
-    log.info("trainable parameters: %d of %d (%.3f%%); backbone frozen", trainable, total, 100 * trainable / total)
+    if accelerator.is_main_process:  # one log, one progress bar, one writer, however many processes
+        log.info("trainable parameters: %d of %d (%.3f%%); backbone frozen", trainable, total, 100 * trainable / total)
 
     started = time.perf_counter()
     fit(model, task.train, recipe, accelerator, show_progress)
@@ -77,34 +78,43 @@ def train(recipe: Recipe, show_progress: bool = True) -> TrainResult:
 def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerator, show_progress: bool) -> None:
     """Cross-entropy on the k-shot rows; only adapter and head parameters get gradients."""
     config = recipe.training
-    loader = DataLoader(range(len(rows)), batch_size=config.batch_size, shuffle=True,
-                        collate_fn=lambda indices: _batch(model, rows, indices))
+    steps, order = _schedule(len(rows), config, accelerator.num_processes)
+    # A fixed stream of row indices, cut into consecutive batches that Accelerate deals out to the
+    # processes: one process with batch 16 sees the same global batches as two with batch 8.
+    loader = DataLoader(order, batch_size=config.batch_size, collate_fn=lambda indices: _batch(model, rows, indices))
     optimizer = torch.optim.AdamW(_param_groups(model, recipe), weight_decay=config.weight_decay)
     prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps = config.max_steps or config.epochs * math.ceil(len(loader) / config.grad_accum)
     # The prepared scheduler advances once per process at each step, hence the factor.
     n = accelerator.num_processes
     scheduler = accelerator.prepare(get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps) * n, steps * n))
     prepared.train()
-    progress = tqdm(total=steps, desc=f"train {recipe.task}", disable=not (show_progress and accelerator.is_local_main_process))
-    step = 0
-    while step < steps:
-        for batch in loader:
-            with accelerator.accumulate(prepared):
-                labels = batch.pop("labels")
-                loss = torch.nn.functional.cross_entropy(prepared(**batch), labels)
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                step += 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.3f}")
-                if step >= steps:
-                    break
+    progress = tqdm(total=steps, desc=f"train {recipe.task}", disable=not (show_progress and accelerator.is_main_process))
+    for batch in loader:
+        with accelerator.accumulate(prepared):
+            labels = batch.pop("labels")
+            loss = torch.nn.functional.cross_entropy(prepared(**batch), labels)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.3f}")
     progress.close()
     prepared.eval()
+
+
+def _schedule(num_rows: int, config, processes: int) -> tuple[int, list[int]]:
+    """Optimizer steps, and the row order for all of them: a seeded shuffle per epoch, independent of
+    the number of processes."""
+    global_batch = config.batch_size * processes
+    steps = config.max_steps or config.epochs * math.ceil(math.ceil(num_rows / global_batch) / config.grad_accum)
+    needed = steps * config.grad_accum * global_batch
+    generator = torch.Generator().manual_seed(config.seed)
+    order = []
+    while len(order) < needed:
+        order += torch.randperm(num_rows, generator=generator).tolist()
+    return steps, order[:needed]
 
 
 def _param_groups(model: AdapterModel, recipe: Recipe) -> list[dict]:

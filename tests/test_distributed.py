@@ -1,0 +1,71 @@
+"""A real 2-process data-parallel training of the MiniLM LoRA recipe, through `accelerate launch`
+and MPI (Debian's openmpi-bin; .ci/run installs it), against the same training in one process."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, shared
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs MPI (apt-get install openmpi-bin)")]
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+MPI_AS_ROOT = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+# Trains like `adapterlab train`, with dropout off (so that one and two processes can agree exactly),
+# and has every rank dump its final adapter and head weights.
+SCRIPT = """
+import sys, torch
+from safetensors.torch import save_file
+from adapterlab.recipe import load_recipe
+from adapterlab.train import setup, fit
+recipe = load_recipe(sys.argv[1], sys.argv[3:])
+accelerator, task, model = setup(recipe)
+for module in model.modules():
+    if isinstance(module, torch.nn.Dropout):
+        module.p = 0.0
+fit(model, task.train, recipe, accelerator, show_progress=False)
+state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+save_file(state, f"{sys.argv[2]}/rank{accelerator.process_index}-of-{accelerator.num_processes}.safetensors")
+"""
+
+
+def overrides(batch_size: int, store: Path) -> list[str]:
+    return [f"data.path={shared('agnews')}", "data.k=8", "data.test_limit=50", "training.max_steps=6",
+            f"training.batch_size={batch_size}", "method.dropout=0", "head.dropout=0", f"output.store={store}"]
+
+
+def launch(config: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run([ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs" / config), *args],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, **MPI_AS_ROOT})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_two_processes_train_one_adapter_like_one_process(tmp_path):
+    recipe = str(ROOT / "recipes/sst2-lora-minilm.yaml")
+    script = tmp_path / "ddp_train.py"
+    script.write_text(SCRIPT)
+    launch("cpu-2proc.yaml", str(script), recipe, str(tmp_path), *overrides(4, tmp_path / "a"), cwd=tmp_path)
+    launch("cpu.yaml", str(script), recipe, str(tmp_path), *overrides(8, tmp_path / "b"), cwd=tmp_path)
+    rank0, rank1 = load_file(tmp_path / "rank0-of-2.safetensors"), load_file(tmp_path / "rank1-of-2.safetensors")
+    single = load_file(tmp_path / "rank0-of-1.safetensors")
+    assert rank0.keys() == rank1.keys() == single.keys() and len(rank0) > 2
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name  # DDP keeps the ranks identical
+        assert torch.allclose(rank0[name], single[name], atol=1e-4, rtol=1e-3), name  # same global batch of 8
+
+    # The CLI under two processes: one adapter, one JSON line, one log line.
+    done = launch("cpu-2proc.yaml", "-m", "adapterlab", "train", recipe, "--json", "--quiet",
+                  *[a for o in overrides(4, tmp_path / "cli") for a in ("--set", o)], cwd=tmp_path)
+    outputs = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(outputs) == 1 and Path(outputs[0]["adapter_path"]).is_dir()
+    assert [p.name for p in (tmp_path / "cli" / "sst2").iterdir()] == ["lora-k8-s0"]
+    assert done.stderr.count("trainable parameters:") == 1
