@@ -53,3 +53,15 @@ def test_head_starts_as_the_zero_shot_classifier(tiny_bert, tmp_path):
 def test_unknown_method_is_named():
     with pytest.raises(AdapterlabError, match="unknown method 'ia3'; known: lora, prefix_tuning"):
         method_module("ia3")
+
+
+@pytest.mark.parametrize("method", [{"name": "lora"}, {"name": "lora", "target_modules": "all-linear"},
+                                    {"name": "lora", "target_modules": ["dense"]},
+                                    {"name": "prefix_tuning"}, {"name": "prefix_tuning", "projection": True}])
+def test_every_trainable_parameter_reaches_the_loss(tiny_bert, tmp_path, method):
+    # DDP (find_unused_parameters=False) fails at the second step on a trainable parameter without a
+    # gradient: BERT's pooler, which the heads never read, must not get LoRA weights (peft issue 951).
+    recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, method=method))
+    model = build_adapter_model(recipe, load_backbone(tiny_bert), ["neg", "pos"], ["bad", "good"]).train()
+    model(**model.tokenize(["a fine day", "rain again and again"])).sum().backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []

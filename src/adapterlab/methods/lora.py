@@ -37,7 +37,16 @@ def peft_config(config: Config, backbone) -> LoraConfig:
         lora_dropout=config.dropout,
         target_modules=config.target_modules,
         layers_to_transform=config.layers,
+        # An encoder's pooler feeds nothing here (heads pool token states themselves), so LoRA on it
+        # ('all-linear', or a name like 'dense') would never get a gradient: wasted weights on one
+        # process, and under several an error from DDP at the second step (peft issue 951).
+        exclude_modules=_pooler_modules(backbone.model) or None,
     )
+
+
+def _pooler_modules(model) -> list[str]:
+    """Names of the pooler and its layers (BERT, RoBERTa: pooler.dense; ALBERT: pooler itself)."""
+    return [name for name, _ in model.named_modules() if name == "pooler" or name.startswith("pooler.")]
 
 
 def inference_weights(state: dict[str, torch.Tensor], adapter_config: dict) -> AdapterWeights:
