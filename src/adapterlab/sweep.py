@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from adapterlab.errors import AdapterlabError
-from adapterlab.recipe import DataConfig, load_recipe
+from adapterlab.recipe import DataConfig, Recipe, load_recipe
 
 ZERO_SHOT = "zeroshot"
 
@@ -115,9 +115,8 @@ def _zero_shot(engine, sweep: Sweep, cell: dict) -> dict:
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
 
 
-def _train(sweep: Sweep, cell: dict, folder: Path) -> tuple[dict, float]:
-    from adapterlab.train import train
-
+def cell_recipe(sweep: Sweep, cell: dict, folder: Path) -> Recipe:
+    """The recipe a training cell runs: its method's recipe on the cell's dataset, k and seed."""
     data = sweep.datasets[cell["dataset"]]
     overrides = [f"data.{key}={json.dumps(value)}" for key, value in data.items()] + [
         f"task={cell['dataset']}", f"backbone={sweep.backbone}", f"data.k={cell['k']}", f"data.seed={cell['seed']}",
@@ -125,7 +124,13 @@ def _train(sweep: Sweep, cell: dict, folder: Path) -> tuple[dict, float]:
         f"output.name={cell['method']}-k{cell['k']}-s{cell['seed']}", *sweep.overrides]
     if sweep.test_limit:
         overrides.append(f"data.test_limit={sweep.test_limit}")
-    result = train(load_recipe(sweep.methods[cell["method"]], overrides), show_progress=False)
+    return load_recipe(sweep.methods[cell["method"]], overrides)
+
+
+def _train(sweep: Sweep, cell: dict, folder: Path) -> tuple[dict, float]:
+    from adapterlab.train import train
+
+    result = train(cell_recipe(sweep, cell, folder), show_progress=False)
     return {"accuracy": result.metrics["accuracy"], "macro_f1": result.metrics["macro_f1"]}, result.train_seconds
 
 
@@ -191,6 +196,8 @@ def plot(summary: list[dict], folder: Path) -> None:
     figure.savefig(folder / "accuracy_vs_k.png", dpi=110)
     plt.close(figure)
 
+    if not ks:  # zero-shot cells only: no method to set against them
+        return
     largest = ks[-1]
     figure, axis = plt.subplots(figsize=(1.6 + 1.4 * len(datasets), 3.6))
     width = 0.8 / max(1, len(methods))

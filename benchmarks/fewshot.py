@@ -1,0 +1,398 @@
+"""Few-shot peer comparison: adapterlab's LoRA adapter against SetFit on the same k-shot rows and seeds.
+
+For each dataset × seed at k examples per class:
+  - zero-shot and adapterlab LoRA come from adapterlab's own sweep (`adapterlab.sweep`): the datasets
+    and the LoRA recipe of recipes/sweeps/minilm-single-text.yaml, narrowed to --datasets, --k,
+    --seeds and --test-limit; train seconds are the seconds in `fit` (backbone already loaded);
+  - SetFit (optional extra `pip install -e .[compare]`) trains on exactly the rows the adapter trained
+    on (the sweep cell's own recipe, checked against the stored adapter's card), with SetFit's defaults
+    (SETFIT_SETTINGS below), and is evaluated on the same test rows; train seconds are the seconds in
+    `Trainer.train()` (pair generation, contrastive body phase, logistic-regression head).
+Every finished cell is kept (the sweep's results.jsonl, fewshot-setfit.jsonl), so a rerun skips it.
+Prints one JSON object on stdout (last line) and writes fewshot.json, fewshot.md and fewshot.png to --out;
+progress goes to stderr.
+
+    .venv/bin/python benchmarks/fewshot.py                      # 7 datasets × seeds 0 1 2, k=16, 1,000 test rows
+    .venv/bin/python benchmarks/fewshot.py --datasets sst2 --seeds 0 --test-limit 200 --out /tmp/fewshot
+    .venv/bin/python benchmarks/fewshot.py --methods setfit --setfit-time-limit 900
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP_FILE = ROOT / "recipes" / "sweeps" / "minilm-single-text.yaml"
+ADAPTER_METHOD = "lora"                 # the sweep method adapterlab is represented by
+SETFIT_CELLS = "fewshot-setfit.jsonl"
+METHODS = ("zeroshot", "adapterlab", "setfit")
+TARGETS = {"backbone": "minilm", "k": 16, "seeds": [0, 1, 2],
+           "datasets": ["sst2", "sst5", "imdb", "mpqa", "agnews", "emotion", "banking77"],
+           "margin_points_min": 5.0, "time_ratio_max": 0.3}
+# SetFit as its authors ship it: every method setting is SetFit's default; only the logistics differ
+# (no checkpoints, no experiment trackers, a temporary output folder, the cell's seed).
+SETFIT_SETTINGS = {
+    "body": "the sweep's backbone folder (adapterlab.backbones.resolve_path), all layers trained",
+    "head": "sklearn LogisticRegression() (SetFit's default head)",
+    "loss": "CosineSimilarityLoss on generated pairs", "sampling_strategy": "oversampling",
+    "num_iterations": None, "batch_size": 16, "num_epochs": 1, "body_learning_rate": 2e-5,
+    "warmup_proportion": 0.1, "max_length": "the body's max_seq_length (256 for all-MiniLM-L6-v2)",
+    "seed": "the cell's seed (also the k-shot draw's)", "save_strategy": "no", "report_to": "none",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    shipped = yaml.safe_load(SWEEP_FILE.read_text())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=list(shipped["datasets"]), choices=list(shipped["datasets"]))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="k-shot draw and training seeds")
+    parser.add_argument("--k", type=int, default=16, help="training examples per class")
+    parser.add_argument("--test-limit", type=int, default=1000, help="first N test rows (0: the whole test split)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="cells to run")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
+    parser.add_argument("--setfit-time-limit", type=float, default=0,
+                        help="stop a SetFit cell after this many seconds and record it as a timeout (0: no limit)")
+    return parser.parse_args(argv)
+
+
+def build_sweep(datasets: list[str], seeds: list[int], k: int, test_limit: int | None, out: Path):
+    """The shipped MiniLM sweep narrowed to these datasets, zero-shot and LoRA, one k, these seeds.
+    Its folder is named by the test limit, so cells evaluated on other test rows never mix."""
+    from adapterlab.sweep import ZERO_SHOT, Sweep
+
+    shipped = yaml.safe_load(SWEEP_FILE.read_text())
+    data = {name: {**shipped["datasets"][name], "path": str((ROOT / shipped["datasets"][name]["path"]).resolve())}
+            for name in datasets}
+    return Sweep(name=f"fewshot-sweep-test{test_limit or 'all'}", backbone=shipped["backbone"], datasets=data,
+                 methods={ZERO_SHOT: ZERO_SHOT, ADAPTER_METHOD: str(ROOT / shipped["methods"][ADAPTER_METHOD])},
+                 k=[k], seeds=seeds, test_limit=test_limit, output=str(out))
+
+
+def run_sweep_cells(sweep, methods: list[str]) -> None:
+    """Run the sweep's cells of the chosen methods (zero-shot, adapterlab); finished ones are skipped."""
+    from adapterlab.sweep import ZERO_SHOT, run_sweep
+
+    wanted = {name for name, method in ((ZERO_SHOT, "zeroshot"), (ADAPTER_METHOD, "adapterlab")) if method in methods}
+    if wanted:
+        run_sweep(sweep.model_copy(update={"methods": {m: r for m, r in sweep.methods.items() if m in wanted}}))
+
+
+def sweep_rows(sweep) -> list[dict]:
+    """Finished sweep cells of this comparison (its datasets, k and seeds)."""
+    from adapterlab.sweep import read_results
+
+    rows = read_results(Path(sweep.output) / sweep.name / "results.jsonl")
+    return [r for r in rows if r["dataset"] in sweep.datasets
+            and (r["k"] == 0 or (r["k"] == sweep.k[0] and r["seed"] in sweep.seeds))]
+
+
+# --- SetFit cells -----------------------------------------------------------------------------------------
+
+def setfit_task(sweep, dataset: str, seed: int):
+    """The k-shot rows and test rows of the sweep's LoRA cell (dataset, k, seed): its own recipe's data
+    section, so SetFit and the adapter see the same rows. When that adapter is in the sweep's store,
+    the rows are checked against the data section its card recorded."""
+    from adapterlab.data import load_task
+    from adapterlab.recipe import DataConfig
+    from adapterlab.store import StoreError, read_card
+    from adapterlab.sweep import cell_recipe
+
+    folder = Path(sweep.output) / sweep.name
+    cell = {"dataset": dataset, "method": ADAPTER_METHOD, "k": sweep.k[0], "seed": seed}
+    recipe = cell_recipe(sweep, cell, folder)
+    task = load_task(recipe.data)
+    try:
+        card = read_card(Path(recipe.output.store) / dataset / recipe.adapter_name)
+    except StoreError:
+        return task  # the adapter has not been trained (yet): the recipe is the one it will use
+    trained = load_task(DataConfig.model_validate(card.recipe["data"]))
+    if not (same_rows(task.train, trained.train) and same_rows(task.test, trained.test)):
+        raise RuntimeError(f"{dataset} seed {seed}: SetFit's rows differ from those adapter {card.name} trained on")
+    return task
+
+
+def same_rows(a, b) -> bool:
+    return (a.texts, a.labels, a.text_pairs) == (b.texts, b.labels, b.text_pairs)
+
+
+def setfit_pairs(labels: list[int]) -> int:
+    """Pairs SetFit's default sampler ("oversampling", no num_iterations) makes from these labels:
+    every pair with replacement, the rarer kind (positive or negative) repeated up to the other's count."""
+    counts = [labels.count(label) for label in sorted(set(labels))]
+    positive = sum(n * (n + 1) // 2 for n in counts)
+    negative = (sum(counts) ** 2 - sum(n * n for n in counts)) // 2
+    return 2 * max(positive, negative)
+
+
+def train_setfit(task, body: str, seed: int, time_limit: float = 0) -> dict:
+    """Train SetFit with its defaults on the task's k-shot rows; evaluate on its test rows. A run that
+    passes `time_limit` seconds stops early and comes back as a timeout with an estimate of its length."""
+    from datasets import Dataset
+    from setfit import SetFitModel, Trainer, TrainingArguments
+
+    from adapterlab.metrics import classification_metrics
+
+    model = SetFitModel.from_pretrained(body)
+    pairs = setfit_pairs(task.train.labels)
+    clock = _Clock(time_limit)
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainingArguments(output_dir=output_dir, seed=seed, save_strategy="no", report_to="none")
+        trainer = Trainer(model=model, args=args, callbacks=[clock.callback()],
+                          train_dataset=Dataset.from_dict({"text": task.train.texts, "label": task.train.labels}))
+        load, started, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
+        trainer.train()
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    cell = {"train_rows": len(task.train), "test_rows": len(task.test), "pairs": pairs,
+            "steps": math.ceil(pairs / SETFIT_SETTINGS["batch_size"]), "train_seconds": round(seconds, 3),
+            "train_cpu_seconds": round(cpu, 1), "load_average_at_start": round(load, 2)}
+    if clock.stopped_at:
+        done, total = clock.stopped_at
+        return {**cell, "status": "timeout", "time_limit": time_limit, "steps_done": done,
+                "estimated_train_seconds": round(seconds * total / done)}
+    predictions = model.predict(task.test.texts, batch_size=64, as_numpy=True).tolist()
+    metrics = classification_metrics([int(p) for p in predictions], task.test.labels, len(task.label_names))
+    return {**cell, "status": "ok", "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+
+
+class _Clock:
+    """A trainer callback that stops the contrastive phase once `limit` seconds have passed."""
+
+    def __init__(self, limit: float):
+        self.limit, self.started, self.stopped_at = limit, None, None
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class StopAfter(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                clock.started = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if clock.limit and time.perf_counter() - clock.started > clock.limit and not clock.stopped_at:
+                    clock.stopped_at = (state.global_step, state.max_steps)
+                    control.should_training_stop = True
+                return control
+
+        return StopAfter()
+
+
+def run_setfit(sweep, out: Path, time_limit: float) -> None:
+    """Train the SetFit cells not yet in fewshot-setfit.jsonl (timeouts under a longer limit count as done)."""
+    import setfit
+
+    from adapterlab.backbones import resolve_path
+
+    file = out / SETFIT_CELLS
+    done = {_setfit_key(r) for r in read_jsonl(file) if r["status"] == "ok"
+            or (time_limit and r.get("time_limit", math.inf) >= time_limit)}
+    todo = [(d, s) for d in sweep.datasets for s in sweep.seeds
+            if (d, sweep.k[0], s, sweep.test_limit) not in done]
+    body = str(resolve_path(sweep.backbone))
+    for dataset, seed in tqdm(todo, desc="setfit"):
+        result = train_setfit(setfit_task(sweep, dataset, seed), body, seed, time_limit)
+        row = {"dataset": dataset, "method": "setfit", "k": sweep.k[0], "seed": seed,
+               "test_limit": sweep.test_limit, **result, "setfit_version": setfit.__version__}
+        print(json.dumps(row), file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(file, "a") as handle:  # one line per finished cell: resumable
+            handle.write(json.dumps(row) + "\n")
+
+
+def _setfit_key(row: dict) -> tuple:
+    return row["dataset"], row["k"], row["seed"], row["test_limit"]
+
+
+def setfit_rows(sweep, out: Path) -> list[dict]:
+    """Finished SetFit cells of this comparison; of two runs of a cell, the later one."""
+    latest = {_setfit_key(r): r for r in read_jsonl(out / SETFIT_CELLS)
+              if r["dataset"] in sweep.datasets and r["k"] == sweep.k[0] and r["seed"] in sweep.seeds
+              and r["test_limit"] == sweep.test_limit}
+    return list(latest.values())
+
+
+def read_jsonl(file: Path) -> list[dict]:
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()] if file.exists() else []
+
+
+# --- the comparison table ---------------------------------------------------------------------------------
+
+def build_report(zero_shot: dict[str, float], adapter: list[dict], setfit: list[dict], datasets: list[str],
+                 seeds: list[int], k: int) -> dict:
+    """Per dataset: zero-shot accuracy, each method's mean ± std over seeds, per-seed figures and train
+    seconds, the time ratio; then the means over the datasets both methods finished, and the targets."""
+    table = {}
+    for dataset in datasets:
+        entry = {"zero_shot": zero_shot.get(dataset),
+                 "adapterlab": method_stats([r for r in adapter if r["dataset"] == dataset]),
+                 "setfit": method_stats([r for r in setfit if r["dataset"] == dataset and r["status"] == "ok"])}
+        timeouts = [r for r in setfit if r["dataset"] == dataset and r["status"] == "timeout"]
+        if timeouts:
+            entry["setfit_timeouts"] = {str(r["seed"]): {key: r[key] for key in (
+                "time_limit", "steps_done", "steps", "estimated_train_seconds")} for r in timeouts}
+        if entry["adapterlab"] and entry["setfit"]:
+            entry["time_ratio"] = round(entry["adapterlab"]["train_seconds_mean"]
+                                        / entry["setfit"]["train_seconds_mean"], 4)
+        table[dataset] = entry
+    summary = summarize(table)
+    return {"datasets": table, "summary": summary, "targets": check_targets(table, summary, datasets, seeds, k)}
+
+
+def method_stats(rows: list[dict]) -> dict | None:
+    if not rows:
+        return None
+    rows = sorted(rows, key=lambda r: r["seed"])
+    accuracies, seconds = [r["accuracy"] for r in rows], [r["train_seconds"] for r in rows]
+    return {"accuracy_mean": round(statistics.fmean(accuracies), 4),
+            "accuracy_std": round(statistics.stdev(accuracies), 4) if len(rows) > 1 else 0.0,
+            "train_seconds_mean": round(statistics.fmean(seconds), 3),
+            "per_seed": {str(r["seed"]): {"accuracy": round(r["accuracy"], 4),
+                                          "train_seconds": round(r["train_seconds"], 3)} for r in rows}}
+
+
+def summarize(table: dict) -> dict:
+    """Means over the datasets where both methods have results (and zero-shot over those too)."""
+    compared = [d for d, e in table.items() if e["adapterlab"] and e["setfit"]]
+    if not compared:
+        return {"compared_datasets": []}
+    adapter = statistics.fmean(table[d]["adapterlab"]["accuracy_mean"] for d in compared)
+    setfit = statistics.fmean(table[d]["setfit"]["accuracy_mean"] for d in compared)
+    zero = [table[d]["zero_shot"] for d in compared if table[d]["zero_shot"] is not None]
+    return {"compared_datasets": compared, "adapterlab_accuracy_mean": round(adapter, 4),
+            "setfit_accuracy_mean": round(setfit, 4),
+            "zero_shot_accuracy_mean": round(statistics.fmean(zero), 4) if len(zero) == len(compared) else None,
+            "margin_points": round(100 * (adapter - setfit), 2),
+            "time_ratio_mean": round(statistics.fmean(table[d]["time_ratio"] for d in compared), 4)}
+
+
+def check_targets(table: dict, summary: dict, datasets: list[str], seeds: list[int], k: int) -> dict:
+    """The three targets on what was measured, and whether the measurement covers the target setting
+    (every target dataset, seeds 0/1/2, k=16, all cells finished)."""
+    below = [d for d, e in table.items() if e["adapterlab"] and e["zero_shot"] is not None
+             and e["adapterlab"]["accuracy_mean"] < e["zero_shot"]]
+    finished = all(e["zero_shot"] is not None and all(
+        e[m] and len(e[m]["per_seed"]) == len(seeds) for m in ("adapterlab", "setfit")) for e in table.values())
+    complete = (finished and sorted(datasets) == sorted(TARGETS["datasets"]) and k == TARGETS["k"]
+                and sorted(seeds) == TARGETS["seeds"])
+    margin, ratio = summary.get("margin_points"), summary.get("time_ratio_mean")
+    checks = {
+        "accuracy_margin": {"rule": "mean over datasets: adapterlab ≥ SetFit + "
+                                    f"{TARGETS['margin_points_min']:g} points",
+                            "value": margin, "pass": margin is not None and margin >= TARGETS["margin_points_min"]},
+        "not_below_zero_shot": {"rule": "adapterlab's mean ≥ zero-shot on every dataset",
+                                "below": below, "pass": not below and any(e["adapterlab"] for e in table.values())},
+        "time_ratio": {"rule": f"adapterlab train seconds ≤ {TARGETS['time_ratio_max']:g} × SetFit's (mean of "
+                               "per-dataset ratios)", "value": ratio,
+                       "pass": ratio is not None and ratio <= TARGETS["time_ratio_max"]},
+    }
+    return {**checks, "complete": complete, "meets_targets": complete and all(c["pass"] for c in checks.values())}
+
+
+def markdown(report: dict) -> str:
+    lines = ["| dataset | zero-shot | adapterlab LoRA | SetFit | adapterlab train s | SetFit train s | time ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for dataset, e in report["datasets"].items():
+        lines.append(f"| {dataset} | {_pct(e['zero_shot'])} | {_stat(e['adapterlab'])} | {_stat(e['setfit'])} | "
+                     f"{_secs(e['adapterlab'])} | {_secs(e['setfit'], e.get('setfit_timeouts'))} | "
+                     f"{_ratio(e.get('time_ratio'))} |")
+    s = report["summary"]
+    if s["compared_datasets"]:
+        lines.append(f"| mean of {len(s['compared_datasets'])} | {_pct(s['zero_shot_accuracy_mean'])} | "
+                     f"{_pct(s['adapterlab_accuracy_mean'])} | {_pct(s['setfit_accuracy_mean'])} | | | "
+                     f"{_ratio(s['time_ratio_mean'])} |")
+    lines.append("")
+    lines += [f"- {name}: {check['rule']}: **{'pass' if check['pass'] else 'fail'}**"
+              + (f" ({check['value']})" if check.get("value") is not None else "")
+              + (f" (below: {', '.join(check['below'])})" if check.get("below") else "")
+              for name, check in report["targets"].items() if isinstance(check, dict)]
+    lines.append(f"- measured on the whole target setting: {'yes' if report['targets']['complete'] else 'no'}")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _stat(stats) -> str:
+    return "-" if not stats else f"{100 * stats['accuracy_mean']:.1f} ± {100 * stats['accuracy_std']:.1f}"
+
+
+def _secs(stats, timeouts=None) -> str:
+    if stats:
+        return f"{stats['train_seconds_mean']:.1f}"
+    if timeouts:
+        return "> " + ", ".join(f"{t['time_limit']:g} (est. {t['estimated_train_seconds']:g})"
+                                for t in timeouts.values())
+    return "-"
+
+
+def plot(report: dict, file: Path, k: int) -> None:
+    """Grouped bars per dataset: zero-shot, adapterlab and SetFit, with ±std error bars over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(report["datasets"])
+    bars = [("zero-shot", lambda e: (e["zero_shot"], 0)),
+            ("adapterlab LoRA", lambda e: _mean_std(e["adapterlab"])),
+            ("SetFit", lambda e: _mean_std(e["setfit"]))]
+    figure, axis = plt.subplots(figsize=(3 + 1.3 * len(datasets), 3.8))
+    width = 0.8 / len(bars)
+    for i, (label, value) in enumerate(bars):
+        means, stds = zip(*[value(report["datasets"][d]) for d in datasets])
+        axis.bar([j + (i - 1) * width for j in range(len(datasets))], [m or 0 for m in means], width,
+                 yerr=[s or 0 for s in stds], capsize=3, label=label)
+    axis.set_xticks(range(len(datasets)), labels=datasets)
+    axis.set(ylabel="test accuracy", ylim=(0, 1), title=f"k={k}: mean ± std over seeds")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(file, dpi=110)
+    plt.close(figure)
+
+
+def _mean_std(stats) -> tuple:
+    return (stats["accuracy_mean"], stats["accuracy_std"]) if stats else (None, None)
+
+
+def main(argv=None) -> dict:
+    options = parse_args(argv)
+    test_limit = options.test_limit or None
+    options.out.mkdir(parents=True, exist_ok=True)
+    sweep = build_sweep(options.datasets, options.seeds, options.k, test_limit, options.out)
+    run_sweep_cells(sweep, options.methods)
+    if "setfit" in options.methods:
+        run_setfit(sweep, options.out, options.setfit_time_limit)
+    rows = sweep_rows(sweep)
+    zero_shot = {r["dataset"]: r["accuracy"] for r in rows if r["method"] == "zeroshot"}
+    report = build_report(zero_shot, [r for r in rows if r["method"] == ADAPTER_METHOD],
+                          setfit_rows(sweep, options.out), options.datasets, options.seeds, options.k)
+    result = {"benchmark": "fewshot", "backbone": sweep.backbone, "k": options.k, "seeds": options.seeds,
+              "test_limit": test_limit, **report, "setfit_settings": SETFIT_SETTINGS, "target_setting": TARGETS,
+              "adapter_recipe": str(Path(sweep.methods[ADAPTER_METHOD]).relative_to(ROOT)), "cpu_count": os.cpu_count()}
+    (options.out / "fewshot.json").write_text(json.dumps(result, indent=2))
+    (options.out / "fewshot.md").write_text(markdown(report))
+    plot(report, options.out / "fewshot.png", options.k)
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with contextlib.redirect_stdout(sys.stderr):  # the trainers print their logs on stdout
+        result = main()
+    print(json.dumps(result))

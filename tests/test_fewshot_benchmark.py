@@ -1,0 +1,103 @@
+"""benchmarks/fewshot.py: the comparison table from fabricated cells, SetFit's pair count, and SetFit
+getting exactly the rows the adapter trained on (a tiny random BERT on the demo data)."""
+
+import importlib.util
+import json
+import statistics
+
+import matplotlib.image
+import pytest
+import yaml
+
+import adapterlab.train
+from adapterlab.sweep import Sweep, run_sweep
+from conftest import ROOT, tiny_recipe
+
+spec = importlib.util.spec_from_file_location("fewshot", ROOT / "benchmarks" / "fewshot.py")
+fewshot = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fewshot)
+
+DATASETS = fewshot.TARGETS["datasets"]
+
+
+def cells(method: str, accuracy: dict[str, list[float]], seconds: float) -> list[dict]:
+    return [{"dataset": d, "method": method, "k": 16, "seed": seed, "accuracy": a, "train_seconds": seconds,
+             "status": "ok"} for d, values in accuracy.items() for seed, a in enumerate(values)]
+
+
+def test_report_means_checks_and_files(tmp_path):
+    zero = {"sst2": 0.70, "agnews": 0.60}
+    adapter = cells("lora", {"sst2": [0.80, 0.82, 0.84], "agnews": [0.55, 0.57, 0.59]}, seconds=3.0)
+    setfit = cells("setfit", {"sst2": [0.70, 0.70, 0.76], "agnews": [0.50, 0.52, 0.54]}, seconds=20.0)
+    setfit.append({"dataset": "banking77", "method": "setfit", "k": 16, "seed": 0, "status": "timeout",
+                   "time_limit": 900, "steps_done": 100, "steps": 10000, "estimated_train_seconds": 90000})
+    report = fewshot.build_report(zero, adapter, setfit, ["sst2", "agnews", "banking77"], [0, 1, 2], 16)
+
+    sst2 = report["datasets"]["sst2"]
+    assert sst2["adapterlab"]["accuracy_mean"] == pytest.approx(0.82)
+    assert sst2["adapterlab"]["accuracy_std"] == pytest.approx(statistics.stdev([0.80, 0.82, 0.84]), abs=1e-4)
+    assert sst2["setfit"]["per_seed"]["2"] == {"accuracy": 0.76, "train_seconds": 20.0}
+    assert sst2["time_ratio"] == pytest.approx(0.15)
+    assert report["datasets"]["banking77"]["setfit"] is None
+    assert report["datasets"]["banking77"]["setfit_timeouts"]["0"]["estimated_train_seconds"] == 90000
+
+    summary = report["summary"]
+    assert summary["compared_datasets"] == ["sst2", "agnews"]
+    assert summary["margin_points"] == pytest.approx(100 * ((0.82 + 0.57) - (0.72 + 0.52)) / 2)  # 7.5
+    targets = report["targets"]
+    assert targets["accuracy_margin"]["pass"] and targets["time_ratio"]["pass"]
+    assert targets["not_below_zero_shot"] == {**targets["not_below_zero_shot"], "below": ["agnews"], "pass": False}
+    assert not targets["complete"] and not targets["meets_targets"]
+
+    table = fewshot.markdown(report)
+    assert "| sst2 | 70.0 | 82.0 ± 2.0 | 72.0 ± 3.5 | 3.0 | 20.0 | 0.15 |" in table
+    assert "| banking77 | - | - | - | - | > 900 (est. 90000) | - |" in table
+    assert "**fail** (below: agnews)" in table
+    fewshot.plot(report, tmp_path / "fewshot.png", 16)
+    image = matplotlib.image.imread(tmp_path / "fewshot.png")
+    assert image.shape[1] > 300 and image.std() > 0.05
+    json.dumps(report)  # the report is plain JSON
+
+
+@pytest.mark.parametrize("adapter_accuracy, seconds, meets", [(0.80, 5.0, True), (0.74, 5.0, False),
+                                                              (0.80, 7.0, False)])
+def test_targets_on_the_whole_setting(adapter_accuracy, seconds, meets):
+    zero = {d: 0.60 for d in DATASETS}
+    adapter = cells("lora", {d: [adapter_accuracy] * 3 for d in DATASETS}, seconds)
+    setfit = cells("setfit", {d: [0.70] * 3 for d in DATASETS}, seconds=20.0)
+    targets = fewshot.build_report(zero, adapter, setfit, DATASETS, [0, 1, 2], 16)["targets"]
+    assert targets["complete"] and targets["meets_targets"] is meets
+    assert not fewshot.build_report(zero, adapter, setfit[:-1], DATASETS, [0, 1, 2], 16)["targets"]["complete"]
+
+
+@pytest.mark.parametrize("labels", [[0, 1] * 16, [0, 1, 2, 3] * 16, [0] * 3 + [1] * 5 + [2] * 2])
+def test_setfit_pair_count_matches_setfit(labels):
+    assert fewshot.setfit_pairs(labels) == 2 * max(  # by hand for the balanced case too
+        sum(labels.count(c) * (labels.count(c) + 1) // 2 for c in set(labels)),
+        sum(labels.count(a) * labels.count(b) for a in set(labels) for b in set(labels) if a < b))
+    sampler = pytest.importorskip("setfit.sampler")
+    texts = [f"row {i}" for i in range(len(labels))]
+    assert fewshot.setfit_pairs(labels) == len(sampler.ContrastiveDataset(texts, labels, multilabel=False))
+
+
+def test_setfit_gets_the_rows_the_adapter_trained_on(tiny_bert, tmp_path, monkeypatch):
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_bert, tmp_path / "unused")))
+    sweep = Sweep(name="tiny", backbone=tiny_bert, datasets={"sentiment": {"path": "demo:sentiment"}},
+                  methods={fewshot.ADAPTER_METHOD: str(recipe)}, k=[4], seeds=[1], test_limit=10,
+                  output=str(tmp_path / "out"))
+    trained_on, fit = [], adapterlab.train.fit
+    monkeypatch.setattr(adapterlab.train, "fit", lambda model, rows, *a, **kw: trained_on.append(rows)
+                        or fit(model, rows, *a, **kw))
+    run_sweep(sweep, show_progress=False)
+
+    task = fewshot.setfit_task(sweep, "sentiment", 1)  # also checked against the stored adapter's card
+    assert len(task.train) == 4 * len(task.label_names) and len(task.test) == 10
+    assert fewshot.same_rows(task.train, trained_on[0])
+
+    card = tmp_path / "out" / "tiny" / "adapters" / "sentiment" / "lora-k4-s1" / "card.json"
+    raw = json.loads(card.read_text())
+    raw["recipe"]["data"]["seed"] = 2  # an adapter trained on other rows
+    card.write_text(json.dumps(raw))
+    with pytest.raises(RuntimeError, match="SetFit's rows differ"):
+        fewshot.setfit_task(sweep, "sentiment", 1)
