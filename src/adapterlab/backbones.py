@@ -55,16 +55,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ADAPTERLAB_CACHE", Path.home() / ".cache" / "adapterlab"))
 
 
-def load_backbone(name: str, quantization=None) -> Backbone:
+def load_backbone(name: str, quantization=None, device_map: dict | None = None) -> Backbone:
     """Load a backbone by packaged name, local folder or hub id; its parameters are frozen. With a
     recipe's `quantization` section, linear layers are 8- or 4-bit (bitsandbytes); the fingerprint
-    is that of the full-precision files, so adapters move freely between the two."""
+    is that of the full-precision files, so adapters move freely between the two. `device_map`
+    places the weights as they load: the way a quantized backbone reaches its GPU."""
     path = resolve_path(name)
     config = AutoConfig.from_pretrained(path)
     kind = "decoder" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or ()) \
         else "encoder"
     loader = AutoModelForCausalLM if kind == "decoder" else AutoModel
-    model = loader.from_pretrained(path, dtype=torch.float32, quantization_config=_bitsandbytes(quantization))
+    model = loader.from_pretrained(path, dtype=torch.float32, quantization_config=_bitsandbytes(quantization),
+                                  device_map=device_map)
     for module in model.modules():
         # bitsandbytes 0.50 repacks 4-bit weights for CPU inference at the first no-grad forward, after
         # which training through that layer fails ("a view of a leaf Variable ... in-place"): keep one format.

@@ -46,12 +46,23 @@ class TrainResult:
 
 def setup(recipe: Recipe) -> tuple[Accelerator, TaskData, AdapterModel]:
     """Accelerator, k-shot data and a fresh adapter on the frozen backbone."""
+    # DDP keeps find_unused_parameters=False (no search of the graph at each step): every trainable
+    # parameter reaches the loss (LoRA leaves the encoder's unused pooler alone; tests/test_methods.py).
     accelerator = Accelerator(gradient_accumulation_steps=recipe.training.grad_accum)
     set_seed(recipe.training.seed)
     task = load_task(recipe.data)  # data errors surface before the backbone loads
-    backbone = load_backbone(recipe.backbone, recipe.quantization)
+    backbone = load_backbone(recipe.backbone, recipe.quantization, backbone_device_map(recipe.quantization, accelerator))
     model = build_adapter_model(recipe, backbone, task.label_names, task.label_descriptions)
     return accelerator, task, model
+
+
+def backbone_device_map(quantization, accelerator: Accelerator) -> dict | None:
+    """Where this process loads the backbone. Full-precision weights load on the CPU and Accelerate
+    moves them; quantized ones are placed as they load, a whole copy per process on its own GPU
+    ("auto" would spread one copy over all the GPUs, which DDP cannot train)."""
+    if quantization.mode == "none":
+        return None
+    return {"": "cpu"} if accelerator.device.type == "cpu" else {"": accelerator.local_process_index}
 
 
 def train(recipe: Recipe, show_progress: bool = True) -> TrainResult:
