@@ -53,13 +53,15 @@ def _emit(payload: dict) -> None:
 @_clean_errors
 def train(recipe: Path = typer.Argument(..., help="Recipe YAML."),
           set_: list[str] = typer.Option([], "--set", help="Override a key: --set training.lr=3e-4"),
-          json_out: bool = JSON, quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
+          json_out: bool = JSON, quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+          resume: bool = typer.Option(False, "--resume", help="Continue from the run's checkpoint (see "
+                                      "training.checkpoint_every); none: start from the beginning.")):
     """Train one few-shot adapter (also under `accelerate launch -m adapterlab train`)."""
     from adapterlab.recipe import load_recipe
     from adapterlab.train import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    result = run_training(load_recipe(recipe, set_), show_progress=not quiet)
+    result = run_training(load_recipe(recipe, set_), show_progress=not quiet, resume=resume)
     if result.adapter_path is None:  # not the main process: it wrote nothing and reports nothing
         return
     if json_out:

@@ -77,6 +77,9 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with a rising learning rate.")
     seed: int = Field(0, description="Seed of initialisation, dropout and shuffling.")
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="Save the run's state every N optimizer steps (STORE/.checkpoints/), so "
+        "that `adapterlab train --resume` continues a killed run; null: no checkpoints.")
     eval_batch_size: int = Field(64, gt=0)
     metrics: list[str] = Field(
         [], description="Metrics beyond accuracy and macro_f1, by `evaluate` name (needs the hub).")

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from adapterlab.backbones import load_backbone
+from adapterlab.checkpoint import (CheckpointError, checkpoint_folder, has_checkpoint, read_checkpoint,
+                                   remove_checkpoint, restore, run_identity, save_checkpoint)
 from adapterlab.data import Split, TaskData, load_task
 from adapterlab.methods import method_module
 from adapterlab.metrics import classification_metrics
@@ -65,14 +67,14 @@ def backbone_device_map(quantization, accelerator: Accelerator) -> dict | None:
     return {"": "cpu"} if accelerator.device.type == "cpu" else {"": accelerator.local_process_index}
 
 
-def train(recipe: Recipe, show_progress: bool = True) -> TrainResult:
+def train(recipe: Recipe, show_progress: bool = True, resume: bool = False) -> TrainResult:
     accelerator, task, model = setup(recipe)
     trainable, total = parameter_counts(model)
     if accelerator.is_main_process:  # one log, one progress bar, one writer, however many processes
         log.info("trainable parameters: %d of %d (%.3f%%); backbone frozen", trainable, total, 100 * trainable / total)
 
     started = time.perf_counter()
-    fit(model, task.train, recipe, accelerator, show_progress)
+    fit(model, task.train, recipe, accelerator, show_progress, resume)
     train_seconds = time.perf_counter() - started
 
     model = accelerator.unwrap_model(model)
@@ -82,12 +84,15 @@ def train(recipe: Recipe, show_progress: bool = True) -> TrainResult:
         card = make_card(recipe, task, model, trainable, total, train_seconds, metrics)
         path, card = save_adapter(model, card, recipe.output.store)
         size = card.adapter_bytes
+        remove_checkpoint(checkpoint_folder(recipe))  # the run is complete: nothing left to resume
     accelerator.wait_for_everyone()
     return TrainResult(path, trainable, total, size, train_seconds, metrics)
 
 
-def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerator, show_progress: bool) -> None:
-    """Cross-entropy on the k-shot rows; only adapter and head parameters get gradients."""
+def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerator, show_progress: bool,
+        resume: bool = False) -> None:
+    """Cross-entropy on the k-shot rows; only adapter and head parameters get gradients. With
+    `training.checkpoint_every` the main process checkpoints the run; `resume` continues its checkpoint."""
     config = recipe.training
     steps, order = _schedule(len(rows), config, accelerator.num_processes)
     # A fixed stream of row indices, cut into consecutive batches that Accelerate deals out to the
@@ -98,9 +103,15 @@ def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerat
     # The prepared scheduler advances once per process at each step, hence the factor.
     n = accelerator.num_processes
     scheduler = accelerator.prepare(get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps) * n, steps * n))
+    identity = run_identity(recipe, model.backbone.fingerprint, n)
+    step = _start_step(recipe, identity, model, optimizer, scheduler, accelerator, resume)
+    if step:  # the row stream is fixed, so skipping the batches already trained on continues it exactly
+        loader = accelerator.skip_first_batches(loader, step * config.grad_accum)
     prepared.train()
-    progress = tqdm(total=steps, desc=f"train {recipe.task}", disable=not (show_progress and accelerator.is_main_process))
-    for batch in loader:
+    progress = tqdm(total=steps, initial=step, desc=f"train {recipe.task}",
+                    disable=not (show_progress and accelerator.is_main_process))
+    for index, batch in enumerate(loader, start=step * config.grad_accum):
+        _seed_dropout(config.seed, index, accelerator)
         with accelerator.accumulate(prepared):
             labels = batch.pop("labels")
             loss = torch.nn.functional.cross_entropy(prepared(**batch), labels)
@@ -109,10 +120,43 @@ def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerat
             scheduler.step()
             optimizer.zero_grad()
         if accelerator.sync_gradients:
+            step += 1
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}")
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and accelerator.is_main_process:
+                save_checkpoint(checkpoint_folder(recipe), step, model, optimizer, scheduler, identity)
     progress.close()
     prepared.eval()
+
+
+def _start_step(recipe: Recipe, identity: dict, model: AdapterModel, optimizer, scheduler, accelerator: Accelerator,
+                resume: bool) -> int:
+    """0, or with `resume` the step of the run's checkpoint, restored into model, optimizer and scheduler."""
+    if (resume or recipe.training.checkpoint_every) and accelerator.distributed_type in (DistributedType.FSDP,
+                                                                                         DistributedType.DEEPSPEED):
+        raise CheckpointError("checkpoints need one process or DDP: under FSDP or DeepSpeed a process holds a shard")
+    folder = checkpoint_folder(recipe)
+    if not resume:
+        if has_checkpoint(folder) and accelerator.is_main_process:
+            log.info("a checkpoint of an earlier run is in %s; training from the start replaces it (--resume "
+                     "continues it)", folder)
+        return 0
+    checkpoint = read_checkpoint(folder, identity)  # every process reads the same files
+    step = restore(checkpoint, model, optimizer, scheduler) if checkpoint else 0
+    if len(set(gather_object([step]))) > 1:
+        raise CheckpointError(f"the processes found different checkpoints in {folder}: resuming several machines "
+                              "needs the store on a shared filesystem")
+    if accelerator.is_main_process and checkpoint:
+        log.info("resuming from %s at step %d", folder, step)
+    elif accelerator.is_main_process:
+        log.info("no checkpoint in %s: training from the start", folder)
+    return step
+
+
+def _seed_dropout(seed: int, batch_index: int, accelerator: Accelerator) -> None:
+    """Dropout masks drawn from (seed, batch) alone, a stream per process, so that a resumed run draws
+    the masks of the uninterrupted one; a reseed costs microseconds."""
+    torch.manual_seed((seed % 2**31) * 2**32 + batch_index * accelerator.num_processes + accelerator.process_index)
 
 
 def _schedule(num_rows: int, config, processes: int) -> tuple[int, list[int]]:
