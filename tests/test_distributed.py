@@ -69,3 +69,42 @@ def test_two_processes_train_one_adapter_like_one_process(tmp_path):
     assert len(outputs) == 1 and Path(outputs[0]["adapter_path"]).is_dir()
     assert [p.name for p in (tmp_path / "cli" / "sst2").iterdir()] == ["lora-k8-s0"]
     assert done.stderr.count("trainable parameters:") == 1
+
+
+# Trains a tiny recipe under `accelerate launch`; with "stop", the main process dies right after its
+# checkpoint at step 4 (MPI then ends the other rank), as a killed job would.
+RESUMABLE = """
+import os, sys
+import adapterlab.train
+from adapterlab.recipe import validate_recipe
+mode, backbone, store = sys.argv[1:4]
+recipe = validate_recipe({"task": "sentiment", "backbone": backbone, "method": {"name": "lora", "r": 4},
+                          "data": {"path": "demo:sentiment", "k": 4}, "output": {"store": store},
+                          "training": {"max_steps": 6, "batch_size": 2, "checkpoint_every": 2}})
+if mode == "stop":
+    save = adapterlab.train.save_checkpoint
+    def save_then_die(folder, step, *args):
+        save(folder, step, *args)
+        if step == 4:
+            os._exit(1)
+    adapterlab.train.save_checkpoint = save_then_die
+adapterlab.train.train(recipe, show_progress=False, resume=mode == "resume")
+"""
+
+
+def test_two_processes_resume_a_checkpoint_to_the_uninterrupted_adapter(tiny_bert, tmp_path):
+    script = tmp_path / "resumable.py"
+    script.write_text(RESUMABLE)
+    run = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs/cpu-2proc.yaml"), str(script)]
+    env = {**os.environ, **MPI_AS_ROOT}
+    launch("cpu-2proc.yaml", str(script), "whole", tiny_bert, str(tmp_path / "whole"), cwd=tmp_path)
+    stopped = subprocess.run([*run, "stop", tiny_bert, str(tmp_path / "resumed")], capture_output=True, text=True,
+                             timeout=900, cwd=ROOT, env=env)
+    assert stopped.returncode != 0
+    assert (tmp_path / "resumed/.checkpoints/sentiment/lora-k4-s0/step-4.safetensors").is_file()
+    launch("cpu-2proc.yaml", str(script), "resume", tiny_bert, str(tmp_path / "resumed"), cwd=tmp_path)
+    for name in ("adapter_model.safetensors", "head.safetensors"):
+        whole = load_file(tmp_path / "whole/sentiment/lora-k4-s0" / name)
+        resumed = load_file(tmp_path / "resumed/sentiment/lora-k4-s0" / name)
+        assert all(torch.allclose(whole[k], resumed[k], atol=1e-6) for k in whole), name
+    assert not (tmp_path / "resumed/.checkpoints").exists()
