@@ -58,6 +58,10 @@ def test_report_means_checks_and_files(tmp_path):
     assert image.shape[1] > 300 and image.std() > 0.05
     json.dumps(report)  # the report is plain JSON
 
+    setfit_only = fewshot.build_report({}, [], setfit, ["sst2", "banking77"], [0, 1, 2], 16)
+    assert [c["pass"] for c in setfit_only["targets"].values() if isinstance(c, dict)] == [None, None, None]
+    assert "**not measured**" in fewshot.markdown(setfit_only) and not setfit_only["targets"]["meets_targets"]
+
 
 @pytest.mark.parametrize("adapter_accuracy, seconds, meets", [(0.80, 5.0, True), (0.74, 5.0, False),
                                                               (0.80, 7.0, False)])
