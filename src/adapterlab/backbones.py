@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -248,9 +249,10 @@ def _cut(tokenizer, text: str, budget: int) -> str:
 
 
 def features(backbone: Backbone, model: torch.nn.Module, batch: dict, need_hidden: bool,
-             prefix: "Prefix | None" = None) -> Features:
+             prefix: "Prefix | None" = None, stem: "Stem | None" = None) -> Features:
     """Run `model` (the backbone, possibly wrapped by an adapter) on a tokenized batch, optionally
-    with per-row attention prefixes (the engine's way to serve prefix adapters in mixed batches)."""
+    with per-row attention prefixes (the engine's way to serve prefix adapters in mixed batches), or
+    from an encoder's `stem` states on (training's way to skip frozen layers it has run once)."""
     mask = batch["attention_mask"]
     inputs = dict(batch)
     if backbone.kind == "decoder":  # positions count real tokens only: answers do not depend on padding
@@ -262,7 +264,8 @@ def features(backbone: Backbone, model: torch.nn.Module, batch: dict, need_hidde
         positions = inputs.get("position_ids", torch.arange(mask.shape[1]).expand_as(mask))
         inputs["position_ids"] = positions + prefix.lengths[:, None]
     if backbone.kind == "encoder":
-        return Features(model(**inputs).last_hidden_state, mask)
+        with _encoder_layers(model, start=stem.layers if stem else 0, stop=None, start_states=stem and stem.states):
+            return Features(model(**inputs).last_hidden_state, mask)
     out = model(**inputs, logits_to_keep=1, output_hidden_states=need_hidden)
     hidden = out.hidden_states[-1] if need_hidden else None
     return Features(hidden, mask, out.logits[:, -1])
@@ -276,3 +279,49 @@ class Prefix:
     key_values: list[tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor
     lengths: torch.Tensor
+
+
+@dataclass
+class Stem:
+    """An encoder's hidden states after its first `layers` layers, (B, T, H), for a batch."""
+
+    layers: int
+    states: torch.Tensor
+
+
+def supports_stem(model: torch.nn.Module) -> bool:
+    return _encoder_parts(model) is not None
+
+
+@torch.no_grad()
+def stem_states(model: torch.nn.Module, batch: dict, layers: int) -> torch.Tensor:
+    """Hidden states of a tokenized batch after the encoder's first `layers` layers."""
+    with _encoder_layers(model, start=0, stop=layers, start_states=None):
+        return model(**batch).last_hidden_state
+
+
+@contextmanager
+def _encoder_layers(model: torch.nn.Module, start: int, stop: int | None, start_states: torch.Tensor | None):
+    """Run only layers [start, stop) of a BERT-family encoder, fed `start_states` in place of the
+    embeddings' output. The model's own forward still builds the attention mask, so nothing of it is
+    re-implemented here."""
+    if start == 0 and stop is None:
+        yield
+        return
+    encoder, embeddings, layers = _encoder_parts(model)
+    hook = embeddings.register_forward_hook(lambda module, args, output: start_states) if start_states is not None else None
+    encoder.layer = layers[start:stop]
+    try:
+        yield
+    finally:
+        encoder.layer = layers
+        if hook is not None:
+            hook.remove()
+
+
+def _encoder_parts(model: torch.nn.Module):
+    """(encoder, embeddings, layer list) of a BERT-family model, through a peft wrapper; else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    encoder, embeddings = getattr(base, "encoder", None), getattr(base, "embeddings", None)
+    layers = getattr(encoder, "layer", None)
+    return (encoder, embeddings, layers) if isinstance(layers, torch.nn.ModuleList) and embeddings is not None else None

@@ -1,10 +1,12 @@
 """AdapterModel: the frozen backbone under one PEFT adapter, plus the task's head."""
 
+import re
+
 import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from adapterlab.backbones import Backbone, features, tokenize
+from adapterlab.backbones import Backbone, Stem, features, stem_states, supports_stem, tokenize
 from adapterlab.heads import build_head, uses_chat
 from adapterlab.methods import method_module
 
@@ -26,9 +28,27 @@ class AdapterModel(nn.Module):
     def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, torch.Tensor]:
         return tokenize(self.backbone, texts, pairs, self.template, self.max_length, self.chat)
 
-    def forward(self, input_ids, attention_mask, **extra) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, stem_states: torch.Tensor | None = None, **extra) -> torch.Tensor:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
-        return self.head(features(self.backbone, self.peft_model, batch, self.head.needs_hidden))
+        stem = Stem(self.stem_layers, stem_states) if stem_states is not None else None
+        return self.head(features(self.backbone, self.peft_model, batch, self.head.needs_hidden, stem=stem))
+
+    @property
+    def stem_layers(self) -> int:
+        """How many of an encoder's lower layers hold nothing trainable: training runs them once per row,
+        without dropout, instead of at every epoch (0 when they cannot be skipped)."""
+        if not supports_stem(self.peft_model):
+            return 0
+        trainable = [name for name, p in self.peft_model.named_parameters() if p.requires_grad]
+        layers = [re.search(r"\.layer\.(\d+)\.", name) for name in trainable]
+        if not trainable or not all(layers):  # e.g. prefix-tuning: its prefix reaches every layer
+            return 0
+        return min(int(match.group(1)) for match in layers)
+
+    def stem_states(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Each row's states after the `stem_layers` frozen layers, without padding."""
+        states = stem_states(self.peft_model, batch, self.stem_layers)
+        return [row[mask.bool()] for row, mask in zip(states, batch["attention_mask"])]
 
     @torch.no_grad()
     def scores(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> torch.Tensor:

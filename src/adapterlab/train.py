@@ -97,9 +97,10 @@ def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerat
     steps, order = _schedule(len(rows), config, accelerator.num_processes)
     # A fixed stream of row indices, cut into consecutive batches that Accelerate deals out to the
     # processes: one process with batch 16 sees the same global batches as two with batch 8.
-    loader = DataLoader(order, batch_size=config.batch_size, collate_fn=lambda indices: _batch(model, rows, indices))
+    loader = DataLoader(order, batch_size=config.batch_size, collate_fn=lambda indices: _batch(model, rows, indices, stem))
     optimizer = torch.optim.AdamW(_param_groups(model, recipe), weight_decay=config.weight_decay)
     prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    stem = _stem_states(model, rows, config.eval_batch_size)  # read by the loader's collate_fn
     # The prepared scheduler advances once per process at each step, hence the factor.
     n = accelerator.num_processes
     scheduler = accelerator.prepare(get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps) * n, steps * n))
@@ -182,10 +183,31 @@ def _param_groups(model: AdapterModel, recipe: Recipe) -> list[dict]:
     return groups
 
 
-def _batch(model: AdapterModel, rows: Split, indices: list[int]) -> dict[str, torch.Tensor]:
+def _stem_states(model: AdapterModel, rows: Split, batch_size: int) -> list[torch.Tensor] | None:
+    """Each row's states after the encoder's lower layers that hold nothing trainable (LoRA on the top
+    layers only), computed once instead of at every epoch; None when no layer can be skipped."""
+    if not model.stem_layers:
+        return None
+    model.eval()
+    device = next(model.peft_model.parameters()).device
+    states = []
+    for start in range(0, len(rows), batch_size):
+        chosen = rows.select(list(range(start, min(start + batch_size, len(rows)))))
+        batch = model.tokenize(chosen.texts, chosen.text_pairs)
+        states += [row.cpu() for row in model.stem_states({k: v.to(device) for k, v in batch.items()})]
+    return states
+
+
+def _batch(model: AdapterModel, rows: Split, indices: list[int], stem: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
     chosen = rows.select(indices)
     batch = model.tokenize(chosen.texts, chosen.text_pairs)
     batch["labels"] = torch.tensor(chosen.labels)
+    if stem is not None:  # encoders pad on the right: each row's states fill its first positions
+        mask = batch["attention_mask"]
+        states = torch.zeros(*mask.shape, stem[0].shape[-1], dtype=stem[0].dtype)
+        for row, index in enumerate(indices):
+            states[row, :len(stem[index])] = stem[index]
+        batch["stem_states"] = states
     return batch
 
 
