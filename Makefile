@@ -28,6 +28,8 @@ bench: setup
 	$(PY) benchmarks/train_speed.py
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/scaling.py
+	$(PY) benchmarks/quantized.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

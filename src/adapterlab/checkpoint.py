@@ -56,8 +56,9 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer, 
     """Write the run's state after `step` optimizer steps (call it on one process only)."""
     tensors = {f"param/{name}": p.detach().cpu().contiguous() for name, p in _trainable(model).items()}
     optimizer_state = optimizer.state_dict()
-    for number, values in optimizer_state["state"].items():
-        tensors.update({f"optimizer/{number}/{key}": value.detach().cpu().contiguous() for key, value in values.items()})
+    for number, values in optimizer_state["state"].items():  # AdamW: step, exp_avg, exp_avg_sq
+        for key, value in values.items():
+            tensors[f"optimizer/{number}/{key}"] = value.detach().cpu().contiguous()
     weights = f"step-{step}.safetensors"
     index = {**identity, "step": step, "weights": weights, "param_groups": optimizer_state["param_groups"],
              "scheduler": scheduler.state_dict()}
@@ -83,7 +84,8 @@ def read_checkpoint(folder: Path, identity: dict) -> Checkpoint | None:
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         raise CheckpointError(f"checkpoint {folder} is damaged ({type(error).__name__}: {error}); "
                               "delete it to train from the start") from None
-    differences = [_difference(key, index.get(key), value) for key, value in identity.items() if index.get(key) != value]
+    differences = [_difference(key, index.get(key), value) for key, value in identity.items()
+                   if index.get(key) != value]
     if differences:
         raise CheckpointError(f"checkpoint {folder} belongs to another run ({'; '.join(differences)}): "
                               "delete it, or train without --resume to start over")
