@@ -77,6 +77,18 @@ def test_resumed_run_equals_the_uninterrupted_one(tiny_bert, tmp_path, monkeypat
     assert verify(resumed.adapter_path) == []
 
 
+def test_next_checkpoint_clears_a_killed_write(tiny_bert, tmp_path, monkeypatch):
+    folder = interrupted_run(tmp_path, tiny_bert, monkeypatch, at_step=2)
+    partial = folder / ".step-4.safetensors.4242424.tmp"  # what a kill during a write leaves
+    partial.write_bytes(b"half a tensor file")
+    recipe = recipe_in(tmp_path, tiny_bert)
+    with monkeypatch.context() as patch:
+        stop_after_checkpoint(patch, 4)
+        with pytest.raises(Stopped):
+            train(recipe, show_progress=False, resume=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.json", "step-4.safetensors"]
+
+
 def test_resume_without_a_checkpoint_starts_from_the_beginning(tiny_bert, tmp_path, caplog):
     caplog.set_level("INFO", logger="adapterlab")
     result = train(recipe_in(tmp_path, tiny_bert), show_progress=False, resume=True)

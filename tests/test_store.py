@@ -1,6 +1,9 @@
 """The adapter store on a tiny random BERT: atomic saves, verification, reload, refusals."""
 
 import json
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -97,3 +100,25 @@ def test_unknown_reference_and_path_escape(trained):
         resolve(store, "nope")
     with pytest.raises(StoreError, match="no '..'"):
         resolve(store, "../sentiment/x")
+
+
+
+def test_leftovers_of_a_killed_save_are_tidied(trained, tiny_bert):
+    """A save killed between its steps leaves hidden folders; the next save of that name removes its
+    staging folder, puts back an adapter it had moved aside, and leaves a running save's folder alone."""
+    store, result = trained
+    task_dir = store / "sentiment"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    shutil.copytree(result.adapter_path, task_dir / f".third.replaced-{dead.pid}")  # killed between renames
+    (task_dir / f".third.saving-{dead.pid}-abc").mkdir()
+    live = task_dir / f".third.saving-{os.getpid()}-live"
+    live.mkdir()
+    hidden = lambda: sorted(p.name for p in task_dir.iterdir() if p.name.startswith(".third"))
+    assert "third" not in [c.name for c in list_adapters(store)]
+
+    store_module._tidy_leftovers(task_dir, "third")  # what the next save of "third" does first
+    assert verify(task_dir / "third") == [] and hidden() == [live.name]
+    train(validate_recipe(tiny_recipe(tiny_bert, store, output={"name": "third"})), show_progress=False)
+    assert read_card(task_dir / "third").name == "third" and hidden() == [live.name]
+    live.rmdir()

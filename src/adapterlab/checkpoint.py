@@ -68,6 +68,8 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer, 
     for old in folder.glob("step-*.safetensors"):
         if old.name != weights:
             old.unlink()
+    for partial in folder.glob(".*.tmp"):  # a write killed mid-way (this one's are gone by now)
+        partial.unlink(missing_ok=True)
 
 
 def has_checkpoint(folder: Path) -> bool:

@@ -1,5 +1,6 @@
 """AdapterModel: the frozen backbone under one PEFT adapter, plus the task's head."""
 
+import functools
 import re
 
 import torch
@@ -33,10 +34,11 @@ class AdapterModel(nn.Module):
         stem = Stem(self.stem_layers, stem_states) if stem_states is not None else None
         return self.head(features(self.backbone, self.peft_model, batch, self.head.needs_hidden, stem=stem))
 
-    @property
+    @functools.cached_property
     def stem_layers(self) -> int:
         """How many of an encoder's lower layers hold nothing trainable: training runs them once per row,
-        without dropout, instead of at every epoch (0 when they cannot be skipped)."""
+        without dropout, instead of at every epoch (0 when they cannot be skipped). Computed once: which
+        parameters train is settled when the model is built, and forward reads this at every step."""
         if not supports_stem(self.peft_model):
             return 0
         trainable = [name for name, p in self.peft_model.named_parameters() if p.requires_grad]

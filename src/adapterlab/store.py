@@ -6,6 +6,7 @@ is written under a hidden temporary name and renamed into place, so a crash mid-
 half adapter that `list_adapters` shows. Only safetensors are read: nothing is ever unpickled.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -61,7 +62,8 @@ def save_adapter(model: AdapterModel, card: AdapterCard, store: str | Path) -> t
     task_dir = Path(store) / card.task
     task_dir.mkdir(parents=True, exist_ok=True)
     target = task_dir / card.name
-    staging = Path(tempfile.mkdtemp(dir=task_dir, prefix=f".{card.name}.saving-"))
+    _tidy_leftovers(task_dir, card.name)
+    staging = Path(tempfile.mkdtemp(dir=task_dir, prefix=f".{card.name}.saving-{os.getpid()}-"))
     try:
         model.peft_model.save_pretrained(staging, safe_serialization=True,
                                          selected_adapters=[model.peft_model.active_adapter])
@@ -88,6 +90,31 @@ def _replace_dir(new: Path, target: Path) -> None:
     new.rename(target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _tidy_leftovers(task_dir: Path, name: str) -> None:
+    """Clear what a save of NAME killed mid-way left in its task folder: a staging folder is removed;
+    an adapter it had moved aside is put back when nothing replaced it. Saves still running are left
+    alone (their process id is in the name)."""
+    for leftover in task_dir.glob(f".{glob.escape(name)}.*"):
+        kind, _, rest = leftover.name[len(name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind not in ("saving", "replaced") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "replaced" and not (task_dir / name).exists():
+            leftover.rename(task_dir / name)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _fsync_tree(folder: Path) -> None:
