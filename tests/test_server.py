@@ -341,6 +341,31 @@ def test_shutdown_lets_requests_in_flight_finish(tiny_bert, adapters):
             assert [future.result().status_code for future in futures] == [200] * len(TEXTS)
 
 
+def test_a_full_queue_answers_503_and_the_queued_requests_finish(tiny_bert, adapters):
+    app = create_app(adapters[0], tiny_bert, settings=Settings(max_queued_rows=4, max_wait_ms=0))
+    server = app.state.server
+    busy, release = threading.Event(), threading.Event()
+    predict_batch = server.engine.predict_batch
+    server.engine.predict_batch = lambda requests: (busy.set(), release.wait(30), predict_batch(requests))[2]
+    with running(app) as (base_url, _), ThreadPoolExecutor(2) as pool:
+        def ask(rows):
+            return httpx.post(f"{base_url}/v1/classify", json={"adapter": "intent/a1", "inputs": TEXTS[:rows]},
+                              timeout=60)
+
+        running_batch = pool.submit(ask, 3)
+        assert busy.wait(30)  # the engine holds the first batch
+        queued = pool.submit(ask, 3)
+        deadline = time.monotonic() + 30
+        while server.queued_rows < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = ask(2)  # 3 + 2 rows would pass the limit of 4
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert "busy" in refused.json()["error"] and "limit 4" in refused.json()["error"]
+        release.set()
+        assert running_batch.result().status_code == queued.result().status_code == 200
+        assert ask(3).status_code == 200 and server.queued_rows == 0  # drained: admitted again
+
+
 def test_metrics_health_and_openapi(client):
     client.post("/v1/classify", json={"adapter": "sentiment/a0", "inputs": ["x"]})
     client.post("/v1/classify", json={"adapter": "sentiment/nope", "inputs": ["x"]})

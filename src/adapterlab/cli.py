@@ -274,6 +274,8 @@ def serve(store: Path = STORE,
           max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", help="How long a request waits to share a batch."),
           max_batch_rows: int = typer.Option(256, "--max-batch-rows", help="Rows that close a batch."),
           no_batching: bool = typer.Option(False, "--no-batching", help="One request, one forward (for comparison)."),
+          max_queued_rows: int = typer.Option(4096, "--max-queued-rows", help="Rows waiting for the engine "
+                                              "(more: 503 with Retry-After, so the client backs off)."),
           max_inputs: int = typer.Option(256, "--max-inputs", help="Inputs per request (more: 413)."),
           max_chars: int = typer.Option(20_000, "--max-chars", help="Characters per input (more: 413)."),
           max_upload_mb: float = typer.Option(64, "--max-upload-mb", help="Uploaded adapter archives (more: 413).")):
@@ -281,7 +283,8 @@ def serve(store: Path = STORE,
     from adapterlab.server import Settings, serve as run_server
 
     settings = Settings(max_wait_ms=max_wait_ms, max_batch_rows=max_batch_rows, batching=not no_batching,
-                        max_inputs=max_inputs, max_chars=max_chars, max_upload_bytes=int(max_upload_mb * 2**20))
+                        max_queued_rows=max_queued_rows, max_inputs=max_inputs, max_chars=max_chars,
+                        max_upload_bytes=int(max_upload_mb * 2**20))
     run_server(store, backbone, host, port, settings)
 
 

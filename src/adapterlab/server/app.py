@@ -144,8 +144,8 @@ def _answer(prediction: Prediction, top_k: int | None) -> dict:
 
 
 # --- errors, metrics and body limits -------------------------------------------------------------
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def _invalid(errors: list[dict]) -> JSONResponse:
@@ -158,7 +158,7 @@ def _invalid(errors: list[dict]) -> JSONResponse:
 async def _error_answer(request: HttpRequest, error: Exception) -> JSONResponse:
     """Every expected error as {"error": message} (`Gate` answers the unexpected ones)."""
     if isinstance(error, ApiError):
-        return _error(error.status, str(error))
+        return _error(error.status, str(error), error.headers)
     if isinstance(error, HTTPException):
         return _error(error.status_code, str(error.detail))
     return _invalid(error.errors())

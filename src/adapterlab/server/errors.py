@@ -4,6 +4,7 @@
 class ApiError(Exception):
     """An answer for the client: a status and a message."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers

@@ -10,6 +10,7 @@ class Settings:
     max_wait_ms: float = 2.0  # how long a batch's first request waits for company
     max_batch_rows: int = 256  # a batch closes once it holds this many rows
     batching: bool = True  # off: one request, one forward (the benchmark's baseline)
+    max_queued_rows: int = 4096  # rows waiting for the engine; more: 503, so a flood cannot grow the queue unbounded
     max_inputs: int = 256  # rows per request
     max_chars: int = 20_000  # per text, text pair, label or prompt
     max_labels: int = 64  # zero-shot labels per row

@@ -54,6 +54,7 @@ class Server:
     async def start(self) -> None:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="adapterlab-engine")
         self.queue: asyncio.Queue[Job | None] = asyncio.Queue()
+        self.queued_rows = 0  # rows in self.queue, not yet in a batch
         self.batcher = asyncio.create_task(self._batch_loop())
 
     async def stop(self) -> None:
@@ -86,9 +87,13 @@ class Server:
         """Answers for rows (each with its own adapter, or zero-shot labels), through the batcher."""
         self.check_size(len(rows), *(text for row in rows for text in (row.text, row.text_pair, *(row.labels or ()))))
         requests = [self._engine_request(row) for row in rows]
+        if self.queued_rows and self.queued_rows + len(requests) > self.settings.max_queued_rows:
+            raise ApiError(503, f"the server is busy: {self.queued_rows} rows wait for the engine (limit "
+                                f"{self.settings.max_queued_rows}); retry shortly", {"Retry-After": "1"})
         loop = asyncio.get_running_loop()
         job = Job(requests, loop.create_future(), loop.time())
         self.queue.put_nowait(job)
+        self.queued_rows += len(requests)
         return await job.future
 
     def _engine_request(self, row: BatchRow) -> Request:
@@ -110,7 +115,9 @@ class Server:
             if first is None:
                 break
             jobs, closing = await self._gather(first)
-            self.metrics.batch_rows.observe(sum(len(job.requests) for job in jobs))
+            rows = sum(len(job.requests) for job in jobs)
+            self.queued_rows -= rows
+            self.metrics.batch_rows.observe(rows)
             try:
                 outcomes = await self.on_worker(self._answer_batch, jobs)
             except Exception as error:  # a bug, not bad input: the batch's requests get a 500
