@@ -333,7 +333,11 @@ def _pct(value) -> str:
 
 
 def _stat(stats) -> str:
-    return "-" if not stats else f"{100 * stats['accuracy_mean']:.1f} ± {100 * stats['accuracy_std']:.1f}"
+    if not stats:
+        return "-"
+    if len(stats["per_seed"]) == 1:  # no spread to show: say which seed it is
+        return f"{100 * stats['accuracy_mean']:.1f} (seed {next(iter(stats['per_seed']))})"
+    return f"{100 * stats['accuracy_mean']:.1f} ± {100 * stats['accuracy_std']:.1f}"
 
 
 def _secs(stats, timeouts=None) -> str:

@@ -53,6 +53,8 @@ def test_report_means_checks_and_files(tmp_path):
     assert "| sst2 | 70.0 | 82.0 ± 2.0 | 72.0 ± 3.5 | 3.0 | 20.0 | 0.15 |" in table
     assert "| banking77 | - | - | - | - | > 900 (est. 90000) | - |" in table
     assert "**fail** (below: agnews)" in table
+    one_seed = fewshot.method_stats(cells("setfit", {"sst2": [0.70]}, seconds=20.0))
+    assert fewshot._stat(one_seed) == "70.0 (seed 0)"  # one run has no spread: the table says so
     fewshot.plot(report, tmp_path / "fewshot.png", 16)
     image = matplotlib.image.imread(tmp_path / "fewshot.png")
     assert image.shape[1] > 300 and image.std() > 0.05
