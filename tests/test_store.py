@@ -105,20 +105,26 @@ def test_unknown_reference_and_path_escape(trained):
 
 def test_leftovers_of_a_killed_save_are_tidied(trained, tiny_bert):
     """A save killed between its steps leaves hidden folders; the next save of that name removes its
-    staging folder, puts back an adapter it had moved aside, and leaves a running save's folder alone."""
+    staging folder, puts back an adapter it had moved aside, and leaves alone a running save's folder
+    and another machine's (whose process ids mean nothing here)."""
     store, result = trained
     task_dir = store / "sentiment"
     dead = subprocess.Popen(["true"])
     dead.wait()
-    shutil.copytree(result.adapter_path, task_dir / f".third.replaced-{dead.pid}")  # killed between renames
-    (task_dir / f".third.saving-{dead.pid}-abc").mkdir()
-    live = task_dir / f".third.saving-{os.getpid()}-live"
+    here = store_module._host()
+    shutil.copytree(result.adapter_path, task_dir / f".third.replaced-{dead.pid}@{here}")  # killed between renames
+    (task_dir / f".third.saving-{dead.pid}@{here}-abc").mkdir()
+    live = task_dir / f".third.saving-{os.getpid()}@{here}-live"
+    elsewhere = task_dir / f".third.saving-{dead.pid}@another_machine-xyz"
     live.mkdir()
+    elsewhere.mkdir()
+    kept = sorted([live.name, elsewhere.name])
     hidden = lambda: sorted(p.name for p in task_dir.iterdir() if p.name.startswith(".third"))
     assert "third" not in [c.name for c in list_adapters(store)]
 
     store_module._tidy_leftovers(task_dir, "third")  # what the next save of "third" does first
-    assert verify(task_dir / "third") == [] and hidden() == [live.name]
+    assert verify(task_dir / "third") == [] and hidden() == kept
     train(validate_recipe(tiny_recipe(tiny_bert, store, output={"name": "third"})), show_progress=False)
-    assert read_card(task_dir / "third").name == "third" and hidden() == [live.name]
+    assert read_card(task_dir / "third").name == "third" and hidden() == kept
     live.rmdir()
+    elsewhere.rmdir()

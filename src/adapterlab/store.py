@@ -9,7 +9,9 @@ half adapter that `list_adapters` shows. Only safetensors are read: nothing is e
 import glob
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -63,7 +65,7 @@ def save_adapter(model: AdapterModel, card: AdapterCard, store: str | Path) -> t
     task_dir.mkdir(parents=True, exist_ok=True)
     target = task_dir / card.name
     _tidy_leftovers(task_dir, card.name)
-    staging = Path(tempfile.mkdtemp(dir=task_dir, prefix=f".{card.name}.saving-{os.getpid()}-"))
+    staging = Path(tempfile.mkdtemp(dir=task_dir, prefix=f".{card.name}.saving-{_owner()}-"))
     try:
         model.peft_model.save_pretrained(staging, safe_serialization=True,
                                          selected_adapters=[model.peft_model.active_adapter])
@@ -85,7 +87,7 @@ def _replace_dir(new: Path, target: Path) -> None:
     """Rename `new` to `target`; an old `target` is moved aside first and removed after."""
     old = None
     if target.exists():
-        old = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+        old = target.with_name(f".{target.name}.replaced-{_owner()}")
         target.rename(old)
     new.rename(target)
     if old is not None:
@@ -95,16 +97,26 @@ def _replace_dir(new: Path, target: Path) -> None:
 def _tidy_leftovers(task_dir: Path, name: str) -> None:
     """Clear what a save of NAME killed mid-way left in its task folder: a staging folder is removed;
     an adapter it had moved aside is put back when nothing replaced it. Saves still running are left
-    alone (their process id is in the name)."""
+    alone (their process id is in the name), and so are other machines' (a shared store): whether
+    they still run cannot be told from here."""
     for leftover in task_dir.glob(f".{glob.escape(name)}.*"):
         kind, _, rest = leftover.name[len(name) + 2:].partition("-")
-        pid = rest.split("-")[0]
-        if kind not in ("saving", "replaced") or not pid.isdigit() or _alive(int(pid)):
+        pid, _, host = rest.split("-")[0].partition("@")
+        if kind not in ("saving", "replaced") or not pid.isdigit() or host != _host() or _alive(int(pid)):
             continue
         if kind == "replaced" and not (task_dir / name).exists():
             leftover.rename(task_dir / name)
         else:
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _owner() -> str:
+    """PID@HOST, written into the names of a save's temporary folders."""
+    return f"{os.getpid()}@{_host()}"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())  # no '-': it separates the name's parts
 
 
 def _alive(pid: int) -> bool:
