@@ -40,18 +40,23 @@ def stop_after_checkpoint(monkeypatch, at_step: int) -> None:
     monkeypatch.setattr(adapterlab.train, "save_checkpoint", save_then_stop)
 
 
-def recipe_in(store: Path, tiny_bert: str, **training):
+# Tied labels, four of the intent task's five a step: resuming must draw the labels of the uninterrupted run.
+TIED = {"head": {"tie_labels": True, "tie_labels_per_step": 4}, "data": {"path": "demo:intent", "k": 4}}
+
+
+def recipe_in(store: Path, tiny_bert: str, tied: bool = False, **training):
     # Dropout stays on (LoRA and head): resuming must draw the same masks as the uninterrupted run.
     return validate_recipe(tiny_recipe(tiny_bert, store, training={"max_steps": 6, "batch_size": 4,
-                                                                   "checkpoint_every": 2, **training}))
+                                                                   "checkpoint_every": 2, **training},
+                                       **(TIED if tied else {})))
 
 
 def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return {**load_file(folder / "adapter_model.safetensors"), **load_file(folder / "head.safetensors")}
 
 
-def interrupted_run(store: Path, tiny_bert: str, monkeypatch, at_step: int = 4, **training) -> Path:
-    recipe = recipe_in(store, tiny_bert, **training)
+def interrupted_run(store: Path, tiny_bert: str, monkeypatch, at_step: int = 4, tied: bool = False, **training) -> Path:
+    recipe = recipe_in(store, tiny_bert, tied, **training)
     with monkeypatch.context() as patch:
         stop_after_checkpoint(patch, at_step)
         with pytest.raises(Stopped):
@@ -61,13 +66,13 @@ def interrupted_run(store: Path, tiny_bert: str, monkeypatch, at_step: int = 4, 
     return folder
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_resumed_run_equals_the_uninterrupted_one(tiny_bert, tmp_path, monkeypatch, grad_accum):
-    whole = train(recipe_in(tmp_path / "whole", tiny_bert, grad_accum=grad_accum), show_progress=False)
-    folder = interrupted_run(tmp_path / "resumed", tiny_bert, monkeypatch, grad_accum=grad_accum)
+@pytest.mark.parametrize("grad_accum, tied", [(1, False), (2, False), (1, True)])
+def test_resumed_run_equals_the_uninterrupted_one(tiny_bert, tmp_path, monkeypatch, grad_accum, tied):
+    whole = train(recipe_in(tmp_path / "whole", tiny_bert, tied, grad_accum=grad_accum), show_progress=False)
+    folder = interrupted_run(tmp_path / "resumed", tiny_bert, monkeypatch, tied=tied, grad_accum=grad_accum)
     assert list_adapters(tmp_path / "resumed") == []  # the hidden checkpoint is no adapter
 
-    resumed = train(recipe_in(tmp_path / "resumed", tiny_bert, grad_accum=grad_accum), show_progress=False, resume=True)
+    resumed = train(recipe_in(tmp_path / "resumed", tiny_bert, tied, grad_accum=grad_accum), show_progress=False, resume=True)
     expected, got = adapter_tensors(whole.adapter_path), adapter_tensors(resumed.adapter_path)
     assert expected.keys() == got.keys()
     for name in expected:

@@ -25,12 +25,16 @@ class ClassifierHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(hidden_size, num_labels)
 
-    def forward(self, features: Features) -> torch.Tensor:
+    def forward(self, features: Features, rows: torch.Tensor | None = None,
+                label_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores against the classifier's rows, or (tied training) against `rows`, the vectors of
+        the labels `label_ids`, in their place."""
         pooled = self.dropout(pool(features, self.pooling))
         if self.cosine_scale is None:
             return self.linear(pooled)
-        weight = nn.functional.normalize(self.linear.weight, dim=-1)
-        return self.cosine_scale * nn.functional.normalize(pooled, dim=-1) @ weight.T + self.linear.bias
+        weight = nn.functional.normalize(self.linear.weight if rows is None else rows, dim=-1)
+        bias = self.linear.bias if label_ids is None else self.linear.bias[label_ids]
+        return self.cosine_scale * nn.functional.normalize(pooled, dim=-1) @ weight.T + bias
 
     @torch.no_grad()
     def init_from(self, label_embeddings: torch.Tensor) -> None:
@@ -80,6 +84,12 @@ def label_embeddings(backbone, descriptions: list[str], templates: list[str], po
     vectors = [nn.functional.normalize(embed(backbone, [t.format(label=d) for d in descriptions], pooling, "{text}"),
                                        dim=-1) for t in templates]
     return torch.stack(vectors).mean(0)
+
+
+def tokenize_label_texts(backbone, descriptions: list[str], templates: list[str]) -> dict[str, torch.Tensor]:
+    """Every template filled with every description, tokenized as `embed` reads them: (templates × labels) rows."""
+    texts = [t.format(label=d) for t in templates for d in descriptions]
+    return tokenize(backbone, texts, None, "{text}", max_length=128, chat=False)
 
 
 @torch.no_grad()

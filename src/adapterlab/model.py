@@ -8,15 +8,20 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from adapterlab.backbones import Backbone, Stem, features, stem_states, supports_stem, tokenize
-from adapterlab.heads import build_head, uses_chat
+from adapterlab.errors import AdapterlabError
+from adapterlab.heads import ClassifierHead, build_head, pool, tokenize_label_texts, uses_chat
 from adapterlab.methods import method_module
 
 
 class AdapterModel(nn.Module):
-    """Label scores for texts: backbone + adapter → features → head."""
+    """Label scores for texts: backbone + adapter → features → head.
+
+    With `label_texts` (tokenized label descriptions, `head.tie_labels`), training scores texts against
+    the labels' descriptions embedded through the adapted backbone, so that the adapter learns both
+    sides, as a bi-encoder; `settle_label_vectors` then writes them into the head's rows."""
 
     def __init__(self, backbone: Backbone, peft_model: PeftModel, head: nn.Module, label_names: list[str],
-                 head_config, max_length: int):
+                 head_config, max_length: int, label_texts: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.backbone = backbone  # a plain attribute: its model is already inside peft_model
         self.peft_model = peft_model
@@ -25,14 +30,45 @@ class AdapterModel(nn.Module):
         self.template = head_config.template
         self.chat = uses_chat(head_config, backbone)
         self.max_length = max_length
+        self.tied = label_texts is not None
+        if self.tied:  # buffers, so that they follow the model to its device; not part of any saved state
+            self.register_buffer("label_input_ids", label_texts["input_ids"], persistent=False)
+            self.register_buffer("label_attention_mask", label_texts["attention_mask"], persistent=False)
 
     def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, torch.Tensor]:
         return tokenize(self.backbone, texts, pairs, self.template, self.max_length, self.chat)
 
-    def forward(self, input_ids, attention_mask, stem_states: torch.Tensor | None = None, **extra) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, stem_states: torch.Tensor | None = None,
+                label_ids: torch.Tensor | None = None, **extra) -> torch.Tensor:
+        """Scores over all labels; with `label_ids` (tied training), over those labels, against their
+        description vectors."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
         stem = Stem(self.stem_layers, stem_states) if stem_states is not None else None
-        return self.head(features(self.backbone, self.peft_model, batch, self.head.needs_hidden, stem=stem))
+        hidden = features(self.backbone, self.peft_model, batch, self.head.needs_hidden, stem=stem)
+        if label_ids is None:
+            return self.head(hidden)
+        return self.head(hidden, self.label_vectors(label_ids), label_ids)
+
+    def label_vectors(self, label_ids: torch.Tensor) -> torch.Tensor:
+        """The descriptions of `label_ids` through the adapted backbone: unit vectors averaged over the
+        templates, as the head's rows were first computed on the bare backbone."""
+        templates = self.label_input_ids.shape[0] // len(self.label_names)
+        rows = (torch.arange(templates, device=label_ids.device)[:, None] * len(self.label_names) + label_ids).flatten()
+        mask = self.label_attention_mask[rows]
+        keep = mask.any(0)  # drop the columns that are padding in every chosen row
+        batch = {"input_ids": self.label_input_ids[rows][:, keep], "attention_mask": mask[:, keep]}
+        pooled = pool(features(self.backbone, self.peft_model, batch, need_hidden=True), self.head.pooling)
+        return nn.functional.normalize(pooled, dim=-1).view(templates, len(label_ids), -1).mean(0)
+
+    @torch.no_grad()
+    def settle_label_vectors(self) -> None:
+        """After tied training: the labels' final vectors become the head's rows, so that the saved
+        head is a plain classifier and serving never embeds a description."""
+        was_training = self.training
+        self.eval()
+        all_labels = torch.arange(len(self.label_names), device=self.label_input_ids.device)
+        self.head.linear.weight.copy_(self.label_vectors(all_labels))
+        self.train(was_training)
 
     @functools.cached_property
     def stem_layers(self) -> int:
@@ -75,9 +111,16 @@ def build_adapter_model(recipe, backbone: Backbone, label_names: list[str],
                         label_descriptions: list[str]) -> AdapterModel:
     """A fresh, trainable adapter and head for `recipe` on `backbone`."""
     head = build_head(recipe.head, backbone, label_names, label_descriptions)  # reads the bare backbone
+    label_texts = None
+    if recipe.head.tie_labels:
+        if not isinstance(head, ClassifierHead):
+            raise AdapterlabError("head.tie_labels needs a classifier head; this backbone's head is label_words "
+                                  "(set head.type: classifier)")
+        head.linear.weight.requires_grad_(False)  # while training, its rows come from the descriptions
+        label_texts = tokenize_label_texts(backbone, label_descriptions, recipe.head.label_templates)
     method = method_module(recipe.method.name)
     peft_model = get_peft_model(backbone.model, method.peft_config(recipe.method, backbone))
-    return AdapterModel(backbone, peft_model, head, label_names, recipe.head, recipe.training.max_length)
+    return AdapterModel(backbone, peft_model, head, label_names, recipe.head, recipe.training.max_length, label_texts)
 
 
 def load_adapter_model(folder, recipe, backbone: Backbone, label_names: list[str],

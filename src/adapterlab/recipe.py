@@ -31,6 +31,13 @@ class HeadConfig(_Section):
     init: Literal["label_descriptions", "random"] = Field(
         "label_descriptions", description="Classifier rows start as the embeddings of the label "
         "descriptions (labels.json) or names, i.e. at the zero-shot classifier; or at random.")
+    tie_labels: bool = Field(
+        False, description="While training, the classifier's rows are the label descriptions embedded "
+        "through the adapted backbone (the adapter learns both sides, as a bi-encoder); the last ones are "
+        "saved as a plain classifier. Needs cosine_scale and init label_descriptions.")
+    tie_labels_per_step: int = Field(
+        32, gt=1, description="With tie_labels and more labels than this, a step embeds its batch's labels "
+        "plus randomly drawn others up to this many (a sampled softmax), so its cost stays flat.")
     label_templates: list[str] = Field(
         ["{label}", "This text is about {label}."], min_length=1,
         description="Each label description is embedded through these templates, then averaged.")
@@ -42,6 +49,13 @@ class HeadConfig(_Section):
     label_words: dict[str, str] | None = Field(
         None, description="Label name → word the LLM should say (default: the label name, capitalised "
         "in chat mode, '_' read as a space).")
+
+    @model_validator(mode="after")
+    def _tied_labels_have_rows(self):
+        if self.tie_labels and (self.type == "label_words" or self.cosine_scale is None or self.init != "label_descriptions"):
+            raise ValueError("tie_labels needs a cosine classifier started from the label descriptions "
+                             "(type classifier or auto, cosine_scale set, init label_descriptions)")
+        return self
 
 
 class QuantizationConfig(_Section):

@@ -114,8 +114,7 @@ def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerat
     for index, batch in enumerate(loader, start=step * config.grad_accum):
         _seed_dropout(config.seed, index, accelerator)
         with accelerator.accumulate(prepared):
-            labels = batch.pop("labels")
-            loss = torch.nn.functional.cross_entropy(prepared(**batch), labels)
+            loss = _loss(prepared, model, batch, recipe.head.tie_labels_per_step)
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
@@ -127,7 +126,32 @@ def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerat
             if config.checkpoint_every and step % config.checkpoint_every == 0 and accelerator.is_main_process:
                 save_checkpoint(checkpoint_folder(recipe), step, model, optimizer, scheduler, identity)
     progress.close()
+    if model.tied:
+        model.settle_label_vectors()
     prepared.eval()
+
+
+def _loss(prepared, model: AdapterModel, batch: dict[str, torch.Tensor], labels_per_step: int) -> torch.Tensor:
+    """Cross-entropy over all labels, or for a tied model over the labels this step embeds."""
+    labels = batch.pop("labels")
+    if not model.tied:
+        return torch.nn.functional.cross_entropy(prepared(**batch), labels)
+    label_ids = _step_labels(labels, len(model.label_names), labels_per_step)
+    return torch.nn.functional.cross_entropy(prepared(**batch, label_ids=label_ids), torch.searchsorted(label_ids, labels))
+
+
+def _step_labels(labels: torch.Tensor, num_labels: int, limit: int) -> torch.Tensor:
+    """Sorted label ids a tied step scores against: all of them, or beyond `limit` the batch's own
+    labels plus others drawn at random up to `limit` (the draw follows the seeded dropout stream, so a
+    resumed run draws the same)."""
+    if num_labels <= limit:
+        return torch.arange(num_labels, device=labels.device)
+    present = labels.unique()
+    absent = torch.ones(num_labels, dtype=torch.bool)
+    absent[present.cpu()] = False
+    others = absent.nonzero().squeeze(1)
+    others = others[torch.randperm(len(others))[:max(limit - len(present), 0)]]
+    return torch.cat([present, others.to(labels.device)]).sort().values
 
 
 def _start_step(recipe: Recipe, identity: dict, model: AdapterModel, optimizer, scheduler, accelerator: Accelerator,

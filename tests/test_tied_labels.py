@@ -1,0 +1,91 @@
+"""head.tie_labels: training scores texts against the label descriptions embedded through the adapted
+backbone, then writes those vectors into a plain classifier."""
+
+import pytest
+import torch
+
+from adapterlab.backbones import load_backbone
+from adapterlab.data import load_task
+from adapterlab.engine import Engine
+from adapterlab.model import build_adapter_model, parameter_counts
+from adapterlab.recipe import RecipeError, validate_recipe
+from adapterlab.store import load_adapter, save_adapter
+from adapterlab.train import _batch, _step_labels, fit, make_card, setup, train
+from conftest import tiny_recipe
+
+TIED = {"tie_labels": True}
+
+
+def tied_model(tiny_bert, tmp_path, **head):
+    recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, head={**TIED, **head}, data={"path": "demo:intent", "k": 4}))
+    task = load_task(recipe.data)
+    return build_adapter_model(recipe, load_backbone(tiny_bert), task.label_names, task.label_descriptions), task
+
+
+def test_tied_scores_start_as_the_zero_shot_classifier(tiny_bert, tmp_path):
+    """Before training the adapter is the identity, so the descriptions embedded through it are the
+    head's first rows: tied and plain scores agree."""
+    model, task = tied_model(tiny_bert, tmp_path)
+    batch = _batch(model, task.train, [0, 3, 7, 11], stem=None)
+    batch.pop("labels")
+    model.eval()
+    every_label = torch.arange(len(task.label_names))
+    assert torch.allclose(model(**batch, label_ids=every_label), model(**batch), atol=1e-5)
+    some = torch.tensor([1, 4])
+    assert torch.allclose(model(**batch, label_ids=some), model(**batch)[:, some], atol=1e-5)
+    assert not model.head.linear.weight.requires_grad  # the descriptions, not the rows, are learnt
+    model.train()
+    model(**batch, label_ids=some).sum().backward()  # DDP needs a gradient on every trainable parameter
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_trained_rows_are_the_last_tied_vectors_and_reload(tiny_bert, tmp_path):
+    recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, head=TIED, data={"path": "demo:intent", "k": 4},
+                                         training={"max_steps": 4, "batch_size": 8, "lr": 5e-2}))
+    accelerator, task, model = setup(recipe)
+    start = model.head.linear.weight.clone()
+    fit(model, task.train, recipe, accelerator, show_progress=False)
+    rows = model.head.linear.weight
+    assert not torch.allclose(rows, start, atol=1e-3)  # the descriptions moved with the adapter
+    with torch.no_grad():
+        assert torch.allclose(model.label_vectors(torch.arange(len(task.label_names))), rows, atol=1e-6)
+
+    folder, _ = save_adapter(model, make_card(recipe, task, model, *parameter_counts(model), 0.0, {}), tmp_path)
+    reloaded, _ = load_adapter(folder, load_backbone(tiny_bert))  # a plain classifier: nothing tied
+    assert not reloaded.tied
+    texts = task.test.texts
+    expected = model.scores(texts)
+    assert torch.allclose(reloaded.scores(texts), expected, atol=1e-5)
+    served = Engine(tiny_bert, tmp_path).predict(str(folder), texts)
+    assert torch.allclose(torch.tensor([list(p.scores.values()) for p in served]), expected, atol=1e-5)
+
+
+def test_many_labels_are_sampled_per_step():
+    labels = torch.tensor([7, 2, 7, 40])
+    assert torch.equal(_step_labels(labels, 10, limit=32), torch.arange(10))
+    torch.manual_seed(0)
+    chosen = _step_labels(labels, 77, limit=8)
+    assert len(chosen) == 8 and len(chosen.unique()) == 8 and torch.equal(chosen, chosen.sort().values)
+    assert {2, 7, 40} <= set(chosen.tolist())
+    assert torch.equal(chosen[torch.searchsorted(chosen, labels)], labels)  # the loss's targets
+    torch.manual_seed(0)
+    assert torch.equal(_step_labels(labels, 77, limit=8), chosen)  # drawn from the seeded stream
+    assert len(_step_labels(torch.arange(12), 77, limit=8)) == 12  # a batch's own labels always stay
+
+
+def test_sampled_tied_run_is_repeatable(tiny_bert, tmp_path):
+    """Four labels a step out of five (the batch's own, then drawn); the same run twice gives the same adapter (resuming: test_checkpoint)."""
+    def run(store):
+        recipe = validate_recipe(tiny_recipe(tiny_bert, store, head={**TIED, "tie_labels_per_step": 4},
+                                             data={"path": "demo:intent", "k": 4},
+                                             training={"max_steps": 3, "batch_size": 4}))
+        return load_adapter(train(recipe, show_progress=False).adapter_path, load_backbone(tiny_bert))[0]
+    first, second = run(tmp_path / "a"), run(tmp_path / "b")
+    assert torch.equal(first.head.linear.weight, second.head.linear.weight)
+
+
+@pytest.mark.parametrize("head, problem", [({"cosine_scale": None}, "cosine"), ({"init": "random"}, "label_descriptions"),
+                                           ({"type": "label_words"}, "classifier")])
+def test_tie_labels_without_description_rows_is_refused(tiny_bert, tmp_path, head, problem):
+    with pytest.raises(RecipeError, match=f"head: .*tie_labels needs .*{problem}"):
+        validate_recipe(tiny_recipe(tiny_bert, tmp_path, head={**TIED, **head}))
