@@ -88,12 +88,10 @@ def run_sweep_cells(sweep, methods: list[str]) -> None:
 
 
 def sweep_rows(sweep) -> list[dict]:
-    """Finished sweep cells of this comparison (its datasets, k and seeds)."""
-    from adapterlab.sweep import read_results
+    """Finished sweep cells of this comparison (its datasets, k and seeds, under the current recipe)."""
+    from adapterlab.sweep import finished_cells
 
-    rows = read_results(Path(sweep.output) / sweep.name / "results.jsonl")
-    return [r for r in rows if r["dataset"] in sweep.datasets
-            and (r["k"] == 0 or (r["k"] == sweep.k[0] and r["seed"] in sweep.seeds))]
+    return finished_cells(sweep)
 
 
 # --- SetFit cells -----------------------------------------------------------------------------------------

@@ -49,6 +49,27 @@ def test_sweep_writes_table_and_plots_then_resumes(sweep_file, monkeypatch):
     assert len(list(csv.DictReader(open(folder / "results.csv")))) == len(rows)
 
 
+def test_cells_of_a_changed_recipe_run_again(sweep_file, monkeypatch):
+    sweep = load_sweep(sweep_file)
+    folder = run_sweep(sweep.model_copy(update={"k": [2], "seeds": [0]}), show_progress=False)
+    first = sweep_module.read_results(folder / "results.jsonl")
+    recipe = yaml.safe_load(open(sweep.methods["lora"]))
+    recipe["training"]["max_steps"] = 4
+    yaml.safe_dump(recipe, open(sweep.methods["lora"], "w"))
+
+    trained = []
+    real_train = sweep_module._train
+    monkeypatch.setattr(sweep_module, "_train", lambda *args: trained.append(args[1]["dataset"]) or real_train(*args))
+    monkeypatch.setattr(sweep_module, "_zero_shot", lambda *args: pytest.fail("zero-shot did not change"))
+    run_sweep(sweep.model_copy(update={"k": [2], "seeds": [0]}), show_progress=False)
+    assert sorted(trained) == ["sentiment", "topic"]
+    rows = sweep_module.read_results(folder / "results.jsonl")
+    assert len(rows) == len(first) + 2  # the earlier cells stay in the file ...
+    reported = list(csv.DictReader(open(folder / "results.csv")))
+    assert len(reported) == len(first)  # ... and out of the report
+    assert {r["settings"] for r in reported if r["method"] == "lora"} == {r["settings"] for r in rows[-2:]}
+
+
 @pytest.mark.parametrize("edit, fragment", [
     ({"methodz": {}}, "methodz: unknown key"),
     ({"k": "many"}, "k: Input should be a valid list"),

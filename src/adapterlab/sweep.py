@@ -1,12 +1,14 @@
 """Sweeps: datasets × methods × k × seeds in one command, resumable, with a table and plots.
 
 A sweep file names a backbone, datasets (data sections), methods (recipe files, or `zeroshot`), the
-k values and the seeds. Each finished cell is appended to results.jsonl at once, so an interrupted
-sweep resumes where it stopped; the report (CSV, JSON, markdown with mean ± std over seeds, PNG
-plots) is rebuilt from that file after every run.
+k values and the seeds. Each finished cell is appended to results.jsonl at once, with a digest of the
+settings it ran under, so an interrupted sweep resumes where it stopped and a cell whose recipe has
+changed since runs again; the report (CSV, JSON, markdown with mean ± std over seeds, PNG plots) is
+rebuilt after every run from the cells of the sweep as it now stands.
 """
 
 import csv
+import hashlib
 import json
 import statistics
 from pathlib import Path
@@ -68,7 +70,25 @@ def cells(sweep: Sweep) -> list[dict]:
                 continue
             grid += [{"dataset": dataset, "method": method, "k": k, "seed": seed}
                      for k in sweep.k for seed in sweep.seeds]
-    return grid
+    return [{**cell, "settings": _settings_digest(sweep, cell)} for cell in grid]
+
+
+def _settings_digest(sweep: Sweep, cell: dict) -> str:
+    """What a cell's result depends on, hashed: its whole recipe but `output` (zero-shot: the backbone,
+    the data section and the test rows). Not where the data lies: a moved checkout keeps its cells."""
+    if sweep.methods[cell["method"]] == ZERO_SHOT:
+        settings = {"backbone": sweep.backbone, "data": sweep.datasets[cell["dataset"]], "test_limit": sweep.test_limit}
+    else:
+        settings = cell_recipe(sweep, cell, Path(sweep.output)).model_dump(mode="json", exclude={"output"})
+    settings["data"] = {key: value for key, value in settings["data"].items() if key != "path"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def finished_cells(sweep: Sweep) -> list[dict]:
+    """The rows of results.jsonl that are cells of the sweep as it now stands (rows of cells since
+    removed, or run under other settings, stay in the file and out of the report)."""
+    wanted = {_key(cell) for cell in cells(sweep)}
+    return [row for row in read_results(Path(sweep.output) / sweep.name / "results.jsonl") if _key(row) in wanted]
 
 
 def run_sweep(sweep: Sweep, show_progress: bool = True) -> Path:
@@ -87,12 +107,12 @@ def run_sweep(sweep: Sweep, show_progress: bool = True) -> Path:
             metrics, seconds = _train(sweep, cell, folder)
         with open(results_file, "a") as handle:  # one line per finished cell: resumable
             handle.write(json.dumps({**cell, **metrics, "train_seconds": seconds}) + "\n")
-    write_report(read_results(results_file), folder)
+    write_report(finished_cells(sweep), folder)
     return folder
 
 
 def _key(row: dict) -> tuple:
-    return row["dataset"], row["method"], row["k"], row["seed"]
+    return row["dataset"], row["method"], row["k"], row["seed"], row.get("settings")
 
 
 def read_results(file: Path) -> list[dict]:
