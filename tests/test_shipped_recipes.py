@@ -23,6 +23,7 @@ CASES = {
     # recipe: (overrides, k, test rows, accuracy floor)
     "sst2-lora-minilm.yaml": ([], 16, 200, 0.6),
     "sst2-lora-minilm-all-layers.yaml": ([], 8, 200, 0.6),
+    "sst2-lora-minilm-tied.yaml": ([], 8, 200, 0.6),
     "sst2-prefix-minilm.yaml": ([], 16, 200, 0.6),
     "sst2-lora-smollm2.yaml": (AGNEWS_LLM + ["training.epochs=5"], 8, 100, 0.4),
     "sst2-prefix-smollm2.yaml": (AGNEWS_LLM + ["training.epochs=5"], 8, 100, 0.4),
