@@ -74,12 +74,14 @@ def cells(sweep: Sweep) -> list[dict]:
 
 
 def _settings_digest(sweep: Sweep, cell: dict) -> str:
-    """What a cell's result depends on, hashed: its whole recipe but `output` (zero-shot: the backbone,
-    the data section and the test rows). Not where the data lies: a moved checkout keeps its cells."""
+    """What a cell's result depends on, hashed: the settings its recipe gives, but `output` (zero-shot:
+    the backbone, the data section and the test rows). Not where the data lies, so that a moved checkout
+    keeps its cells; not the defaults, so that a new recipe field does not make every cell stale."""
     if sweep.methods[cell["method"]] == ZERO_SHOT:
         settings = {"backbone": sweep.backbone, "data": sweep.datasets[cell["dataset"]], "test_limit": sweep.test_limit}
     else:
-        settings = cell_recipe(sweep, cell, Path(sweep.output)).model_dump(mode="json", exclude={"output"})
+        recipe = cell_recipe(sweep, cell, Path(sweep.output))
+        settings = recipe.model_dump(mode="json", exclude={"output"}, exclude_defaults=True)
     settings["data"] = {key: value for key, value in settings["data"].items() if key != "path"}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
