@@ -16,16 +16,12 @@ from conftest import tiny_recipe
 TIED = {"tie_labels": True}
 
 
-def tied_model(tiny_bert, tmp_path, **head):
-    recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, head={**TIED, **head}, data={"path": "demo:intent", "k": 4}))
-    task = load_task(recipe.data)
-    return build_adapter_model(recipe, load_backbone(tiny_bert), task.label_names, task.label_descriptions), task
-
-
 def test_tied_scores_start_as_the_zero_shot_classifier(tiny_bert, tmp_path):
     """Before training the adapter is the identity, so the descriptions embedded through it are the
     head's first rows: tied and plain scores agree."""
-    model, task = tied_model(tiny_bert, tmp_path)
+    recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, head=TIED, data={"path": "demo:intent", "k": 4}))
+    task = load_task(recipe.data)
+    model = build_adapter_model(recipe, load_backbone(tiny_bert), task.label_names, task.label_descriptions)
     batch = _batch(model, task.train, [0, 3, 7, 11], stem=None)
     batch.pop("labels")
     model.eval()
