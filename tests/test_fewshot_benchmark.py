@@ -65,6 +65,31 @@ def test_report_means_checks_and_files(tmp_path):
     assert "**not measured**" in fewshot.markdown(setfit_only) and not setfit_only["targets"]["meets_targets"]
 
 
+def test_setfit_with_fewer_pairs_fills_in_for_a_timeout_and_is_reported(tmp_path):
+    """banking77: SetFit's default pairs run out of time, a run with num_iterations finishes; the
+    finished run is the cell's, whatever the file order, and the report names the setting."""
+    timeout = {"dataset": "banking77", "method": "setfit", "k": 16, "seed": 0, "test_limit": 1000,
+               "num_iterations": None, "status": "timeout", "time_limit": 120, "steps_done": 9, "steps": 93632,
+               "estimated_train_seconds": 73830}
+    finished = {**cells("setfit", {"banking77": [0.80]}, seconds=900.0)[0], "test_limit": 1000, "num_iterations": 20}
+    default = {**cells("setfit", {"sst2": [0.70]}, seconds=20.0)[0], "test_limit": 1000, "num_iterations": None}
+    sweep = type("Sweep", (), {"datasets": ["sst2", "banking77"], "k": [16], "seeds": [0], "test_limit": 1000})
+    for order in ([timeout, finished, default], [finished, timeout, default]):
+        (tmp_path / fewshot.SETFIT_CELLS).write_text("".join(json.dumps(row) + "\n" for row in order))
+        assert sorted(r["status"] for r in fewshot.setfit_rows(sweep, tmp_path)) == ["ok", "ok"]
+
+    adapter = cells("lora", {"sst2": [0.80], "banking77": [0.86]}, seconds=3.0)
+    report = fewshot.build_report({"sst2": 0.6, "banking77": 0.6}, adapter, fewshot.setfit_rows(sweep, tmp_path),
+                                  ["sst2", "banking77"], [0], 16)
+    assert report["datasets"]["banking77"]["setfit_num_iterations"] == [20]
+    assert "setfit_num_iterations" not in report["datasets"]["sst2"]
+    assert report["summary"]["margin_points"] == pytest.approx(8.0)  # (10 + 6) / 2
+    assert report["summary"]["margin_points_setfit_defaults"] == pytest.approx(10.0)
+    table = fewshot.markdown(report)
+    assert "| banking77 | 60.0 | 86.0 (seed 0) | 80.0 (seed 0) (num_iterations=20) |" in table
+    assert "its default pairs (sst2) the margin is 10.0 points" in table
+
+
 @pytest.mark.parametrize("adapter_accuracy, seconds, meets", [(0.80, 5.0, True), (0.74, 5.0, False),
                                                               (0.80, 7.0, False)])
 def test_targets_on_the_whole_setting(adapter_accuracy, seconds, meets):
@@ -84,6 +109,8 @@ def test_setfit_pair_count_matches_setfit(labels):
     sampler = pytest.importorskip("setfit.sampler")
     texts = [f"row {i}" for i in range(len(labels))]
     assert fewshot.setfit_pairs(labels) == len(sampler.ContrastiveDataset(texts, labels, multilabel=False))
+    assert fewshot.setfit_pairs(labels, 20) == len(sampler.ContrastiveDataset(texts, labels, multilabel=False,
+                                                                              num_iterations=20))
 
 
 def test_setfit_gets_the_rows_the_adapter_trained_on(tiny_bert, tmp_path, monkeypatch):
