@@ -11,7 +11,7 @@ import yaml
 
 import adapterlab.train
 from adapterlab.sweep import Sweep, run_sweep
-from conftest import ROOT, tiny_recipe
+from conftest import ROOT, shared, tiny_recipe
 
 spec = importlib.util.spec_from_file_location("fewshot", ROOT / "benchmarks" / "fewshot.py")
 fewshot = importlib.util.module_from_spec(spec)
@@ -134,3 +134,17 @@ def test_setfit_gets_the_rows_the_adapter_trained_on(tiny_bert, tmp_path, monkey
     card.write_text(json.dumps(raw))
     with pytest.raises(RuntimeError, match="SetFit's rows differ"):
         fewshot.setfit_task(sweep, "sentiment", 1)
+
+
+def test_setfit_with_num_iterations_trains_its_pairs_on_minilm():
+    """SetFit itself (the optional extra) on MiniLM and real SST-2 rows with 2 pairs of each kind per
+    row: the cell counts the pairs SetFit trained on, and the model beats chance."""
+    pytest.importorskip("setfit")
+    from adapterlab.backbones import resolve_path
+    from adapterlab.data import load_task
+    from adapterlab.recipe import DataConfig
+
+    task = load_task(DataConfig(path=shared("sst2"), k=16, seed=0, test_limit=200))
+    cell = fewshot.train_setfit(task, str(resolve_path("minilm")), seed=0, num_iterations=2)
+    assert cell["num_iterations"] == 2 and cell["pairs"] == 2 * 2 * 32 and cell["steps"] == 8
+    assert cell["status"] == "ok" and cell["accuracy"] > 0.55
