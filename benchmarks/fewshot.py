@@ -164,7 +164,8 @@ def train_setfit(task, body: str, seed: int, time_limit: float = 0, num_iteratio
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     cell = {"num_iterations": num_iterations, "train_rows": len(task.train), "test_rows": len(task.test),
             "pairs": pairs, "steps": math.ceil(pairs / SETFIT_SETTINGS["batch_size"]),
-            "train_seconds": round(seconds, 3), "train_cpu_seconds": round(cpu, 1), "load_average_at_start": round(load, 2)}
+            "train_seconds": round(seconds, 3), "train_cpu_seconds": round(cpu, 1),
+            "load_average_at_start": round(load, 2)}
     if clock.stopped_at:
         done, total = clock.stopped_at
         return {**cell, "status": "timeout", "time_limit": time_limit, "steps_done": done,
