@@ -5,7 +5,7 @@ import torch
 from adapterlab.backbones import load_backbone
 from adapterlab.data import load_task
 from adapterlab.model import build_adapter_model
-from adapterlab.recipe import validate_recipe
+from adapterlab.recipe import TrainingConfig, validate_recipe
 from adapterlab.train import _batch, _stem_states
 from conftest import tiny_recipe
 
@@ -23,9 +23,9 @@ def test_lora_on_top_layers_starts_from_cached_states(tiny_bert, tmp_path):
         for name, p in model.peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_()
-    stem = _stem_states(model, task.train, batch_size=3)
+    stem = _stem_states(model, task.train, TrainingConfig(eval_batch_size=3))
     indices = [5, 0, 3, 7]  # rows of different lengths, in a batch of their own
-    batch = _batch(model, task.train, indices, stem)
+    batch = _batch(model, task.train, indices, stem, max_length=128)
     batch.pop("labels")
     model.eval()  # the stem runs without dropout: compare without dropout anywhere
     from_stem = model(**batch)

@@ -22,7 +22,7 @@ def test_tied_scores_start_as_the_zero_shot_classifier(tiny_bert, tmp_path):
     recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, head=TIED, data={"path": "demo:intent", "k": 4}))
     task = load_task(recipe.data)
     model = build_adapter_model(recipe, load_backbone(tiny_bert), task.label_names, task.label_descriptions)
-    batch = _batch(model, task.train, [0, 3, 7, 11], stem=None)
+    batch = _batch(model, task.train, [0, 3, 7, 11], stem=None, max_length=128)
     batch.pop("labels")
     model.eval()
     every_label = torch.arange(len(task.label_names))
@@ -85,3 +85,14 @@ def test_sampled_tied_run_is_repeatable(tiny_bert, tmp_path):
 def test_tie_labels_without_description_rows_is_refused(tiny_bert, tmp_path, head, problem):
     with pytest.raises(RecipeError, match=f"head: .*tie_labels needs .*{problem}"):
         validate_recipe(tiny_recipe(tiny_bert, tmp_path, head={**TIED, **head}))
+
+
+@pytest.mark.parametrize("per_step, tied", [(5, True), (4, False)])
+def test_auto_ties_when_every_label_fits_in_a_step(tiny_bert, tmp_path, per_step, tied):
+    """demo:intent has 5 labels; the card records what auto chose."""
+    recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, data={"path": "demo:intent", "k": 4},
+                                         head={"tie_labels": "auto", "tie_labels_per_step": per_step}))
+    task = load_task(recipe.data)
+    assert build_adapter_model(recipe, load_backbone(tiny_bert), task.label_names, task.label_descriptions).tied is tied
+    _, card = load_adapter(train(recipe, show_progress=False).adapter_path, load_backbone(tiny_bert))
+    assert card.recipe["head"]["tie_labels"] is tied

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from adapterlab.cli import app
@@ -47,3 +48,10 @@ def test_llm_zero_shot_and_in_context_beat_chance():
     plain = evaluate_zero_shot(engine, data, ZeroShotConfig(), limit=120)
     shown = evaluate_zero_shot(engine, data, ZeroShotConfig(shots=1), limit=120)
     assert plain["accuracy"] >= 0.6 and shown["accuracy"] >= 0.6, (plain, shown)  # chance 0.5, sd 0.046
+
+
+def test_label_names_written_as_identifiers_read_as_words():
+    engine = Engine("minilm", "unused-store")
+    names = engine.zero_shot(("card_arrival", "exchange_rate"), ("card_arrival", "exchange_rate"))
+    words = engine.zero_shot(("card_arrival", "exchange_rate"), ("card arrival", "exchange rate"))
+    assert torch.equal(names.head.linear.weight, words.head.linear.weight)

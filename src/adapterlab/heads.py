@@ -80,23 +80,19 @@ def build_head(config, backbone, label_names: list[str], label_descriptions: lis
 
 
 def label_embeddings(backbone, descriptions: list[str], templates: list[str], pooling: str = "mean") -> torch.Tensor:
-    """Each description through each template, embedded by the bare backbone, unit-normalised, averaged."""
-    vectors = [nn.functional.normalize(embed(backbone, [t.format(label=d) for d in descriptions], pooling, "{text}"),
-                                       dim=-1) for t in templates]
-    return torch.stack(vectors).mean(0)
+    """Each description through each template, embedded by the bare backbone, unit-normalised, averaged
+    over the templates."""
+    batch = tokenize_label_texts(backbone, descriptions, templates)
+    with torch.no_grad():
+        pooled = pool(features(backbone, backbone.model, batch, need_hidden=True), pooling)
+    return nn.functional.normalize(pooled, dim=-1).view(len(templates), len(descriptions), -1).mean(0)
 
 
 def tokenize_label_texts(backbone, descriptions: list[str], templates: list[str]) -> dict[str, torch.Tensor]:
-    """Every template filled with every description, tokenized as `embed` reads them: (templates × labels) rows."""
-    texts = [t.format(label=d) for t in templates for d in descriptions]
+    """Every template filled with every description, template by template: (templates × labels) rows.
+    Names written as identifiers (card_arrival) are read as words."""
+    texts = [t.format(label=d.replace("_", " ")) for t in templates for d in descriptions]
     return tokenize(backbone, texts, None, "{text}", max_length=128, chat=False)
-
-
-@torch.no_grad()
-def embed(backbone, texts: list[str], pooling: str, template: str) -> torch.Tensor:
-    """Pooled states of the bare backbone (no adapter) for `texts`."""
-    batch = tokenize(backbone, texts, None, template, max_length=128, chat=False)
-    return pool(features(backbone, backbone.model, batch, need_hidden=True), pooling)
 
 
 def uses_chat(config, backbone) -> bool:

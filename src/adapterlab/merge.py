@@ -56,7 +56,7 @@ def load_merged(path: str | Path) -> AdapterModel:
     backbone = load_backbone(str(path))
     head = build_head(recipe.head.model_copy(update={"init": "random"}), backbone, card.labels, card.labels)
     head.load_state_dict(load_file(path / "head.safetensors"))
-    return AdapterModel(backbone, backbone.model, head, card.labels, recipe.head, recipe.training.max_length).eval()
+    return AdapterModel(backbone, backbone.model, head, card.labels, recipe.head, recipe.training.inference_max_length).eval()
 
 
 def combine_adapters(store: str | Path, references: list[str], weights: list[float], combination: str,
@@ -88,7 +88,7 @@ def combine_adapters(store: str | Path, references: list[str], weights: list[flo
                                        "method": recipe.method.model_copy(update={"r": rank})})
     model = AdapterModel(backbone, peft_model, build_head(recipe.head.model_copy(update={"init": "random"}),
                                                           backbone, cards[0].labels, cards[0].labels),
-                         cards[0].labels, recipe.head, recipe.training.max_length)
+                         cards[0].labels, recipe.head, recipe.training.inference_max_length)
     model.head.load_state_dict(head)
     trainable = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
     card = AdapterCard(

@@ -35,8 +35,10 @@ class AdapterModel(nn.Module):
             self.register_buffer("label_input_ids", label_texts["input_ids"], persistent=False)
             self.register_buffer("label_attention_mask", label_texts["attention_mask"], persistent=False)
 
-    def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, torch.Tensor]:
-        return tokenize(self.backbone, texts, pairs, self.template, self.max_length, self.chat)
+    def tokenize(self, texts: list[str], pairs: list[str] | None = None,
+                 max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Inputs as the model reads them: `max_length` tokens (default: its inference length)."""
+        return tokenize(self.backbone, texts, pairs, self.template, max_length or self.max_length, self.chat)
 
     def forward(self, input_ids, attention_mask, stem_states: torch.Tensor | None = None,
                 label_ids: torch.Tensor | None = None, **extra) -> torch.Tensor:
@@ -112,7 +114,7 @@ def build_adapter_model(recipe, backbone: Backbone, label_names: list[str],
     """A fresh, trainable adapter and head for `recipe` on `backbone`."""
     head = build_head(recipe.head, backbone, label_names, label_descriptions)  # reads the bare backbone
     label_texts = None
-    if recipe.head.tie_labels:
+    if recipe.head.ties(len(label_names)):
         if not isinstance(head, ClassifierHead):
             raise AdapterlabError("head.tie_labels needs a classifier head; this backbone's head is label_words "
                                   "(set head.type: classifier)")
@@ -120,7 +122,7 @@ def build_adapter_model(recipe, backbone: Backbone, label_names: list[str],
         label_texts = tokenize_label_texts(backbone, label_descriptions, recipe.head.label_templates)
     method = method_module(recipe.method.name)
     peft_model = get_peft_model(backbone.model, method.peft_config(recipe.method, backbone))
-    return AdapterModel(backbone, peft_model, head, label_names, recipe.head, recipe.training.max_length, label_texts)
+    return AdapterModel(backbone, peft_model, head, label_names, recipe.head, recipe.training.inference_max_length, label_texts)
 
 
 def load_adapter_model(folder, recipe, backbone: Backbone, label_names: list[str],
@@ -129,7 +131,7 @@ def load_adapter_model(folder, recipe, backbone: Backbone, label_names: list[str
     peft_model = PeftModel.from_pretrained(backbone.model, str(folder), is_trainable=False)
     head = build_head(recipe.head.model_copy(update={"init": "random"}), backbone, label_names, label_names)
     head.load_state_dict(head_state)
-    model = AdapterModel(backbone, peft_model, head, label_names, recipe.head, recipe.training.max_length)
+    model = AdapterModel(backbone, peft_model, head, label_names, recipe.head, recipe.training.inference_max_length)
     return model.eval()
 
 

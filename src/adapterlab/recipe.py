@@ -31,10 +31,12 @@ class HeadConfig(_Section):
     init: Literal["label_descriptions", "random"] = Field(
         "label_descriptions", description="Classifier rows start as the embeddings of the label "
         "descriptions (labels.json) or names, i.e. at the zero-shot classifier; or at random.")
-    tie_labels: bool = Field(
+    tie_labels: Literal[False, True, "auto"] = Field(
         False, description="While training, the classifier's rows are the label descriptions embedded "
         "through the adapted backbone (the adapter learns both sides, as a bi-encoder); the last ones are "
-        "saved as a plain classifier. Needs cosine_scale and init label_descriptions.")
+        "saved as a plain classifier. Needs cosine_scale and init label_descriptions. auto: tie when every "
+        "label fits in a step (at most tie_labels_per_step labels): with more, the sampled steps cost "
+        "several times as much and scored lower on banking77 (README, few-shot accuracy).")
     tie_labels_per_step: int = Field(
         32, gt=1, description="With tie_labels and more labels than this, a step embeds its batch's labels "
         "plus randomly drawn others up to this many (a sampled softmax), so its cost stays flat.")
@@ -49,6 +51,10 @@ class HeadConfig(_Section):
     label_words: dict[str, str] | None = Field(
         None, description="Label name → word the LLM should say (default: the label name, capitalised "
         "in chat mode, '_' read as a space).")
+
+    def ties(self, num_labels: int) -> bool:
+        """Whether a task with `num_labels` labels trains with tied label descriptions."""
+        return self.tie_labels is True or (self.tie_labels == "auto" and num_labels <= self.tie_labels_per_step)
 
     @model_validator(mode="after")
     def _tied_labels_have_rows(self):
@@ -87,7 +93,14 @@ class TrainingConfig(_Section):
     head_lr: float | None = Field(None, gt=0, description="Learning rate of the head (default: lr).")
     batch_size: int = Field(16, gt=0, description="Rows per device per forward pass.")
     grad_accum: int = Field(1, gt=0, description="Forward passes per optimizer step.")
-    max_length: int = Field(128, gt=0, description="Tokens per input; longer inputs are truncated.")
+    max_length: int = Field(128, gt=0, description="Tokens per training input; longer inputs are truncated.")
+    eval_max_length: int | None = Field(
+        None, gt=0, description="Tokens per input when evaluating and serving (default: max_length); "
+        "more than max_length reads more of long texts at no training cost.")
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
+        None, description="Autocast while training (Accelerate's mixed_precision; on a CPU, bf16 is the one "
+        "that runs faster); weights stay float32 and evaluation runs in full precision. null: the launcher's "
+        "setting (accelerate config or ACCELERATE_MIXED_PRECISION), else no.")
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with a rising learning rate.")
     seed: int = Field(0, description="Seed of initialisation, dropout and shuffling.")
@@ -97,6 +110,10 @@ class TrainingConfig(_Section):
     eval_batch_size: int = Field(64, gt=0)
     metrics: list[str] = Field(
         [], description="Metrics beyond accuracy and macro_f1, by `evaluate` name (needs the hub).")
+
+    @property
+    def inference_max_length(self) -> int:
+        return self.eval_max_length or self.max_length
 
 
 class OutputConfig(_Section):

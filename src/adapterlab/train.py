@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -21,6 +22,7 @@ from adapterlab.backbones import load_backbone
 from adapterlab.checkpoint import (CheckpointError, checkpoint_folder, has_checkpoint, read_checkpoint,
                                    remove_checkpoint, restore, run_identity, save_checkpoint)
 from adapterlab.data import Split, TaskData, load_task
+from adapterlab.errors import AdapterlabError
 from adapterlab.methods import method_module
 from adapterlab.metrics import classification_metrics
 from adapterlab.model import AdapterModel, build_adapter_model, parameter_counts
@@ -50,12 +52,24 @@ def setup(recipe: Recipe) -> tuple[Accelerator, TaskData, AdapterModel]:
     """Accelerator, k-shot data and a fresh adapter on the frozen backbone."""
     # DDP keeps find_unused_parameters=False (no search of the graph at each step): every trainable
     # parameter reaches the loss (LoRA leaves the encoder's unused pooler alone; tests/test_methods.py).
-    accelerator = Accelerator(gradient_accumulation_steps=recipe.training.grad_accum)
+    accelerator = _accelerator(recipe.training)
     set_seed(recipe.training.seed)
     task = load_task(recipe.data)  # data errors surface before the backbone loads
     backbone = load_backbone(recipe.backbone, recipe.quantization, backbone_device_map(recipe.quantization, accelerator))
     model = build_adapter_model(recipe, backbone, task.label_names, task.label_descriptions)
     return accelerator, task, model
+
+
+def _accelerator(config) -> Accelerator:
+    """Accelerate keeps one state per process, fixed by its first Accelerator; several runs in one
+    process (a sweep, the tests) may differ in mixed precision, so a single-process run starts from a
+    fresh state. A launched process runs one recipe and keeps the launcher's."""
+    if not PartialState().use_distributed:
+        AcceleratorState._reset_state()
+    try:
+        return Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision)
+    except ValueError as error:  # e.g. fp16 without a GPU
+        raise AdapterlabError(f"training.mixed_precision {config.mixed_precision}: {error}") from None
 
 
 def backbone_device_map(quantization, accelerator: Accelerator) -> dict | None:
@@ -81,7 +95,7 @@ def train(recipe: Recipe, show_progress: bool = True, resume: bool = False) -> T
     metrics = evaluate(model, task.test, recipe) if task.test is not None else {}
     path, size = None, 0
     if accelerator.is_main_process:
-        card = make_card(recipe, task, model, trainable, total, train_seconds, metrics)
+        card = make_card(_resolved(recipe, model, accelerator), task, model, trainable, total, train_seconds, metrics)
         path, card = save_adapter(model, card, recipe.output.store)
         size = card.adapter_bytes
         remove_checkpoint(checkpoint_folder(recipe))  # the run is complete: nothing left to resume
@@ -97,10 +111,11 @@ def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerat
     steps, order = _schedule(len(rows), config, accelerator.num_processes)
     # A fixed stream of row indices, cut into consecutive batches that Accelerate deals out to the
     # processes: one process with batch 16 sees the same global batches as two with batch 8.
-    loader = DataLoader(order, batch_size=config.batch_size, collate_fn=lambda indices: _batch(model, rows, indices, stem))
+    loader = DataLoader(order, batch_size=config.batch_size,
+                        collate_fn=lambda indices: _batch(model, rows, indices, stem, config.max_length))
     optimizer = torch.optim.AdamW(_param_groups(model, recipe), weight_decay=config.weight_decay)
     prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    stem = _stem_states(model, rows, config.eval_batch_size)  # read by the loader's collate_fn
+    stem = _stem_states(model, rows, config)  # read by the loader's collate_fn
     # The prepared scheduler advances once per process at each step, hence the factor.
     n = accelerator.num_processes
     scheduler = accelerator.prepare(get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps) * n, steps * n))
@@ -129,6 +144,7 @@ def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerat
     if model.tied:
         model.settle_label_vectors()
     prepared.eval()
+    accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)  # drops autocast: evaluated as the engine serves
 
 
 def _loss(prepared, model: AdapterModel, batch: dict[str, torch.Tensor], labels_per_step: int) -> torch.Tensor:
@@ -207,7 +223,7 @@ def _param_groups(model: AdapterModel, recipe: Recipe) -> list[dict]:
     return groups
 
 
-def _stem_states(model: AdapterModel, rows: Split, batch_size: int) -> list[torch.Tensor] | None:
+def _stem_states(model: AdapterModel, rows: Split, config) -> list[torch.Tensor] | None:
     """Each row's states after the encoder's lower layers that hold nothing trainable (LoRA on the top
     layers only), computed once instead of at every epoch; None when no layer can be skipped."""
     if not model.stem_layers:
@@ -215,16 +231,17 @@ def _stem_states(model: AdapterModel, rows: Split, batch_size: int) -> list[torc
     model.eval()
     device = next(model.peft_model.parameters()).device
     states = []
-    for start in range(0, len(rows), batch_size):
-        chosen = rows.select(list(range(start, min(start + batch_size, len(rows)))))
-        batch = model.tokenize(chosen.texts, chosen.text_pairs)
+    for start in range(0, len(rows), config.eval_batch_size):
+        chosen = rows.select(list(range(start, min(start + config.eval_batch_size, len(rows)))))
+        batch = model.tokenize(chosen.texts, chosen.text_pairs, config.max_length)
         states += [row.cpu() for row in model.stem_states({k: v.to(device) for k, v in batch.items()})]
     return states
 
 
-def _batch(model: AdapterModel, rows: Split, indices: list[int], stem: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+def _batch(model: AdapterModel, rows: Split, indices: list[int], stem: list[torch.Tensor] | None,
+           max_length: int) -> dict[str, torch.Tensor]:
     chosen = rows.select(indices)
-    batch = model.tokenize(chosen.texts, chosen.text_pairs)
+    batch = model.tokenize(chosen.texts, chosen.text_pairs, max_length)
     batch["labels"] = torch.tensor(chosen.labels)
     if stem is not None:  # encoders pad on the right: each row's states fill its first positions
         mask = batch["attention_mask"]
@@ -248,12 +265,14 @@ def make_card(recipe: Recipe, task: TaskData, model: AdapterModel, trainable: in
         task=recipe.task, name=recipe.adapter_name, labels=task.label_names,
         label_descriptions=task.label_descriptions, backbone=recipe.backbone,
         backbone_fingerprint=model.backbone.fingerprint, method=recipe.method.name, k=recipe.data.k,
-        seed=recipe.data.seed, recipe=_resolved(recipe, model).model_dump(mode="json"), metrics=metrics,
+        seed=recipe.data.seed, recipe=recipe.model_dump(mode="json"), metrics=metrics,
         trainable_params=trainable, backbone_params=total - trainable,
         train_seconds=round(train_seconds, 3))
 
 
-
-def _resolved(recipe: Recipe, model: AdapterModel) -> Recipe:
-    """The recipe as it ran: settings left to the backbone (the chat template) written out."""
-    return recipe.model_copy(update={"head": recipe.head.model_copy(update={"chat": model.chat})})
+def _resolved(recipe: Recipe, model: AdapterModel, accelerator: Accelerator) -> Recipe:
+    """The recipe as it ran: settings left to the backbone (the chat template), the task (tie_labels
+    auto) or the launcher (mixed precision) written out."""
+    head = recipe.head.model_copy(update={"chat": model.chat, "tie_labels": model.tied})
+    training = recipe.training.model_copy(update={"mixed_precision": str(accelerator.mixed_precision)})
+    return recipe.model_copy(update={"head": head, "training": training})

@@ -1,0 +1,60 @@
+"""Two training settings that must not leak into serving: mixed precision (autocast while training,
+full precision after) and the training length of inputs (serving reads `eval_max_length` tokens)."""
+
+import torch
+
+from adapterlab.engine import Engine
+from adapterlab.model import parameter_counts
+from adapterlab.recipe import validate_recipe
+from adapterlab.store import read_card, save_adapter
+from adapterlab.train import fit, make_card, setup, train
+from conftest import tiny_recipe
+
+LONG = "a long and winding review that goes on about the plot, the actors, the music and the ending " * 5
+
+
+def record_inputs(model) -> list[tuple[torch.dtype, int]]:
+    """(dtype, tokens) of every output of the backbone's first attention query layer, from now on."""
+    seen = []
+    query = next(m for n, m in model.peft_model.named_modules() if n.endswith("layer.0.attention.self.query.base_layer"))
+    query.register_forward_hook(lambda module, args, output: seen.append((output.dtype, output.shape[1])))
+    return seen
+
+
+def test_bf16_autocasts_training_only_and_is_written_in_the_card(tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, training={"mixed_precision": "bf16"}))
+    accelerator, task, model = setup(recipe)
+    seen = record_inputs(model)
+    fit(model, task.train, recipe, accelerator, show_progress=False)
+    assert seen and all(dtype == torch.bfloat16 for dtype, _ in seen)
+    seen.clear()
+    model.scores(task.test.texts[:4])
+    assert seen and all(dtype == torch.float32 for dtype, _ in seen)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+    # Accelerate fixes its state per process: a later run in the same process gets its own setting.
+    bf16 = train(recipe, show_progress=False)
+    default = train(recipe.model_copy(update={"training": recipe.training.model_copy(update={"mixed_precision": None}),
+                                              "output": recipe.output.model_copy(update={"name": "plain"})}),
+                    show_progress=False)
+    assert read_card(bf16.adapter_path).recipe["training"]["mixed_precision"] == "bf16"
+    assert read_card(default.adapter_path).recipe["training"]["mixed_precision"] == "no"
+
+
+def test_training_reads_max_length_tokens_and_serving_eval_max_length(tiny_bert, tmp_path):
+    recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, training={"max_length": 8, "eval_max_length": 64}))
+    accelerator, task, model = setup(recipe)
+    seen = record_inputs(model)
+    fit(model, task.train, recipe, accelerator, show_progress=False)
+    assert seen and max(tokens for _, tokens in seen) == 8
+    seen.clear()
+    scores = model.scores([LONG])
+    assert seen[-1][1] == 64
+    truncated = model.scores([model.backbone.tokenizer.convert_tokens_to_string(
+        model.backbone.tokenizer.tokenize(LONG)[:6])])  # the 8 tokens training would read
+    assert not torch.allclose(scores, truncated, atol=1e-4)  # so that agreeing with the engine means something
+
+    folder, _ = save_adapter(model, make_card(recipe, task, model, *parameter_counts(model), 0.0, {}), tmp_path)
+    served = Engine(tiny_bert, tmp_path).predict(str(folder), [LONG])[0]
+    assert torch.allclose(torch.tensor([list(served.scores.values())]), scores, atol=1e-5)
