@@ -63,8 +63,9 @@ def setup(recipe: Recipe) -> tuple[Accelerator, TaskData, AdapterModel]:
 def _accelerator(config) -> Accelerator:
     """Accelerate keeps one state per process, fixed by its first Accelerator; several runs in one
     process (a sweep, the tests) may differ in mixed precision, so a single-process run starts from a
-    fresh state. A launched process runs one recipe and keeps the launcher's."""
-    if not PartialState().use_distributed:
+    fresh state. A launched process runs one recipe and keeps the launcher's (the process state is only
+    read once it exists: created here first, it would miss the launcher's settings)."""
+    if PartialState._shared_state and not PartialState().use_distributed:
         AcceleratorState._reset_state()
     try:
         return Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision)
