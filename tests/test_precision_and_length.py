@@ -16,7 +16,8 @@ LONG = "a long and winding review that goes on about the plot, the actors, the m
 def record_inputs(model) -> list[tuple[torch.dtype, int]]:
     """(dtype, tokens) of every output of the backbone's first attention query layer, from now on."""
     seen = []
-    query = next(m for n, m in model.peft_model.named_modules() if n.endswith("layer.0.attention.self.query.base_layer"))
+    query = next(m for n, m in model.peft_model.named_modules()
+                 if n.endswith("layer.0.attention.self.query.base_layer"))
     query.register_forward_hook(lambda module, args, output: seen.append((output.dtype, output.shape[1])))
     return seen
 

@@ -97,7 +97,8 @@ class Engine:
         weights = method_module(card.method).inference_weights(stored.tensors, stored.adapter_config)
         head = build_head(recipe.head.model_copy(update={"init": "random"}), self.backbone, card.labels, card.labels)
         head.load_state_dict(stored.head_tensors)
-        prompt = PromptSettings(recipe.head.template, uses_chat(recipe.head, self.backbone), recipe.training.inference_max_length)
+        prompt = PromptSettings(recipe.head.template, uses_chat(recipe.head, self.backbone),
+                                recipe.training.inference_max_length)
         return Servable(f"{card.task}/{card.name}", card.labels, weights, head.eval(), prompt, stored.nbytes)
 
     def _evict(self) -> None:

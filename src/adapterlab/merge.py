@@ -56,7 +56,8 @@ def load_merged(path: str | Path) -> AdapterModel:
     backbone = load_backbone(str(path))
     head = build_head(recipe.head.model_copy(update={"init": "random"}), backbone, card.labels, card.labels)
     head.load_state_dict(load_file(path / "head.safetensors"))
-    return AdapterModel(backbone, backbone.model, head, card.labels, recipe.head, recipe.training.inference_max_length).eval()
+    model = AdapterModel(backbone, backbone.model, head, card.labels, recipe.head, recipe.training.inference_max_length)
+    return model.eval()
 
 
 def combine_adapters(store: str | Path, references: list[str], weights: list[float], combination: str,

@@ -122,7 +122,8 @@ def build_adapter_model(recipe, backbone: Backbone, label_names: list[str],
         label_texts = tokenize_label_texts(backbone, label_descriptions, recipe.head.label_templates)
     method = method_module(recipe.method.name)
     peft_model = get_peft_model(backbone.model, method.peft_config(recipe.method, backbone))
-    return AdapterModel(backbone, peft_model, head, label_names, recipe.head, recipe.training.inference_max_length, label_texts)
+    return AdapterModel(backbone, peft_model, head, label_names, recipe.head, recipe.training.inference_max_length,
+                        label_texts)
 
 
 def load_adapter_model(folder, recipe, backbone: Backbone, label_names: list[str],
