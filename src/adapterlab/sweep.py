@@ -86,10 +86,11 @@ def _settings_digest(sweep: Sweep, cell: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def finished_cells(sweep: Sweep) -> list[dict]:
+def finished_cells(sweep: Sweep, grid: list[dict] | None = None) -> list[dict]:
     """The rows of results.jsonl that are cells of the sweep as it now stands (rows of cells since
-    removed, or run under other settings, stay in the file and out of the report)."""
-    wanted = {_key(cell) for cell in cells(sweep)}
+    removed, or run under other settings, stay in the file and out of the report); `grid`: the
+    sweep's cells when already computed (their digests load every recipe)."""
+    wanted = {_key(cell) for cell in grid or cells(sweep)}
     return [row for row in read_results(Path(sweep.output) / sweep.name / "results.jsonl") if _key(row) in wanted]
 
 
@@ -99,7 +100,8 @@ def run_sweep(sweep: Sweep, show_progress: bool = True) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     results_file = folder / "results.jsonl"
     done = {_key(row) for row in read_results(results_file)}
-    todo = [cell for cell in cells(sweep) if _key(cell) not in done]
+    grid = cells(sweep)
+    todo = [cell for cell in grid if _key(cell) not in done]
     engine = None
     for cell in tqdm(todo, desc=f"sweep {sweep.name}", disable=not show_progress):
         if sweep.methods[cell["method"]] == ZERO_SHOT:
@@ -109,7 +111,7 @@ def run_sweep(sweep: Sweep, show_progress: bool = True) -> Path:
             metrics, seconds = _train(sweep, cell, folder)
         with open(results_file, "a") as handle:  # one line per finished cell: resumable
             handle.write(json.dumps({**cell, **metrics, "train_seconds": seconds}) + "\n")
-    write_report(finished_cells(sweep), folder)
+    write_report(finished_cells(sweep, grid), folder)
     return folder
 
 
