@@ -36,7 +36,8 @@ def test_tied_scores_start_as_the_zero_shot_classifier(tiny_bert, tmp_path):
 
 
 def test_trained_rows_are_the_last_tied_vectors_and_reload(tiny_bert, tmp_path):
-    recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, head=TIED, data={"path": "demo:intent", "k": 4},
+    recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, head={**TIED, "prototype_weight": 0},
+                                         data={"path": "demo:intent", "k": 4},
                                          training={"max_steps": 4, "batch_size": 8, "lr": 5e-2}))
     accelerator, task, model = setup(recipe)
     start = model.head.linear.weight.clone()
@@ -44,7 +45,8 @@ def test_trained_rows_are_the_last_tied_vectors_and_reload(tiny_bert, tmp_path):
     rows = model.head.linear.weight
     assert not torch.allclose(rows, start, atol=1e-3)  # the descriptions moved with the adapter
     with torch.no_grad():
-        assert torch.allclose(model.label_vectors(torch.arange(len(task.label_names))), rows, atol=1e-6)
+        described = torch.nn.functional.normalize(model.label_vectors(torch.arange(len(task.label_names))), dim=-1)
+    assert torch.allclose(described, rows, atol=1e-6)
 
     folder, _ = save_adapter(model, make_card(recipe, task, model, *parameter_counts(model), 0.0, {}), tmp_path)
     reloaded, _ = load_adapter(folder, load_backbone(tiny_bert))  # a plain classifier: nothing tied
@@ -54,6 +56,28 @@ def test_trained_rows_are_the_last_tied_vectors_and_reload(tiny_bert, tmp_path):
     assert torch.allclose(reloaded.scores(texts), expected, atol=1e-5)
     served = Engine(tiny_bert, tmp_path).predict(str(folder), texts)
     assert torch.allclose(torch.tensor([list(p.scores.values()) for p in served]), expected, atol=1e-5)
+
+
+def test_prototypes_pull_each_row_towards_its_examples(tiny_bert, tmp_path):
+    """With head.prototype_weight the settled rows move from the descriptions towards the mean vector of
+    each label's training texts, by that weight; scores follow the new rows."""
+    recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, head={**TIED, "prototype_weight": 0.5},
+                                         data={"path": "demo:intent", "k": 4},
+                                         training={"max_steps": 4, "batch_size": 8, "lr": 5e-2}))
+    accelerator, task, model = setup(recipe)
+    fit(model, task.train, recipe, accelerator, show_progress=False)
+    normalize = torch.nn.functional.normalize
+    with torch.no_grad():
+        described = normalize(model.label_vectors(torch.arange(len(task.label_names))), dim=-1)
+    vectors, labels = model.text_vectors(task.train.texts), torch.tensor(task.train.labels)
+    prototypes = normalize(torch.stack([vectors[labels == c].mean(0) for c in range(len(task.label_names))]), dim=-1)
+    rows = model.head.linear.weight
+    assert torch.allclose(rows, described + 0.5 * prototypes, atol=1e-5)
+    closer = (normalize(rows, dim=-1) * prototypes).sum(-1) > (described * prototypes).sum(-1)
+    assert closer.all()
+    cosine = normalize(vectors, dim=-1) @ normalize(rows, dim=-1).T
+    expected = (recipe.head.cosine_scale * cosine + model.head.linear.bias).softmax(-1)
+    assert torch.allclose(model.scores(task.train.texts), expected, atol=1e-5)
 
 
 def test_many_labels_are_sampled_per_step():

@@ -8,6 +8,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from adapterlab.backbones import Backbone, Stem, features, stem_states, supports_stem, tokenize
+from adapterlab.data import Split
 from adapterlab.errors import AdapterlabError
 from adapterlab.heads import ClassifierHead, build_head, pool, tokenize_label_texts, uses_chat
 from adapterlab.methods import method_module
@@ -63,13 +64,21 @@ class AdapterModel(nn.Module):
         return nn.functional.normalize(pooled, dim=-1).view(templates, len(label_ids), -1).mean(0)
 
     @torch.no_grad()
-    def settle_label_vectors(self) -> None:
+    def settle_label_vectors(self, examples: Split | None = None, prototype_weight: float = 0.0) -> None:
         """After tied training: the labels' final vectors become the head's rows, so that the saved
-        head is a plain classifier and serving never embeds a description."""
+        head is a plain classifier and serving never embeds a description. With `prototype_weight`,
+        each row adds that much of its label's prototype, the mean vector of its `examples`: the
+        descriptions say what a label means, the examples where its texts actually lie."""
         was_training = self.training
         self.eval()
         all_labels = torch.arange(len(self.label_names), device=self.label_input_ids.device)
-        self.head.linear.weight.copy_(self.label_vectors(all_labels))
+        rows = nn.functional.normalize(self.label_vectors(all_labels), dim=-1)
+        if prototype_weight and examples is not None:
+            vectors = self.text_vectors(examples.texts, examples.text_pairs).to(rows.device, rows.dtype)
+            labels = torch.tensor(examples.labels, device=rows.device)
+            for label in labels.unique():  # a label without examples keeps its description alone
+                rows[label] += prototype_weight * nn.functional.normalize(vectors[labels == label].mean(0), dim=-1)
+        self.head.linear.weight.copy_(rows)
         self.train(was_training)
 
     @functools.cached_property
@@ -89,6 +98,20 @@ class AdapterModel(nn.Module):
         """Each row's states after the `stem_layers` frozen layers, without padding."""
         states = stem_states(self.peft_model, batch, self.stem_layers)
         return [row[mask.bool()] for row, mask in zip(states, batch["attention_mask"])]
+
+    @torch.no_grad()
+    def text_vectors(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> torch.Tensor:
+        """Unit vectors (N, hidden) of the texts as a classifier head sees them, in eval mode."""
+        was_training = self.training
+        self.eval()
+        device = next(self.peft_model.parameters()).device
+        vectors = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenize(texts[start:start + batch_size], pairs[start:start + batch_size] if pairs else None)
+            hidden = features(self.backbone, self.peft_model, {k: v.to(device) for k, v in batch.items()}, need_hidden=True)
+            vectors.append(nn.functional.normalize(pool(hidden, self.head.pooling).float(), dim=-1))
+        self.train(was_training)
+        return torch.cat(vectors)
 
     @torch.no_grad()
     def scores(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> torch.Tensor:

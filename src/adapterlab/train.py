@@ -143,7 +143,7 @@ def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerat
                 save_checkpoint(checkpoint_folder(recipe), step, model, optimizer, scheduler, identity)
     progress.close()
     if model.tied:
-        model.settle_label_vectors()
+        model.settle_label_vectors(rows, recipe.head.prototype_weight)
     prepared.eval()
     accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)  # drops autocast: evaluated as the engine serves
 
