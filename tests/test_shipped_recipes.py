@@ -50,6 +50,14 @@ def test_shipped_recipe_learns_saves_and_reloads(name, tmp_path):
         allowed.add("head.linear.weight")
     assert changed and changed <= allowed
 
+    if model.tied:  # settled rows lean from the descriptions towards their labels' training texts
+        with torch.no_grad():
+            described = torch.nn.functional.normalize(model.label_vectors(torch.arange(len(task.label_names))), dim=-1)
+        vectors, labels = model.text_vectors(task.train.texts), torch.tensor(task.train.labels)
+        prototypes = torch.stack([vectors[labels == c].mean(0) for c in range(len(task.label_names))])
+        rows = torch.nn.functional.normalize(model.head.linear.weight, dim=-1)
+        assert ((rows * prototypes).sum(-1) > (described * prototypes).sum(-1)).all()
+
     metrics = evaluate(model, task.test, recipe)
     assert metrics["accuracy"] >= floor, metrics
     folder, _ = save_adapter(model, make_card(recipe, task, model, trainable, total, 0.0, metrics), tmp_path)
