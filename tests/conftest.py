@@ -8,11 +8,19 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from adapterlab.backbones import resolve_path
+from adapterlab.precision import cpu_capability
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_report_header(config):
+    """Which kind of CPU ran the tests: bf16 is fast on some (AVX512-BF16, AMX), ~30x slower on AVX2 alone."""
+    cpu = cpu_capability()
+    return (f"cpu: {cpu['cpu']} ({cpu['isa']}); avx512_bf16: {cpu['avx512_bf16']}, amx: {cpu['amx']}; "
+            f"fast bf16: {cpu['fast_bf16']}")
 
 
 def shared(name: str) -> str:

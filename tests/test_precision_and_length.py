@@ -1,11 +1,14 @@
 """Two training settings that must not leak into serving: mixed precision (autocast while training,
 full precision after) and the training length of inputs (serving reads `eval_max_length` tokens)."""
 
+import pytest
 import torch
 
+from adapterlab import precision
 from adapterlab.engine import Engine
 from adapterlab.model import parameter_counts
-from adapterlab.recipe import validate_recipe
+from adapterlab.precision import cpu_capability, mixed_precision_for, resolve_dtype
+from adapterlab.recipe import apply_override, validate_recipe
 from adapterlab.store import read_card, save_adapter
 from adapterlab.train import fit, make_card, setup, train
 from conftest import tiny_recipe
@@ -41,6 +44,37 @@ def test_bf16_autocasts_training_only_and_is_written_in_the_card(tiny_bert, tmp_
                     show_progress=False)
     assert read_card(bf16.adapter_path).recipe["training"]["mixed_precision"] == "bf16"
     assert read_card(default.adapter_path).recipe["training"]["mixed_precision"] == "no"
+
+
+def test_auto_precision_follows_the_hardware_and_is_written_in_the_card(tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path))
+    assert recipe.training.mixed_precision == "auto"  # the default
+    expected = mixed_precision_for(torch.device("cpu"))
+    assert expected == ("bf16" if cpu_capability()["fast_bf16"] else "no")
+    accelerator, task, model = setup(recipe)
+    seen = record_inputs(model)
+    fit(model, task.train, recipe, accelerator, show_progress=False)
+    assert seen and all(dtype == {"bf16": torch.bfloat16, "no": torch.float32}[expected] for dtype, _ in seen)
+    result = train(recipe, show_progress=False)
+    assert read_card(result.adapter_path).recipe["training"]["mixed_precision"] == expected
+
+
+@pytest.mark.parametrize("device, capability, expected", [
+    ("cpu", {"fast_bf16": True}, "bf16"), ("cpu", {"fast_bf16": False}, "no"),
+    ("cuda", True, "bf16"), ("cuda", False, "fp16"), ("mps", None, "no")])
+def test_auto_precision_rule(device, capability, expected, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: capability)
+    assert mixed_precision_for(torch.device(device)) == expected
+    assert resolve_dtype("auto", torch.device(device)) == {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                                           "no": torch.float32}[expected]
+
+
+def test_yaml_no_is_read_as_no(tiny_bert, tmp_path):
+    raw = tiny_recipe(tiny_bert, tmp_path)
+    apply_override(raw, "training.mixed_precision=no")  # YAML's false
+    assert validate_recipe(raw).training.mixed_precision == "no"
 
 
 def test_training_reads_max_length_tokens_and_serving_eval_max_length(tiny_bert, tmp_path):

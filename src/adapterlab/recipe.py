@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adapterlab.methods import METHODS, MethodConfig
 from adapterlab.errors import AdapterlabError
@@ -101,10 +101,12 @@ class TrainingConfig(_Section):
     eval_max_length: int | None = Field(
         None, gt=0, description="Tokens per input when evaluating and serving (default: max_length); "
         "more than max_length reads more of long texts at no training cost.")
-    mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
-        None, description="Autocast while training (Accelerate's mixed_precision; on a CPU, bf16 is the one "
-        "that runs faster); weights stay float32 and evaluation runs in full precision. null: the launcher's "
-        "setting (accelerate config or ACCELERATE_MIXED_PRECISION), else no.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] | None = Field(
+        "auto", description="Autocast while training (Accelerate's mixed_precision); weights stay float32 and "
+        "evaluation runs in full precision. auto: from the hardware, bf16 where the device computes it natively "
+        "(a GPU with bf16, a CPU with AVX512-BF16 or AMX), fp16 on other GPUs, else no: on a CPU with AVX2 "
+        "only, bf16 is ~30x slower than float32. null: the launcher's setting (accelerate config or "
+        "ACCELERATE_MIXED_PRECISION). The card records what ran.")
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with a rising learning rate.")
     seed: int = Field(0, description="Seed of initialisation, dropout and shuffling.")
@@ -114,6 +116,11 @@ class TrainingConfig(_Section):
     eval_batch_size: int = Field(64, gt=0)
     metrics: list[str] = Field(
         [], description="Metrics beyond accuracy and macro_f1, by `evaluate` name (needs the hub).")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        return "no" if value is False else value  # YAML reads a bare `no` as false
 
     @property
     def inference_max_length(self) -> int:

@@ -26,6 +26,7 @@ from adapterlab.errors import AdapterlabError
 from adapterlab.methods import method_module
 from adapterlab.metrics import classification_metrics
 from adapterlab.model import AdapterModel, build_adapter_model, parameter_counts
+from adapterlab.precision import cpu_capability, mixed_precision_for
 from adapterlab.recipe import Recipe
 from adapterlab.store import AdapterCard, save_adapter
 
@@ -64,13 +65,27 @@ def _accelerator(config) -> Accelerator:
     """Accelerate keeps one state per process, fixed by its first Accelerator; several runs in one
     process (a sweep, the tests) may differ in mixed precision, so a single-process run starts from a
     fresh state. A launched process runs one recipe and keeps the launcher's (the process state is only
-    read once it exists: created here first, it would miss the launcher's settings)."""
+    read once it exists: created here first, it would miss the launcher's settings). `auto` asks the
+    device the process state chose."""
     if PartialState._shared_state and not PartialState().use_distributed:
         AcceleratorState._reset_state()
+    precision = config.mixed_precision
+    if precision == "auto":
+        device = Accelerator(gradient_accumulation_steps=config.grad_accum).device
+        precision = mixed_precision_for(device)
+        AcceleratorState._reset_state()  # the process state (ranks, device) stays; the precision is set anew
+        if PartialState().is_main_process:
+            log.info("mixed precision: %s (auto, on %s%s)", precision, device,
+                     f": {_describe_cpu()}" if device.type == "cpu" else "")
     try:
-        return Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision)
+        return Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=precision)
     except ValueError as error:  # e.g. fp16 without a GPU
-        raise AdapterlabError(f"training.mixed_precision {config.mixed_precision}: {error}") from None
+        raise AdapterlabError(f"training.mixed_precision {precision}: {error}") from None
+
+
+def _describe_cpu() -> str:
+    cpu = cpu_capability()
+    return f"{cpu['cpu']}, {'fast' if cpu['fast_bf16'] else 'no fast'} bf16 (AVX512-BF16 {cpu['avx512_bf16']}, AMX {cpu['amx']})"
 
 
 def backbone_device_map(quantization, accelerator: Accelerator) -> dict | None:

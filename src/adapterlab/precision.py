@@ -1,0 +1,82 @@
+"""Devices and precisions chosen from the hardware, never from the speed of one machine.
+
+bfloat16 pays only where the device computes it natively: a CUDA GPU with bf16, or a CPU with
+AVX512-BF16 or AMX. On a CPU with AVX2 alone a bf16 matrix product is ~30x slower than float32, so
+there, and on devices without a fast half type, everything runs in full precision.
+"""
+
+import platform
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from adapterlab.errors import AdapterlabError
+
+MixedPrecision = Literal["no", "bf16", "fp16"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MIXED_TO_DTYPE = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively (faster than float32, not emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return cpu_capability()["fast_bf16"]
+    return False
+
+
+def mixed_precision_for(device: torch.device) -> MixedPrecision:
+    """What `training.mixed_precision: auto` means on `device`: bf16 where it is fast, fp16 on GPUs
+    without bf16, otherwise full precision."""
+    if fast_bf16(device):
+        return "bf16"
+    return "fp16" if device.type == "cuda" else "no"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto`: the first CUDA GPU, else Apple's MPS, else the CPU; or `cpu`, `cuda`, `cuda:N`, `mps`."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise AdapterlabError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AdapterlabError(f"device {name!r}: no CUDA GPU is available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise AdapterlabError(f"device {name!r}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise AdapterlabError(f"device {name!r}: MPS is not available here")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: the inference twin of `mixed_precision_for` (bfloat16 where fast, float16 on GPUs
+    without it, else float32); or float32, bfloat16, float16."""
+    if name == "auto":
+        return _MIXED_TO_DTYPE[mixed_precision_for(device)]
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise AdapterlabError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}") from None
+
+
+def cpu_capability() -> dict:
+    """The CPU's name and what it computes natively, for logs and benchmark figures."""
+    avx512_bf16, amx = torch.cpu._is_avx512_bf16_supported(), torch.cpu._is_amx_tile_supported()
+    return {"cpu": _cpu_name(), "isa": torch.backends.cpu.get_cpu_capability(),
+            "avx512_bf16": avx512_bf16, "amx": amx, "fast_bf16": avx512_bf16 or amx}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
