@@ -38,13 +38,13 @@ def scores(predictions) -> torch.Tensor:
 
 @pytest.mark.parametrize("reference", ADAPTERS)
 def test_engine_equals_the_peft_model(store, tiny_bert, reference):
-    engine = Engine(tiny_bert, store)
+    engine = Engine(tiny_bert, store, dtype="float32")
     model, card = load_adapter(store / reference, load_backbone(tiny_bert))
     assert torch.allclose(scores(engine.predict(reference, TEXTS)), model.scores(TEXTS), atol=1e-5)
 
 
 def test_mixed_batch_equals_separate_runs(store, tiny_bert):
-    engine = Engine(tiny_bert, store, batch_size=64)
+    engine = Engine(tiny_bert, store, batch_size=64, dtype="float32")
     requests = [Request(list(ADAPTERS)[i % 4], text) for i, text in enumerate(TEXTS * 2)]
     requests += [Request(None, text, labels=("food", "sport", "money")) for text in TEXTS[:3]]
     mixed = engine.predict_batch(requests)
@@ -57,7 +57,7 @@ def test_mixed_batch_equals_separate_runs(store, tiny_bert):
 
 
 def test_eviction_and_reload_give_identical_answers(store, tiny_bert):
-    engine = Engine(tiny_bert, store, max_adapters=2)
+    engine = Engine(tiny_bert, store, max_adapters=2, dtype="float32")
     first = {ref: engine.predict(ref, TEXTS) for ref in ADAPTERS}
     assert len(engine.resident()) == 2 and engine.stats["evictions"] == 2
     second = {ref: engine.predict(ref, TEXTS) for ref in reversed(list(ADAPTERS))}
@@ -66,24 +66,24 @@ def test_eviction_and_reload_give_identical_answers(store, tiny_bert):
 
 
 def test_byte_budget_bounds_resident_adapters(store, tiny_bert):
-    engine = Engine(tiny_bert, store, max_adapters=None, max_bytes=1)
+    engine = Engine(tiny_bert, store, max_adapters=None, max_bytes=1, dtype="float32")
     for ref in ADAPTERS:
         engine.servable(ref)
     assert len(engine.resident()) == 1 and engine.stats["misses"] == 4
 
 
 def test_refusals(store, tiny_bert):
-    engine = Engine("minilm", store)
+    engine = Engine("minilm", store, dtype="float32")
     with pytest.raises(StoreError, match="not on the loaded backbone 'minilm'"):
         engine.predict("sentiment/lora", ["x"])
     with pytest.raises(StoreError, match="needs its labels"):
-        Engine(tiny_bert, store).predict_batch([Request(None, "x")])
+        Engine(tiny_bert, store, dtype="float32").predict_batch([Request(None, "x")])
     with pytest.raises(StoreError, match="no adapter 'nope/x'"):
-        Engine(tiny_bert, store).predict("nope/x", ["x"])
+        Engine(tiny_bert, store, dtype="float32").predict("nope/x", ["x"])
 
 
 def test_rows_with_and_without_text_pairs_share_a_batch(store, tiny_bert):
-    engine = Engine(tiny_bert, store)
+    engine = Engine(tiny_bert, store, dtype="float32")
     requests = [Request("topic/lora", "a match", "tonight"), Request("topic/lora", "a match tonight"),
                 Request("intent/prefix", "cancel it", "please"), Request("intent/prefix", "cancel it please")]
     mixed = engine.predict_batch(requests)

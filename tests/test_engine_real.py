@@ -52,7 +52,7 @@ def assert_same(mixed, alone):
 
 def test_minilm_mixed_batch_lora_prefix_heads_and_base(minilm_store, texts):
     store, refs = minilm_store
-    engine = Engine("minilm", store)
+    engine = Engine("minilm", store, dtype="float32")
     requests = [Request(refs[i % len(refs)], text) for i, text in enumerate(texts * 2)]
     requests += [Request(None, text, labels=("happy", "sad")) for text in texts[:2]]
     mixed = engine.predict_batch(requests)
@@ -62,7 +62,7 @@ def test_minilm_mixed_batch_lora_prefix_heads_and_base(minilm_store, texts):
 
 def test_minilm_eviction_and_reload(minilm_store, texts):
     store, refs = minilm_store
-    engine = Engine("minilm", store, max_adapters=2)
+    engine = Engine("minilm", store, max_adapters=2, dtype="float32")
     first = [engine.predict(ref, texts) for ref in refs]
     again = [engine.predict(ref, texts) for ref in refs]
     assert engine.stats["evictions"] >= len(refs)
@@ -73,7 +73,7 @@ def test_minilm_eviction_and_reload(minilm_store, texts):
 def test_minilm_merge_and_combine(minilm_store, texts, tmp_path):
     store, refs = minilm_store
     merged = load_merged(merge_adapter(store, "sst2/a", tmp_path / "merged")).scores(texts)
-    served = Engine("minilm", store).predict("sst2/a", texts)
+    served = Engine("minilm", store, dtype="float32").predict("sst2/a", texts)
     assert max(abs(float(merged[i, j]) - list(p.scores.values())[j]) for i, p in enumerate(served)
                for j in range(2)) < 1e-4
     path, report = combine_adapters(store, ["sst2/a", "imdb/a"], [0.5, 0.5], "ties", "sentiment",
@@ -86,7 +86,7 @@ def test_minilm_merge_and_combine(minilm_store, texts, tmp_path):
 
 def test_smollm2_mixed_batch_lora_prefix_and_base(tmp_path, texts, minilm_store):
     refs = [_train(tmp_path, recipe, task, "sst2", k, 2) for task, (recipe, k) in SMOLLM2.items()]
-    engine = Engine("smollm2-135m", tmp_path)
+    engine = Engine("smollm2-135m", tmp_path, dtype="float32")
     requests = [Request(refs[i % 2], text) for i, text in enumerate(texts)]
     requests += [Request(None, texts[0], labels=("Positive", "Negative"))]
     assert_same(engine.predict_batch(requests), [engine.predict_batch([r])[0] for r in requests])

@@ -30,7 +30,7 @@ def store(tiny_bert, tmp_path_factory):
 def test_merged_model_equals_the_adapter(store, tiny_bert, tmp_path):
     exported = merge_adapter(store, "sent/a", tmp_path / "merged")
     merged = load_merged(exported).scores(TEXTS)
-    served = Engine(tiny_bert, store).predict("sent/a", TEXTS)
+    served = Engine(tiny_bert, store, dtype="float32").predict("sent/a", TEXTS)
     assert torch.allclose(merged, torch.tensor([list(p.scores.values()) for p in served]), atol=1e-5)
     assert read_card(exported).merged_from == "sent/a"
 
@@ -50,7 +50,7 @@ def test_combination_is_a_servable_adapter_with_a_report(store, tiny_bert, combi
     assert [p["adapter"] for p in card.parents] == ["sent/a", "sent/b"] and card.combination["type"] == combination
     assert [p["adapter"] for p in report["parents"]] == ["sent/a", "sent/b"]
     assert all(0 <= p["accuracy_before"] <= 1 and 0 <= p["accuracy_after"] <= 1 for p in report["parents"])
-    answers = Engine(tiny_bert, store).predict(f"sent/ab-{combination}", TEXTS)
+    answers = Engine(tiny_bert, store, dtype="float32").predict(f"sent/ab-{combination}", TEXTS)
     assert len(answers) == 3 and set(answers[0].scores) == {"negative", "positive"}
 
 
@@ -58,7 +58,7 @@ def test_linear_combination_adds_the_weighted_updates(store, tiny_bert):
     # peft's linear weights A and B each by sqrt(w): an adapter combined with itself at 0.25 + 0.25
     # has the update (sqrt(.25) + sqrt(.25))^2 = 1 times the original, i.e. is that adapter.
     combine_adapters(store, ["sent/a", "sent/a"], [0.25, 0.25], "linear", "aa", report_rows=4)
-    same = Engine(tiny_bert, store)
+    same = Engine(tiny_bert, store, dtype="float32")
     a, aa = same.predict("sent/a", TEXTS), same.predict("sent/aa", TEXTS)
     for x, y in zip(a, aa):
         assert max(abs(x.scores[k] - y.scores[k]) for k in x.scores) < 1e-4

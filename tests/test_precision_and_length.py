@@ -91,5 +91,5 @@ def test_training_reads_max_length_tokens_and_serving_eval_max_length(tiny_bert,
     assert not torch.allclose(scores, truncated, atol=1e-4)  # so that agreeing with the engine means something
 
     folder, _ = save_adapter(model, make_card(recipe, task, model, *parameter_counts(model), 0.0, {}), tmp_path)
-    served = Engine(tiny_bert, tmp_path).predict(str(folder), [LONG])[0]
+    served = Engine(tiny_bert, tmp_path, dtype="float32").predict(str(folder), [LONG])[0]
     assert torch.allclose(torch.tensor([list(served.scores.values())]), scores, atol=1e-5)

@@ -43,7 +43,7 @@ TRAINED = {  # task: (demo data, method); 2, 4 and 5 labels
 SERVED = [f"{task}/a{i}" for task in TRAINED for i in range(4)]  # 12 adapters, each with its own weights
 CHURN = [f"churn/{task}" for task in TRAINED]  # registered and removed while the load runs
 ZERO_SHOT = ("food", "sport", "money")
-SETTINGS = Settings(max_inputs=64, max_chars=2000, max_upload_bytes=200_000)
+SETTINGS = Settings(max_inputs=64, max_chars=2000, max_upload_bytes=200_000, dtype="float32")
 
 
 def copy_adapter(source: Path, store: Path, reference: str, seed: int) -> Path:
@@ -118,7 +118,8 @@ def adapters(tiny_bert, tmp_path_factory):
         copy_adapter(root / "trained" / reference.split("/")[0] / "t", root / "store", reference, seed)
     for seed, reference in enumerate(CHURN, start=100):
         copy_adapter(root / "trained" / reference.split("/")[1] / "t", root / "spare", reference, seed)
-    served, spare = Engine(tiny_bert, root / "store"), Engine(tiny_bert, root / "spare")
+    served = Engine(tiny_bert, root / "store", dtype="float32")
+    spare = Engine(tiny_bert, root / "spare", dtype="float32")
     expected = {reference: dict(zip(TEXTS, served.predict(reference, TEXTS))) for reference in SERVED}
     expected |= {reference: dict(zip(TEXTS, spare.predict(reference, TEXTS))) for reference in CHURN}
     zero_shot = served.predict_batch([Request(None, text, labels=ZERO_SHOT) for text in TEXTS])
@@ -152,7 +153,8 @@ def test_answers_equal_the_engine(client, adapters, tiny_bert):
             assert_answer(answer, expected[reference][text])
     pairs = [{"text": text, "text_pair": "a second text"} for text in TEXTS[:2]]
     response = client.post("/v1/classify", json={"adapter": "topic/a1", "inputs": [TEXTS[0], *pairs], "top_k": 2})
-    engine = Engine(tiny_bert, store)  # rows with and without a pair: the engine takes them apart
+    # rows with and without a pair: the engine takes them apart
+    engine = Engine(tiny_bert, store, dtype="float32")
     wanted = engine.predict("topic/a1", TEXTS[:1]) + engine.predict("topic/a1", TEXTS[:2], ["a second text"] * 2)
     for answer, prediction in zip(response.json()["predictions"], wanted):
         scores = [item["score"] for item in answer["scores"]]
@@ -310,7 +312,7 @@ def test_refusals(client, adapters):
 
 
 def test_unexpected_errors_are_a_generic_500_and_the_connection_lives(tiny_bert, adapters):
-    app = create_app(adapters[0], tiny_bert)
+    app = create_app(adapters[0], tiny_bert, settings=Settings(dtype="float32"))
 
     def broken(requests):
         raise RuntimeError("secret detail")
@@ -324,7 +326,7 @@ def test_unexpected_errors_are_a_generic_500_and_the_connection_lives(tiny_bert,
 
 
 def test_shutdown_lets_requests_in_flight_finish(tiny_bert, adapters):
-    app = create_app(adapters[0], tiny_bert)
+    app = create_app(adapters[0], tiny_bert, settings=Settings(dtype="float32"))
     engine = app.state.server.engine
     predict_batch = engine.predict_batch
     engine.predict_batch = lambda requests: (time.sleep(0.3), predict_batch(requests))[1]  # a slow engine
@@ -342,7 +344,7 @@ def test_shutdown_lets_requests_in_flight_finish(tiny_bert, adapters):
 
 
 def test_a_full_queue_answers_503_and_the_queued_requests_finish(tiny_bert, adapters):
-    app = create_app(adapters[0], tiny_bert, settings=Settings(max_queued_rows=4, max_wait_ms=0))
+    app = create_app(adapters[0], tiny_bert, settings=Settings(max_queued_rows=4, max_wait_ms=0, dtype="float32"))
     server = app.state.server
     busy, release = threading.Event(), threading.Event()
     predict_batch = server.engine.predict_batch
@@ -433,13 +435,13 @@ def test_generation_bare_and_under_lora_and_prefix_adapters(tiny_llama, tmp_path
         wanted[f"sentiment/{name}"] = expected(PeftModel.from_pretrained(load_backbone(tiny_llama).model,
                                                                          str(tmp_path / "sentiment" / name)))
     assert len(set(wanted.values())) == 3
-    with running(create_app(tmp_path)) as (base_url, _), httpx.Client(base_url=base_url, timeout=60) as client:
+    with running(create_app(tmp_path, settings=Settings(dtype="float32"))) as (base_url, _), httpx.Client(base_url=base_url, timeout=60) as client:
         for adapter in [None, "sentiment/lora", "sentiment/prefix", None, "sentiment/lora"]:  # adapters leave no trace
             response = client.post("/v1/generate", json={"adapter": adapter, "prompt": "the movie was", "max_new_tokens": 6})
             assert response.status_code == 200 and response.json()["text"] == wanted[adapter], response.text
         response = client.post("/v1/classify", json={"adapter": "sentiment/prefix", "inputs": TEXTS[:2]})
         for answer, prediction in zip(response.json()["predictions"],
-                                      Engine(tiny_llama, tmp_path).predict("sentiment/prefix", TEXTS[:2])):
+                                      Engine(tiny_llama, tmp_path, dtype="float32").predict("sentiment/prefix", TEXTS[:2])):
             assert_answer(answer, prediction)
         assert client.post("/v1/generate", json={"adapter": "sentiment/nope", "prompt": "x"}).status_code == 404
 
@@ -455,8 +457,8 @@ def test_real_backbone_over_http_equals_the_engine(tmp_path):
             f"task={task}", f"data.path={shared(data)}", "data.k=4", "data.test_limit=8",
             "training.max_steps=3", f"output.store={tmp_path}", "output.name=a"]), show_progress=False)
     texts = ["a gorgeous, moving film", "I am so angry about the delay", "what a dull evening"]
-    expected = Engine("minilm", tmp_path)
-    with running(create_app(tmp_path)) as (url, _):
+    expected = Engine("minilm", tmp_path, dtype="float32")
+    with running(create_app(tmp_path, settings=Settings(dtype="float32"))) as (url, _):
         with httpx.Client(base_url=url, timeout=60) as client:
             for adapter in ("sst2/a", "emotion/a"):
                 answer = client.post("/v1/classify", json={"adapter": adapter, "inputs": texts})

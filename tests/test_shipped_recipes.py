@@ -64,7 +64,7 @@ def test_shipped_recipe_learns_saves_and_reloads(name, tmp_path):
 
     texts = task.test.texts[:16]
     expected = model.scores(texts)
-    engine = Engine(recipe.backbone, tmp_path)  # a fresh backbone, as another process would load it
+    engine = Engine(recipe.backbone, tmp_path, dtype="float32")  # a fresh backbone, as another process loads it
     reloaded = torch.tensor([list(p.scores.values()) for p in engine.predict(str(folder), texts)])
     assert torch.allclose(reloaded, expected, atol=1e-5)
     assert engine.evaluate(str(folder), shared("agnews"), limit=test_rows)["accuracy"] == metrics["accuracy"]

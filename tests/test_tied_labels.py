@@ -54,7 +54,7 @@ def test_trained_rows_are_the_last_tied_vectors_and_reload(tiny_bert, tmp_path):
     texts = task.test.texts
     expected = model.scores(texts)
     assert torch.allclose(reloaded.scores(texts), expected, atol=1e-5)
-    served = Engine(tiny_bert, tmp_path).predict(str(folder), texts)
+    served = Engine(tiny_bert, tmp_path, dtype="float32").predict(str(folder), texts)
     assert torch.allclose(torch.tensor([list(p.scores.values()) for p in served]), expected, atol=1e-5)
 
 

@@ -33,7 +33,7 @@ def test_labels_file_overrides_names_and_descriptions(tmp_path):
 
 
 def test_unseen_labels_at_inference():
-    engine = Engine("minilm", "unused-store")
+    engine = Engine("minilm", "unused-store", dtype="float32")
     labels = ("cooking", "football", "personal finance")
     texts = ["Simmer the garlic in butter before adding the cream.", "The striker scored twice in extra time.",
              "Pay off the credit card before the interest piles up."]
@@ -43,7 +43,7 @@ def test_unseen_labels_at_inference():
 
 @pytest.mark.slow
 def test_llm_zero_shot_and_in_context_beat_chance():
-    engine = Engine("smollm2-135m", "unused-store")
+    engine = Engine("smollm2-135m", "unused-store", dtype="float32")
     data = DataConfig(path=shared("sst2"))
     plain = evaluate_zero_shot(engine, data, ZeroShotConfig(), limit=120)
     shown = evaluate_zero_shot(engine, data, ZeroShotConfig(shots=1), limit=120)
@@ -51,7 +51,7 @@ def test_llm_zero_shot_and_in_context_beat_chance():
 
 
 def test_label_names_written_as_identifiers_read_as_words():
-    engine = Engine("minilm", "unused-store")
+    engine = Engine("minilm", "unused-store", dtype="float32")
     names = engine.zero_shot(("card_arrival", "exchange_rate"), ("card_arrival", "exchange_rate"))
     words = engine.zero_shot(("card_arrival", "exchange_rate"), ("card arrival", "exchange rate"))
     assert torch.equal(names.head.linear.weight, words.head.linear.weight)

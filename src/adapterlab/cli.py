@@ -20,6 +20,10 @@ app.add_typer(adapters_app, name="adapters")
 console = Console()
 STORE = typer.Option("adapters", "--store", help="Adapter store folder.")
 JSON = typer.Option(False, "--json", help="End stdout with one JSON object.")
+DEVICE = typer.Option("auto", "--device", help="auto (a CUDA GPU, else MPS, else the CPU), cpu, cuda, cuda:N or mps.")
+DTYPE = typer.Option("auto", "--dtype", help="auto (bfloat16 where the device computes it natively: a GPU with "
+                     "bf16, a CPU with AVX512-BF16/AMX; float16 on other GPUs; else float32), float32, bfloat16 "
+                     "or float16.")
 
 
 @app.callback()
@@ -78,11 +82,11 @@ def eval_(adapter: str = typer.Argument(..., help="Adapter folder, or TASK/NAME 
           data: str = typer.Option(..., "--data", help="Dataset (folder, file, demo:NAME)."),
           split: str = typer.Option("test", "--split", help="train or test."),
           limit: Optional[int] = typer.Option(None, "--limit", help="First N rows only."),
-          store: Path = STORE, json_out: bool = JSON):
+          store: Path = STORE, json_out: bool = JSON, device: str = DEVICE, dtype: str = DTYPE):
     """Accuracy and macro-F1 of a stored adapter on a dataset."""
     from adapterlab.engine import Engine
 
-    engine = Engine.for_adapter(adapter, store)
+    engine = Engine.for_adapter(adapter, store, device=device, dtype=dtype)
     metrics = engine.evaluate(adapter, data, split, limit)
     if json_out:
         _emit({"adapter": adapter, "data": data, "split": split, **metrics})
@@ -98,7 +102,7 @@ def predict(args: Optional[list[str]] = typer.Argument(None, help="[ADAPTER] TEX
             batch: Optional[Path] = typer.Option(None, "--batch", help='JSONL of {"adapter", "text"} rows '
                                                  '("text_pair", and "labels" for zero-shot rows, optional).'),
             output: Optional[Path] = typer.Option(None, "--output", help="Write the --batch answers here (JSONL)."),
-            store: Path = STORE, json_out: bool = JSON):
+            store: Path = STORE, json_out: bool = JSON, device: str = DEVICE, dtype: str = DTYPE):
     """Label texts with stored adapters; --batch serves many adapters in mixed batches."""
     from adapterlab.engine import Engine, Request, read_requests
 
@@ -107,7 +111,7 @@ def predict(args: Optional[list[str]] = typer.Argument(None, help="[ADAPTER] TEX
         first = next((r.adapter for r in requests if r.adapter), None)
         if first is None:
             raise AdapterlabError(f"{batch}: name at least one adapter (the engine needs a backbone)")
-        answers = Engine.for_adapter(first, store).predict_batch(requests)
+        answers = Engine.for_adapter(first, store, device=device, dtype=dtype).predict_batch(requests)
         lines = [json.dumps({"adapter": r.adapter, "text": r.text, "label": a.label, "score": a.score,
                              "scores": a.scores}) for r, a in zip(requests, answers)]
         if output is not None:
@@ -120,7 +124,7 @@ def predict(args: Optional[list[str]] = typer.Argument(None, help="[ADAPTER] TEX
         if len(texts) < 2:
             raise AdapterlabError("predict needs an adapter and at least one text (or --batch FILE)")
         adapter = texts.pop(0)
-    predictions = Engine.for_adapter(adapter, store).predict(adapter, texts)
+    predictions = Engine.for_adapter(adapter, store, device=device, dtype=dtype).predict(adapter, texts)
     if json_out:
         _emit({"adapter": adapter, "predictions": [
             {"text": t, "label": p.label, "score": p.score, "scores": p.scores} for t, p in zip(texts, predictions)]})
@@ -195,7 +199,7 @@ def zeroshot(backbone: str = typer.Option(..., "--backbone", help="minilm, smoll
              text_field: str = typer.Option("text", "--text-field"),
              text_pair_field: Optional[str] = typer.Option(None, "--text-pair-field"),
              split: str = typer.Option("test", "--split"), limit: Optional[int] = typer.Option(None, "--limit"),
-             json_out: bool = JSON):
+             json_out: bool = JSON, device: str = DEVICE, dtype: str = DTYPE):
     """Zero-shot accuracy of a backbone on a dataset: the baseline for every adapter."""
     from adapterlab.data import read_labels
     from adapterlab.engine import Engine
@@ -206,7 +210,7 @@ def zeroshot(backbone: str = typer.Option(..., "--backbone", help="minilm, smoll
     config = ZeroShotConfig(**{k: v for k, v in {"templates": template, "prompt": prompt}.items() if v},
                             shots=shots)
     data_config = DataConfig(path=data, labels=names, text_field=text_field, text_pair_field=text_pair_field)
-    metrics = evaluate_zero_shot(Engine(backbone), data_config, config, split, limit, descriptions)
+    metrics = evaluate_zero_shot(Engine(backbone, device=device, dtype=dtype), data_config, config, split, limit, descriptions)
     if json_out:
         _emit({"backbone": backbone, "data": data, **metrics})
     else:
@@ -278,13 +282,14 @@ def serve(store: Path = STORE,
                                               "(more: 503 with Retry-After, so the client backs off)."),
           max_inputs: int = typer.Option(256, "--max-inputs", help="Inputs per request (more: 413)."),
           max_chars: int = typer.Option(20_000, "--max-chars", help="Characters per input (more: 413)."),
-          max_upload_mb: float = typer.Option(64, "--max-upload-mb", help="Uploaded adapter archives (more: 413).")):
+          max_upload_mb: float = typer.Option(64, "--max-upload-mb", help="Uploaded adapter archives (more: 413)."),
+          device: str = DEVICE, dtype: str = DTYPE):
     """Serve the store's adapters over HTTP with dynamic batching (OpenAPI at /docs)."""
     from adapterlab.server import Settings, serve as run_server
 
     settings = Settings(max_wait_ms=max_wait_ms, max_batch_rows=max_batch_rows, batching=not no_batching,
                         max_queued_rows=max_queued_rows, max_inputs=max_inputs, max_chars=max_chars,
-                        max_upload_bytes=int(max_upload_mb * 2**20))
+                        max_upload_bytes=int(max_upload_mb * 2**20), device=device, dtype=dtype)
     run_server(store, backbone, host, port, settings)
 
 

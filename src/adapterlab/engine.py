@@ -13,10 +13,11 @@ from pathlib import Path
 
 from adapterlab.backbones import Backbone, load_backbone
 from adapterlab.data import DataError, load_task
-from adapterlab.heads import build_head, uses_chat
+from adapterlab.heads import build_head, text_prompt_of, uses_chat
 from adapterlab.methods import method_module
 from adapterlab.metrics import classification_metrics
 from adapterlab.mixed_batch import PromptSettings, Row, Servable, forward_mixed
+from adapterlab.precision import resolve_device, resolve_dtype
 from adapterlab.recipe import DataConfig, Recipe
 from adapterlab.store import AdapterCard, StoreError, read_adapter, read_card, resolve, verify
 from adapterlab.zeroshot import zero_shot_servable
@@ -46,8 +47,13 @@ class Engine:
     """Serves the adapters of one backbone from a store."""
 
     def __init__(self, backbone: Backbone | str, store: str | Path = "adapters", max_adapters: int | None = 1024,
-                 max_bytes: int | None = None, batch_size: int = 64):
-        self.backbone = load_backbone(backbone) if isinstance(backbone, str) else backbone
+                 max_bytes: int | None = None, batch_size: int = 64, device: str = "auto", dtype: str = "auto"):
+        """`backbone`: a loaded one (served where it is), or a name loaded onto `device` in `dtype`
+        (auto: the fastest the hardware computes natively; see `precision`)."""
+        if isinstance(backbone, str):
+            where = resolve_device(device)
+            backbone = load_backbone(backbone, device=where, dtype=resolve_dtype(dtype, where))
+        self.backbone = backbone
         self.store = Path(store)
         self.max_adapters, self.max_bytes, self.batch_size = max_adapters, max_bytes, batch_size
         self._resident: OrderedDict[Path, Servable] = OrderedDict()
@@ -95,10 +101,12 @@ class Engine:
         card = stored.card
         recipe = Recipe.model_validate(card.recipe)
         weights = method_module(card.method).inference_weights(stored.tensors, stored.adapter_config)
+        weights = weights.to(self.backbone.device, self.backbone.dtype)
         head = build_head(recipe.head.model_copy(update={"init": "random"}), self.backbone, card.labels, card.labels)
         head.load_state_dict(stored.head_tensors)
         prompt = PromptSettings(recipe.head.template, uses_chat(recipe.head, self.backbone),
-                                recipe.training.inference_max_length)
+                                recipe.training.inference_max_length,
+                                text_prompt=text_prompt_of(recipe.head, self.backbone))
         return Servable(f"{card.task}/{card.name}", card.labels, weights, head.eval(), prompt, stored.nbytes)
 
     def _evict(self) -> None:

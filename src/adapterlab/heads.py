@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from adapterlab.backbones import Features, features, tokenize
+from adapterlab.backbones.sentence_folders import POOLING
 from adapterlab.errors import AdapterlabError
 
 
@@ -18,9 +19,10 @@ class ClassifierHead(nn.Module):
     needs_hidden = True
 
     def __init__(self, hidden_size: int, num_labels: int, pooling: str, dropout: float,
-                 cosine_scale: float | None):
+                 cosine_scale: float | None, normalize: bool = False):
         super().__init__()
         self.pooling = pooling
+        self.normalize = normalize  # a plain linear layer on unit vectors (a sentence-transformers model's)
         self.cosine_scale = cosine_scale
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(hidden_size, num_labels)
@@ -31,7 +33,7 @@ class ClassifierHead(nn.Module):
         the labels `label_ids`, in their place."""
         pooled = self.dropout(pool(features, self.pooling))
         if self.cosine_scale is None:
-            return self.linear(pooled)
+            return self.linear(nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled)
         weight = nn.functional.normalize(self.linear.weight if rows is None else rows, dim=-1)
         bias = self.linear.bias if label_ids is None else self.linear.bias[label_ids]
         return self.cosine_scale * nn.functional.normalize(pooled, dim=-1) @ weight.T + bias
@@ -65,34 +67,62 @@ def pool(features: Features, pooling: str) -> torch.Tensor:
 
 
 def build_head(config, backbone, label_names: list[str], label_descriptions: list[str]) -> nn.Module:
-    """The head a recipe's `head:` section asks for, sized for `label_names`."""
+    """The head a recipe's `head:` section asks for, sized for `label_names`, on the backbone's
+    device and in its dtype."""
     kind = config.type if config.type != "auto" else ("classifier" if backbone.kind == "encoder" else "label_words")
     if kind == "label_words":
         if backbone.kind != "decoder":
             raise AdapterlabError("head.type label_words needs an LLM backbone; encoders use 'classifier'")
-        return LabelWordHead(label_word_ids(backbone.tokenizer, label_names, config.label_words or {},
+        head = LabelWordHead(label_word_ids(backbone.tokenizer, label_names, config.label_words or {},
                                             uses_chat(config, backbone)))
-    pooling = config.pooling if config.pooling != "auto" else ("mean" if backbone.kind == "encoder" else "last")
-    head = ClassifierHead(backbone.hidden_size, len(label_names), pooling, config.dropout, config.cosine_scale)
+        return head.to(backbone.device)
+    pooling = pooling_of(config, backbone)
+    normalize = config.normalize if config.normalize is not None else backbone.sentence.normalize
+    head = ClassifierHead(backbone.hidden_size, len(label_names), pooling, config.dropout, config.cosine_scale,
+                          normalize).to(backbone.device, backbone.dtype)
     if config.init == "label_descriptions":
-        head.init_from(label_embeddings(backbone, label_descriptions, config.label_templates, pooling))
+        head.init_from(label_embeddings(backbone, label_descriptions, config.label_templates, pooling,
+                                        text_prompt_of(config, backbone)))
     return head
 
 
-def label_embeddings(backbone, descriptions: list[str], templates: list[str], pooling: str = "mean") -> torch.Tensor:
+def pooling_of(config, backbone) -> str:
+    """head.pooling, or for auto what the backbone folder says (sentence-transformers), else mean for
+    encoders and the last token for LLMs."""
+    if config.pooling != "auto":
+        return config.pooling
+    if backbone.sentence.pooling is None:
+        return "mean" if backbone.kind == "encoder" else "last"
+    if backbone.sentence.pooling not in POOLING:
+        raise AdapterlabError(f"backbone {backbone.name!r} pools by {backbone.sentence.pooling!r} (its "
+                              f"sentence-transformers settings), which adapterlab does not compute; set head.pooling "
+                              f"to one of {', '.join(sorted(set(POOLING.values())))}")
+    return POOLING[backbone.sentence.pooling]
+
+
+def text_prompt_of(config, backbone) -> str:
+    """head.text_prompt, or for null the backbone folder's default prompt (e5's 'query: ')."""
+    if backbone.kind != "encoder":
+        return ""
+    return config.text_prompt if config.text_prompt is not None else backbone.sentence.prompt
+
+
+def label_embeddings(backbone, descriptions: list[str], templates: list[str], pooling: str = "mean",
+                     text_prompt: str = "") -> torch.Tensor:
     """Each description through each template, embedded by the bare backbone, unit-normalised, averaged
     over the templates."""
-    batch = tokenize_label_texts(backbone, descriptions, templates)
+    batch = tokenize_label_texts(backbone, descriptions, templates, text_prompt)
     with torch.no_grad():
         pooled = pool(features(backbone, backbone.model, batch, need_hidden=True), pooling)
     return nn.functional.normalize(pooled, dim=-1).view(len(templates), len(descriptions), -1).mean(0)
 
 
-def tokenize_label_texts(backbone, descriptions: list[str], templates: list[str]) -> dict[str, torch.Tensor]:
+def tokenize_label_texts(backbone, descriptions: list[str], templates: list[str],
+                         text_prompt: str = "") -> dict[str, torch.Tensor]:
     """Every template filled with every description, template by template: (templates × labels) rows.
     Names written as identifiers (card_arrival) are read as words."""
     texts = [t.format(label=d.replace("_", " ")) for t in templates for d in descriptions]
-    return tokenize(backbone, texts, None, "{text}", max_length=128, chat=False)
+    return tokenize(backbone, texts, None, "{text}", max_length=128, chat=False, text_prompt=text_prompt)
 
 
 def uses_chat(config, backbone) -> bool:

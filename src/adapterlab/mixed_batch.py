@@ -23,6 +23,7 @@ class PromptSettings:
     chat: bool
     max_length: int
     demonstrations: tuple[tuple[str, str], ...] = ()  # in-context (text, answer) pairs for LLMs
+    text_prompt: str = ""  # encoders: before every text (a sentence-transformers model's prompt)
 
 
 @dataclass(eq=False)
@@ -58,9 +59,9 @@ def forward_mixed(backbone: Backbone, rows: list[Row]) -> list[torch.Tensor]:
     results: list[torch.Tensor | None] = [None] * len(rows)
     for servable in servables:
         index = (row_slots == slot[servable]).nonzero().squeeze(1)
-        logits = servable.head(_select(feats, index))
+        logits = servable.head(_select(feats, index.to(backbone.device)))
         for i, probabilities in zip(index.tolist(), logits.float().softmax(-1)):
-            results[i] = probabilities
+            results[i] = probabilities.cpu()
     return results
 
 
@@ -79,7 +80,7 @@ def _tokenize_rows(backbone: Backbone, rows: list[Row]) -> dict[str, torch.Tenso
     for (prompt, paired), indices in groups.items():
         pairs = [rows[i].text_pair for i in indices] if paired else None
         encoded = tokenize(backbone, [rows[i].text for i in indices], pairs, prompt.template, prompt.max_length,
-                           prompt.chat, prompt.demonstrations)
+                           prompt.chat, prompt.demonstrations, prompt.text_prompt)
         for j, i in enumerate(indices):
             keep = encoded["attention_mask"][j].bool()
             per_row[i] = {key: value[j][keep] for key, value in encoded.items()}
@@ -105,14 +106,15 @@ def _prefix(servables: list[Servable], row_slots: torch.Tensor, batch: dict) -> 
     if longest == 0:
         return None
     template = next(s.weights.prefix for s in servables if s.weights.prefix)
+    slots = row_slots.to(template[0][0].device)
     key_values = []
     for layer, (key, _) in enumerate(template):
-        stacked = torch.zeros(2, len(servables), key.shape[0], longest, key.shape[2], dtype=key.dtype)
+        stacked = key.new_zeros(2, len(servables), key.shape[0], longest, key.shape[2])
         for i, servable in enumerate(servables):
             if servable.weights.prefix:
                 k, v = servable.weights.prefix[layer]
                 stacked[0, i, :, :k.shape[1]], stacked[1, i, :, :v.shape[1]] = k, v
-        key_values.append((stacked[0][row_slots], stacked[1][row_slots]))
+        key_values.append((stacked[0][slots], stacked[1][slots]))
     row_lengths = lengths[row_slots]
     mask = (torch.arange(longest)[None, :] < row_lengths[:, None]).to(batch["attention_mask"].dtype)
     if "token_type_ids" in batch:  # peft drops segment ids under prompt learning; so must serving
@@ -140,12 +142,13 @@ def _stack_rows(name: str, servables: list[Servable], row_slots: torch.Tensor):
     pairs = [s.weights.linear_deltas.get(name) for s in servables]
     a0, b0 = next(pair for pair in pairs if pair is not None)
     rank = max(pair[0].shape[0] for pair in pairs if pair is not None)
-    a = torch.zeros(len(servables), rank, a0.shape[1], dtype=a0.dtype)
-    b = torch.zeros(len(servables), b0.shape[0], rank, dtype=b0.dtype)
+    a = a0.new_zeros(len(servables), rank, a0.shape[1])
+    b = b0.new_zeros(len(servables), b0.shape[0], rank)
     for i, pair in enumerate(pairs):
         if pair is not None:
             a[i, :pair[0].shape[0]], b[i, :, :pair[1].shape[1]] = pair
-    return a[row_slots], b[row_slots]
+    slots = row_slots.to(a.device)
+    return a[slots], b[slots]
 
 
 def _add_delta(a_rows: torch.Tensor, b_rows: torch.Tensor):

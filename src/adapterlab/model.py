@@ -1,17 +1,19 @@
 """AdapterModel: the frozen backbone under one PEFT adapter, plus the task's head."""
 
 import functools
-import re
+import logging
 
 import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from adapterlab.backbones import Backbone, Stem, features, stem_states, supports_stem, tokenize
+from adapterlab.backbones import Backbone, Stem, features, stem_states, tokenize
 from adapterlab.data import Split
 from adapterlab.errors import AdapterlabError
-from adapterlab.heads import ClassifierHead, build_head, pool, tokenize_label_texts, uses_chat
+from adapterlab.heads import ClassifierHead, build_head, pool, text_prompt_of, tokenize_label_texts, uses_chat
 from adapterlab.methods import method_module
+
+log = logging.getLogger("adapterlab")
 
 
 class AdapterModel(nn.Module):
@@ -30,6 +32,7 @@ class AdapterModel(nn.Module):
         self.label_names = label_names
         self.template = head_config.template
         self.chat = uses_chat(head_config, backbone)
+        self.text_prompt = text_prompt_of(head_config, backbone)
         self.max_length = max_length
         self.tied = label_texts is not None
         if self.tied:  # buffers, so that they follow the model to its device; not part of any saved state
@@ -39,7 +42,8 @@ class AdapterModel(nn.Module):
     def tokenize(self, texts: list[str], pairs: list[str] | None = None,
                  max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Inputs as the model reads them: `max_length` tokens (default: its inference length)."""
-        return tokenize(self.backbone, texts, pairs, self.template, max_length or self.max_length, self.chat)
+        return tokenize(self.backbone, texts, pairs, self.template, max_length or self.max_length, self.chat,
+                        text_prompt=self.text_prompt)
 
     def forward(self, input_ids, attention_mask, stem_states: torch.Tensor | None = None,
                 label_ids: torch.Tensor | None = None, **extra) -> torch.Tensor:
@@ -84,20 +88,27 @@ class AdapterModel(nn.Module):
     @functools.cached_property
     def stem_layers(self) -> int:
         """How many of an encoder's lower layers hold nothing trainable: training runs them once per row,
-        without dropout, instead of at every epoch (0 when they cannot be skipped). Computed once: which
-        parameters train is settled when the model is built, and forward reads this at every step."""
-        if not supports_stem(self.peft_model):
+        without dropout, instead of at every epoch (0 when they cannot be skipped exactly). Computed once:
+        which parameters train is settled when the model is built, and forward reads this at every step."""
+        family = self.backbone.family
+        blocker = family.stem_blocker(self.backbone.model.config)
+        layers = family.layer_list(self.peft_model) if blocker is None else None
+        if layers is None:
+            if self.backbone.kind == "encoder":
+                log.info("frozen lower layers run at every step: %s", blocker or
+                         f"no layer list at {family.layers!r} in this {family.name} model")
             return 0
-        trainable = [name for name, p in self.peft_model.named_parameters() if p.requires_grad]
-        layers = [re.search(r"\.layer\.(\d+)\.", name) for name in trainable]
-        if not trainable or not all(layers):  # e.g. prefix-tuning: its prefix reaches every layer
+        trainable = {id(p) for p in self.peft_model.parameters() if p.requires_grad}
+        in_layers = [i for i, layer in enumerate(layers) if any(id(p) in trainable for p in layer.parameters())]
+        outside = trainable - {id(p) for layer in layers for p in layer.parameters()}
+        if not in_layers or outside:  # e.g. prefix-tuning: its prefix reaches every layer
             return 0
-        return min(int(match.group(1)) for match in layers)
+        return min(in_layers)
 
     def stem_states(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Each row's states after the `stem_layers` frozen layers, without padding."""
-        states = stem_states(self.peft_model, batch, self.stem_layers)
-        return [row[mask.bool()] for row, mask in zip(states, batch["attention_mask"])]
+        states = stem_states(self.backbone, self.peft_model, batch, self.stem_layers)
+        return [row[mask.bool()] for row, mask in zip(states, batch["attention_mask"].to(states.device))]
 
     @torch.no_grad()
     def text_vectors(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> torch.Tensor:
@@ -135,6 +146,7 @@ class AdapterModel(nn.Module):
 def build_adapter_model(recipe, backbone: Backbone, label_names: list[str],
                         label_descriptions: list[str]) -> AdapterModel:
     """A fresh, trainable adapter and head for `recipe` on `backbone`."""
+    backbone.family.check_method(recipe.method.name)
     head = build_head(recipe.head, backbone, label_names, label_descriptions)  # reads the bare backbone
     label_texts = None
     if recipe.head.ties(len(label_names)):
@@ -142,7 +154,8 @@ def build_adapter_model(recipe, backbone: Backbone, label_names: list[str],
             raise AdapterlabError("head.tie_labels needs a classifier head; this backbone's head is label_words "
                                   "(set head.type: classifier)")
         head.linear.weight.requires_grad_(False)  # while training, its rows come from the descriptions
-        label_texts = tokenize_label_texts(backbone, label_descriptions, recipe.head.label_templates)
+        label_texts = tokenize_label_texts(backbone, label_descriptions, recipe.head.label_templates,
+                                           text_prompt_of(recipe.head, backbone))
     method = method_module(recipe.method.name)
     peft_model = get_peft_model(backbone.model, method.peft_config(recipe.method, backbone))
     return AdapterModel(backbone, peft_model, head, label_names, recipe.head, recipe.training.inference_max_length,

@@ -24,7 +24,14 @@ class HeadConfig(_Section):
         "auto", description="classifier: a linear layer on a pooled hidden state; label_words: an LLM "
         "scores each label's word after the prompt. auto: classifier for encoders, label_words for LLMs.")
     pooling: Literal["auto", "mean", "cls", "last"] = Field(
-        "auto", description="How a classifier pools token states: auto is mean for encoders, last for LLMs.")
+        "auto", description="How a classifier pools token states. auto: as a sentence-transformers backbone "
+        "folder says (1_Pooling: bge pools by CLS), else mean for encoders, last for LLMs.")
+    normalize: bool | None = Field(
+        None, description="A plain linear classifier (cosine_scale null) reads unit vectors; null: when the "
+        "sentence-transformers folder ends in a Normalize module. Cosine classifiers always do.")
+    text_prompt: str | None = Field(
+        None, description="Encoders: prepended to every text and label description (e5: 'query: '); null: the "
+        "sentence-transformers folder's default prompt, if it names one.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classifier.")
     cosine_scale: float | None = Field(
         20.0, gt=0, description="Classifier on unit vectors, logits scaled by this; null: a plain linear layer.")

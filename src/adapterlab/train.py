@@ -23,6 +23,7 @@ from adapterlab.checkpoint import (CheckpointError, checkpoint_folder, has_check
                                    remove_checkpoint, restore, run_identity, save_checkpoint)
 from adapterlab.data import Split, TaskData, load_task
 from adapterlab.errors import AdapterlabError
+from adapterlab.heads import pooling_of
 from adapterlab.methods import method_module
 from adapterlab.metrics import classification_metrics
 from adapterlab.model import AdapterModel, build_adapter_model, parameter_counts
@@ -287,8 +288,12 @@ def make_card(recipe: Recipe, task: TaskData, model: AdapterModel, trainable: in
 
 
 def _resolved(recipe: Recipe, model: AdapterModel, accelerator: Accelerator) -> Recipe:
-    """The recipe as it ran: settings left to the backbone (the chat template), the task (tie_labels
-    auto) or the launcher (mixed precision) written out."""
-    head = recipe.head.model_copy(update={"chat": model.chat, "tie_labels": model.tied})
+    """The recipe as it ran: settings left to the backbone (the chat template, a sentence-transformers
+    folder's pooling, normalisation and prompt), the task (tie_labels auto) or the hardware and launcher
+    (mixed precision) written out."""
+    backbone = model.backbone
+    head = recipe.head.model_copy(update={
+        "chat": model.chat, "tie_labels": model.tied, "pooling": pooling_of(recipe.head, backbone),
+        "text_prompt": model.text_prompt, "normalize": getattr(model.head, "normalize", None)})
     training = recipe.training.model_copy(update={"mixed_precision": str(accelerator.mixed_precision)})
     return recipe.model_copy(update={"head": head, "training": training})

@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from adapterlab.backbones import Backbone
 from adapterlab.data import k_shot_indices, load_task
-from adapterlab.heads import ClassifierHead, LabelWordHead, label_embeddings, label_word_ids
+from adapterlab.heads import (ClassifierHead, LabelWordHead, label_embeddings, label_word_ids, pooling_of,
+                             text_prompt_of)
 from adapterlab.methods.base import AdapterWeights
 from adapterlab.metrics import classification_metrics
 from adapterlab.mixed_batch import PromptSettings, Servable
@@ -36,13 +37,16 @@ def zero_shot_servable(backbone: Backbone, labels: list[str], descriptions: list
                        demonstrations: tuple[tuple[str, str], ...] = ()) -> Servable:
     """A classifier over `labels` that the engine serves like an adapter with no weights."""
     if backbone.kind == "encoder":
-        head = ClassifierHead(backbone.hidden_size, len(labels), "mean", 0.0, config.scale)
-        head.init_from(label_embeddings(backbone, descriptions, config.templates))
-        prompt = PromptSettings("", False, config.max_length)
+        defaults = HeadConfig()  # the backbone's own pooling and prompt (sentence-transformers settings)
+        pooling, text_prompt = pooling_of(defaults, backbone), text_prompt_of(defaults, backbone)
+        head = ClassifierHead(backbone.hidden_size, len(labels), pooling, 0.0, config.scale)
+        head.to(backbone.device, backbone.dtype).init_from(
+            label_embeddings(backbone, descriptions, config.templates, pooling, text_prompt))
+        prompt = PromptSettings("", False, config.max_length, text_prompt=text_prompt)
     else:
         chat = config.chat if config.chat is not None else bool(getattr(backbone.tokenizer, "chat_template", None))
         words = [label.replace("_", " ") for label in labels]
-        head = LabelWordHead(label_word_ids(backbone.tokenizer, labels, {}, chat))
+        head = LabelWordHead(label_word_ids(backbone.tokenizer, labels, {}, chat)).to(backbone.device)
         template = config.prompt.replace("{labels}", ", ".join(words))
         prompt = PromptSettings(template, chat, config.max_length, demonstrations)
     return Servable("base", list(labels), AdapterWeights(), head.eval(), prompt, 0)

@@ -22,8 +22,9 @@ class Config(BaseModel):
     alpha: float = Field(16, gt=0, description="Scale: the update is multiplied by alpha / r.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] | None = Field(
-        None, description="Module names to adapt; null takes peft's default for the architecture "
-        "(BERT: query, value; Llama: q_proj, v_proj); 'all-linear' adapts every linear layer.")
+        None, description="Module names to adapt; null takes the family's default (BERT: query, value; "
+        "Llama: q_proj, v_proj; DistilBERT: q_lin, v_lin; backbones/families.yaml, else peft's); "
+        "'all-linear' adapts every linear layer.")
     layers: list[int] | None = Field(
         None, description="Adapt only these transformer layers (0 = nearest the input); null: all. "
         "Top layers only train faster: the backward pass stops at the lowest adapted layer.")
@@ -35,8 +36,11 @@ def peft_config(config: Config, backbone) -> LoraConfig:
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=config.target_modules,
+        target_modules=config.target_modules or backbone.family.lora_targets,
         layers_to_transform=config.layers,
+        # The family's layer list names the index's place in module names ("layers.1." at the top of
+        # ModernBERT, where peft's own guess needs a parent before it).
+        layers_pattern=backbone.family.layers.rsplit(".", 1)[-1] if config.layers and backbone.family.layers else None,
         # An encoder's pooler feeds nothing here (heads pool token states themselves), so LoRA on it
         # ('all-linear', or a name like 'dense') would never get a gradient: wasted weights on one
         # process, and under several an error from DDP at the second step (peft issue 951).

@@ -17,3 +17,5 @@ class Settings:
     max_new_tokens: int = 256
     max_upload_bytes: int = 64 << 20
     max_body_bytes: int = 32 << 20  # any other request body
+    device: str = "auto"  # where the backbone runs (precision.resolve_device)
+    dtype: str = "auto"  # its dtype: auto is bfloat16 where the device computes it natively, else float32

@@ -46,7 +46,8 @@ class Server:
     def __init__(self, store: str | Path, backbone: str | None = None, settings: Settings | None = None):
         self.store = Path(store).resolve()
         self.settings = settings or Settings()
-        self.engine = Engine(backbone or backbone_from_store(self.store), self.store)
+        self.engine = Engine(backbone or backbone_from_store(self.store), self.store, device=self.settings.device,
+                             dtype=self.settings.dtype)
         self.store.mkdir(parents=True, exist_ok=True)
         self.metrics = Metrics()
         self.generator: Backbone | None = None  # a second backbone for generation under peft adapters
@@ -277,7 +278,8 @@ class Server:
         from peft import PeftModel
 
         if self.generator is None:
-            self.generator = load_backbone(self.engine.backbone.name)
+            served = self.engine.backbone
+            self.generator = load_backbone(served.name, device=served.device, dtype=served.dtype)
         try:
             model = PeftModel.from_pretrained(self.generator.model, str(folder), is_trainable=False)
             text = _generate(model, self.generator.tokenizer, prompt, max_new_tokens)

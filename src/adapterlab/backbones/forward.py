@@ -1,0 +1,158 @@
+"""Running a backbone: texts to token ids (LLM prompts included), and one forward pass to the
+features heads read, with per-row attention prefixes (the engine's mixed batches) or from cached
+lower-layer states (training's stem)."""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from adapterlab.backbones.loading import Backbone
+
+
+@dataclass
+class Features:
+    """What heads read: token states (B, T, H) with their mask, or an LLM's next-token logits (B, V)."""
+
+    hidden: torch.Tensor | None
+    attention_mask: torch.Tensor
+    next_token_logits: torch.Tensor | None = None
+
+
+@dataclass
+class Prefix:
+    """Per-row attention prefixes: per layer (K, V) of (B, kv_heads, P, head_dim); `mask` (B, P)
+    marks each row's real prefix positions, `lengths` (B,) counts them."""
+
+    key_values: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+    lengths: torch.Tensor
+
+
+@dataclass
+class Stem:
+    """An encoder's hidden states after its first `layers` layers, (B, T, H), for a batch."""
+
+    layers: int
+    states: torch.Tensor
+
+
+def tokenize(backbone: Backbone, texts: list[str], pairs: list[str] | None, template: str,
+             max_length: int, chat: bool = False, demonstrations: tuple[tuple[str, str], ...] = (),
+             text_prompt: str = "") -> dict[str, torch.Tensor]:
+    """Encoders take (text, pair) natively, after `text_prompt` (a sentence-transformers model's
+    'query: '). LLMs read the filled template (as a chat turn when `chat`), after any (text, answer)
+    demonstrations, with the texts cut to fit `max_length`, padded on the left so that each row ends
+    at its last token."""
+    tokenizer = backbone.tokenizer
+    if backbone.kind == "encoder":
+        texts = [text_prompt + text for text in texts] if text_prompt else texts
+        return dict(tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length,
+                              return_tensors="pt"))
+    prompt = _prompt_format(tokenizer, template, chat, demonstrations)
+    budget = max(8, max_length - len(tokenizer(prompt.format(text="", text_pair=""), add_special_tokens=False).input_ids))
+    pairs = pairs or [""] * len(texts)
+    prompts = [prompt.format(text=_cut(tokenizer, text, budget // (2 if pair else 1)),
+                             text_pair=_cut(tokenizer, pair, budget // 2)) for text, pair in zip(texts, pairs)]
+    tokenizer.padding_side = "left"
+    return dict(tokenizer(prompts, padding=True, add_special_tokens=not chat, return_tensors="pt"))
+
+
+def _prompt_format(tokenizer, template: str, chat: bool, demonstrations: tuple[tuple[str, str], ...]) -> str:
+    """A format string with {text} and {text_pair} left open; demonstrations come first, as earlier
+    chat turns or as filled-in examples."""
+    shown = [(template.format(text=_cut(tokenizer, text, 64), text_pair=""), answer) for text, answer in demonstrations]
+    if not chat:
+        return "".join(_escape(f"{turn} {answer}\n\n") for turn, answer in shown) + template
+    marker = "\x00TEMPLATE\x00"  # the chat template wraps the template, placeholders intact
+    messages = [m for turn, answer in shown for m in ({"role": "user", "content": turn},
+                                                      {"role": "assistant", "content": answer})]
+    wrapped = tokenizer.apply_chat_template(messages + [{"role": "user", "content": marker}],
+                                            add_generation_prompt=True, tokenize=False)
+    return _escape(wrapped).replace(marker, template)
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def _cut(tokenizer, text: str, budget: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return text if len(ids) <= budget else tokenizer.decode(ids[:budget])
+
+
+def features(backbone: Backbone, model: torch.nn.Module, batch: dict, need_hidden: bool,
+             prefix: Prefix | None = None, stem: Stem | None = None) -> Features:
+    """Run `model` (the backbone, possibly wrapped by an adapter) on a tokenized batch, on the
+    backbone's device; optionally with per-row attention prefixes (the engine's way to serve prefix
+    adapters in mixed batches), or from an encoder's `stem` states on (training's way to skip frozen
+    layers it has run once). Positions are numbered as the family numbers them after each row's own
+    prefix, so a row's answer does not depend on the prefixes of the others."""
+    inputs = {key: value.to(backbone.device) for key, value in batch.items()}
+    mask = inputs["attention_mask"]
+    offsets = prefix.lengths.to(mask.device) if prefix is not None else None
+    if backbone.kind == "decoder":  # positions count real tokens only: answers do not depend on padding
+        inputs["position_ids"] = backbone.family.position_ids(inputs["input_ids"], mask, torch.zeros_like(mask[:, 0]),
+                                                              None)
+    if prefix is not None:
+        inputs["past_key_values"] = DynamicCache(prefix.key_values)
+        inputs["attention_mask"] = torch.cat([prefix.mask.to(mask), mask], dim=1)
+        inputs["position_ids"] = backbone.family.position_ids(inputs["input_ids"], mask, offsets,
+                                                              backbone.model.config.pad_token_id)
+    if backbone.kind == "encoder":
+        with _from_layer(backbone, model, stem):
+            return Features(model(**inputs).last_hidden_state, mask)
+    out = model(**inputs, logits_to_keep=1, output_hidden_states=need_hidden)
+    hidden = out.hidden_states[-1] if need_hidden else None
+    return Features(hidden, mask, out.logits[:, -1])
+
+
+@torch.no_grad()
+def stem_states(backbone: Backbone, model: torch.nn.Module, batch: dict, layers: int) -> torch.Tensor:
+    """Hidden states of a tokenized batch after the encoder's first `layers` layers (the output of
+    layer `layers - 1`, before anything the model applies after its last layer)."""
+    layer_list = backbone.family.layer_list(model)
+    captured = []
+    handle = layer_list[layers - 1].register_forward_hook(
+        lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else output))
+    try:
+        with _layers_kept(backbone, model, slice(0, layers)):
+            model(**{key: value.to(backbone.device) for key, value in batch.items()})
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+@contextmanager
+def _from_layer(backbone: Backbone, model: torch.nn.Module, stem: Stem | None):
+    """Run only the layers from `stem.layers` on, the first of them fed `stem.states` in place of
+    what reaches it. The model's own forward still embeds, builds masks and positions, so nothing of
+    it is re-implemented here; the states only replace the input of the first layer kept."""
+    if stem is None:
+        yield
+        return
+    first = backbone.family.layer_list(model)[stem.layers]
+
+    def feed(module, args, kwargs):
+        if args:
+            return (stem.states.to(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": stem.states.to(kwargs["hidden_states"])}
+
+    handle = first.register_forward_pre_hook(feed, with_kwargs=True)
+    try:
+        with _layers_kept(backbone, model, slice(stem.layers, None)):
+            yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _layers_kept(backbone: Backbone, model: torch.nn.Module, kept: slice):
+    owner, attribute = backbone.family.layer_owner(model)
+    layers = getattr(owner, attribute)
+    setattr(owner, attribute, layers[kept])
+    try:
+        yield
+    finally:
+        setattr(owner, attribute, layers)
