@@ -30,6 +30,13 @@ def shared(name: str) -> str:
     return str(path)
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU here"))])
+def device(request) -> str:
+    """Where an inference test runs its engine: the CPU, and a CUDA GPU where there is one."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
     """A 2-layer, 32-wide random BERT with MiniLM's tokenizer, saved as a local HF folder."""

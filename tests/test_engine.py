@@ -6,6 +6,8 @@ import torch
 
 from adapterlab.backbones import load_backbone
 from adapterlab.engine import Engine, Request
+from adapterlab.errors import AdapterlabError
+from adapterlab.precision import resolve_device, resolve_dtype
 from adapterlab.recipe import validate_recipe
 from adapterlab.store import StoreError, load_adapter
 from adapterlab.train import train
@@ -37,14 +39,14 @@ def scores(predictions) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("reference", ADAPTERS)
-def test_engine_equals_the_peft_model(store, tiny_bert, reference):
-    engine = Engine(tiny_bert, store, dtype="float32")
+def test_engine_equals_the_peft_model(store, tiny_bert, reference, device):
+    engine = Engine(tiny_bert, store, device=device, dtype="float32")
     model, card = load_adapter(store / reference, load_backbone(tiny_bert))
     assert torch.allclose(scores(engine.predict(reference, TEXTS)), model.scores(TEXTS), atol=1e-5)
 
 
-def test_mixed_batch_equals_separate_runs(store, tiny_bert):
-    engine = Engine(tiny_bert, store, batch_size=64, dtype="float32")
+def test_mixed_batch_equals_separate_runs(store, tiny_bert, device):
+    engine = Engine(tiny_bert, store, batch_size=64, device=device, dtype="float32")
     requests = [Request(list(ADAPTERS)[i % 4], text) for i, text in enumerate(TEXTS * 2)]
     requests += [Request(None, text, labels=("food", "sport", "money")) for text in TEXTS[:3]]
     mixed = engine.predict_batch(requests)
@@ -82,11 +84,37 @@ def test_refusals(store, tiny_bert):
         Engine(tiny_bert, store, dtype="float32").predict("nope/x", ["x"])
 
 
-def test_rows_with_and_without_text_pairs_share_a_batch(store, tiny_bert):
-    engine = Engine(tiny_bert, store, dtype="float32")
+def test_rows_with_and_without_text_pairs_share_a_batch(store, tiny_bert, device):
+    engine = Engine(tiny_bert, store, device=device, dtype="float32")
     requests = [Request("topic/lora", "a match", "tonight"), Request("topic/lora", "a match tonight"),
                 Request("intent/prefix", "cancel it", "please"), Request("intent/prefix", "cancel it please")]
     mixed = engine.predict_batch(requests)
     for m, request in zip(mixed, requests):
         alone = engine.predict_batch([request])[0]
         assert max(abs(m.scores[k] - alone.scores[k]) for k in m.scores) < 1e-5
+
+
+def test_bfloat16_engine_keeps_every_tensor_in_its_dtype_and_the_float32_answers(store, tiny_bert, device):
+    """The backbone, LoRA stacks, prefixes and heads all in bfloat16 (a matmul of mixed dtypes would
+    raise): mixed batches run, and the answers stay near the float32 ones."""
+    half = Engine(tiny_bert, store, device=device, dtype="bfloat16")
+    assert half.backbone.dtype == torch.bfloat16 and half.backbone.device.type == device
+    requests = [Request(reference, text) for reference in ADAPTERS for text in TEXTS]
+    requests += [Request(None, text, labels=("food", "sport", "money")) for text in TEXTS]
+    full = Engine(tiny_bert, store, device=device, dtype="float32").predict_batch(requests)
+    answers = half.predict_batch(requests)
+    servable = half.servable("topic/lora")
+    assert {t.dtype for pair in servable.weights.linear_deltas.values() for t in pair} == {torch.bfloat16}
+    assert {p.dtype for p in servable.head.parameters()} == {torch.bfloat16}
+    assert max(abs(a.scores[k] - b.scores[k]) for a, b in zip(answers, full) for k in a.scores) < 0.05
+    assert sum(a.label == b.label for a, b in zip(answers, full)) >= 0.9 * len(requests)
+
+
+def test_device_and_dtype_names_are_checked():
+    with pytest.raises(AdapterlabError, match="unknown dtype 'half'"):
+        resolve_dtype("half", torch.device("cpu"))
+    with pytest.raises(AdapterlabError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(AdapterlabError, match="no CUDA GPU is available here"):
+            resolve_device("cuda:0")

@@ -3,7 +3,8 @@ built from its config and saved with a real tokenizer (MiniLM's WordPiece for en
 for decoders), no download. For each family: every method it takes trains, saves and serves from the
 engine in mixed batches that equal the peft model row by row, with and without a prefix row beside;
 the methods it cannot take are refused in one line naming family and method; where the encoder's
-frozen lower layers are skipped (the stem), cached and uncached training agree."""
+frozen lower layers are skipped (the stem), cached and uncached training agree; a LoRA adapter merged
+into a standalone model gives the adapter's answers."""
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from adapterlab.backbones import FAMILIES, family_of, load_backbone, resolve_pat
 from adapterlab.engine import Engine, Request
 from adapterlab.data import load_task
 from adapterlab.errors import AdapterlabError
+from adapterlab.merge import load_merged, merge_adapter
 from adapterlab.model import AdapterModel, build_adapter_model
 from adapterlab.recipe import Recipe, TrainingConfig, validate_recipe
 from adapterlab.store import load_adapter
@@ -30,8 +32,9 @@ ENCODERS = {
     "mpnet": {},
     "modernbert": {"global_attn_every_n_layers": 2, "local_attention": 16},
 }
-DECODERS = {"llama": {"num_key_value_heads": 1}, "qwen2": {"num_key_value_heads": 1}, "mistral": {"num_key_value_heads": 1},
-            "phi3": {"num_key_value_heads": 2}, "gemma": {"num_key_value_heads": 1, "head_dim": 8}, "gpt2": {}}
+DECODERS = {"llama": {"num_key_value_heads": 1}, "qwen2": {"num_key_value_heads": 1},
+            "mistral": {"num_key_value_heads": 1}, "phi3": {"num_key_value_heads": 2},
+            "gemma": {"num_key_value_heads": 1, "head_dim": 8}, "gpt2": {}}
 # Tokenizers of these families hand the model no segment ids (their forward takes none).
 NO_SEGMENTS = {"roberta", "xlm-roberta", "distilbert", "mpnet", "modernbert"}
 TEXTS = ["a gorgeous, moving film", "dull", "the plot never lands and the actors look bored throughout",
@@ -74,7 +77,7 @@ def supported(family: str) -> list[dict]:
     return methods
 
 
-def test_family_trains_serves_mixed_batches_equal_to_peft_and_refuses_what_it_cannot(family_folder, tmp_path):
+def test_family_trains_serves_mixed_batches_equal_to_peft_and_refuses_the_rest(family_folder, tmp_path, device):
     name, folder = family_folder
     family = family_of(AutoConfig.from_pretrained(folder))
     assert family.known and family.name == name
@@ -89,7 +92,7 @@ def test_family_trains_serves_mixed_batches_equal_to_peft_and_refuses_what_it_ca
                                  model.max_length).scores(TEXTS)
         assert (expected[method] - unadapted).abs().max() > 1e-3, method
 
-    engine = Engine(load_backbone(folder), tmp_path)
+    engine = Engine(folder, tmp_path, device=device, dtype="float32")
     zero_shot = torch.tensor([list(p.scores.values()) for p in engine.predict_batch(
         [Request(None, text, labels=TOPICS) for text in TEXTS])])
     batches = [[m] for m in adapters] + ([list(adapters)] if len(adapters) > 1 else [])
@@ -101,6 +104,9 @@ def test_family_trains_serves_mixed_batches_equal_to_peft_and_refuses_what_it_ca
             served = torch.tensor(answers[i * len(TEXTS):(i + 1) * len(TEXTS)])
             assert torch.allclose(served, expected[method], atol=1e-4), (name, together, method)
         assert torch.allclose(torch.tensor(answers[-len(TEXTS):]), zero_shot, atol=1e-4), (name, together)
+
+    merged = load_merged(merge_adapter(tmp_path, "sentiment/lora", tmp_path / "merged"))  # a standalone model
+    assert torch.allclose(merged.scores(TEXTS), expected["lora"], atol=1e-4), name
 
     for method, reason in family.refuses.items():
         with pytest.raises(AdapterlabError, match=f"{method} cannot train on a {name} backbone: {reason}"):
@@ -138,4 +144,28 @@ def test_stem_is_exact_where_it_is_on(family_folder, tmp_path):
     stem_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
     full.sum().backward()
-    assert all(torch.allclose(a, p.grad, atol=1e-5) for a, p in zip(stem_grads, (p for p in model.parameters() if p.requires_grad)))
+    full_grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(stem_grads, full_grads))
+
+
+def test_an_undeclared_family_trains_lora_and_refuses_prefix_in_one_line(tmp_path, caplog):
+    """ALBERT has no entry: LoRA asks for its target modules (peft has no default either), then trains
+    and serves as the peft model does; a prefix, whose positions adapterlab cannot number, is refused;
+    the stem stays off, with the reason logged."""
+    folder = tmp_path / "albert"
+    tokenizer = AutoTokenizer.from_pretrained(resolve_path("minilm"))
+    config = AutoConfig.for_model("albert", vocab_size=len(tokenizer), embedding_size=16, pad_token_id=0, **SIZE)
+    AutoModel.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert not family_of(config).known
+    with pytest.raises(AdapterlabError, match="lora on a albert backbone needs method.target_modules"):
+        trained(str(folder), tmp_path, {"name": "lora"}, "refused")
+    with caplog.at_level("INFO", logger="adapterlab"):
+        path = trained(str(folder), tmp_path, {"name": "lora", "r": 4, "target_modules": ["query", "value"]}, "lora")
+    assert "frozen lower layers run at every step" in caplog.text
+    expected = load_adapter(path, load_backbone(str(folder)))[0].scores(TEXTS)
+    served = Engine(load_backbone(str(folder)), tmp_path).predict(str(path), TEXTS)
+    assert torch.allclose(torch.tensor([list(p.scores.values()) for p in served]), expected, atol=1e-4)
+    with pytest.raises(AdapterlabError, match="prefix_tuning cannot train on a albert backbone: adapterlab does not "
+                                              "know how albert numbers positions"):
+        trained(str(folder), tmp_path, {"name": "prefix_tuning"}, "refused")

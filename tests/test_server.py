@@ -435,7 +435,8 @@ def test_generation_bare_and_under_lora_and_prefix_adapters(tiny_llama, tmp_path
         wanted[f"sentiment/{name}"] = expected(PeftModel.from_pretrained(load_backbone(tiny_llama).model,
                                                                          str(tmp_path / "sentiment" / name)))
     assert len(set(wanted.values())) == 3
-    with running(create_app(tmp_path, settings=Settings(dtype="float32"))) as (base_url, _), httpx.Client(base_url=base_url, timeout=60) as client:
+    app = create_app(tmp_path, settings=Settings(dtype="float32"))
+    with running(app) as (base_url, _), httpx.Client(base_url=base_url, timeout=60) as client:
         for adapter in [None, "sentiment/lora", "sentiment/prefix", None, "sentiment/lora"]:  # adapters leave no trace
             response = client.post("/v1/generate", json={"adapter": adapter, "prompt": "the movie was", "max_new_tokens": 6})
             assert response.status_code == 200 and response.json()["text"] == wanted[adapter], response.text

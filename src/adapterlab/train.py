@@ -86,7 +86,8 @@ def _accelerator(config) -> Accelerator:
 
 def _describe_cpu() -> str:
     cpu = cpu_capability()
-    return f"{cpu['cpu']}, {'fast' if cpu['fast_bf16'] else 'no fast'} bf16 (AVX512-BF16 {cpu['avx512_bf16']}, AMX {cpu['amx']})"
+    speed = "fast" if cpu["fast_bf16"] else "no fast"
+    return f"{cpu['cpu']}, {speed} bf16 (AVX512-BF16 {cpu['avx512_bf16']}, AMX {cpu['amx']})"
 
 
 def backbone_device_map(quantization, accelerator: Accelerator) -> dict | None:

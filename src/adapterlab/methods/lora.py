@@ -5,6 +5,7 @@ from typing import Literal
 
 import torch
 from peft import LoraConfig
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapterlab.errors import AdapterlabError
@@ -31,6 +32,12 @@ class Config(BaseModel):
 
 
 def peft_config(config: Config, backbone) -> LoraConfig:
+    family = backbone.family
+    if config.target_modules is None and family.lora_targets is None and \
+            family.name not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+        raise AdapterlabError(f"lora on a {family.name} backbone needs method.target_modules: neither peft nor "
+                              "adapterlab's families.yaml knows its attention projections (e.g. [query, value], "
+                              "or all-linear)")
     return LoraConfig(
         task_type=backbone.peft_task_type,
         r=config.r,
