@@ -165,7 +165,7 @@ def train_setfit(task, body: str, seed: int, time_limit: float = 0, num_iteratio
     cell = {"num_iterations": num_iterations, "train_rows": len(task.train), "test_rows": len(task.test),
             "pairs": pairs, "steps": math.ceil(pairs / SETFIT_SETTINGS["batch_size"]),
             "train_seconds": round(seconds, 3), "train_cpu_seconds": round(cpu, 1),
-            "load_average_at_start": round(load, 2)}
+            "load_average_at_start": round(load, 2), **_machine()}
     if clock.stopped_at:
         done, total = clock.stopped_at
         return {**cell, "status": "timeout", "time_limit": time_limit, "steps_done": done,
@@ -197,6 +197,14 @@ class _Clock:
                 return control
 
         return StopAfter()
+
+
+def _machine() -> dict:
+    """The CPU a cell ran on: time ratios compare cells of one kind of CPU only."""
+    from adapterlab.precision import cpu_capability
+
+    cpu = cpu_capability()
+    return {"cpu": cpu["cpu"], "fast_bf16": cpu["fast_bf16"]}
 
 
 def run_setfit(sweep, out: Path, time_limit: float, num_iterations: int | None = None) -> None:

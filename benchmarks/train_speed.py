@@ -6,10 +6,14 @@ data ../shared/data/sst2), for the recipe's epochs and batch size, on the CPU. M
     backbone's, accuracy on the full test split;
   - full_finetune: seconds in `Trainer.train()` (AutoModelForSequenceClassification, lr 2e-5, no eval,
     no checkpoints), trainable parameters, accuracy on the same test rows.
+With --precisions the adapter trains once per training.mixed_precision (e.g. `auto no bf16`), side by
+side in one run: on a CPU with AVX2 alone bf16 is many times slower than float32, on one with
+AVX512-BF16 or AMX faster; the output names the CPU and what `auto` chose there.
 Prints one JSON object on stdout (last line); everything else goes to stderr.
 
     make bench
     .venv/bin/python benchmarks/train_speed.py [--seeds 0 1 2] [--k 16] [--threads 1] [--set method.layers=null]
+    .venv/bin/python benchmarks/train_speed.py --recipe recipes/sst2-lora-minilm-tied.yaml --precisions auto no bf16
 """
 
 import argparse
@@ -30,10 +34,10 @@ FULL_FINETUNE_LR = 2e-5
 TARGETS = {"train_seconds_max": 15, "ratio_max": 0.5, "trainable_pct_max": 1.0}
 
 
-def load(seed: int, k: int, store: str, overrides: list[str]):
+def load(recipe_file: Path, seed: int, k: int, store: str, overrides: list[str]):
     from adapterlab.recipe import load_recipe
 
-    recipe = load_recipe(RECIPE, [f"data.k={k}", f"data.seed={seed}", f"training.seed={seed}", f"output.store={store}",
+    recipe = load_recipe(recipe_file, [f"data.k={k}", f"data.seed={seed}", f"training.seed={seed}", f"output.store={store}",
                                   *overrides])
     recipe.data.path = str((ROOT / recipe.data.path).resolve())  # the recipe's path is relative to the repo root
     return recipe
@@ -50,7 +54,8 @@ def bench_adapter(recipe) -> tuple[dict, object]:
     fit(model, task.train, recipe, accelerator, show_progress=False)
     seconds = time.perf_counter() - started
     metrics = evaluate(accelerator.unwrap_model(model), task.test, recipe)
-    return {"train_seconds": round(seconds, 3), "trainable_params": trainable,
+    return {"mixed_precision": str(accelerator.mixed_precision), "train_seconds": round(seconds, 3),
+            "trainable_params": trainable,
             "trainable_pct": round(100 * trainable / (total - trainable), 4),
             "accuracy": round(metrics["accuracy"], 4)}, task
 
@@ -94,8 +99,9 @@ def accuracy(model, tokenizer, rows, batch_size: int) -> float:
 
 
 def mean_of(runs: list[dict], key: str) -> dict:
-    fields = runs[0][key].keys()
-    return {f: round(statistics.mean(run[key][f] for run in runs), 4) for f in fields}
+    fields = [f for f, value in runs[0][key].items() if not isinstance(value, str)]
+    return {**{f: v for f, v in runs[0][key].items() if isinstance(v, str)},
+            **{f: round(statistics.mean(run[key][f] for run in runs), 4) for f in fields}}
 
 
 def main(argv=None) -> dict:
@@ -103,28 +109,39 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="k-shot draw and training seeds")
     parser.add_argument("--k", type=int, default=16, help="training examples per class")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 helps on a busy machine")
+    parser.add_argument("--recipe", type=Path, default=RECIPE, help="the adapter's recipe")
+    parser.add_argument("--precisions", nargs="+", default=["auto"], choices=["auto", "no", "bf16", "fp16"],
+                        help="train the adapter under each training.mixed_precision, side by side")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override, as for `adapterlab train` (the full fine-tune follows its epochs)")
     options = parser.parse_args(argv)
     if options.threads:
         torch.set_num_threads(options.threads)
 
+    from adapterlab.precision import cpu_capability
+
     runs = []
     with tempfile.TemporaryDirectory() as store:
         for seed in options.seeds:
-            recipe = load(seed, options.k, store, options.overrides)
-            adapter, task = bench_adapter(recipe)
+            run = {"seed": seed}
+            for precision in options.precisions:
+                recipe = load(options.recipe, seed, options.k, store,
+                              [*options.overrides, f"training.mixed_precision={precision}"])
+                run[f"adapterlab_{precision}"], task = bench_adapter(recipe)
             full = bench_full_finetune(recipe, task, seed)
-            runs.append({"seed": seed, "train_rows": len(task.train), "test_rows": len(task.test),
-                         "adapterlab": adapter, "full_finetune": full,
+            adapter = run[f"adapterlab_{options.precisions[0]}"]
+            runs.append({**run, "train_rows": len(task.train), "test_rows": len(task.test), "adapterlab": adapter,
+                         "full_finetune": full,
                          "ratio_train_seconds": round(adapter["train_seconds"] / full["train_seconds"], 4)})
             print(json.dumps(runs[-1]), file=sys.stderr)
 
     adapter, full = mean_of(runs, "adapterlab"), mean_of(runs, "full_finetune")
     ratio = round(statistics.mean(run["ratio_train_seconds"] for run in runs), 4)
-    return {"benchmark": "train_speed", "backbone": recipe.backbone, "k": options.k, "dataset": recipe.task,
-            "seeds": options.seeds, "overrides": options.overrides, "epochs": recipe.training.epochs, "batch_size": recipe.training.batch_size,
+    return {"benchmark": "train_speed", "cpu": cpu_capability(), "backbone": recipe.backbone, "k": options.k,
+            "dataset": recipe.task, "recipe": str(options.recipe), "seeds": options.seeds,
+            "overrides": options.overrides, "epochs": recipe.training.epochs, "batch_size": recipe.training.batch_size,
             "adapterlab": adapter, "full_finetune": full, "ratio_train_seconds": ratio,
+            "by_precision": {p: mean_of(runs, f"adapterlab_{p}") for p in options.precisions},
             "targets": TARGETS,
             "meets_targets": adapter["train_seconds"] <= TARGETS["train_seconds_max"]
                              and ratio <= TARGETS["ratio_max"]

@@ -93,3 +93,14 @@ def test_smollm2_mixed_batch_lora_prefix_and_base(tmp_path, texts, minilm_store)
     minilm_refs = minilm_store[1]
     with pytest.raises(StoreError, match="trained on backbone 'minilm'"):
         engine.predict(str(minilm_store[0] / minilm_refs[0]), texts[:1])
+
+
+@pytest.mark.parametrize("task", ["sst2", "sst2-prefix"])
+def test_minilm_in_bfloat16_answers_within_half_a_point_of_float32(minilm_store, task):
+    """1,000 SST-2 rows (the first of its train split; the adapter saw 8 of 67,349) served in bfloat16
+    and in float32: LoRA deltas or prefixes, head and backbone all in the engine's dtype."""
+    store, _ = minilm_store
+    accuracy = {dtype: Engine("minilm", store, dtype=dtype).evaluate(f"{task}/a", shared("sst2"), "train", 1000)
+                for dtype in ("bfloat16", "float32")}
+    assert accuracy["bfloat16"]["rows"] == 1000
+    assert abs(accuracy["bfloat16"]["accuracy"] - accuracy["float32"]["accuracy"]) <= 0.005, accuracy

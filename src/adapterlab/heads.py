@@ -53,11 +53,12 @@ class LabelWordHead(nn.Module):
         self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long))
 
     def forward(self, features: Features) -> torch.Tensor:
-        return features.next_token_logits[:, self.token_ids]
+        return features.next_token_logits[:, self.token_ids].float()
 
 
 def pool(features: Features, pooling: str) -> torch.Tensor:
-    hidden, mask = features.hidden, features.attention_mask
+    """One float32 vector per row (a mean summed in bfloat16 would lose the states' precision)."""
+    hidden, mask = features.hidden.float(), features.attention_mask
     if pooling == "cls":
         return hidden[:, 0]
     if pooling == "last":  # LLM inputs are left-padded: the last position is real
@@ -68,7 +69,8 @@ def pool(features: Features, pooling: str) -> torch.Tensor:
 
 def build_head(config, backbone, label_names: list[str], label_descriptions: list[str]) -> nn.Module:
     """The head a recipe's `head:` section asks for, sized for `label_names`, on the backbone's
-    device and in its dtype."""
+    device. Heads stay in float32 whatever the backbone's dtype: they are tiny, and they read pooled
+    vectors summed in float32, so a bfloat16 backbone rounds its states but not the answer's last step."""
     kind = config.type if config.type != "auto" else ("classifier" if backbone.kind == "encoder" else "label_words")
     if kind == "label_words":
         if backbone.kind != "decoder":
@@ -79,7 +81,7 @@ def build_head(config, backbone, label_names: list[str], label_descriptions: lis
     pooling = pooling_of(config, backbone)
     normalize = config.normalize if config.normalize is not None else backbone.sentence.normalize
     head = ClassifierHead(backbone.hidden_size, len(label_names), pooling, config.dropout, config.cosine_scale,
-                          normalize).to(backbone.device, backbone.dtype)
+                          normalize).to(backbone.device)
     if config.init == "label_descriptions":
         head.init_from(label_embeddings(backbone, label_descriptions, config.label_templates, pooling,
                                         text_prompt_of(config, backbone)))

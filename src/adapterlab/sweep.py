@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from adapterlab.errors import AdapterlabError
+from adapterlab.precision import cpu_capability
 from adapterlab.recipe import DataConfig, Recipe, load_recipe
+from adapterlab.store import read_card
 
 ZERO_SHOT = "zeroshot"
 
@@ -103,6 +105,7 @@ def run_sweep(sweep: Sweep, show_progress: bool = True) -> Path:
     grid = cells(sweep)
     todo = [cell for cell in grid if _key(cell) not in done]
     engine = None
+    cpu = cpu_capability()  # timings compare only between cells of the same kind of CPU
     for cell in tqdm(todo, desc=f"sweep {sweep.name}", disable=not show_progress):
         if sweep.methods[cell["method"]] == ZERO_SHOT:
             engine = engine or _engine(sweep.backbone)
@@ -110,7 +113,8 @@ def run_sweep(sweep: Sweep, show_progress: bool = True) -> Path:
         else:
             metrics, seconds = _train(sweep, cell, folder)
         with open(results_file, "a") as handle:  # one line per finished cell: resumable
-            handle.write(json.dumps({**cell, **metrics, "train_seconds": seconds}) + "\n")
+            handle.write(json.dumps({**cell, **metrics, "train_seconds": seconds, "cpu": cpu["cpu"],
+                                     "fast_bf16": cpu["fast_bf16"]}) + "\n")
     write_report(finished_cells(sweep, grid), folder)
     return folder
 
@@ -155,7 +159,9 @@ def _train(sweep: Sweep, cell: dict, folder: Path) -> tuple[dict, float]:
     from adapterlab.train import train
 
     result = train(cell_recipe(sweep, cell, folder), show_progress=False)
-    return {"accuracy": result.metrics["accuracy"], "macro_f1": result.metrics["macro_f1"]}, result.train_seconds
+    precision = read_card(result.adapter_path).recipe["training"]["mixed_precision"]
+    return {"accuracy": result.metrics["accuracy"], "macro_f1": result.metrics["macro_f1"],
+            "mixed_precision": precision}, result.train_seconds
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -40,7 +40,7 @@ def zero_shot_servable(backbone: Backbone, labels: list[str], descriptions: list
         defaults = HeadConfig()  # the backbone's own pooling and prompt (sentence-transformers settings)
         pooling, text_prompt = pooling_of(defaults, backbone), text_prompt_of(defaults, backbone)
         head = ClassifierHead(backbone.hidden_size, len(labels), pooling, 0.0, config.scale)
-        head.to(backbone.device, backbone.dtype).init_from(
+        head.to(backbone.device).init_from(
             label_embeddings(backbone, descriptions, config.templates, pooling, text_prompt))
         prompt = PromptSettings("", False, config.max_length, text_prompt=text_prompt)
     else:
