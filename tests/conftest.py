@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random BERT for fast unit tests, and the paths of the real data."""
 
+import math
 import os
 from pathlib import Path
 
@@ -47,6 +48,21 @@ def tiny_bert(tmp_path_factory) -> str:
     BertModel(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(resolve_path("minilm")).save_pretrained(folder)
     return str(folder)
+
+
+def assert_beats_its_start(engine, reference: str, rows) -> tuple[int, int]:
+    """The adapter against the zero-shot classifier it started from (`Engine.baseline`), on the same
+    rows: a paired sign test (McNemar). The rows only one of them gets right must favour the adapter by
+    two standard deviations of that count, so the margin grows with the rows that tell them apart.
+    Returns (rows only the adapter gets right, rows only the baseline gets right)."""
+    labels = engine.card(reference).labels
+    truth = [labels[i] for i in rows.labels]
+    adapter = [p.label for p in engine.predict(reference, rows.texts, rows.text_pairs)]
+    start = [p.label for p in engine.classify(engine.baseline(reference), rows.texts, rows.text_pairs)]
+    wins = sum(a == t != s for a, s, t in zip(adapter, start, truth))
+    losses = sum(s == t != a for a, s, t in zip(adapter, start, truth))
+    assert wins - losses >= max(1.0, 2 * math.sqrt(wins + losses)), (reference, wins, losses)
+    return wins, losses
 
 
 def tiny_recipe(backbone: str, store, **sections) -> dict:

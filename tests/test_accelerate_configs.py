@@ -13,8 +13,16 @@ def test_the_documented_configs_are_shipped():
                                          "deepspeed-zero2.yaml", "fsdp.yaml"}
 
 
+# What each config must mean once Accelerate has read it: (distributed type, processes, mixed precision).
+MEANING = {"cpu.yaml": ("NO", 1, "no"), "cpu-2proc.yaml": ("MULTI_CPU", 2, "no"),
+           "multi-gpu.yaml": ("MULTI_GPU", 8, "bf16"), "multi-node.yaml": ("MULTI_GPU", 16, "bf16"),
+           "deepspeed-zero2.yaml": ("DEEPSPEED", 8, "bf16"), "fsdp.yaml": ("FSDP", 8, "bf16")}
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_accelerate_parses_the_config(path):
     config = load_config_from_file(str(path))
-    assert config.num_processes >= 1 and str(config.distributed_type)
+    kind, processes, precision = MEANING[path.name]
+    assert (str(config.distributed_type).split(".")[-1], config.num_processes, str(config.mixed_precision)) == \
+        (kind, processes, precision)
     assert path.read_text().startswith("#")  # each says when to use it

@@ -1,6 +1,7 @@
 """The command line, in-process: JSON outputs on a tiny BERT, and one-line errors for bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -69,6 +70,8 @@ def assert_clean_error(result, fragment: str):
     (None, ["data.path=missing/train.jsonl"], "data not found: missing/train.jsonl"),
     (None, ["data.k=40"], "has only 12 training examples, k=40"),
     (None, ["data.labels=[neg, pos]"], "differ from the expected labels"),
+    (None, ["training.metrics=[precision]"], "would run code from the Hugging Face hub"),
+    (None, ["task=.."], "must be a plain name"),
 ])
 def test_bad_training_input_is_one_line_and_writes_nothing(tiny_bert, tmp_path, content, overrides, fragment):
     store = tmp_path / "store"
@@ -77,6 +80,28 @@ def test_bad_training_input_is_one_line_and_writes_nothing(tiny_bert, tmp_path, 
     result = invoke("train", recipe, "--quiet", *[a for o in overrides for a in ("--set", o)])
     assert_clean_error(result, fragment)
     assert not store.exists() or not any(store.rglob("*"))
+
+
+def test_a_backbone_folder_that_is_not_a_model(tiny_bert, tmp_path):
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "not-a-model" / "notes.txt").write_text("hello")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(str(tmp_path / "not-a-model"), tmp_path / "store")))
+    assert_clean_error(invoke("train", recipe, "--quiet"), "is not a Hugging Face model folder")
+
+
+def test_data_that_is_not_utf8(tiny_bert, tmp_path):
+    (tmp_path / "train.jsonl").write_bytes('{"text": "caf\u00e9", "label": 0}\n'.encode("latin-1"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_bert, tmp_path / "store", data={"path": str(tmp_path)})))
+    assert_clean_error(invoke("train", recipe, "--quiet"), "train.jsonl: not UTF-8 text")
+
+
+def test_yaml_words_reach_literal_fields_as_words(tiny_bert, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_bert, tmp_path / "store")))
+    out = last_json(invoke("train", recipe, "--quiet", "--json", "--set", "training.mixed_precision=no"))
+    assert json.loads((Path(out["adapter_path"]) / "card.json").read_text())["recipe"]["training"]["mixed_precision"] == "no"
 
 
 def test_unknown_label_in_data(tiny_bert, tmp_path):

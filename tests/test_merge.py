@@ -49,8 +49,12 @@ def test_combination_is_a_servable_adapter_with_a_report(store, tiny_bert, combi
     card = read_card(path)
     assert [p["adapter"] for p in card.parents] == ["sent/a", "sent/b"] and card.combination["type"] == combination
     assert [p["adapter"] for p in report["parents"]] == ["sent/a", "sent/b"]
-    assert all(0 <= p["accuracy_before"] <= 1 and 0 <= p["accuracy_after"] <= 1 for p in report["parents"])
-    answers = Engine(tiny_bert, store, dtype="float32").predict(f"sent/ab-{combination}", TEXTS)
+    engine = Engine(tiny_bert, store, dtype="float32")
+    for parent in report["parents"]:  # the report's figures are the engine's, parent and combination
+        data, limit = parent["data"], 8
+        assert parent["accuracy_before"] == engine.evaluate(parent["adapter"], data, limit=limit)["accuracy"]
+        assert parent["accuracy_after"] == engine.evaluate(str(path), data, limit=limit)["accuracy"]
+    answers = engine.predict(f"sent/ab-{combination}", TEXTS)
     assert len(answers) == 3 and set(answers[0].scores) == {"negative", "positive"}
 
 

@@ -43,7 +43,9 @@ TRAINED = {  # task: (demo data, method); 2, 4 and 5 labels
 SERVED = [f"{task}/a{i}" for task in TRAINED for i in range(4)]  # 12 adapters, each with its own weights
 CHURN = [f"churn/{task}" for task in TRAINED]  # registered and removed while the load runs
 ZERO_SHOT = ("food", "sport", "money")
-SETTINGS = Settings(max_inputs=64, max_chars=2000, max_upload_bytes=200_000, dtype="float32")
+ADMIN = {"Authorization": "Bearer admin-token"}
+SETTINGS = Settings(max_inputs=64, max_chars=2000, max_upload_bytes=200_000, dtype="float32",
+                    admin_token="admin-token")
 
 
 def copy_adapter(source: Path, store: Path, reference: str, seed: int) -> Path:
@@ -134,7 +136,8 @@ def url(adapters):
 
 @pytest.fixture
 def client(url):
-    with httpx.Client(base_url=url, timeout=60) as client:
+    """A client with the admin token (the server has no client token: classification is open)."""
+    with httpx.Client(base_url=url, timeout=60, headers=ADMIN) as client:
         yield client
 
 
@@ -176,7 +179,7 @@ def test_concurrent_load_while_adapters_come_and_go(url, adapters):
     stop, changes = threading.Event(), []
 
     def change_adapters():
-        with httpx.Client(base_url=url, timeout=60) as client:
+        with httpx.Client(base_url=url, timeout=60, headers=ADMIN) as client:
             for step in range(300):
                 if stop.is_set():
                     break
@@ -243,6 +246,9 @@ def test_register_replace_and_delete(client, adapters):
     listing = client.get("/v1/adapters").json()
     assert "churn/topic" in listing["resident"]
     assert {item["adapter"] for item in listing["available"]} >= {"churn/topic", *SERVED}
+    for item in listing["available"]:  # the server's paths stay on the server
+        recipe = item["card"]["recipe"]
+        assert "path" not in recipe["data"] and "store" not in recipe["output"] and str(store) not in str(item)
     # The same name with other weights replaces it: answers change with it.
     replacement = {**files, "adapter/head.safetensors": (store / "topic/a2/head.safetensors").read_bytes()}
     assert client.post("/v1/adapters", files={"file": ("x.zip", archive(replacement))}).status_code == 201
@@ -253,6 +259,56 @@ def test_register_replace_and_delete(client, adapters):
     assert response.status_code == 404 and response.json() == {"error": "no adapter 'churn/topic' in the store"}
     assert client.delete("/v1/adapters/churn/topic").status_code == 404
     assert not (store / "churn" / "topic").exists() and not list(store.glob(".*")) and not list(store.glob("*/.*"))
+
+
+def test_admin_endpoints_need_the_admin_token_and_are_off_without_one(adapters, tiny_bert):
+    store, spare, _ = adapters
+    body = {"file": ("a.zip", archive(folder_files(spare / "churn/intent")))}
+    with running(create_app(store, tiny_bert, SETTINGS)) as (url, _), httpx.Client(base_url=url) as client:
+        missing = client.post("/v1/adapters", files=body)
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        wrong = client.delete("/v1/adapters/churn/intent", headers={"Authorization": "Bearer guess"})
+        assert wrong.status_code == 403
+        assert client.post("/v1/adapters", files=body, headers=ADMIN).status_code == 201
+        assert client.delete("/v1/adapters/churn/intent", headers={"Authorization": "Bearer guess"}).status_code == 403
+        assert (store / "churn/intent/card.json").is_file()  # the wrong token deleted nothing
+        assert client.post("/v1/classify", json={"adapter": "churn/intent", "inputs": ["x"]}).status_code == 200
+        assert client.delete("/v1/adapters/churn/intent", headers=ADMIN).status_code == 200
+    off = Settings(dtype="float32")  # no admin token, not allowed without one: the admin surface is off
+    with running(create_app(store, tiny_bert, off)) as (url, _), httpx.Client(base_url=url, headers=ADMIN) as client:
+        refused = client.post("/v1/adapters", files=body)
+        assert refused.status_code == 403 and "--admin-token" in refused.json()["error"]
+        assert client.delete("/v1/adapters/sentiment/a0").status_code == 403 and (store / "sentiment/a0").is_dir()
+    local = Settings(dtype="float32", allow_admin_without_token=True)
+    with running(create_app(store, tiny_bert, local)) as (url, _), httpx.Client(base_url=url) as client:
+        assert client.post("/v1/adapters", files=body).status_code == 201
+        assert client.delete("/v1/adapters/churn/intent").status_code == 200
+
+
+def test_a_client_token_guards_classification_and_the_listing(adapters, tiny_bert):
+    settings = Settings(dtype="float32", admin_token="admin-token", client_token="client-token")
+    with running(create_app(adapters[0], tiny_bert, settings)) as (url, _), httpx.Client(base_url=url) as client:
+        request = {"adapter": "sentiment/a0", "inputs": ["x"]}
+        assert client.post("/v1/classify", json=request).status_code == 401
+        assert client.get("/v1/adapters", headers={"Authorization": "Bearer nope"}).status_code == 403
+        for token in ("client-token", "admin-token"):
+            headers = {"Authorization": f"Bearer {token}"}
+            assert client.post("/v1/classify", json=request, headers=headers).status_code == 200
+            assert client.get("/v1/adapters", headers=headers).status_code == 200
+        body = {"file": ("a.zip", b"x")}
+        assert client.post("/v1/adapters", files=body, headers={"Authorization": "Bearer client-token"}).status_code == 403
+        assert client.get("/health").status_code == 200
+
+
+def test_truncated_inputs_are_flagged_and_counted(client):
+    long_text = "the food was cold and the service slow, " * 40  # far beyond the adapter's 128 tokens
+    answers = client.post("/v1/classify", json={"adapter": "sentiment/a0", "inputs": [long_text, "fine"]}).json()
+    assert [a["truncated"] for a in answers["predictions"]] == [True, False]
+    count = lambda: float(next(line.split()[-1] for line in client.get("/metrics").text.splitlines()  # noqa: E731
+                               if line.startswith("adapterlab_truncated_inputs_total ")))
+    before = count()
+    client.post("/v1/classify/batch", json={"rows": [{"adapter": None, "text": long_text, "labels": ["a", "b"]}]})
+    assert count() == before + 1
 
 
 def test_refusals(client, adapters):
@@ -289,7 +345,7 @@ def test_refusals(client, adapters):
         (client.delete("/v1/adapters/sentiment"), 400, "TASK/NAME"),
         (upload({**good, "adapter/adapter_model.bin": b"pickle"}), 415, "pickled"),
         (upload({**good, "adapter/head.pkl": b"pickle"}, "tar"), 415, "pickled"),
-        (upload({**good, "adapter/adapter_model.safetensors": b"\x80\x04pickle"}), 400, "corrupt"),
+        (upload({**good, "adapter/adapter_model.safetensors": b"\x80\x04pickle"}), 422, "corrupt"),
         (upload({**good, "adapter/run.py": b"print()"}), 400, "holds only"),
         (upload({"../card.json": b"{}", **good}), 400, "outside its folder"),
         (upload({"/tmp/card.json": b"{}", **good}, "tar"), 400, "outside its folder"),

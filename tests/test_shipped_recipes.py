@@ -1,7 +1,8 @@
-"""Each shipped recipe, trained for real on ../shared/data (AG News, 4 classes: chance is 25%).
+"""Each shipped recipe, trained for real on ../shared/data (AG News, 4 classes).
 
-Asserts a held-out accuracy clearly above chance, that only adapter and head parameters moved, that the
-saved adapter reloads to identical predictions, and that the other backbone refuses it.
+Asserts that the adapter beats the zero-shot classifier it started from on the same held-out rows (a
+paired test, `assert_beats_its_start`), that only adapter and head parameters moved, that the saved
+adapter reloads to identical predictions, and that the other backbone refuses it.
 """
 
 import pytest
@@ -13,20 +14,19 @@ from adapterlab.recipe import load_recipe
 from adapterlab.store import StoreError, load_adapter, save_adapter
 from adapterlab.train import evaluate, fit, make_card, setup
 from adapterlab.model import parameter_counts
-from conftest import ROOT, shared
+from conftest import ROOT, assert_beats_its_start, shared
 
 AGNEWS_LLM = ["head.template=Classify the topic of this news article as world, sports, business or science."
               "\n\nArticle: {text}", "head.label_words={Sci/Tech: Science}"]
 # The LLM runs are kept short (k=8, 5 epochs, 100 test rows): a 135M model trains slowly on 2 cores.
-# With 100 rows and 4 classes, 0.4 is 3.5 standard deviations above chance.
 CASES = {
-    # recipe: (overrides, k, test rows, accuracy floor)
-    "sst2-lora-minilm.yaml": ([], 16, 200, 0.6),
-    "sst2-lora-minilm-all-layers.yaml": ([], 8, 200, 0.6),
-    "sst2-lora-minilm-tied.yaml": ([], 8, 200, 0.6),
-    "sst2-prefix-minilm.yaml": ([], 16, 200, 0.6),
-    "sst2-lora-smollm2.yaml": (AGNEWS_LLM + ["training.epochs=5"], 8, 100, 0.4),
-    "sst2-prefix-smollm2.yaml": (AGNEWS_LLM + ["training.epochs=5"], 8, 100, 0.4),
+    # recipe: (overrides, k, test rows)
+    "sst2-lora-minilm.yaml": ([], 16, 200),
+    "sst2-lora-minilm-all-layers.yaml": ([], 8, 200),
+    "sst2-lora-minilm-tied.yaml": ([], 8, 200),
+    "sst2-prefix-minilm.yaml": ([], 16, 200),
+    "sst2-lora-smollm2.yaml": (AGNEWS_LLM + ["training.epochs=5"], 8, 100),
+    "sst2-prefix-smollm2.yaml": (AGNEWS_LLM + ["training.epochs=5"], 8, 100),
 }
 OTHER = {"minilm": "smollm2-135m", "smollm2-135m": "minilm"}
 
@@ -34,7 +34,7 @@ OTHER = {"minilm": "smollm2-135m", "smollm2-135m": "minilm"}
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_shipped_recipe_learns_saves_and_reloads(name, tmp_path):
-    overrides, k, test_rows, floor = CASES[name]
+    overrides, k, test_rows = CASES[name]
     recipe = load_recipe(ROOT / "recipes" / name, overrides + [
         f"data.path={shared('agnews')}", f"data.k={k}", f"data.test_limit={test_rows}", f"output.store={tmp_path}"])
     accelerator, task, model = setup(recipe)
@@ -59,7 +59,6 @@ def test_shipped_recipe_learns_saves_and_reloads(name, tmp_path):
         assert ((rows * prototypes).sum(-1) > (described * prototypes).sum(-1)).all()
 
     metrics = evaluate(model, task.test, recipe)
-    assert metrics["accuracy"] >= floor, metrics
     folder, _ = save_adapter(model, make_card(recipe, task, model, trainable, total, 0.0, metrics), tmp_path)
 
     texts = task.test.texts[:16]
@@ -68,6 +67,7 @@ def test_shipped_recipe_learns_saves_and_reloads(name, tmp_path):
     reloaded = torch.tensor([list(p.scores.values()) for p in engine.predict(str(folder), texts)])
     assert torch.allclose(reloaded, expected, atol=1e-5)
     assert engine.evaluate(str(folder), shared("agnews"), limit=test_rows)["accuracy"] == metrics["accuracy"]
+    print(name, metrics, assert_beats_its_start(engine, str(folder), task.test))
 
     with pytest.raises(StoreError, match=f"trained on backbone '{recipe.backbone}'"):
         load_adapter(folder, load_backbone(OTHER[recipe.backbone]))

@@ -1,9 +1,13 @@
 """The adapter store on a tiny random BERT: atomic saves, verification, reload, refusals."""
 
 import json
+import multiprocessing
 import os
+import random
 import shutil
 import subprocess
+import threading
+import time
 
 import pytest
 import torch
@@ -11,7 +15,14 @@ import torch
 import adapterlab.store as store_module
 from adapterlab.backbones import load_backbone
 from adapterlab.recipe import validate_recipe
-from adapterlab.store import StoreError, list_adapters, load_adapter, read_card, resolve, verify
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from adapterlab.errors import AdapterlabError
+from adapterlab.merge import combine_adapters
+from adapterlab.names import name_problem
+from adapterlab.store import (AdapterCard, StoreError, list_adapters, load_adapter, read_card, resolve, save_adapter,
+                              verify)
 from adapterlab.train import train
 from conftest import tiny_recipe
 
@@ -98,7 +109,7 @@ def test_unknown_reference_and_path_escape(trained):
     store, _ = trained
     with pytest.raises(StoreError, match="no adapter 'nope'"):
         resolve(store, "nope")
-    with pytest.raises(StoreError, match="no '..'"):
+    with pytest.raises(StoreError, match="not TASK/NAME"):
         resolve(store, "../sentiment/x")
 
 
@@ -128,3 +139,63 @@ def test_leftovers_of_a_killed_save_are_tidied(trained, tiny_bert):
     assert read_card(task_dir / "third").name == "third" and hidden() == kept
     live.rmdir()
     elsewhere.rmdir()
+
+
+@pytest.mark.parametrize("bad", ["..", ".hidden", "a/b", "a\\b", "", "x" * 129, "tab\tname", "../src"])
+def test_one_rule_for_names_in_recipes_cards_the_store_and_combine(trained, tiny_bert, bad):
+    store, result = trained
+    assert name_problem(bad) and name_problem("lora-k16-s0.v2") is None
+    with pytest.raises(AdapterlabError, match="must be a plain name"):
+        validate_recipe(tiny_recipe(tiny_bert, store, task=bad))
+    card = read_card(result.adapter_path)
+    with pytest.raises(ValidationError, match="must be a plain name"):
+        AdapterCard.model_validate({**card.model_dump(), "name": bad})
+    model, _ = load_adapter(result.adapter_path, load_backbone(tiny_bert))
+    with pytest.raises(AdapterlabError, match="must be a plain name"):  # a copied card skips its validators
+        save_adapter(model, card.model_copy(update={"task": bad}), store)
+    with pytest.raises(AdapterlabError, match="must be a plain name"):
+        combine_adapters(store, ["sentiment/lora-k4-s0", "sentiment/lora-k4-s0"], [0.5, 0.5], "linear", "ok", task=bad)
+    assert sorted(p.name for p in store.iterdir()) == ["sentiment"]  # nothing written outside
+
+
+def _save_forever(model, card, store) -> None:
+    """In a forked child: replace the adapter again and again until killed."""
+    while True:
+        save_adapter(model, card, store)
+
+
+def test_a_replacing_save_killed_anywhere_never_leaves_the_name_empty(trained, tiny_bert, tmp_path):
+    """Saves of one name killed with SIGKILL at random moments, 40 times, while a reader looks at the
+    name without pause: it always finds a complete adapter there (the folders are exchanged in one
+    step), and each next save tidies what the killed one left."""
+    _, result = trained
+    model, card = load_adapter(result.adapter_path, load_backbone(tiny_bert))
+    store = tmp_path / "store"
+    folder, _ = save_adapter(model, card, store)
+    stop, missing = threading.Event(), []
+
+    def read():
+        while not stop.is_set():
+            try:
+                read_card(folder)
+                load_file(folder / "head.safetensors")
+            except (StoreError, OSError, ValueError) as error:
+                missing.append(repr(error))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    random.seed(0)
+    try:
+        for _ in range(40):
+            child = multiprocessing.get_context("fork").Process(target=_save_forever, args=(model, card, store))
+            child.start()
+            time.sleep(random.uniform(0.01, 0.3))
+            child.kill()
+            child.join()
+            assert verify(folder) == [] and read_card(folder).name == card.name
+    finally:
+        stop.set()
+        reader.join()
+    assert missing == []
+    store_module._tidy_leftovers(folder.parent, folder.name)
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]

@@ -8,6 +8,9 @@ import pytest
 import yaml
 
 import adapterlab.sweep as sweep_module
+from adapterlab.data import load_task
+from adapterlab.engine import Engine
+from adapterlab.recipe import DataConfig
 from adapterlab.sweep import SweepError, load_sweep, run_sweep
 from conftest import tiny_recipe
 
@@ -86,9 +89,9 @@ def test_bad_sweep_files_are_named(sweep_file, edit, fragment):
 
 @pytest.mark.slow
 def test_sweep_on_minilm_and_real_data(tmp_path):
-    """A small real sweep: zero-shot and LoRA on SST-2 with MiniLM; LoRA starts at zero-shot and
-    must not end far below it."""
-    from conftest import ROOT, shared
+    """A small real sweep: zero-shot and LoRA on SST-2 with MiniLM; each LoRA cell's adapter beats the
+    zero-shot classifier it started from on the sweep's test rows."""
+    from conftest import ROOT, assert_beats_its_start, shared
 
     sweep = {"name": "real", "backbone": "minilm", "output": str(tmp_path), "test_limit": 200,
              "datasets": {"sst2": {"path": shared("sst2")}},
@@ -98,5 +101,8 @@ def test_sweep_on_minilm_and_real_data(tmp_path):
     path.write_text(yaml.safe_dump(sweep))
     folder = run_sweep(load_sweep(path), show_progress=False)
     summary = {s["method"]: s for s in json.loads((folder / "summary.json").read_text())}
-    assert summary["zeroshot"]["accuracy_mean"] >= 0.6 and summary["lora"]["seeds"] == 2
-    assert summary["lora"]["accuracy_mean"] >= summary["zeroshot"]["accuracy_mean"] - 0.05, summary
+    assert summary["lora"]["seeds"] == 2
+    engine = Engine("minilm", folder / "adapters", dtype="float32")
+    rows = load_task(DataConfig(path=shared("sst2"), k=None, test_limit=200)).test
+    for seed in (0, 1):
+        print(summary, assert_beats_its_start(engine, f"sst2/lora-k8-s{seed}", rows))

@@ -113,7 +113,7 @@ def predict(args: Optional[list[str]] = typer.Argument(None, help="[ADAPTER] TEX
             raise AdapterlabError(f"{batch}: name at least one adapter (the engine needs a backbone)")
         answers = Engine.for_adapter(first, store, device=device, dtype=dtype).predict_batch(requests)
         lines = [json.dumps({"adapter": r.adapter, "text": r.text, "label": a.label, "score": a.score,
-                             "scores": a.scores}) for r, a in zip(requests, answers)]
+                             "scores": a.scores, "truncated": a.truncated}) for r, a in zip(requests, answers)]
         if output is not None:
             output.write_text("".join(line + "\n" for line in lines))
         else:
@@ -127,11 +127,12 @@ def predict(args: Optional[list[str]] = typer.Argument(None, help="[ADAPTER] TEX
     predictions = Engine.for_adapter(adapter, store, device=device, dtype=dtype).predict(adapter, texts)
     if json_out:
         _emit({"adapter": adapter, "predictions": [
-            {"text": t, "label": p.label, "score": p.score, "scores": p.scores} for t, p in zip(texts, predictions)]})
+            {"text": t, "label": p.label, "score": p.score, "scores": p.scores, "truncated": p.truncated}
+            for t, p in zip(texts, predictions)]})
         return
     table = Table("text", "label", "score")
     for text, prediction in zip(texts, predictions):
-        table.add_row(text, prediction.label, f"{prediction.score:.3f}")
+        table.add_row(text, prediction.label, f"{prediction.score:.3f}" + (" (truncated)" if prediction.truncated else ""))
     console.print(table)
 
 
@@ -171,17 +172,25 @@ def adapters_show(adapter: str, store: Path = STORE, json_out: bool = JSON):
 @adapters_app.command("verify")
 @_clean_errors
 def adapters_verify(adapter: Optional[str] = typer.Argument(None, help="One adapter; default: the whole store."),
-                    store: Path = STORE, json_out: bool = JSON):
-    """Check adapter folders: files present, safetensors readable, card valid. Exit 1 on any problem."""
-    from adapterlab.store import resolve, verify, adapter_folders
+                    store: Path = STORE, json_out: bool = JSON,
+                    backbone: Optional[str] = typer.Option(None, "--backbone", help="Check the fit to this "
+                                                           "backbone; default: each card's own, when it loads."),
+                    files_only: bool = typer.Option(False, "--files-only", help="Check files and cards only "
+                                                    "(no backbone is loaded).")):
+    """Check adapter folders: files present, safetensors readable, cards valid, and each adapter's fit to its
+    backbone (tensors against its modules, rank, finite weights, head against labels), as the engine checks
+    before serving. Exit 1 on any problem."""
+    from adapterlab.store import adapter_folders, resolve, verify_folders
 
     folders = [resolve(store, adapter)] if adapter else adapter_folders(store)
-    report = {str(folder): verify(folder) for folder in folders}
+    report, unchecked = verify_folders(folders, backbone, check_fit=not files_only)
     if json_out:
-        _emit({"ok": not any(report.values()), "adapters": report})
+        _emit({"ok": not any(report.values()), "adapters": {str(f): p for f, p in report.items()},
+               "fit_not_checked": {str(f): why for f, why in unchecked.items()}})
     else:
         for folder, problems in report.items():
-            console.print(f"{'ok ' if not problems else 'BAD'} {folder}" + "".join(f"\n    {p}" for p in problems))
+            note = f" (fit not checked: {unchecked[folder]})" if folder in unchecked else ""
+            console.print(f"{'ok ' if not problems else 'BAD'} {folder}{note}" + "".join(f"\n    {p}" for p in problems))
     if any(report.values()):
         raise typer.Exit(1)
 
@@ -283,13 +292,23 @@ def serve(store: Path = STORE,
           max_inputs: int = typer.Option(256, "--max-inputs", help="Inputs per request (more: 413)."),
           max_chars: int = typer.Option(20_000, "--max-chars", help="Characters per input (more: 413)."),
           max_upload_mb: float = typer.Option(64, "--max-upload-mb", help="Uploaded adapter archives (more: 413)."),
+          admin_token: Optional[str] = typer.Option(None, "--admin-token", envvar="ADAPTERLAB_ADMIN_TOKEN",
+                                                    help="Bearer token for registering and deleting adapters."),
+          client_token: Optional[str] = typer.Option(None, "--client-token", envvar="ADAPTERLAB_CLIENT_TOKEN",
+                                                     help="Bearer token for classification, generation and the "
+                                                     "adapter list (default: open)."),
+          allow_admin_without_token: bool = typer.Option(False, "--allow-admin-without-token",
+                                                         help="Admin endpoints open to anyone who reaches the "
+                                                         "server (local use only)."),
           device: str = DEVICE, dtype: str = DTYPE):
     """Serve the store's adapters over HTTP with dynamic batching (OpenAPI at /docs)."""
     from adapterlab.server import Settings, serve as run_server
 
     settings = Settings(max_wait_ms=max_wait_ms, max_batch_rows=max_batch_rows, batching=not no_batching,
                         max_queued_rows=max_queued_rows, max_inputs=max_inputs, max_chars=max_chars,
-                        max_upload_bytes=int(max_upload_mb * 2**20), device=device, dtype=dtype)
+                        max_upload_bytes=int(max_upload_mb * 2**20), admin_token=admin_token,
+                        client_token=client_token, allow_admin_without_token=allow_admin_without_token,
+                        device=device, dtype=dtype)
     run_server(store, backbone, host, port, settings)
 
 

@@ -115,8 +115,8 @@ def read_labels(file: Path) -> tuple[list[str], list[str]]:
     if not Path(file).is_file():
         raise DataError(f"labels file not found: {file}")
     try:
-        entries = json.loads(Path(file).read_text())
-    except json.JSONDecodeError as error:
+        entries = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{file}: malformed JSON ({error})") from None
     names = [e["name"] if isinstance(e, dict) else str(e) for e in entries]
     descriptions = [e.get("description", e["name"]) if isinstance(e, dict) else str(e) for e in entries]
@@ -126,18 +126,21 @@ def read_labels(file: Path) -> tuple[list[str], list[str]]:
 def _read_rows(file: Path) -> list[dict]:
     if not file.is_file():
         raise DataError(f"data not found: {file}")
-    if file.suffix == ".csv":
-        with open(file, newline="") as handle:
-            return list(csv.DictReader(handle))
-    rows = []
-    with open(file) as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise DataError(f"{file}:{number}: not a JSON object") from None
-    return rows
+    try:
+        if file.suffix == ".csv":
+            with open(file, newline="", encoding="utf-8") as handle:
+                return list(csv.DictReader(handle))
+        rows = []
+        with open(file, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        raise DataError(f"{file}:{number}: not a JSON object") from None
+        return rows
+    except UnicodeDecodeError as error:
+        raise DataError(f"{file}: not UTF-8 text (byte {error.start}: {error.reason})") from None
 
 
 def _read_hub(dataset_id: str, config):

@@ -18,6 +18,7 @@ from adapterlab.methods import method_module
 from adapterlab.metrics import classification_metrics
 from adapterlab.mixed_batch import PromptSettings, Row, Servable, forward_mixed
 from adapterlab.precision import resolve_device, resolve_dtype
+from adapterlab.methods.base import AdapterWeights
 from adapterlab.recipe import DataConfig, Recipe
 from adapterlab.store import AdapterCard, StoreError, read_adapter, read_card, resolve, verify
 from adapterlab.zeroshot import zero_shot_servable
@@ -41,6 +42,7 @@ class Prediction:
     label: str
     score: float
     scores: dict[str, float]
+    truncated: bool = False  # the input was cut to the adapter's token limit
 
 
 class Engine:
@@ -97,17 +99,14 @@ class Engine:
         return self._resident.pop(resolve(self.store, reference), None) is not None
 
     def _load(self, folder: Path) -> Servable:
-        stored = read_adapter(folder, self.backbone.fingerprint, self.backbone.name)
-        card = stored.card
-        recipe = Recipe.model_validate(card.recipe)
+        stored = read_adapter(folder, self.backbone)
+        card, recipe = stored.card, stored.recipe
         weights = method_module(card.method).inference_weights(stored.tensors, stored.adapter_config)
         weights = weights.to(self.backbone.device, self.backbone.dtype)
-        head = build_head(recipe.head.model_copy(update={"init": "random"}), self.backbone, card.labels, card.labels)
-        head.load_state_dict(stored.head_tensors)
         prompt = PromptSettings(recipe.head.template, uses_chat(recipe.head, self.backbone),
                                 recipe.training.inference_max_length,
                                 text_prompt=text_prompt_of(recipe.head, self.backbone))
-        return Servable(f"{card.task}/{card.name}", card.labels, weights, head.eval(), prompt, stored.nbytes)
+        return Servable(f"{card.task}/{card.name}", card.labels, weights, stored.head, prompt, stored.nbytes)
 
     def _evict(self) -> None:
         while self._resident and (
@@ -115,6 +114,18 @@ class Engine:
                 or (self.max_bytes is not None and self.resident_bytes() > self.max_bytes and len(self._resident) > 1)):
             self._resident.popitem(last=False)
             self.stats["evictions"] += 1
+
+    def baseline(self, reference: str) -> Servable:
+        """The classifier adapter `reference` started from, with no adapter weights: its head before
+        training (its labels' descriptions for encoders, its prompt's label words for LLMs). What its
+        training is measured against, on the same rows."""
+        card = self.card(reference)
+        recipe = Recipe.model_validate(card.recipe)
+        head = build_head(recipe.head, self.backbone, card.labels, card.label_descriptions)
+        prompt = PromptSettings(recipe.head.template, uses_chat(recipe.head, self.backbone),
+                                recipe.training.inference_max_length,
+                                text_prompt=text_prompt_of(recipe.head, self.backbone))
+        return Servable(f"{card.task}/{card.name}@start", card.labels, AdapterWeights(), head.eval(), prompt, 0)
 
     def zero_shot(self, labels: tuple[str, ...], descriptions: tuple[str, ...] | None = None) -> Servable:
         """A classifier with no adapter for labels given at inference time (see `zeroshot`)."""
@@ -145,8 +156,9 @@ class Engine:
         predictions: list[Prediction | None] = [None] * len(rows)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            for i, probabilities in zip(chunk, forward_mixed(self.backbone, [rows[i] for i in chunk])):
-                predictions[i] = _prediction(rows[i].servable.labels, probabilities.tolist())
+            answers, truncated = forward_mixed(self.backbone, [rows[i] for i in chunk])
+            for i, probabilities, cut in zip(chunk, answers, truncated):
+                predictions[i] = _prediction(rows[i].servable.labels, probabilities.tolist(), cut)
         return predictions
 
     def _servable_for(self, request: Request) -> Servable:
@@ -190,7 +202,7 @@ def read_requests(path: str | Path) -> list[Request]:
     return requests
 
 
-def _prediction(labels: list[str], probabilities: list[float]) -> Prediction:
+def _prediction(labels: list[str], probabilities: list[float], truncated: bool) -> Prediction:
     best = max(range(len(labels)), key=probabilities.__getitem__)
-    return Prediction(labels[best], probabilities[best], dict(zip(labels, probabilities)))
+    return Prediction(labels[best], probabilities[best], dict(zip(labels, probabilities)), truncated)
 

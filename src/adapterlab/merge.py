@@ -15,8 +15,9 @@ from adapterlab.backbones import load_backbone
 from adapterlab.engine import Engine
 from adapterlab.heads import build_head
 from adapterlab.model import AdapterModel
+from adapterlab.names import check_name
 from adapterlab.recipe import Recipe
-from adapterlab.store import AdapterCard, StoreError, load_adapter, read_card, resolve, save_adapter
+from adapterlab.store import AdapterCard, StoreError, load_adapter, read_adapter, read_card, resolve, save_adapter
 
 EQUAL_RANKS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
@@ -65,11 +66,16 @@ def combine_adapters(store: str | Path, references: list[str], weights: list[flo
                      report_rows: int | None = 200) -> tuple[Path, dict]:
     """A new adapter from weighted parents, with a report of each parent task's accuracy before and
     after. Refused when it cannot be right: other backbones, other label sets, unequal ranks."""
+    check_name(name, "adapter name")
+    if task is not None:
+        check_name(task, "task")
     folders = [resolve(store, reference) for reference in references]
     cards = [read_card(folder) for folder in folders]
     configs = [json.loads((folder / "adapter_config.json").read_text()) for folder in folders]
     _check_combinable(cards, configs, weights, combination)
     backbone = load_backbone(cards[0].backbone)
+    for folder in folders:  # checked as the engine checks them, before peft reads them
+        read_adapter(folder, backbone)
     peft_model = PeftModel.from_pretrained(backbone.model, str(folders[0]), adapter_name="parent0")
     if not isinstance(peft_model.base_model, BaseTuner) or not hasattr(peft_model.base_model, "add_weighted_adapter"):
         raise StoreError(f"{cards[0].method} adapters cannot be combined (only LoRA-style weight updates can)")
@@ -84,9 +90,9 @@ def combine_adapters(store: str | Path, references: list[str], weights: list[flo
 
     head = _combined_head(folders, weights)
     recipe = Recipe.model_validate(cards[0].recipe)
-    rank = peft_model.peft_config["default"].r
-    recipe = recipe.model_copy(update={"task": task or cards[0].task,
-                                       "method": recipe.method.model_copy(update={"r": rank})})
+    combined = peft_model.peft_config["default"]
+    recipe = recipe.model_copy(update={"task": task or cards[0].task, "method": recipe.method.model_copy(
+        update={"r": combined.r, "alpha": combined.lora_alpha})})
     model = AdapterModel(backbone, peft_model, build_head(recipe.head.model_copy(update={"init": "random"}),
                                                           backbone, cards[0].labels, cards[0].labels),
                          cards[0].labels, recipe.head, recipe.training.inference_max_length)

@@ -46,12 +46,13 @@ class Row:
 
 
 @torch.no_grad()
-def forward_mixed(backbone: Backbone, rows: list[Row]) -> list[torch.Tensor]:
-    """Label probabilities for each row, from its own adapter and head, in one backbone pass."""
+def forward_mixed(backbone: Backbone, rows: list[Row]) -> tuple[list[torch.Tensor], list[bool]]:
+    """Label probabilities for each row, from its own adapter and head, in one backbone pass; and
+    whether each row's input was cut to its adapter's token limit."""
     servables = list(dict.fromkeys(row.servable for row in rows))  # unique, in first-seen order
     slot = {servable: i for i, servable in enumerate(servables)}
     row_slots = torch.tensor([slot[row.servable] for row in rows])
-    batch = _tokenize_rows(backbone, rows)
+    batch, truncated = _tokenize_rows(backbone, rows)
     prefix = _prefix(servables, row_slots, batch)
     need_hidden = any(servable.head.needs_hidden for servable in servables)
     with lora_deltas(backbone.model, servables, row_slots):
@@ -62,7 +63,7 @@ def forward_mixed(backbone: Backbone, rows: list[Row]) -> list[torch.Tensor]:
         logits = servable.head(_select(feats, index.to(backbone.device)))
         for i, probabilities in zip(index.tolist(), logits.float().softmax(-1)):
             results[i] = probabilities.cpu()
-    return results
+    return results, truncated
 
 
 def _select(feats: Features, index: torch.Tensor) -> Features:
@@ -70,20 +71,22 @@ def _select(feats: Features, index: torch.Tensor) -> Features:
     return Features(pick(feats.hidden), feats.attention_mask[index], pick(feats.next_token_logits))
 
 
-def _tokenize_rows(backbone: Backbone, rows: list[Row]) -> dict[str, torch.Tensor]:
+def _tokenize_rows(backbone: Backbone, rows: list[Row]) -> tuple[dict[str, torch.Tensor], list[bool]]:
     """Tokenize each prompt-settings group its own way, then pad all rows to one batch (on the
-    right for encoders, on the left for LLMs, as `backbones.tokenize` does)."""
+    right for encoders, on the left for LLMs, as `backbones.tokenize` does); and which rows were cut."""
     groups: dict[tuple[PromptSettings, bool], list[int]] = {}  # pairs and single texts tokenize apart
     for i, row in enumerate(rows):
         groups.setdefault((row.servable.prompt, row.text_pair is not None), []).append(i)
     per_row: list[dict[str, torch.Tensor]] = [{}] * len(rows)
+    truncated = [False] * len(rows)
     for (prompt, paired), indices in groups.items():
         pairs = [rows[i].text_pair for i in indices] if paired else None
-        encoded = tokenize(backbone, [rows[i].text for i in indices], pairs, prompt.template, prompt.max_length,
-                           prompt.chat, prompt.demonstrations, prompt.text_prompt)
+        encoded, cut = tokenize(backbone, [rows[i].text for i in indices], pairs, prompt.template, prompt.max_length,
+                                prompt.chat, prompt.demonstrations, prompt.text_prompt, report_truncation=True)
         for j, i in enumerate(indices):
             keep = encoded["attention_mask"][j].bool()
             per_row[i] = {key: value[j][keep] for key, value in encoded.items()}
+            truncated[i] = cut[j]
     left = backbone.kind == "decoder"
     pad_id = backbone.tokenizer.pad_token_id or 0
     width = max(len(r["input_ids"]) for r in per_row)
@@ -91,7 +94,7 @@ def _tokenize_rows(backbone: Backbone, rows: list[Row]) -> dict[str, torch.Tenso
     for key in per_row[0]:
         fill = pad_id if key == "input_ids" else 0
         batch[key] = torch.stack([_pad(r[key], width, fill, left) for r in per_row])
-    return batch
+    return batch, truncated
 
 
 def _pad(values: torch.Tensor, width: int, fill: int, left: bool) -> torch.Tensor:

@@ -162,12 +162,10 @@ def build_adapter_model(recipe, backbone: Backbone, label_names: list[str],
                         label_texts)
 
 
-def load_adapter_model(folder, recipe, backbone: Backbone, label_names: list[str],
-                       head_state: dict[str, torch.Tensor]) -> AdapterModel:
-    """A saved adapter on `backbone`, in inference mode (the store checks the files first)."""
+def load_adapter_model(folder, recipe, backbone: Backbone, label_names: list[str], head: nn.Module) -> AdapterModel:
+    """A saved adapter on `backbone` under peft, in inference mode, with its loaded `head` (the store
+    reads and checks the files first)."""
     peft_model = PeftModel.from_pretrained(backbone.model, str(folder), is_trainable=False)
-    head = build_head(recipe.head.model_copy(update={"init": "random"}), backbone, label_names, label_names)
-    head.load_state_dict(head_state)
     model = AdapterModel(backbone, peft_model, head, label_names, recipe.head, recipe.training.inference_max_length)
     return model.eval()
 

@@ -2,13 +2,15 @@
 target and the `--help` text; each field is documented once, here."""
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from adapterlab.methods import METHODS, MethodConfig
 from adapterlab.errors import AdapterlabError
+from adapterlab.metrics import BUILTIN
+from adapterlab.names import name_problem
 
 
 class RecipeError(AdapterlabError):
@@ -17,6 +19,30 @@ class RecipeError(AdapterlabError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_words(cls, data):
+        """YAML reads no/yes/on/off as booleans; a field whose choices are those words (and not
+        booleans) gets its word back, so `--set training.mixed_precision=no` means 'no'."""
+        if not isinstance(data, dict):
+            return data
+        words = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+        fixed = {}
+        for key, value in data.items():
+            field = cls.model_fields.get(key)
+            choices = _literal_choices(field.annotation) if field and isinstance(value, bool) else ()
+            if choices and value not in choices:
+                value = next((word for word in words[value] if word in choices), value)
+            fixed[key] = value
+        return fixed
+
+
+def _literal_choices(annotation) -> tuple:
+    """The values of the Literal types in `annotation` (through unions and Optional)."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    return tuple(choice for part in get_args(annotation) for choice in _literal_choices(part))
 
 
 class HeadConfig(_Section):
@@ -122,12 +148,18 @@ class TrainingConfig(_Section):
         "that `adapterlab train --resume` continues a killed run; null: no checkpoints.")
     eval_batch_size: int = Field(64, gt=0)
     metrics: list[str] = Field(
-        [], description="Metrics beyond accuracy and macro_f1, by `evaluate` name (needs the hub).")
+        [], description="Metrics beyond accuracy and macro_f1, by `evaluate` name (needs the hub, and "
+        "trust_hub_metrics: evaluate.load runs the metric's script from the hub).")
+    trust_hub_metrics: bool = Field(
+        False, description="Allow metrics that evaluate.load fetches from the Hugging Face hub and runs as code.")
 
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _yaml_no(cls, value):
-        return "no" if value is False else value  # YAML reads a bare `no` as false
+    @model_validator(mode="after")
+    def _hub_code_is_opted_into(self):
+        fetched = [name for name in self.metrics if name not in BUILTIN]
+        if fetched and not self.trust_hub_metrics:
+            raise ValueError(f"metrics {', '.join(map(repr, fetched))} would run code from the Hugging Face hub "
+                             "(evaluate.load); set training.trust_hub_metrics: true to allow it")
+        return self
 
     @property
     def inference_max_length(self) -> int:
@@ -152,8 +184,9 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _names_are_safe(self):
         for field, value in (("task", self.task), ("output.name", self.output.name)):
-            if value is not None and (not value or "/" in value or "\\" in value or value.startswith(".")):
-                raise ValueError(f"{field} {value!r} must be a plain name (no path separators, no leading dot)")
+            problem = name_problem(value) if value is not None else None
+            if problem:
+                raise ValueError(f"{field} {value!r} {problem}")
         return self
 
     @property
@@ -207,10 +240,10 @@ def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as error:
-        raise RecipeError(f"{source}: {_describe(error)}") from None
+        raise RecipeError(f"{source}: {describe_errors(error)}") from None
 
 
-def _describe(error: ValidationError) -> str:
+def describe_errors(error: ValidationError) -> str:
     """One line per problem, naming the key: 'training.lrr: unknown key'."""
     problems = []
     for item in error.errors():

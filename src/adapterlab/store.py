@@ -6,6 +6,9 @@ is written under a hidden temporary name and renamed into place, so a crash mid-
 half adapter that `list_adapters` shows. Only safetensors are read: nothing is ever unpickled.
 """
 
+import ctypes
+import errno
+import functools
 import glob
 import json
 import os
@@ -18,15 +21,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from adapterlab.backbones import Backbone
+from adapterlab.backbones import Backbone, load_backbone
+from adapterlab.heads import build_head
+from adapterlab.methods import METHODS, method_module
 from adapterlab.model import AdapterModel, load_adapter_model
-from adapterlab.recipe import Recipe
+from adapterlab.recipe import Recipe, describe_errors
 from adapterlab.errors import AdapterlabError
+from adapterlab.names import check_name, name_problem
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "card.json")
 WEIGHT_FILES = ("adapter_model.safetensors", "head.safetensors")
@@ -57,10 +64,20 @@ class AdapterCard(BaseModel):
     train_seconds: float | None = None
     created: str = ""
 
+    @field_validator("task", "name")
+    @classmethod
+    def _plain(cls, value: str, info) -> str:
+        problem = name_problem(value)
+        if problem:
+            raise ValueError(f"{info.field_name} {value!r} {problem}")
+        return value
+
 
 def save_adapter(model: AdapterModel, card: AdapterCard, store: str | Path) -> tuple[Path, AdapterCard]:
     """Write the adapter to STORE/TASK/NAME atomically (replacing one of the same name); returns
     its folder and its completed card."""
+    check_name(card.task, "task")  # a card copied with new values skipped its validators
+    check_name(card.name, "adapter name")
     task_dir = Path(store) / card.task
     task_dir.mkdir(parents=True, exist_ok=True)
     target = task_dir / card.name
@@ -77,21 +94,44 @@ def save_adapter(model: AdapterModel, card: AdapterCard, store: str | Path) -> t
         (staging / "card.json").write_text(card.model_dump_json(indent=2))
         (staging / "README.md").write_text(_readme(card))
         _fsync_tree(staging)
-        _replace_dir(staging, target)
+        swap_into_place(staging, target)  # staging now holds the replaced adapter, if any
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target, card
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` to `target`; an old `target` is moved aside first and removed after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.replaced-{_owner()}")
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def swap_into_place(new: Path, target: Path) -> None:
+    """Put the folder `new` at `target`; afterwards `new` holds the old `target`, if there was one
+    (the caller removes it, or swaps back). Where the OS offers it (Linux) the two are exchanged in
+    one step, so that readers always find an adapter under the name. Elsewhere the old one is moved
+    aside first (a kill between the renames leaves it aside; the next save of the name puts it back)."""
+    if not target.exists():
+        new.rename(target)
+    elif not _exchange(new, target):
+        aside = target.with_name(f".{target.name}.replaced-{_owner()}")
+        target.rename(aside)
+        new.rename(target)
+        aside.rename(new)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 with RENAME_EXCHANGE); False where the OS, its C library or
+    the filesystem does not offer it."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _tidy_leftovers(task_dir: Path, name: str) -> None:
@@ -156,10 +196,10 @@ def resolve(store: str | Path, reference: str) -> Path:
     """A folder path, or TASK/NAME inside the store, or TASK alone when it holds one adapter."""
     if Path(reference).is_dir():
         return Path(reference)
-    parts = Path(reference).parts
-    if not 1 <= len(parts) <= 2 or ".." in parts or Path(reference).is_absolute():
-        raise StoreError(f"no adapter folder {reference!r}, and as TASK/NAME in the store it may hold "
-                         "at most one '/' and no '..'")
+    parts = reference.split("/")
+    if not 1 <= len(parts) <= 2 or any(name_problem(part) for part in parts):
+        raise StoreError(f"no adapter folder {reference!r}, and it is not TASK/NAME (or TASK) in the store: "
+                         f"each part {name_problem('')}")
     folder = Path(store) / reference
     if (folder / "card.json").exists():
         return folder
@@ -182,8 +222,9 @@ def read_card(folder: str | Path) -> AdapterCard:
         raise StoreError(f"{file}: corrupt card ({str(error).splitlines()[0]})") from None
 
 
-def verify(folder: str | Path) -> list[str]:
-    """Problems with an adapter folder; empty when it is complete and its files are readable."""
+def verify(folder: str | Path, backbone: Backbone | None = None) -> list[str]:
+    """Problems with an adapter folder; empty when it is complete and its files are readable, and,
+    given a backbone, when it fits that backbone as `read_adapter` checks it."""
     folder = Path(folder)
     problems = [f"missing {name}" for name in REQUIRED_FILES if not (folder / name).is_file()]
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
@@ -206,59 +247,134 @@ def verify(folder: str | Path) -> list[str]:
             read_card(folder)
         except StoreError as error:
             problems.append(str(error))
+    if backbone is not None and not problems:
+        try:
+            read_adapter(folder, backbone)
+        except StoreError as error:
+            problems.append(str(error))
     return problems
+
+
+def verify_folders(folders: list[Path], backbone: str | None = None, check_fit: bool = True
+                   ) -> tuple[dict[Path, list[str]], dict[Path, str]]:
+    """`verify` for many folders: the problems of each, and why a folder's fit was not checked. The
+    fit is checked against `backbone`, else against each card's own backbone where it loads; each
+    backbone loads once."""
+    from adapterlab.backbones import load_backbone
+
+    loaded: dict[str, Backbone | str] = {}
+    report, unchecked = {}, {}
+    for folder in folders:
+        report[folder] = problems = verify(folder)
+        if problems or not check_fit:
+            continue
+        name = backbone or read_card(folder).backbone
+        if name not in loaded:
+            try:
+                loaded[name] = load_backbone(name)
+            except AdapterlabError as error:
+                if backbone is not None:
+                    raise
+                loaded[name] = str(error)
+        if isinstance(loaded[name], str):
+            unchecked[folder] = loaded[name]
+        else:
+            report[folder] = verify(folder, loaded[name])
+    return report, unchecked
+
+
+class BackboneMismatch(StoreError):
+    """An adapter trained on another backbone than the one asked to serve it."""
 
 
 @dataclass
 class StoredAdapter:
-    """An adapter's files, read: its card, PEFT config, adapter tensors and head tensors."""
+    """An adapter read and checked for one backbone: card, recipe, PEFT config, adapter tensors, and
+    its head, built for that backbone and loaded."""
 
     folder: Path
     card: AdapterCard
+    recipe: Recipe
     adapter_config: dict
     tensors: dict[str, torch.Tensor]
-    head_tensors: dict[str, torch.Tensor]
+    head: nn.Module
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.tensors.values(), *self.head_tensors.values()))
+        tensors = (*self.tensors.values(), *self.head.state_dict().values())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def read_adapter(folder: str | Path, fingerprint: str, backbone_name: str = "the loaded backbone") -> StoredAdapter:
-    """Read an adapter's files for a backbone with `fingerprint` (the engine's fast path: each file
-    is read once, safetensors only; a damaged file is named)."""
+def read_adapter(folder: str | Path, backbone: Backbone) -> StoredAdapter:
+    """The one way an adapter reaches a model (engine, merge, combine, server): each file read once,
+    safetensors only, and everything checked before anything serves it: the card and its recipe, the
+    backbone's fingerprint, the method's tensors against the backbone's modules and the recipe's
+    rank, finite weights, the head's shape against the labels. Every problem is named in one line."""
     folder = Path(folder)
     card = read_card(folder)
-    _check_backbone(card, fingerprint, backbone_name)
+    name = f"{card.task}/{card.name}"
+    if card.backbone_fingerprint != backbone.fingerprint:
+        raise BackboneMismatch(
+            f"adapter {name} was trained on backbone {card.backbone!r} ({card.backbone_fingerprint[:19]}…), "
+            f"not on the loaded backbone {backbone.name!r} ({backbone.fingerprint[:19]}…)")
+    try:
+        recipe = Recipe.model_validate(card.recipe)
+    except ValidationError as error:
+        raise StoreError(f"adapter {name} cannot be served on {backbone.name!r}: the recipe in its card.json "
+                         f"does not validate ({describe_errors(error)})") from None
     try:
         adapter_config = json.loads((folder / "adapter_config.json").read_text())
         tensors = load_file(folder / "adapter_model.safetensors")
         head_tensors = load_file(folder / "head.safetensors")
     except (SafetensorError, OSError, ValueError) as error:
-        raise StoreError(f"adapter {folder} is unusable: {type(error).__name__}: {error}") from None
-    return StoredAdapter(folder, card, adapter_config, tensors, head_tensors)
+        raise StoreError(f"adapter {name} is unusable: {type(error).__name__}: {error}") from None
+    problems = _fit_problems(card, recipe, adapter_config, tensors, head_tensors, backbone)
+    head = None
+    if not problems:
+        try:
+            head = build_head(recipe.head.model_copy(update={"init": "random"}), backbone, card.labels, card.labels)
+        except AdapterlabError as error:
+            problems.append(str(error))
+    if head is not None and not problems:
+        problems = _head_problems(head, head_tensors, card)
+    if problems:
+        raise StoreError(f"adapter {name} cannot be served on {backbone.name!r}: {'; '.join(problems)}")
+    head.load_state_dict(head_tensors)
+    return StoredAdapter(folder, card, recipe, adapter_config, tensors, head.eval())
 
 
-def _check_backbone(card: AdapterCard, fingerprint: str, backbone_name: str) -> None:
-    if card.backbone_fingerprint != fingerprint:
-        raise StoreError(
-            f"adapter {card.task}/{card.name} was trained on backbone {card.backbone!r} "
-            f"({card.backbone_fingerprint[:19]}…), not on the loaded backbone {backbone_name!r} "
-            f"({fingerprint[:19]}…)")
+def _fit_problems(card, recipe, adapter_config, tensors, head_tensors, backbone) -> list[str]:
+    if card.method not in METHODS:
+        return [f"unknown method {card.method!r} (known: {', '.join(METHODS)})"]
+    if recipe.method.name != card.method:
+        return [f"card.json names method {card.method!r}, its recipe {recipe.method.name!r}"]
+    problems = method_module(card.method).fit_problems(tensors, adapter_config, recipe.method, backbone)
+    broken = [key for key, t in {**tensors, **head_tensors}.items() if t.is_floating_point() and not t.isfinite().all()]
+    if broken:
+        problems.append(f"weights that are not finite (NaN or inf): {', '.join(sorted(broken)[:3])}")
+    if len(card.label_descriptions) != len(card.labels):
+        problems.append(f"{len(card.labels)} labels but {len(card.label_descriptions)} label descriptions")
+    return problems
+
+
+def _head_problems(head: nn.Module, head_tensors: dict[str, torch.Tensor], card: AdapterCard) -> list[str]:
+    """head.safetensors against the head its card and recipe describe on this backbone."""
+    wanted = {key: tuple(value.shape) for key, value in head.state_dict().items()}
+    found = {key: tuple(value.shape) for key, value in head_tensors.items()}
+    if wanted == found:
+        return []
+    return [f"head.safetensors holds {found}, but {len(card.labels)} labels on this backbone need {wanted}"]
 
 
 def load_adapter(folder: str | Path, backbone: Backbone) -> tuple[AdapterModel, AdapterCard]:
-    """Load a verified adapter onto `backbone` through peft (for merging and exporting; serving goes
-    through `read_adapter` and the engine). Refused when it was trained on another backbone."""
+    """Load an adapter onto `backbone` through peft (for merging and exporting; serving goes through
+    `read_adapter` and the engine's own batching), after the same checks."""
     folder = Path(folder)
     problems = verify(folder)
     if problems:
         raise StoreError(f"adapter {folder} is unusable: {'; '.join(problems)}")
-    card = read_card(folder)
-    _check_backbone(card, backbone.fingerprint, backbone.name)
-    recipe = Recipe.model_validate(card.recipe)
-    model = load_adapter_model(folder, recipe, backbone, card.labels, load_file(folder / "head.safetensors"))
-    return model, card
+    stored = read_adapter(folder, backbone)
+    return load_adapter_model(folder, stored.recipe, backbone, stored.card.labels, stored.head), stored.card
 
 
 def _readme(card: AdapterCard) -> str:

@@ -184,7 +184,8 @@ def write_report(rows: list[dict], folder: Path) -> None:
     if not rows:
         return
     with open(folder / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        columns = list(dict.fromkeys(key for row in rows for key in row))  # zero-shot cells have fewer
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     summary = summarize(rows)

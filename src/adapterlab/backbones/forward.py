@@ -40,23 +40,33 @@ class Stem:
 
 def tokenize(backbone: Backbone, texts: list[str], pairs: list[str] | None, template: str,
              max_length: int, chat: bool = False, demonstrations: tuple[tuple[str, str], ...] = (),
-             text_prompt: str = "") -> dict[str, torch.Tensor]:
+             text_prompt: str = "", report_truncation: bool = False):
     """Encoders take (text, pair) natively, after `text_prompt` (a sentence-transformers model's
     'query: '). LLMs read the filled template (as a chat turn when `chat`), after any (text, answer)
     demonstrations, with the texts cut to fit `max_length`, padded on the left so that each row ends
-    at its last token."""
+    at its last token; never longer than the model can position. With `report_truncation`: (the
+    batch, whether each row was cut)."""
     tokenizer = backbone.tokenizer
+    max_length = min(max_length, backbone.max_tokens)
     if backbone.kind == "encoder":
         texts = [text_prompt + text for text in texts] if text_prompt else texts
-        return dict(tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt"))
+        batch = dict(tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length,
+                               return_tensors="pt"))
+        if not report_truncation:
+            return batch
+        full = tokenizer(texts, pairs, truncation=False, verbose=False)["input_ids"]
+        return batch, [len(ids) > max_length for ids in full]
     prompt = _prompt_format(tokenizer, template, chat, demonstrations)
     budget = max(8, max_length - len(tokenizer(prompt.format(text="", text_pair=""), add_special_tokens=False).input_ids))
     pairs = pairs or [""] * len(texts)
-    prompts = [prompt.format(text=_cut(tokenizer, text, budget // (2 if pair else 1)),
-                             text_pair=_cut(tokenizer, pair, budget // 2)) for text, pair in zip(texts, pairs)]
+    cut = [(_cut(tokenizer, text, budget // (2 if pair else 1)), _cut(tokenizer, pair, budget // 2))
+           for text, pair in zip(texts, pairs)]
     tokenizer.padding_side = "left"
-    return dict(tokenizer(prompts, padding=True, add_special_tokens=not chat, return_tensors="pt"))
+    batch = dict(tokenizer([prompt.format(text=text, text_pair=pair) for text, pair in cut], padding=True,
+                           add_special_tokens=not chat, return_tensors="pt"))
+    if not report_truncation:
+        return batch
+    return batch, [(text, pair) != kept for text, pair, kept in zip(texts, pairs, cut)]
 
 
 def _prompt_format(tokenizer, template: str, chat: bool, demonstrations: tuple[tuple[str, str], ...]) -> str:

@@ -57,6 +57,17 @@ class Backbone:
         return self.model.config.hidden_size
 
     @property
+    def max_tokens(self) -> int:
+        """The longest input the model can position: its tokenizer's limit and its position table's
+        (RoBERTa numbers positions from pad_token_id + 1, so two of its entries are not usable)."""
+        config = self.model.config
+        limits = [getattr(self.tokenizer, "model_max_length", None)]
+        if getattr(config, "max_position_embeddings", None):
+            offset = config.pad_token_id + 1 if self.family.positions == "padding_offset" else 0
+            limits.append(config.max_position_embeddings - offset)
+        return min((limit for limit in limits if limit and limit < 10**9), default=10**9)
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

@@ -1,7 +1,9 @@
 """PEFT methods, one module each, all of the same shape.
 
 A method module defines `Config` (its recipe section, a pydantic model whose `name` field is the
-registry key), `DEFAULT_LR`, `peft_config(config, backbone) -> peft.PeftConfig` for training, and
+registry key), `DEFAULT_LR`, `peft_config(config, backbone) -> peft.PeftConfig` for training,
+`fit_problems(state, adapter_config, method_config, backbone) -> list[str]` (why saved files do not fit
+each other, their recipe or the backbone; the store asks before anything serves them), and
 `inference_weights(state, adapter_config) -> AdapterWeights` for the engine. Adding a method
 means adding one module here and listing it in `_MODULES`; nothing else branches on the method name.
 """

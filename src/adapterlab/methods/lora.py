@@ -60,6 +60,46 @@ def _pooler_modules(model) -> list[str]:
     return [name for name, _ in model.named_modules() if name == "pooler" or name.startswith("pooler.")]
 
 
+def fit_problems(state: dict[str, torch.Tensor], adapter_config: dict, config: Config, backbone) -> list[str]:
+    """Rank and alpha as the recipe trained them, each A/B pair on an existing linear layer of the
+    backbone with its shapes, nothing the engine would silently drop."""
+    r, alpha = adapter_config.get("r"), adapter_config.get("lora_alpha")
+    problems = [f"adapter_config.json says {key} {value!r}, its recipe {expected!r}"
+                for key, value, expected in (("r", r, config.r), ("lora_alpha", alpha, config.alpha)) if value != expected]
+    unsupported = [key for key in ("use_dora", "rank_pattern", "alpha_pattern") if adapter_config.get(key)]
+    if unsupported:
+        problems.append(f"adapter_config.json uses {', '.join(unsupported)}, which the engine does not serve")
+    modules = dict(backbone.model.named_modules())
+    pairs = [key for key in state if key.endswith(".lora_A.weight")]
+    strays = set(state) - set(pairs) - {key.replace(".lora_A.", ".lora_B.") for key in pairs}
+    if strays:
+        problems.append(f"tensors the engine would ignore: {', '.join(sorted(strays)[:3])}")
+    if not pairs:
+        problems.append("no LoRA tensors (lora_A/lora_B) in adapter_model.safetensors")
+    for key in pairs:
+        path = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        shape = _in_out(modules.get(path))
+        b = state.get(key.replace(".lora_A.", ".lora_B."))
+        if shape is None:
+            problems.append(f"{key} names no linear layer of the backbone ({path})")
+        elif b is None:
+            problems.append(f"{key} has no lora_B beside it")
+        elif tuple(state[key].shape) != (r, shape[0]) or tuple(b.shape) != (shape[1], r):
+            problems.append(f"{path}: lora_A {tuple(state[key].shape)} and lora_B {tuple(b.shape)} do not fit "
+                            f"rank {r} on a {shape[0]}→{shape[1]} layer")
+    return problems
+
+
+def _in_out(module) -> tuple[int, int] | None:
+    """(inputs, outputs) of a linear layer: torch's Linear, or GPT-2's Conv1D (weight stored in × out)."""
+    module = getattr(module, "base_layer", module)  # a layer peft has wrapped: the linear inside
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":
+        return tuple(module.weight.shape)
+    return None
+
+
 def inference_weights(state: dict[str, torch.Tensor], adapter_config: dict) -> AdapterWeights:
     """The saved A/B matrices keyed by the backbone module they adapt, the LoRA scale folded into B."""
     unsupported = [key for key in ("use_dora", "rank_pattern", "alpha_pattern") if adapter_config.get(key)]

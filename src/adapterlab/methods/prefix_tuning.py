@@ -4,6 +4,7 @@ from typing import Literal
 
 import torch
 from peft import PrefixTuningConfig
+from peft.utils.other import _prepare_prompt_learning_config
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapterlab.methods.base import AdapterWeights
@@ -30,6 +31,26 @@ def peft_config(config: Config, backbone) -> PrefixTuningConfig:
         prefix_projection=config.projection,
         encoder_hidden_size=config.projection_hidden_size,
     )
+
+
+def fit_problems(state: dict[str, torch.Tensor], adapter_config: dict, config: Config, backbone) -> list[str]:
+    """The prefix's length as the recipe trained it, and its layers, heads and width as this backbone's
+    attention reads them (the rule peft applied when it was trained)."""
+    expected = _prepare_prompt_learning_config(
+        PrefixTuningConfig(task_type=backbone.peft_task_type, num_virtual_tokens=config.num_virtual_tokens),
+        backbone.model.config)
+    problems = [f"adapter_config.json says {key} {adapter_config.get(key)!r}, expected {getattr(expected, key)!r}"
+                for key in ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads")
+                if adapter_config.get(key) != getattr(expected, key)]
+    embeddings = state.get("prompt_embeddings")
+    wanted = (expected.num_virtual_tokens, expected.num_layers * 2 * expected.token_dim)
+    if embeddings is None:
+        problems.append("no prompt_embeddings in adapter_model.safetensors")
+    elif tuple(embeddings.shape) != wanted:
+        problems.append(f"prompt_embeddings has shape {tuple(embeddings.shape)}, this backbone's prefix {wanted}")
+    if set(state) - {"prompt_embeddings"}:
+        problems.append(f"tensors the engine would ignore: {', '.join(sorted(set(state) - {'prompt_embeddings'}))}")
+    return problems
 
 
 def inference_weights(state: dict[str, torch.Tensor], adapter_config: dict) -> AdapterWeights:

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import secrets
 import shutil
 import time
 from contextlib import asynccontextmanager
@@ -39,6 +40,40 @@ def _server(request: HttpRequest) -> Server:
 ServerDep = Annotated[Server, Depends(_server)]
 
 
+def _bearer(request: HttpRequest) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _authorized(request: HttpRequest, *tokens: str | None) -> None:
+    """401 without a bearer token, 403 with one that matches none of `tokens`."""
+    given = _bearer(request)
+    if given is None:
+        raise ApiError(401, "this endpoint needs 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
+    if not any(token is not None and secrets.compare_digest(given.encode(), token.encode()) for token in tokens):
+        raise ApiError(403, "the bearer token is not valid for this endpoint")
+
+
+def _admin(request: HttpRequest, server: ServerDep) -> None:
+    """Changing the store: the admin token; with none set, off unless allowed for local use."""
+    settings = server.settings
+    if settings.admin_token is not None:
+        _authorized(request, settings.admin_token)
+    elif not settings.allow_admin_without_token:
+        raise ApiError(403, "admin endpoints are off: start the server with --admin-token (or ADAPTERLAB_ADMIN_TOKEN), "
+                            "or with --allow-admin-without-token for local use")
+
+
+def _client(request: HttpRequest, server: ServerDep) -> None:
+    """Reading and answering: open, or with a client token that token (the admin token also does)."""
+    if server.settings.client_token is not None:
+        _authorized(request, server.settings.client_token, server.settings.admin_token)
+
+
+ADMIN = [Depends(_admin)]
+CLIENT = [Depends(_client)]
+
+
 @router.get("/health")
 async def health(server: ServerDep) -> dict:
     backbone = server.engine.backbone
@@ -51,14 +86,24 @@ async def metrics(server: ServerDep) -> PlainTextResponse:
     return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@router.get("/v1/adapters")
+@router.get("/v1/adapters", dependencies=CLIENT)
 async def adapters(server: ServerDep) -> dict:
-    """The store's adapters (cards included), and which are resident in the engine."""
+    """The store's adapters (cards included, without the server's paths), and which are resident."""
     resident = await server.on_worker(server.engine.resident)
     cards = await asyncio.to_thread(_cards, server.store)
     return {"backbone": server.engine.backbone.name, "resident": resident,
-            "available": [{"adapter": name, "resident": name in resident, "card": card.model_dump(mode="json")}
+            "available": [{"adapter": name, "resident": name in resident, "card": public_card(card)}
                           for name, card in cards]}
+
+
+def public_card(card: AdapterCard) -> dict:
+    """A card as clients see it: the recipe's data paths and store folder are the server's own."""
+    shown = card.model_dump(mode="json")
+    recipe = shown.get("recipe", {})
+    for section, keys in (("data", ("path", "test_path")), ("output", ("store",))):
+        for key in keys:
+            recipe.get(section, {}).pop(key, None)
+    return shown
 
 
 def _cards(store: Path) -> list[tuple[str, AdapterCard]]:
@@ -77,7 +122,7 @@ REGISTER_BODY = {"requestBody": {"required": True, "content": {
         "file": {"type": "string", "format": "binary", "description": "A .zip or .tar of one adapter folder."}}}}}}}
 
 
-@router.post("/v1/adapters", status_code=201, openapi_extra=REGISTER_BODY)
+@router.post("/v1/adapters", status_code=201, openapi_extra=REGISTER_BODY, dependencies=ADMIN)
 async def register(request: HttpRequest, server: ServerDep) -> dict:
     """Register an adapter, checked and loaded: a folder already in the store (JSON {"path":
     "TASK/NAME"}), or an uploaded archive (multipart field "file"), moved atomically to
@@ -96,17 +141,17 @@ async def register(request: HttpRequest, server: ServerDep) -> dict:
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-    return {"adapter": f"{card.task}/{card.name}", "card": card.model_dump(mode="json")}
+    return {"adapter": f"{card.task}/{card.name}", "card": public_card(card)}
 
 
-@router.delete("/v1/adapters/{name:path}")
+@router.delete("/v1/adapters/{name:path}", dependencies=ADMIN)
 async def delete(name: str, server: ServerDep) -> dict:
     """Stop serving an adapter and delete it from the store; requests naming it get 404 after."""
     await server.on_worker(server.remove, server.adapter_folder(name))
     return {"deleted": name}
 
 
-@router.post("/v1/classify")
+@router.post("/v1/classify", dependencies=CLIENT)
 async def classify(body: ClassifyBody, server: ServerDep) -> dict:
     """Label inputs with one adapter, or zero-shot (`adapter` null, `labels` given)."""
     rows = [BatchRow(adapter=body.adapter, labels=body.labels,
@@ -115,7 +160,7 @@ async def classify(body: ClassifyBody, server: ServerDep) -> dict:
     return {"adapter": body.adapter, "predictions": [_answer(p, body.top_k) for p in predictions]}
 
 
-@router.post("/v1/classify/batch")
+@router.post("/v1/classify/batch", dependencies=CLIENT)
 async def classify_batch(body: BatchBody, server: ServerDep) -> dict:
     """Label rows that each name their own adapter (or are zero-shot)."""
     predictions = await server.classify(body.rows)
@@ -123,7 +168,7 @@ async def classify_batch(body: BatchBody, server: ServerDep) -> dict:
                             for row, p in zip(body.rows, predictions)]}
 
 
-@router.post("/v1/generate")
+@router.post("/v1/generate", dependencies=CLIENT)
 async def generate(body: GenerateBody, server: ServerDep) -> dict:
     """Greedy continuation of a prompt (LLM backbones), under an adapter or by the bare backbone."""
     if body.max_new_tokens > server.settings.max_new_tokens:
@@ -140,7 +185,7 @@ async def generate(body: GenerateBody, server: ServerDep) -> dict:
 def _answer(prediction: Prediction, top_k: int | None) -> dict:
     ranked = sorted(prediction.scores.items(), key=lambda item: item[1], reverse=True)[:top_k]
     return {"label": prediction.label, "score": prediction.score,
-            "scores": [{"label": label, "score": score} for label, score in ranked]}
+            "scores": [{"label": label, "score": score} for label, score in ranked], "truncated": prediction.truncated}
 
 
 # --- errors, metrics and body limits -------------------------------------------------------------

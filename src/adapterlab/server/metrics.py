@@ -33,6 +33,7 @@ class Metrics:
         self.latency: dict[str, Histogram] = {}
         self.batch_rows = Histogram(BATCH_BUCKETS)
         self.engine = {"resident": 0, "hits": 0, "misses": 0, "evictions": 0}
+        self.truncated = 0  # inputs cut to their adapter's token limit
 
     def record(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests[endpoint, status] += 1
@@ -48,6 +49,9 @@ class Metrics:
         out += _family("adapterlab_request_seconds", "histogram", "Request latency.",
                        [line for e, h in self.latency.items() for line in h.lines(f'endpoint="{e}",')])
         out += _family("adapterlab_batch_rows", "histogram", "Rows per engine batch.", self.batch_rows.lines())
+        out += _family("adapterlab_truncated_inputs_total", "counter",
+                       "Inputs cut to their adapter's token limit (answered from their first tokens).",
+                       [f" {self.truncated}"])
         out += _family("adapterlab_resident_adapters", "gauge", "Adapters loaded in the engine.",
                        [f" {self.engine['resident']}"])
         for name in ("hits", "misses", "evictions"):

@@ -17,5 +17,11 @@ class Settings:
     max_new_tokens: int = 256
     max_upload_bytes: int = 64 << 20
     max_body_bytes: int = 32 << 20  # any other request body
+    # Bearer tokens. Admin endpoints (register, delete) need admin_token; without one they are off
+    # unless allow_admin_without_token (local use). With client_token, classification, generation and
+    # the adapter list need it (or the admin token).
+    admin_token: str | None = None
+    client_token: str | None = None
+    allow_admin_without_token: bool = False
     device: str = "auto"  # where the backbone runs (precision.resolve_device)
     dtype: str = "auto"  # its dtype: auto is bfloat16 where the device computes it natively, else float32

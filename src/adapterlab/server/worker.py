@@ -20,12 +20,14 @@ from typing import BinaryIO, Callable
 from adapterlab.backbones import Backbone, load_backbone
 from adapterlab.engine import Engine, Prediction, Request
 from adapterlab.errors import AdapterlabError
+from adapterlab.names import name_problem
 from adapterlab.server.bodies import BatchRow
 from adapterlab.server.errors import ApiError
 from adapterlab.server.metrics import Metrics
 from adapterlab.server.settings import Settings
 from adapterlab.server.uploads import unpack
-from adapterlab.store import AdapterCard, list_adapters, read_card, verify
+from adapterlab.store import (AdapterCard, BackboneMismatch, StoreError, list_adapters, read_card, swap_into_place,
+                              verify)
 
 
 @dataclass
@@ -71,9 +73,8 @@ class Server:
     def adapter_folder(self, name: str) -> Path:
         """STORE/TASK/NAME for a client's TASK/NAME; anything that could leave the store is refused."""
         parts = name.split("/")
-        if len(parts) != 2 or not all(map(_plain, parts)):
-            raise ApiError(400, f"adapter {name!r}: name adapters TASK/NAME, each part a plain name "
-                                "(no '/', '\\', '..' or leading '.')")
+        if len(parts) != 2 or any(name_problem(part) for part in parts):
+            raise ApiError(400, f"adapter {name!r}: name adapters TASK/NAME; each part {name_problem('')}")
         return self.store / parts[0] / parts[1]
 
     def check_size(self, count: int, *texts: str | None) -> None:
@@ -166,7 +167,9 @@ class Server:
         if not jobs:
             return []
         try:
-            predictions = iter(self.engine.predict_batch([request for job in jobs for request in job.requests]))
+            answers = self.engine.predict_batch([request for job in jobs for request in job.requests])
+            self.metrics.truncated += sum(answer.truncated for answer in answers)
+            predictions = iter(answers)
             return [[next(predictions) for _ in job.requests] for job in jobs]
         except Exception as error:
             if len(jobs) > 1:
@@ -181,7 +184,7 @@ class Server:
                 self._checked_card(folder)
             except ApiError as problem:
                 return problem
-        return ApiError(400, self._scrub(str(error)))
+        return ApiError(_status(error), self._scrub(str(error)))
 
     def _scrub(self, message: str) -> str:
         """The client's TASK/NAME in a message, not the server's paths."""
@@ -194,9 +197,9 @@ class Server:
             raise ApiError(404, f"no adapter {name!r} in the store")
         problems = [problem.replace(f"{folder}/", "") for problem in verify(folder)]
         if problems:
-            raise ApiError(400, f"adapter {name!r} is unusable: {'; '.join(problems)}")
+            raise ApiError(422, f"adapter {name!r} is unusable: {'; '.join(problems)}")
         card = read_card(folder)
-        if not (_plain(card.task) and _plain(card.name)):
+        if name_problem(card.task) or name_problem(card.name):
             raise ApiError(400, f"adapter {name!r}: its card's task and name must be plain names")
         if card.backbone_fingerprint != self.engine.backbone.fingerprint:
             raise ApiError(409, f"adapter {name!r} was trained on backbone {card.backbone!r} "
@@ -237,25 +240,21 @@ class Server:
     def install(self, staging: Path | None, target: Path) -> AdapterCard:
         """On the worker: move a staged adapter into place (replacing one of the same name), and
         load it; if it does not load, the store is left as it was."""
-        previous = None
-        if staging is not None:
+        if staging is not None:  # afterwards staging holds the adapter it replaced, if any (the caller removes it)
             target.parent.mkdir(exist_ok=True)
-            if target.exists():
-                previous = target.rename(target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"))
-            staging.rename(target)
+            swap_into_place(staging, target)
         self.engine.unload(str(target))  # a replaced adapter must not answer from the cache
         try:
             self.engine.servable(str(target))
         except AdapterlabError as error:
             if staging is not None:
-                target.rename(staging)
-                if previous is not None:
-                    previous.rename(target)
-            raise ApiError(400, self._scrub(str(error))) from None
+                if staging.exists():
+                    swap_into_place(staging, target)
+                else:
+                    target.rename(staging)
+            raise ApiError(_status(error), self._scrub(str(error))) from None
         finally:
             self._publish_engine_figures()
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
         return read_card(target)
 
     def remove(self, folder: Path) -> None:
@@ -292,20 +291,22 @@ class Server:
 
 
 def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    encoded = tokenizer(prompt, return_tensors="pt")
+    encoded = tokenizer(prompt, return_tensors="pt").to(model.device)
     output = model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def _status(error: AdapterlabError) -> int:
+    """409 for an adapter of another backbone, 422 for one that cannot be served, 400 for the rest."""
+    if isinstance(error, BackboneMismatch):
+        return 409
+    return 422 if isinstance(error, StoreError) else 400
+
+
 def _name(folder: Path) -> str:
     """TASK/NAME of a folder of the store."""
     return f"{folder.parent.name}/{folder.name}"
-
-
-def _plain(name: str) -> bool:
-    """A name that cannot leave its folder (the recipe's rule for task and adapter names)."""
-    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
 
 
 def backbone_from_store(store: Path) -> str:

@@ -1,0 +1,26 @@
+"""The one rule for names that become folders of the store (tasks, adapters): recipes, cards,
+combine, the store and the server all ask `name_problem`, so no name can reach outside its folder."""
+
+import re
+
+from adapterlab.errors import AdapterlabError
+
+# A word character first (no leading dot: hidden names are the store's own), then word characters
+# and . + = @ - ; no separators, no spaces, no control characters.
+_PLAIN = re.compile(r"\w[\w.+=@-]{0,127}")
+
+
+def name_problem(value: object) -> str | None:
+    """Why `value` is not a plain name, or None when it is one."""
+    if not isinstance(value, str) or not _PLAIN.fullmatch(value):
+        return ("must be a plain name: a letter, digit or '_' first, then those or . + = @ -, at most 128 "
+                "characters (no path separators, no leading dot)")
+    return None
+
+
+def check_name(value: str, what: str) -> str:
+    """`value` when it is a plain name; else an AdapterlabError naming `what` and the rule."""
+    problem = name_problem(value)
+    if problem:
+        raise AdapterlabError(f"{what} {value!r} {problem}")
+    return value
