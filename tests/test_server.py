@@ -424,6 +424,21 @@ def test_a_full_queue_answers_503_and_the_queued_requests_finish(tiny_bert, adap
         assert ask(3).status_code == 200 and server.queued_rows == 0  # drained: admitted again
 
 
+def test_generation_has_its_own_bounded_queue(tiny_llama, tmp_path):
+    app = create_app(tmp_path, tiny_llama, Settings(max_queued_generations=1, dtype="float32"))
+    server = app.state.server
+    busy, release = threading.Event(), threading.Event()
+    server.generate = lambda *args: (busy.set(), release.wait(30), "done")[2]  # a generation that takes its time
+    with running(app) as (base_url, _), ThreadPoolExecutor(1) as pool:
+        ask = lambda: httpx.post(f"{base_url}/v1/generate", json={"prompt": "hi"}, timeout=60)  # noqa: E731
+        first = pool.submit(ask)
+        assert busy.wait(30)
+        refused = ask()
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1" and "limit 1" in refused.text
+        release.set()
+        assert first.result().json()["text"] == "done" and ask().status_code == 200
+
+
 def test_metrics_health_and_openapi(client):
     client.post("/v1/classify", json={"adapter": "sentiment/a0", "inputs": ["x"]})
     client.post("/v1/classify", json={"adapter": "sentiment/nope", "inputs": ["x"]})

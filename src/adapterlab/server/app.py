@@ -178,7 +178,7 @@ async def generate(body: GenerateBody, server: ServerDep) -> dict:
     if backbone.kind != "decoder":
         raise ApiError(400, f"generation needs an LLM backbone; {backbone.name!r} is an encoder")
     folder = server.adapter_folder(body.adapter) if body.adapter else None
-    text = await server.on_worker(server.generate, folder, body.prompt, body.max_new_tokens)
+    text = await server.generate_bounded(folder, body.prompt, body.max_new_tokens)
     return {"adapter": body.adapter, "text": text}
 
 

@@ -15,6 +15,7 @@ class Settings:
     max_chars: int = 20_000  # per text, text pair, label or prompt
     max_labels: int = 64  # zero-shot labels per row
     max_new_tokens: int = 256
+    max_queued_generations: int = 16  # generations waiting or running; more: 503 with Retry-After
     max_upload_bytes: int = 64 << 20
     max_body_bytes: int = 32 << 20  # any other request body
     # Bearer tokens. Admin endpoints (register, delete) need admin_token; without one they are off

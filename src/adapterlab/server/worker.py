@@ -53,6 +53,7 @@ class Server:
         self.store.mkdir(parents=True, exist_ok=True)
         self.metrics = Metrics()
         self.generator: Backbone | None = None  # a second backbone for generation under peft adapters
+        self.generations = 0  # generation requests waiting for or on the worker
 
     async def start(self) -> None:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="adapterlab-engine")
@@ -268,6 +269,18 @@ class Server:
         self._publish_engine_figures()
 
     # --- generation ------------------------------------------------------------------------------
+    async def generate_bounded(self, folder: Path | None, prompt: str, max_new_tokens: int) -> str:
+        """`generate` on the worker, with at most max_queued_generations waiting or running (503 beyond)."""
+        limit = self.settings.max_queued_generations
+        if self.generations >= limit:
+            raise ApiError(503, f"the server is busy: {self.generations} generations wait for the engine (limit "
+                                f"{limit}); retry shortly", {"Retry-After": "1"})
+        self.generations += 1
+        try:
+            return await self.on_worker(self.generate, folder, prompt, max_new_tokens)
+        finally:
+            self.generations -= 1
+
     def generate(self, folder: Path | None, prompt: str, max_new_tokens: int) -> str:
         """On the worker: greedy generation by the bare backbone, or under a peft adapter applied
         to a second copy of the backbone (peft injects layers, which the engine's must never get)."""
