@@ -72,8 +72,8 @@ def trained(folder: str, store, method: dict, name: str):
 
 def supported(family: str) -> list[dict]:
     methods = [{"name": "lora", "r": 4}]
-    if "prefix_tuning" not in family.refuses:
-        methods.append({"name": "prefix_tuning", "num_virtual_tokens": 3})
+    if "prefix_tuning" not in family.refuses:  # a random start: its effect on a random model is large
+        methods.append({"name": "prefix_tuning", "num_virtual_tokens": 3, "init": "random"})
     return methods
 
 
@@ -169,3 +169,23 @@ def test_an_undeclared_family_trains_lora_and_refuses_prefix_in_one_line(tmp_pat
     with pytest.raises(AdapterlabError, match="prefix_tuning cannot train on a albert backbone: adapterlab does not "
                                               "know how albert numbers positions"):
         trained(str(folder), tmp_path, {"name": "prefix_tuning"}, "refused")
+
+
+@pytest.mark.parametrize("family_folder", list(DECODERS), indirect=True)
+def test_llm_prefix_starts_as_the_backbone_reading_the_tasks_words(family_folder, tmp_path):
+    """init words: the prefix is the backbone's own keys and values for the prompt and label words, so
+    at step 0 the adapted model reading a text equals the bare model reading those words, then the text."""
+    name, folder = family_folder
+    recipe = validate_recipe(tiny_recipe(folder, tmp_path, method={"name": "prefix_tuning", "num_virtual_tokens": 5},
+                                         head={"template": "Is this review positive or negative? {text}"}))
+    task = load_task(recipe.data)
+    backbone = load_backbone(folder)
+    model = build_adapter_model(recipe, backbone, task.label_names, task.label_descriptions)
+    words = " ".join(["Is this review positive or negative? ", *task.label_descriptions])
+    ids = backbone.tokenizer(words, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    prefix = ids.repeat(5 // len(ids) + 1)[:5]
+    text = backbone.tokenizer("a fine film", add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        adapted = model.peft_model(input_ids=text, attention_mask=torch.ones_like(text)).logits[0, -1]
+        read = backbone.model(input_ids=torch.cat([prefix[None], text], 1)).logits[0, -1]  # prefixes inject nothing
+    assert torch.allclose(adapted, read, atol=1e-4), name

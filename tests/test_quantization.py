@@ -1,5 +1,6 @@
-"""8-bit and 4-bit MiniLM backbones (bitsandbytes on the CPU): LoRA learns on them, and the adapter
-serves on the full-precision backbone (same fingerprint)."""
+"""8-bit and 4-bit MiniLM backbones (bitsandbytes on the CPU): LoRA learns on them (it beats the
+zero-shot classifier it started from, on the quantized backbone), and the adapter serves on the
+full-precision backbone (same fingerprint) within 10 points."""
 
 import pytest
 
@@ -24,11 +25,10 @@ def test_lora_on_a_quantized_backbone_serves_in_full_precision(mode, tmp_path):
     assert quantized.fingerprint == full.fingerprint
 
     recipe = load_recipe(ROOT / "recipes/sst2-lora-minilm.yaml", [
-        f"quantization.mode={mode}", f"data.path={shared('agnews')}", "data.k=8", "data.test_limit=100",
+        f"quantization.mode={mode}", f"data.path={shared('agnews')}", "data.k=8", "data.test_limit=200",
         f"output.store={tmp_path}"])
     result = train(recipe, show_progress=False)
     assert read_card(result.adapter_path).recipe["quantization"]["mode"] == mode
-    engine = Engine(full, tmp_path)  # served in full precision
-    served = engine.evaluate(str(result.adapter_path), shared("agnews"), limit=100)
+    assert_beats_its_start(Engine(quantized, tmp_path), str(result.adapter_path), load_task(recipe.data).test)
+    served = Engine(full, tmp_path).evaluate(str(result.adapter_path), shared("agnews"), limit=200)  # full precision
     assert abs(served["accuracy"] - result.metrics["accuracy"]) <= 0.1
-    print(mode, result.metrics, assert_beats_its_start(engine, str(result.adapter_path), load_task(recipe.data).test))

@@ -67,7 +67,7 @@ def test_shipped_recipe_learns_saves_and_reloads(name, tmp_path):
     reloaded = torch.tensor([list(p.scores.values()) for p in engine.predict(str(folder), texts)])
     assert torch.allclose(reloaded, expected, atol=1e-5)
     assert engine.evaluate(str(folder), shared("agnews"), limit=test_rows)["accuracy"] == metrics["accuracy"]
-    print(name, metrics, assert_beats_its_start(engine, str(folder), task.test))
+    assert_beats_its_start(engine, str(folder), task.test)
 
     with pytest.raises(StoreError, match=f"trained on backbone '{recipe.backbone}'"):
         load_adapter(folder, load_backbone(OTHER[recipe.backbone]))

@@ -19,20 +19,23 @@ def run_demo(recipes_dir: Path, store: Path, console: Console) -> None:
         raise FileNotFoundError(f"no demo recipes (*.yaml) in {recipes_dir}")
     if len({recipe.backbone for recipe in recipes}) != 1:
         raise ValueError("demo recipes must share one backbone")
-    summary = Table("task", "labels", "k", "trainable params", "train s", "held-out accuracy", "adapter")
-    trained = []
-    for recipe in recipes:
-        result = train(recipe)
-        summary.add_row(recipe.task, str(len(load_task(recipe.data).label_names)), str(recipe.data.k),
-                        f"{result.trainable_params:,}", f"{result.train_seconds:.1f}",
-                        f"{result.metrics['accuracy']:.1%}", f"{recipe.task}/{recipe.adapter_name}")
-        trained.append(recipe)
+    results = [train(recipe) for recipe in recipes]
+    engine = Engine(recipes[0].backbone, store)
+    summary = Table("task", "labels", "k", "trainable params", "train s", "zero-shot accuracy",
+                    "held-out accuracy", "adapter")
+    for recipe, result in zip(recipes, results):
+        task = load_task(recipe.data)
+        reference = f"{recipe.task}/{recipe.adapter_name}"
+        start = engine.classify(engine.baseline(reference), task.test.texts, task.test.text_pairs)
+        zero_shot = sum(p.label == task.label_names[y] for p, y in zip(start, task.test.labels)) / len(task.test)
+        summary.add_row(recipe.task, str(len(task.label_names)), str(recipe.data.k), f"{result.trainable_params:,}",
+                        f"{result.train_seconds:.1f}", f"{zero_shot:.1%}", f"{result.metrics['accuracy']:.1%}",
+                        reference)
     console.print(summary)
 
     # Every task answered by one backbone, in one mixed batch.
-    engine = Engine(recipes[0].backbone, store)
     requests, truths = [], []
-    for recipe in trained:
+    for recipe in recipes:
         task = load_task(recipe.data)
         for text, label in zip(task.test.texts[:EXAMPLES_PER_TASK], task.test.labels):
             requests.append(Request(f"{recipe.task}/{recipe.adapter_name}", text))

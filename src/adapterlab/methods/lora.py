@@ -60,6 +60,10 @@ def _pooler_modules(model) -> list[str]:
     return [name for name, _ in model.named_modules() if name == "pooler" or name.startswith("pooler.")]
 
 
+def start(peft_model, config: Config, backbone, head_config, label_descriptions: list[str]) -> None:
+    """LoRA starts as peft starts it: B at zero, so step 0 is the bare backbone."""
+
+
 def fit_problems(state: dict[str, torch.Tensor], adapter_config: dict, config: Config, backbone) -> list[str]:
     """Rank and alpha as the recipe trained them, each A/B pair on an existing linear layer of the
     backbone with its shapes, nothing the engine would silently drop."""

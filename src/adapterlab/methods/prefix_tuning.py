@@ -7,6 +7,7 @@ from peft import PrefixTuningConfig
 from peft.utils.other import _prepare_prompt_learning_config
 from pydantic import BaseModel, ConfigDict, Field
 
+from adapterlab.errors import AdapterlabError
 from adapterlab.methods.base import AdapterWeights
 
 # Prefixes need a larger step than LoRA weights to move the frozen attention.
@@ -22,6 +23,11 @@ class Config(BaseModel):
     projection: bool = Field(
         False, description="Produce the prefix through a 2-layer MLP (often more stable, more parameters).")
     projection_hidden_size: int = Field(256, gt=0, description="Hidden size of that MLP.")
+    init: Literal["auto", "random", "words"] = Field(
+        "auto", description="Where the prefix starts. words: the keys and values the backbone computes for the "
+        "task's own words (the prompt and the label names), as prefix-tuning's authors recommend; a random "
+        "prefix would start an LLM below its zero-shot prompt. random: peft's. auto: words on LLMs, random on "
+        "encoders (whose random prefixes train well: README).")
 
 
 def peft_config(config: Config, backbone) -> PrefixTuningConfig:
@@ -51,6 +57,25 @@ def fit_problems(state: dict[str, torch.Tensor], adapter_config: dict, config: C
     if set(state) - {"prompt_embeddings"}:
         problems.append(f"tensors the engine would ignore: {', '.join(sorted(set(state) - {'prompt_embeddings'}))}")
     return problems
+
+
+def start(peft_model, config: Config, backbone, head_config, label_descriptions: list[str]) -> None:
+    """With init words (auto on LLMs): the prefix becomes the backbone's own keys and values for the
+    task's words (prompt and label names, cycled to the prefix's length), read at positions 0..P-1 as
+    the text after it is read from P on."""
+    if config.init == "random" or (config.init == "auto" and backbone.kind != "decoder"):
+        return
+    if backbone.kind != "decoder" or config.projection:
+        raise AdapterlabError("prefix_tuning init 'words' needs an LLM backbone and projection: false")
+    words = " ".join([head_config.template.replace("{text}", "").replace("{text_pair}", ""), *label_descriptions])
+    ids = backbone.tokenizer(words, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    ids = ids.repeat(config.num_virtual_tokens // len(ids) + 1)[:config.num_virtual_tokens]
+    with torch.no_grad():
+        cache = backbone.model(input_ids=ids[None].to(backbone.device), use_cache=True).past_key_values
+        layers = [(layer.keys[0], layer.values[0]) for layer in cache.layers]  # each (kv_heads, P, head_dim)
+        stacked = torch.stack([t for pair in layers for t in pair])  # (layers * 2, kv_heads, P, head_dim)
+        embedding = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight
+        embedding.copy_(stacked.permute(2, 0, 1, 3).reshape(embedding.shape))
 
 
 def inference_weights(state: dict[str, torch.Tensor], adapter_config: dict) -> AdapterWeights:
