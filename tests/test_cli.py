@@ -8,6 +8,9 @@ import yaml
 from typer.testing import CliRunner
 
 from adapterlab.cli import app
+from adapterlab.data import load_task
+from adapterlab.engine import Engine
+from adapterlab.recipe import DataConfig
 from conftest import shared, tiny_recipe
 
 runner = CliRunner()
@@ -39,14 +42,19 @@ def test_train_json(trained):
     assert 0 < out["trainable_params"] < 0.05 * out["total_params"]
 
 
-def test_predict_eval_and_adapters_commands(trained):
+def test_predict_eval_and_adapters_commands(trained, tiny_bert):
     store, out = trained
-    predicted = last_json(invoke("predict", out["adapter_path"], "great", "awful", "--json"))
-    assert [p["label"] in ("negative", "positive") for p in predicted["predictions"]] == [True, True]
-    assert abs(sum(predicted["predictions"][0]["scores"].values()) - 1) < 1e-5
+    engine = Engine(tiny_bert, store, dtype="float32")
+    predicted = last_json(invoke("predict", out["adapter_path"], "great", "awful", "--json", "--dtype", "float32"))
+    expected = engine.predict(out["adapter_path"], ["great", "awful"])
+    assert [p["label"] for p in predicted["predictions"]] == [p.label for p in expected]
+    assert predicted["predictions"][0]["scores"] == pytest.approx(expected[0].scores, abs=1e-6)
     evaluated = last_json(invoke("eval", "sentiment/lora-k4-s0", "--store", store, "--data", "demo:sentiment",
-                                 "--limit", "6", "--json"))
-    assert evaluated["rows"] == 6 and 0 <= evaluated["accuracy"] <= 1
+                                 "--limit", "6", "--json", "--dtype", "float32"))
+    rows = load_task(DataConfig(path="demo:sentiment", k=None)).test.select(range(6))
+    right = sum(p.label == ["negative", "positive"][y] for p, y in zip(engine.predict("sentiment/lora-k4-s0",
+                                                                                      rows.texts), rows.labels))
+    assert evaluated["rows"] == 6 and evaluated["accuracy"] == right / 6
     listed = last_json(invoke("adapters", "list", "--store", store, "--json"))
     assert [(a["task"], a["name"]) for a in listed["adapters"]] == [("sentiment", "lora-k4-s0")]
     shown = last_json(invoke("adapters", "show", "sentiment", "--store", store, "--json"))
