@@ -2,12 +2,17 @@
 check serving, not accuracy): mixed batches equal separate runs, eviction changes nothing, merged
 equals served, combinations report, and other backbones are refused."""
 
-import pytest
+import json
+import shutil
 
+import pytest
+from safetensors.torch import load_file, save_file
+
+from adapterlab.backbones import load_backbone
 from adapterlab.engine import Engine, Request
 from adapterlab.merge import combine_adapters, load_merged, merge_adapter
 from adapterlab.recipe import load_recipe
-from adapterlab.store import StoreError
+from adapterlab.store import StoreError, verify
 from adapterlab.train import train
 from conftest import ROOT, shared
 
@@ -40,7 +45,6 @@ def minilm_store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def texts():
-    import json
     rows = [json.loads(line) for line in open(shared("emotion") + "/test.jsonl")][:6]
     return [row["text"] for row in rows] + ["I want to freeze my card", "a dull, lifeless film"]
 
@@ -95,6 +99,28 @@ def test_smollm2_mixed_batch_lora_prefix_and_base(tmp_path, texts, minilm_store)
     minilm_refs = minilm_store[1]
     with pytest.raises(StoreError, match="trained on backbone 'minilm'"):
         engine.predict(str(minilm_store[0] / minilm_refs[0]), texts[:1])
+
+
+def test_minilm_damaged_adapter_is_refused_and_long_reviews_are_flagged(minilm_store, tmp_path):
+    """On the real backbone too: an adapter with NaN weights and one whose head lost a label are named
+    by verify and refused by the engine; an IMDB review longer than 128 tokens is answered, flagged."""
+    store, _ = minilm_store
+    backbone = load_backbone("minilm")
+    for name, damage, fragment in (
+            ("nan", lambda t: t["linear.weight"].fill_(float("nan")), "not finite"),
+            ("short", lambda t: t.update({k: v[:1] for k, v in t.items()}), "head.safetensors holds")):
+        folder = tmp_path / "sst2" / name
+        shutil.copytree(store / "sst2" / "a", folder)
+        head = load_file(folder / "head.safetensors")
+        damage(head)
+        save_file(head, folder / "head.safetensors")
+        assert any(fragment in problem for problem in verify(folder, backbone))
+        with pytest.raises(StoreError, match=fragment):
+            Engine(backbone, store).predict(str(folder), ["fine"])
+    review = next(json.loads(line)["text"] for line in open(shared("imdb") + "/test.jsonl")
+                  if len(json.loads(line)["text"]) > 2000)
+    long, short = Engine(backbone, store).predict("imdb/a", [review, "a fine film"])
+    assert long.truncated and not short.truncated
 
 
 @pytest.mark.parametrize("task", ["sst2", "sst2-prefix"])

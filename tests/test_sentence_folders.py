@@ -81,7 +81,7 @@ def test_cls_folder_pools_and_prompts_everywhere_and_a_recipe_overrides(cls_fold
     assert torch.allclose(served, expected, atol=1e-5)
 
     override = validate_recipe(tiny_recipe(cls_folder, tmp_path, head={"pooling": "mean", "text_prompt": ""}))
-    model = build_adapter_model(override, backbone, task.label_names, task.label_descriptions)
+    model = build_adapter_model(override, load_backbone(cls_folder), task.label_names, task.label_descriptions)
     assert model.head.pooling == "mean" and model.text_prompt == ""
 
 
