@@ -189,3 +189,11 @@ def test_llm_prefix_starts_as_the_backbone_reading_the_tasks_words(family_folder
         adapted = model.peft_model(input_ids=text, attention_mask=torch.ones_like(text)).logits[0, -1]
         read = backbone.model(input_ids=torch.cat([prefix[None], text], 1)).logits[0, -1]  # prefixes inject nothing
     assert torch.allclose(adapted, read, atol=1e-4), name
+
+
+def test_no_stem_when_every_layer_or_the_prefix_trains(tiny_bert, tmp_path):
+    task = load_task(validate_recipe(tiny_recipe(tiny_bert, tmp_path)).data)
+    for method in ({"name": "lora", "r": 4}, {"name": "prefix_tuning", "num_virtual_tokens": 4}):
+        recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, method=method))
+        model = build_adapter_model(recipe, load_backbone(tiny_bert), task.label_names, task.label_descriptions)
+        assert model.stem_layers == 0, method
