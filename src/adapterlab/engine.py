@@ -8,23 +8,26 @@ Adapters load on first use into a bounded LRU cache. Loading never touches the b
 
 import json
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapterlab.backbones import Backbone, load_backbone
 from adapterlab.data import DataError, load_task
+from adapterlab.errors import AdapterlabError
+from adapterlab.generation import Decoder, Sampling, Sequence
 from adapterlab.heads import build_head, text_prompt_of, uses_chat
 from adapterlab.methods import method_module
+from adapterlab.methods.base import AdapterWeights
 from adapterlab.metrics import classification_metrics
 from adapterlab.mixed_batch import PromptSettings, Row, Servable, forward_mixed
 from adapterlab.precision import resolve_device, resolve_dtype
-from adapterlab.methods.base import AdapterWeights
 from adapterlab.recipe import DataConfig, Recipe
 from adapterlab.store import AdapterCard, StoreError, read_adapter, read_card, resolve, verify
 from adapterlab.zeroshot import zero_shot_servable
 
 
 ZERO_SHOT_CACHE = 256  # zero-shot classifiers kept, one per label set
+BASE = Servable("base", [], AdapterWeights(), None, None, 0)  # generation by the bare backbone
 
 
 @dataclass
@@ -35,6 +38,17 @@ class Request:
     text: str
     text_pair: str | None = None
     labels: tuple[str, ...] | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """One text to generate: under `adapter` (TASK/NAME or a folder) or the bare backbone (None), after
+    a plain `prompt` read as is, or a chat of `messages` through the tokenizer's chat template."""
+
+    adapter: str | None
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    sampling: Sampling = field(default_factory=Sampling)
 
 
 @dataclass
@@ -136,6 +150,38 @@ class Engine:
                 self._zero_shot.popitem(last=False)
         self._zero_shot.move_to_end(key)
         return self._zero_shot[key]
+
+    # --- generating ------------------------------------------------------------------------------
+    def generate(self, requests: list[GenerationRequest]) -> list[Sequence]:
+        """Generated texts in request order; rows of any adapters (and base rows) decode together."""
+        decoder = Decoder(self.backbone)
+        sequences = [decoder.add(self.sequence(request)) for request in requests]
+        decoder.run()
+        return sequences
+
+    def sequence(self, request: GenerationRequest) -> Sequence:
+        """A request as the decoder takes it: its servable (loaded and checked like any adapter) and its
+        prompt's token ids, refused when prompt and max_tokens do not fit the model's context."""
+        if self.backbone.kind != "decoder":
+            raise AdapterlabError(f"generation needs an LLM backbone; {self.backbone.name!r} is an encoder")
+        servable = self.servable(request.adapter) if request.adapter is not None else BASE
+        ids = self.prompt_ids(request)
+        limit = self.backbone.max_tokens
+        if len(ids) + request.sampling.max_tokens > limit:
+            raise AdapterlabError(f"the prompt's {len(ids)} tokens and max_tokens {request.sampling.max_tokens} "
+                                  f"exceed the model's context of {limit} tokens")
+        return Sequence(servable, ids, request.sampling)
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        tokenizer = self.backbone.tokenizer
+        if (request.prompt is None) == (request.messages is None):
+            raise AdapterlabError("a generation request has a prompt or messages (one of them)")
+        if request.messages is not None:
+            if not getattr(tokenizer, "chat_template", None):
+                raise AdapterlabError(f"backbone {self.backbone.name!r} has no chat template: send a prompt")
+            return list(tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=False))
+        return tokenizer(request.prompt).input_ids
 
     # --- answering -------------------------------------------------------------------------------
     def predict(self, reference: str, texts: list[str], pairs: list[str] | None = None) -> list[Prediction]:

@@ -53,7 +53,9 @@ def forward_mixed(backbone: Backbone, rows: list[Row]) -> tuple[list[torch.Tenso
     slot = {servable: i for i, servable in enumerate(servables)}
     row_slots = torch.tensor([slot[row.servable] for row in rows])
     batch, truncated = _tokenize_rows(backbone, rows)
-    prefix = _prefix(servables, row_slots, batch)
+    prefix = prefix_of(servables, row_slots)
+    if prefix is not None and "token_type_ids" in batch:  # peft drops them under prompt learning: so must we
+        batch["token_type_ids"] = batch["token_type_ids"] * (prefix.lengths == 0)[:, None]
     need_hidden = any(servable.head.needs_hidden for servable in servables)
     with lora_deltas(backbone.model, servables, row_slots):
         feats = features(backbone, backbone.model, batch, need_hidden, prefix)
@@ -102,7 +104,7 @@ def _pad(values: torch.Tensor, width: int, fill: int, left: bool) -> torch.Tenso
     return torch.cat([padding, values] if left else [values, padding])
 
 
-def _prefix(servables: list[Servable], row_slots: torch.Tensor, batch: dict) -> Prefix | None:
+def prefix_of(servables: list[Servable], row_slots: torch.Tensor) -> Prefix | None:
     """Prefixes of the batch's prefix adapters, zero-padded to the longest and masked per row."""
     lengths = torch.tensor([s.weights.prefix_length for s in servables])
     longest = int(lengths.max())
@@ -119,9 +121,7 @@ def _prefix(servables: list[Servable], row_slots: torch.Tensor, batch: dict) -> 
                 stacked[0, i, :, :k.shape[1]], stacked[1, i, :, :v.shape[1]] = k, v
         key_values.append((stacked[0][slots], stacked[1][slots]))
     row_lengths = lengths[row_slots]
-    mask = (torch.arange(longest)[None, :] < row_lengths[:, None]).to(batch["attention_mask"].dtype)
-    if "token_type_ids" in batch:  # peft drops segment ids under prompt learning; so must serving
-        batch["token_type_ids"] = batch["token_type_ids"] * (row_lengths == 0)[:, None]
+    mask = (torch.arange(longest)[None, :] < row_lengths[:, None]).long()
     return Prefix(key_values, mask, row_lengths)
 
 

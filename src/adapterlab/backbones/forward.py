@@ -99,23 +99,32 @@ def features(backbone: Backbone, model: torch.nn.Module, batch: dict, need_hidde
     adapters in mixed batches), or from an encoder's `stem` states on (training's way to skip frozen
     layers it has run once). Positions are numbered as the family numbers them after each row's own
     prefix, so a row's answer does not depend on the prefixes of the others."""
-    inputs = {key: value.to(backbone.device) for key, value in batch.items()}
-    mask = inputs["attention_mask"]
-    offsets = prefix.lengths.to(mask.device) if prefix is not None else None
-    if backbone.kind == "decoder":  # positions count real tokens only: answers do not depend on padding
-        inputs["position_ids"] = backbone.family.position_ids(inputs["input_ids"], mask, torch.zeros_like(mask[:, 0]),
-                                                              None)
-    if prefix is not None:
-        inputs["past_key_values"] = DynamicCache(prefix.key_values)
-        inputs["attention_mask"] = torch.cat([prefix.mask.to(mask), mask], dim=1)
-        inputs["position_ids"] = backbone.family.position_ids(inputs["input_ids"], mask, offsets,
-                                                              backbone.model.config.pad_token_id)
+    inputs = model_inputs(backbone, batch, prefix)
+    mask = batch["attention_mask"].to(backbone.device)
     if backbone.kind == "encoder":
         with _from_layer(backbone, model, stem):
             return Features(model(**inputs).last_hidden_state, mask)
     out = model(**inputs, logits_to_keep=1, output_hidden_states=need_hidden)
     hidden = out.hidden_states[-1] if need_hidden else None
     return Features(hidden, mask, out.logits[:, -1])
+
+
+def model_inputs(backbone: Backbone, batch: dict, prefix: Prefix | None = None) -> dict:
+    """A tokenized batch as the model takes it, on the backbone's device: with each row's prefix as
+    the start of its attention cache (masked where a row's prefix is shorter), and positions numbered
+    as the family numbers them after that prefix (decoders always: real tokens only, so that answers
+    do not depend on padding)."""
+    inputs = {key: value.to(backbone.device) for key, value in batch.items()}
+    mask = inputs["attention_mask"]
+    if backbone.kind == "decoder":
+        inputs["position_ids"] = backbone.family.position_ids(inputs["input_ids"], mask, torch.zeros_like(mask[:, 0]),
+                                                              None)
+    if prefix is not None:
+        inputs["past_key_values"] = DynamicCache(prefix.key_values)
+        inputs["attention_mask"] = torch.cat([prefix.mask.to(mask), mask], dim=1)
+        inputs["position_ids"] = backbone.family.position_ids(inputs["input_ids"], mask, prefix.lengths.to(mask.device),
+                                                              backbone.model.config.pad_token_id)
+    return inputs
 
 
 @torch.no_grad()

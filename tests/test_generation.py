@@ -1,0 +1,86 @@
+"""Batched generation on a tiny random Llama with SmolLM2's tokenizer: rows of a LoRA adapter, a prefix
+adapter and the bare backbone decode together, joining and leaving at different steps, and each row's
+tokens equal peft's own greedy generation of that prompt under that adapter, alone."""
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from adapterlab.backbones import load_backbone, resolve_path
+from adapterlab.engine import Engine, GenerationRequest
+from adapterlab.errors import AdapterlabError
+from adapterlab.generation import Decoder, Sampling
+from adapterlab.recipe import validate_recipe
+from adapterlab.train import train
+from conftest import tiny_recipe
+
+PROMPTS = ["The film was", "Tell me about the weather in Paris today, please", "Once upon a time",
+           "a", "Why is the sky blue? Explain it briefly to a child who keeps asking"]
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    """(backbone folder, store with a LoRA and a prefix adapter trained hard enough to change the text)."""
+    folder = tmp_path_factory.mktemp("tiny-chat-llama")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_path("smollm2-135m"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    store = tmp_path_factory.mktemp("generation-store")
+    for name, method in (("lora", {"name": "lora", "r": 4}), ("prefix", {"name": "prefix_tuning", "num_virtual_tokens": 4,
+                                                                         "init": "random"})):
+        train(validate_recipe(tiny_recipe(str(folder), store, method=method, output={"name": name},
+                                          training={"max_steps": 4, "lr": 0.05})), show_progress=False)
+    return str(folder), store
+
+
+def peft_greedy(folder: str, store, adapter: str | None, prompt: str, max_tokens: int) -> list[int]:
+    backbone = load_backbone(folder)
+    model = backbone.model if adapter is None else PeftModel.from_pretrained(backbone.model, str(store / adapter))
+    ids = backbone.tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                         do_sample=False, pad_token_id=backbone.tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+    end = backbone.tokenizer.eos_token_id
+    return out[:out.index(end)] if end in out else out
+
+
+def test_mixed_rows_joining_at_different_steps_equal_peft_alone(llm):
+    folder, store = llm
+    adapters = [None, "sentiment/lora", "sentiment/prefix"]
+    cases = [(adapters[i % 3], prompt, 4 + 3 * (i % 3)) for i, prompt in enumerate(PROMPTS * 2)]
+    expected = [peft_greedy(folder, store, adapter, prompt, length) for adapter, prompt, length in cases]
+    assert len({tuple(e) for e in expected[:3]}) == 3  # the adapters change the text, so equality means something
+
+    engine = Engine(folder, store, dtype="float32")
+    decoder = Decoder(engine.backbone)
+    sequences = []
+    for i, (adapter, prompt, length) in enumerate(cases):  # a new row joins at every step
+        sequences.append(decoder.add(engine.sequence(GenerationRequest(adapter, prompt, sampling=Sampling(length)))))
+        decoder.step()
+    decoder.run()
+    for sequence, tokens, case in zip(sequences, expected, cases):
+        assert sequence.token_ids == tokens, case
+        assert sequence.finish_reason == ("length" if len(tokens) == case[2] else "stop")
+    together = engine.generate([GenerationRequest(a, p, sampling=Sampling(n)) for a, p, n in cases])
+    assert [s.token_ids for s in together] == expected
+
+
+def test_sampling_stop_strings_and_limits(llm):
+    folder, store = llm
+    engine = Engine(folder, store, dtype="float32")
+    seeded = lambda seed: GenerationRequest("sentiment/lora", "Once upon a time",  # noqa: E731
+                                            sampling=Sampling(12, temperature=1.0, top_p=0.9, seed=seed))
+    first, again, other = engine.generate([seeded(1), seeded(1), seeded(2)])
+    assert first.token_ids == again.token_ids != other.token_ids  # a seed decides, whatever shares the batch
+    greedy = engine.generate([GenerationRequest(None, "Once upon a time", sampling=Sampling(12))])[0]
+    stop = greedy.text[len(greedy.text) // 2:][:3]
+    stopped = engine.generate([GenerationRequest(None, "Once upon a time", sampling=Sampling(12, stop=(stop,)))])[0]
+    assert stopped.finish_reason == "stop" and stopped.text == greedy.text[:greedy.text.find(stop)]
+    chat = engine.generate([GenerationRequest(None, messages=[{"role": "user", "content": "hi"}])])[0]
+    assert chat.prompt_ids[-3:] == engine.backbone.tokenizer("<|im_start|>assistant\n").input_ids[-3:]
+    with pytest.raises(AdapterlabError, match="exceed the model's context of 512 tokens"):
+        engine.generate([GenerationRequest(None, "word " * 600)])
