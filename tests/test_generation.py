@@ -12,8 +12,9 @@ from adapterlab.engine import Engine, GenerationRequest
 from adapterlab.errors import AdapterlabError
 from adapterlab.generation import Decoder, Sampling
 from adapterlab.recipe import validate_recipe
-from adapterlab.train import train
-from conftest import tiny_recipe
+from adapterlab.store import StoreError, load_adapter, read_card
+from adapterlab.train import setup, train
+from conftest import shared, tiny_recipe
 
 PROMPTS = ["The film was", "Tell me about the weather in Paris today, please", "Once upon a time",
            "a", "Why is the sky blue? Explain it briefly to a child who keeps asking"]
@@ -84,3 +85,32 @@ def test_sampling_stop_strings_and_limits(llm):
     assert chat.prompt_ids[-3:] == engine.backbone.tokenizer("<|im_start|>assistant\n").input_ids[-3:]
     with pytest.raises(AdapterlabError, match="exceed the model's context of 512 tokens"):
         engine.generate([GenerationRequest(None, "word " * 600)])
+
+
+@pytest.mark.parametrize("method", [{"name": "lora", "r": 4}, {"name": "prefix_tuning", "num_virtual_tokens": 4}])
+def test_a_generative_adapter_trains_on_completions_and_the_engine_writes_what_peft_writes(llm, tmp_path, method):
+    """head.type generate on E2E rows (meaning representation → sentence): the loss reads the completion
+    only, the card says it generates, and the engine's completions of its template equal the trained
+    model's own (peft's greedy generate), also beside base rows and a classification adapter's store."""
+    folder, _ = llm
+    recipe = validate_recipe(tiny_recipe(folder, tmp_path, method=method, task="e2e", head={
+        "type": "generate", "template": "Describe: {text}", "max_new_tokens": 6},
+        data={"path": shared("e2e"), "text_field": "mr", "target_field": "ref", "references_field": "refs",
+              "k": 8, "test_limit": 4}, training={"max_steps": 3, "batch_size": 4, "lr": 0.05}))
+    accelerator, task, model = setup(recipe)
+    batch = model.batch(task.train, [0, 1], 64)
+    completion = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert completion == model.backbone.tokenizer(task.train.targets[0], add_special_tokens=False).input_ids + [
+        model.backbone.tokenizer.eos_token_id]  # the loss reads the completion and its end, nothing else
+    result = train(recipe, show_progress=False)
+    card = read_card(result.adapter_path)
+    assert card.kind == "generate" and card.labels == [] and set(result.metrics) == {"bleu", "chrf", "rouge_l"}
+    trained, _ = load_adapter(result.adapter_path, load_backbone(folder))
+    expected = trained.generate(task.test.inputs)
+    engine = Engine(folder, tmp_path, dtype="float32")
+    requests = [GenerationRequest(str(result.adapter_path), text=text, sampling=Sampling(6)) for text in task.test.inputs]
+    requests += [GenerationRequest(None, "Once upon a time", sampling=Sampling(6))]
+    assert [s.text for s in engine.generate(requests)[:-1]] == expected
+    assert engine.evaluate(str(result.adapter_path), shared("e2e"), limit=4) == {"rows": 4, **result.metrics}
+    with pytest.raises(StoreError, match="writes text"):
+        engine.predict(str(result.adapter_path), ["x"])

@@ -7,10 +7,10 @@ import torch
 from adapterlab.backbones import load_backbone
 from adapterlab.data import load_task
 from adapterlab.engine import Engine
-from adapterlab.model import build_adapter_model, parameter_counts
+from adapterlab.model import _step_labels, build_adapter_model, parameter_counts
 from adapterlab.recipe import RecipeError, validate_recipe
 from adapterlab.store import load_adapter, save_adapter
-from adapterlab.train import _batch, _step_labels, fit, make_card, setup, train
+from adapterlab.train import fit, make_card, setup, train
 from conftest import tiny_recipe
 
 TIED = {"tie_labels": True}
@@ -22,7 +22,7 @@ def test_tied_scores_start_as_the_zero_shot_classifier(tiny_bert, tmp_path):
     recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, head=TIED, data={"path": "demo:intent", "k": 4}))
     task = load_task(recipe.data)
     model = build_adapter_model(recipe, load_backbone(tiny_bert), task.label_names, task.label_descriptions)
-    batch = _batch(model, task.train, [0, 3, 7, 11], stem=None, max_length=128)
+    batch = model.batch(task.train, [0, 3, 7, 11], max_length=128)
     batch.pop("labels")
     model.eval()
     every_label = torch.arange(len(task.label_names))

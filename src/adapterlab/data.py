@@ -32,10 +32,59 @@ class Split:
 
 @dataclass
 class TaskData:
+    """A task's training rows and test rows: labelled texts, or for a generation task (no labels)
+    input/completion pairs."""
+
     label_names: list[str]
-    train: Split
-    test: Split | None
+    train: "Split | Pairs"
+    test: "Split | Pairs | None"
     label_descriptions: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Pairs:
+    """Rows of a generation task: inputs, target completions, and each row's references for scoring
+    (every human reference where the data has several, else the target)."""
+
+    inputs: list[str]
+    targets: list[str]
+    references: list[list[str]]
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def select(self, indices: list[int]) -> "Pairs":
+        return Pairs([self.inputs[i] for i in indices], [self.targets[i] for i in indices],
+                     [self.references[i] for i in indices])
+
+
+def load_pairs(config) -> TaskData:
+    """A generation task: `text_field` → `target_field` pairs, k training rows drawn with the seed."""
+    train_rows, test_rows, _, _ = _read_source(config)
+    train = _to_pairs(train_rows, config, "train")
+    test = _to_pairs(test_rows, config, "test") if test_rows is not None else None
+    if test is not None and config.test_limit:
+        test = test.select(list(range(min(config.test_limit, len(test)))))
+    if config.k is not None:
+        if config.k > len(train):
+            raise DataError(f"{config.path}: k={config.k} rows asked, the train split has {len(train)}")
+        train = train.select(random.Random(config.seed).sample(range(len(train)), config.k))
+    return TaskData([], train, test)
+
+
+def _to_pairs(rows: list[dict], config, split: str) -> Pairs:
+    inputs, targets, references = [], [], []
+    for number, row in enumerate(rows, 1):
+        missing = [f for f in (config.text_field, config.target_field) if row.get(f) in (None, "")]
+        if missing:
+            raise DataError(f"{config.path} ({split}) row {number}: no {', '.join(map(repr, missing))}")
+        refs = row.get(config.references_field) if config.references_field else None
+        if refs is not None and (not isinstance(refs, list) or not all(isinstance(r, str) for r in refs)):
+            raise DataError(f"{config.path} ({split}) row {number}: {config.references_field!r} is not a list of texts")
+        inputs.append(str(row[config.text_field]))
+        targets.append(str(row[config.target_field]))
+        references.append(refs or [targets[-1]])
+    return Pairs(inputs, targets, references)
 
 
 def load_task(config) -> TaskData:

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapterlab.backbones import Backbone, load_backbone
-from adapterlab.data import DataError, load_task
+from adapterlab.data import DataError, load_pairs, load_task
 from adapterlab.errors import AdapterlabError
 from adapterlab.generation import Decoder, Sampling, Sequence
+from adapterlab.generative import prompt_ids
 from adapterlab.heads import build_head, text_prompt_of, uses_chat
 from adapterlab.methods import method_module
 from adapterlab.methods.base import AdapterWeights
-from adapterlab.metrics import classification_metrics
+from adapterlab.metrics import classification_metrics, generation_metrics
 from adapterlab.mixed_batch import PromptSettings, Row, Servable, forward_mixed
 from adapterlab.precision import resolve_device, resolve_dtype
 from adapterlab.recipe import DataConfig, Recipe
@@ -43,12 +44,14 @@ class Request:
 @dataclass
 class GenerationRequest:
     """One text to generate: under `adapter` (TASK/NAME or a folder) or the bare backbone (None), after
-    a plain `prompt` read as is, or a chat of `messages` through the tokenizer's chat template."""
+    a plain `prompt` read as is, a chat of `messages` through the tokenizer's chat template, or a
+    `text` filled into the generative adapter's own prompt template (as it was trained)."""
 
     adapter: str | None
     prompt: str | None = None
     messages: list[dict] | None = None
     sampling: Sampling = field(default_factory=Sampling)
+    text: str | None = None
 
 
 @dataclass
@@ -120,7 +123,7 @@ class Engine:
         prompt = PromptSettings(recipe.head.template, uses_chat(recipe.head, self.backbone),
                                 recipe.training.inference_max_length,
                                 text_prompt=text_prompt_of(recipe.head, self.backbone))
-        return Servable(f"{card.task}/{card.name}", card.labels, weights, stored.head, prompt, stored.nbytes)
+        return Servable(f"{card.task}/{card.name}", card.labels, weights, stored.head, prompt, stored.nbytes, card.kind)
 
     def _evict(self) -> None:
         while self._resident and (
@@ -165,17 +168,22 @@ class Engine:
         if self.backbone.kind != "decoder":
             raise AdapterlabError(f"generation needs an LLM backbone; {self.backbone.name!r} is an encoder")
         servable = self.servable(request.adapter) if request.adapter is not None else BASE
-        ids = self.prompt_ids(request)
+        ids = self.prompt_ids(request, servable)
         limit = self.backbone.max_tokens
         if len(ids) + request.sampling.max_tokens > limit:
             raise AdapterlabError(f"the prompt's {len(ids)} tokens and max_tokens {request.sampling.max_tokens} "
                                   f"exceed the model's context of {limit} tokens")
         return Sequence(servable, ids, request.sampling)
 
-    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+    def prompt_ids(self, request: GenerationRequest, servable: Servable = BASE) -> list[int]:
         tokenizer = self.backbone.tokenizer
-        if (request.prompt is None) == (request.messages is None):
-            raise AdapterlabError("a generation request has a prompt or messages (one of them)")
+        if sum(given is not None for given in (request.prompt, request.messages, request.text)) != 1:
+            raise AdapterlabError("a generation request has one of a prompt, messages or a text")
+        if request.text is not None:
+            if servable.kind != "generate":
+                raise AdapterlabError("a text is filled into a generative adapter's template: name one, or send "
+                                      "a prompt or messages")
+            return prompt_ids(self.backbone, servable.prompt.template, servable.prompt.chat, request.text)
         if request.messages is not None:
             if not getattr(tokenizer, "chat_template", None):
                 raise AdapterlabError(f"backbone {self.backbone.name!r} has no chat template: send a prompt")
@@ -209,22 +217,33 @@ class Engine:
 
     def _servable_for(self, request: Request) -> Servable:
         if request.adapter is not None:
-            return self.servable(request.adapter)
+            servable = self.servable(request.adapter)
+            if servable.kind == "generate":
+                raise StoreError(f"adapter {servable.key} writes text: ask it to generate (Engine.generate, "
+                                 "/v1/completions), not to classify")
+            return servable
         if not request.labels:
             raise StoreError("a row without an adapter needs its labels (zero-shot)")
         return self.zero_shot(tuple(request.labels))
 
     def evaluate(self, reference: str, data: str, split: str = "test", limit: int | None = None) -> dict:
-        """Metrics of an adapter on a dataset read with the adapter's own data settings."""
+        """Metrics of an adapter on a dataset read with the adapter's own data settings: accuracy and
+        macro-F1, or for a generative adapter its greedy completions scored against the references."""
         card = self.card(reference)
         config = DataConfig.model_validate({**card.recipe["data"], "path": data, "test_path": None,
-                                            "labels": card.labels, "k": None, "test_limit": None})
-        task = load_task(config)
+                                            "labels": card.labels or None, "k": None, "test_limit": None})
+        task = load_pairs(config) if card.kind == "generate" else load_task(config)
         rows = {"train": task.train, "test": task.test}.get(split)
         if rows is None:
             raise DataError(f"{data}: no {split!r} split (splits: train, test)")
         if limit is not None:
             rows = rows.select(list(range(min(limit, len(rows)))))
+        if card.kind == "generate":
+            recipe = Recipe.model_validate(card.recipe)
+            sampling = Sampling(recipe.head.max_new_tokens)
+            outputs = self.generate([GenerationRequest(reference, text=text, sampling=sampling) for text in rows.inputs])
+            return {"rows": len(rows), **generation_metrics([s.text for s in outputs], rows.references, rows.inputs,
+                                                            tuple(recipe.training.metrics))}
         predictions = self.predict(reference, rows.texts, rows.text_pairs)
         index = {label: i for i, label in enumerate(card.labels)}
         return {"rows": len(rows), **classification_metrics([index[p.label] for p in predictions], rows.labels,

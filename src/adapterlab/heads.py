@@ -56,6 +56,12 @@ class LabelWordHead(nn.Module):
         return features.next_token_logits[:, self.token_ids].float()
 
 
+class TextHead(nn.Module):
+    """A generation task's head: none of its own (the LLM's head writes the text); it has no weights."""
+
+    needs_hidden = False
+
+
 def pool(features: Features, pooling: str) -> torch.Tensor:
     """One float32 vector per row (a mean summed in bfloat16 would lose the states' precision)."""
     hidden, mask = features.hidden.float(), features.attention_mask
@@ -72,6 +78,10 @@ def build_head(config, backbone, label_names: list[str], label_descriptions: lis
     device. Heads stay in float32 whatever the backbone's dtype: they are tiny, and they read pooled
     vectors summed in float32, so a bfloat16 backbone rounds its states but not the answer's last step."""
     kind = config.type if config.type != "auto" else ("classifier" if backbone.kind == "encoder" else "label_words")
+    if kind == "generate":
+        if backbone.kind != "decoder":
+            raise AdapterlabError("head.type generate needs an LLM backbone")
+        return TextHead()
     if kind == "label_words":
         if backbone.kind != "decoder":
             raise AdapterlabError("head.type label_words needs an LLM backbone; encoders use 'classifier'")

@@ -36,6 +36,7 @@ class Servable:
     head: nn.Module
     prompt: PromptSettings
     nbytes: int
+    kind: str = "classify"  # or "generate": a generative adapter (its template is prompt.template)
 
 
 @dataclass

@@ -35,6 +35,7 @@ class AdapterModel(nn.Module):
         self.text_prompt = text_prompt_of(head_config, backbone)
         self.max_length = max_length
         self.tied = label_texts is not None
+        self.labels_per_step = head_config.tie_labels_per_step
         if self.tied:  # buffers, so that they follow the model to its device; not part of any saved state
             self.register_buffer("label_input_ids", label_texts["input_ids"], persistent=False)
             self.register_buffer("label_attention_mask", label_texts["attention_mask"], persistent=False)
@@ -55,6 +56,30 @@ class AdapterModel(nn.Module):
         if label_ids is None:
             return self.head(hidden)
         return self.head(hidden, self.label_vectors(label_ids), label_ids)
+
+    def batch(self, rows: Split, indices: list[int], max_length: int,
+              stem: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """A training batch of the chosen rows: their tokens and labels, and their `stem` states (each
+        row's states after the frozen lower layers, computed once) when there are any."""
+        chosen = rows.select(indices)
+        batch = self.tokenize(chosen.texts, chosen.text_pairs, max_length)
+        batch["labels"] = torch.tensor(chosen.labels)
+        if stem is not None:  # encoders pad on the right: each row's states fill its first positions
+            mask = batch["attention_mask"]
+            states = torch.zeros(*mask.shape, stem[0].shape[-1], dtype=stem[0].dtype)
+            for row, index in enumerate(indices):
+                states[row, :len(stem[index])] = stem[index]
+            batch["stem_states"] = states
+        return batch
+
+    def loss(self, prepared, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy over all labels, or for a tied model over the labels this step embeds;
+        `prepared` is this model as Accelerate wraps it."""
+        labels = batch.pop("labels")
+        if not self.tied:
+            return nn.functional.cross_entropy(prepared(**batch), labels)
+        label_ids = _step_labels(labels, len(self.label_names), self.labels_per_step)
+        return nn.functional.cross_entropy(prepared(**batch, label_ids=label_ids), torch.searchsorted(label_ids, labels))
 
     def label_vectors(self, label_ids: torch.Tensor) -> torch.Tensor:
         """The descriptions of `label_ids` through the adapted backbone: unit vectors averaged over the
@@ -141,6 +166,20 @@ class AdapterModel(nn.Module):
         self.train(was_training)
         return result
 
+
+
+def _step_labels(labels: torch.Tensor, num_labels: int, limit: int) -> torch.Tensor:
+    """Sorted label ids a tied step scores against: all of them, or beyond `limit` the batch's own
+    labels plus others drawn at random up to `limit` (the draw follows the seeded dropout stream, so a
+    resumed run draws the same)."""
+    if num_labels <= limit:
+        return torch.arange(num_labels, device=labels.device)
+    present = labels.unique()
+    absent = torch.ones(num_labels, dtype=torch.bool)
+    absent[present.cpu()] = False
+    others = absent.nonzero().squeeze(1)
+    others = others[torch.randperm(len(others))[:max(limit - len(present), 0)]]
+    return torch.cat([present, others.to(labels.device)]).sort().values
 
 
 def build_adapter_model(recipe, backbone: Backbone, label_names: list[str],

@@ -46,9 +46,13 @@ def _literal_choices(annotation) -> tuple:
 
 
 class HeadConfig(_Section):
-    type: Literal["auto", "classifier", "label_words"] = Field(
+    type: Literal["auto", "classifier", "label_words", "generate"] = Field(
         "auto", description="classifier: a linear layer on a pooled hidden state; label_words: an LLM "
-        "scores each label's word after the prompt. auto: classifier for encoders, label_words for LLMs.")
+        "scores each label's word after the prompt; generate: an LLM writes a completion after the prompt "
+        "(few-shot SFT, the loss on the completion's tokens only; needs data.target_field). auto: "
+        "classifier for encoders, label_words for LLMs.")
+    max_new_tokens: int = Field(64, gt=0, description="Generation: tokens written at most when evaluating "
+                                "(and the server's default).")
     pooling: Literal["auto", "mean", "cls", "last"] = Field(
         "auto", description="How a classifier pools token states. auto: as a sentence-transformers backbone "
         "folder says (1_Pooling: bge pools by CLS), else mean for encoders, last for LLMs.")
@@ -117,8 +121,15 @@ class DataConfig(_Section):
     text_field: str = Field("text", description="Column holding the text.")
     text_pair_field: str | None = Field(None, description="Column holding the second text of a pair.")
     label_field: str = Field("label", description="Column holding the label (index or name).")
+    target_field: str | None = Field(
+        None, description="Generation tasks (head.type generate): the column holding the completion; "
+        "text_field is the input (e2e: mr → ref; extraction: ref → mr).")
+    references_field: str | None = Field(
+        None, description="Generation tasks: a column holding every reference of a test row (a list), for "
+        "multi-reference scores (e2e: refs); default: the target alone.")
     labels: list[str] | None = Field(None, description="Label names in index order (default: labels.json).")
-    k: int | None = Field(16, gt=0, description="Training examples per class; null uses every row.")
+    k: int | None = Field(16, gt=0, description="Training examples per class (generation tasks: training rows); "
+                          "null uses every row.")
     seed: int = Field(0, description="Seed of the k-shot draw.")
     test_limit: int | None = Field(None, gt=0, description="Evaluate on the first N test rows only.")
 
@@ -188,6 +199,17 @@ class Recipe(_Section):
             if problem:
                 raise ValueError(f"{field} {value!r} {problem}")
         return self
+
+    @model_validator(mode="after")
+    def _generation_has_targets(self):
+        if (self.head.type == "generate") != (self.data.target_field is not None):
+            raise ValueError("head.type generate and data.target_field go together: a generation task reads its "
+                             "completions from target_field")
+        return self
+
+    @property
+    def generates(self) -> bool:
+        return self.head.type == "generate"
 
     @property
     def adapter_name(self) -> str:

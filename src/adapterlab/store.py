@@ -19,8 +19,10 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import torch
+from peft import PeftModel
 from torch import nn
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -28,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from adapterlab.backbones import Backbone, load_backbone
+from adapterlab.generative import GenerativeModel
 from adapterlab.heads import build_head
 from adapterlab.methods import METHODS, method_module
 from adapterlab.model import AdapterModel, load_adapter_model
@@ -49,6 +52,7 @@ class AdapterCard(BaseModel):
     model_config = ConfigDict(extra="allow")
     task: str
     name: str
+    kind: Literal["classify", "generate"] = "classify"  # generate: it writes text (no labels, no head weights)
     labels: list[str]
     label_descriptions: list[str]
     backbone: str
@@ -366,7 +370,7 @@ def _head_problems(head: nn.Module, head_tensors: dict[str, torch.Tensor], card:
     return [f"head.safetensors holds {found}, but {len(card.labels)} labels on this backbone need {wanted}"]
 
 
-def load_adapter(folder: str | Path, backbone: Backbone) -> tuple[AdapterModel, AdapterCard]:
+def load_adapter(folder: str | Path, backbone: Backbone) -> tuple[AdapterModel | GenerativeModel, AdapterCard]:
     """Load an adapter onto `backbone` through peft (for merging and exporting; serving goes through
     `read_adapter` and the engine's own batching), after the same checks."""
     folder = Path(folder)
@@ -374,6 +378,10 @@ def load_adapter(folder: str | Path, backbone: Backbone) -> tuple[AdapterModel, 
     if problems:
         raise StoreError(f"adapter {folder} is unusable: {'; '.join(problems)}")
     stored = read_adapter(folder, backbone)
+    if stored.card.kind == "generate":
+        peft_model = PeftModel.from_pretrained(backbone.model, str(folder), is_trainable=False)
+        return GenerativeModel(backbone, peft_model, stored.recipe.head,
+                               stored.recipe.training.inference_max_length).eval(), stored.card
     return load_adapter_model(folder, stored.recipe, backbone, stored.card.labels, stored.head), stored.card
 
 

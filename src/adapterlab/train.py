@@ -21,11 +21,12 @@ from transformers import get_linear_schedule_with_warmup
 from adapterlab.backbones import load_backbone
 from adapterlab.checkpoint import (CheckpointError, checkpoint_folder, has_checkpoint, read_checkpoint,
                                    remove_checkpoint, restore, run_identity, save_checkpoint)
-from adapterlab.data import Split, TaskData, load_task
+from adapterlab.data import Pairs, Split, TaskData, load_pairs, load_task
+from adapterlab.generative import GenerativeModel, build_generative_model
 from adapterlab.errors import AdapterlabError
 from adapterlab.heads import pooling_of
 from adapterlab.methods import method_module
-from adapterlab.metrics import classification_metrics
+from adapterlab.metrics import classification_metrics, generation_metrics
 from adapterlab.model import AdapterModel, build_adapter_model, parameter_counts
 from adapterlab.precision import cpu_capability, mixed_precision_for
 from adapterlab.recipe import Recipe
@@ -56,8 +57,10 @@ def setup(recipe: Recipe) -> tuple[Accelerator, TaskData, AdapterModel]:
     # parameter reaches the loss (LoRA leaves the encoder's unused pooler alone; tests/test_methods.py).
     accelerator = _accelerator(recipe.training)
     set_seed(recipe.training.seed)
-    task = load_task(recipe.data)  # data errors surface before the backbone loads
+    task = load_pairs(recipe.data) if recipe.generates else load_task(recipe.data)  # before the backbone loads
     backbone = load_backbone(recipe.backbone, recipe.quantization, backbone_device_map(recipe.quantization, accelerator))
+    if recipe.generates:
+        return accelerator, task, build_generative_model(recipe, backbone)
     model = build_adapter_model(recipe, backbone, task.label_names, task.label_descriptions)
     return accelerator, task, model
 
@@ -130,7 +133,7 @@ def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerat
     # A fixed stream of row indices, cut into consecutive batches that Accelerate deals out to the
     # processes: one process with batch 16 sees the same global batches as two with batch 8.
     loader = DataLoader(order, batch_size=config.batch_size,
-                        collate_fn=lambda indices: _batch(model, rows, indices, stem, config.max_length))
+                        collate_fn=lambda indices: model.batch(rows, indices, config.max_length, stem))
     optimizer = torch.optim.AdamW(_param_groups(model, recipe), weight_decay=config.weight_decay)
     prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     stem = _stem_states(model, rows, config)  # read by the loader's collate_fn
@@ -147,7 +150,7 @@ def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerat
     for index, batch in enumerate(loader, start=step * config.grad_accum):
         _seed_dropout(config.seed, index, accelerator)
         with accelerator.accumulate(prepared):
-            loss = _loss(prepared, model, batch, recipe.head.tie_labels_per_step)
+            loss = model.loss(prepared, batch)
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
@@ -163,29 +166,6 @@ def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerat
         model.settle_label_vectors(rows, recipe.head.prototype_weight)
     prepared.eval()
     accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)  # drops autocast: evaluated as the engine serves
-
-
-def _loss(prepared, model: AdapterModel, batch: dict[str, torch.Tensor], labels_per_step: int) -> torch.Tensor:
-    """Cross-entropy over all labels, or for a tied model over the labels this step embeds."""
-    labels = batch.pop("labels")
-    if not model.tied:
-        return torch.nn.functional.cross_entropy(prepared(**batch), labels)
-    label_ids = _step_labels(labels, len(model.label_names), labels_per_step)
-    return torch.nn.functional.cross_entropy(prepared(**batch, label_ids=label_ids), torch.searchsorted(label_ids, labels))
-
-
-def _step_labels(labels: torch.Tensor, num_labels: int, limit: int) -> torch.Tensor:
-    """Sorted label ids a tied step scores against: all of them, or beyond `limit` the batch's own
-    labels plus others drawn at random up to `limit` (the draw follows the seeded dropout stream, so a
-    resumed run draws the same)."""
-    if num_labels <= limit:
-        return torch.arange(num_labels, device=labels.device)
-    present = labels.unique()
-    absent = torch.ones(num_labels, dtype=torch.bool)
-    absent[present.cpu()] = False
-    others = absent.nonzero().squeeze(1)
-    others = others[torch.randperm(len(others))[:max(limit - len(present), 0)]]
-    return torch.cat([present, others.to(labels.device)]).sort().values
 
 
 def _start_step(recipe: Recipe, identity: dict, model: AdapterModel, optimizer, scheduler, accelerator: Accelerator,
@@ -256,22 +236,12 @@ def _stem_states(model: AdapterModel, rows: Split, config) -> list[torch.Tensor]
     return states
 
 
-def _batch(model: AdapterModel, rows: Split, indices: list[int], stem: list[torch.Tensor] | None,
-           max_length: int) -> dict[str, torch.Tensor]:
-    chosen = rows.select(indices)
-    batch = model.tokenize(chosen.texts, chosen.text_pairs, max_length)
-    batch["labels"] = torch.tensor(chosen.labels)
-    if stem is not None:  # encoders pad on the right: each row's states fill its first positions
-        mask = batch["attention_mask"]
-        states = torch.zeros(*mask.shape, stem[0].shape[-1], dtype=stem[0].dtype)
-        for row, index in enumerate(indices):
-            states[row, :len(stem[index])] = stem[index]
-        batch["stem_states"] = states
-    return batch
-
-
-def evaluate(model: AdapterModel, rows: Split, recipe: Recipe) -> dict[str, float]:
-    """Test metrics of `model` on `rows` through the same scoring path the engine uses."""
+def evaluate(model: AdapterModel | GenerativeModel, rows: Split | Pairs, recipe: Recipe) -> dict[str, float]:
+    """Test metrics of `model` on `rows`: classification through the same scoring path the engine uses;
+    generation by greedy completions scored against each row's references."""
+    if isinstance(model, GenerativeModel):
+        return generation_metrics(model.generate(rows.inputs), rows.references, rows.inputs,
+                                  tuple(recipe.training.metrics))
     scores = model.scores(rows.texts, rows.text_pairs, batch_size=recipe.training.eval_batch_size)
     predictions = scores.argmax(-1).tolist()
     return classification_metrics(predictions, rows.labels, len(model.label_names), tuple(recipe.training.metrics))
@@ -280,7 +250,8 @@ def evaluate(model: AdapterModel, rows: Split, recipe: Recipe) -> dict[str, floa
 def make_card(recipe: Recipe, task: TaskData, model: AdapterModel, trainable: int, total: int, train_seconds: float,
               metrics: dict[str, float]) -> AdapterCard:
     return AdapterCard(
-        task=recipe.task, name=recipe.adapter_name, labels=task.label_names,
+        task=recipe.task, name=recipe.adapter_name, kind="generate" if recipe.generates else "classify",
+        labels=task.label_names,
         label_descriptions=task.label_descriptions, backbone=recipe.backbone,
         backbone_fingerprint=model.backbone.fingerprint, method=recipe.method.name, k=recipe.data.k,
         seed=recipe.data.seed, recipe=recipe.model_dump(mode="json"), metrics=metrics,
