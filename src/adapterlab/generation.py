@@ -57,7 +57,8 @@ class Decoder:
         self.mask = torch.zeros(0, 0, dtype=torch.long)  # (rows, width): which cache entries are real
         self.next_ids = torch.zeros(0, dtype=torch.long)  # each active row's token to read next
         tokenizer = backbone.tokenizer
-        ends = backbone.model.generation_config.eos_token_id
+        config = getattr(backbone.model, "generation_config", None)  # encoders have none (and never generate)
+        ends = config.eos_token_id if config is not None else None
         self.end_ids = set(ends if isinstance(ends, list) else [ends] if ends is not None else [])
         self.end_ids |= {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
 

@@ -17,7 +17,8 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from adapterlab.engine import Prediction
+from adapterlab.engine import GenerationRequest, Prediction
+from adapterlab.generation import Sampling
 from adapterlab.errors import AdapterlabError
 from adapterlab.server.bodies import BatchBody, BatchRow, ClassifyBody, GenerateBody, RegisterBody
 from adapterlab.server.errors import ApiError
@@ -178,8 +179,11 @@ async def generate(body: GenerateBody, server: ServerDep) -> dict:
     if backbone.kind != "decoder":
         raise ApiError(400, f"generation needs an LLM backbone; {backbone.name!r} is an encoder")
     folder = server.adapter_folder(body.adapter) if body.adapter else None
-    text = await server.generate_bounded(folder, body.prompt, body.max_new_tokens)
-    return {"adapter": body.adapter, "text": text}
+    if folder is not None:
+        await asyncio.to_thread(server.checked_card, folder)  # 404, 422 or 409 before it queues
+    request = GenerationRequest(folder and str(folder), body.prompt, sampling=Sampling(body.max_new_tokens))
+    [update] = await server.generate([request])
+    return {"adapter": body.adapter, "text": update.text}
 
 
 def _answer(prediction: Prediction, top_k: int | None) -> dict:

@@ -1,7 +1,9 @@
 """`Server`: the engine, its worker thread and the batcher.
 
-The engine is not thread-safe, so every engine call (batches, loading, unloading, generation) runs on
-one worker thread, in submission order; the event loop only parses, queues and answers. Concurrent
+The engine is not thread-safe, so every engine call (batches, loading, unloading, decode steps) runs on
+one worker thread, in submission order; the event loop only parses, queues and answers. Generation is
+a loop of decode steps on that thread (rows of any adapters in one batch, joining between steps), so a
+classification batch waits for one step at most. Concurrent
 classification requests are gathered for a short window (bounded by time and rows) and answered by
 one `Engine.predict_batch` call whatever adapters they name; a request's rows stay together.
 Registering and deleting adapters go through the same worker, so a running batch finishes with the
@@ -17,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from adapterlab.backbones import Backbone, load_backbone
-from adapterlab.engine import Engine, Prediction, Request
+from adapterlab.engine import Engine, GenerationRequest, Prediction, Request
+from adapterlab.generation import Decoder, Sequence
 from adapterlab.errors import AdapterlabError
 from adapterlab.names import name_problem
 from adapterlab.server.bodies import BatchRow
@@ -52,19 +54,22 @@ class Server:
                              dtype=self.settings.dtype)
         self.store.mkdir(parents=True, exist_ok=True)
         self.metrics = Metrics()
-        self.generator: Backbone | None = None  # a second backbone for generation under peft adapters
-        self.generations = 0  # generation requests waiting for or on the worker
+        self.decoder = Decoder(self.engine.backbone)  # the running generation batch, stepped on the worker
+        self.listeners: dict[Sequence, tuple[asyncio.Queue, int]] = {}  # where each sequence's updates go
 
     async def start(self) -> None:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="adapterlab-engine")
         self.queue: asyncio.Queue[Job | None] = asyncio.Queue()
         self.queued_rows = 0  # rows in self.queue, not yet in a batch
         self.batcher = asyncio.create_task(self._batch_loop())
+        self.wakeup = asyncio.Event()
+        self.generation = asyncio.create_task(self._generation_loop())
 
     async def stop(self) -> None:
         """Answer every queued request, then stop the worker."""
         self.queue.put_nowait(None)
         await self.batcher
+        self.generation.cancel()
         self.worker.shutdown(wait=True)
 
     async def on_worker(self, function: Callable, *args):
@@ -182,7 +187,7 @@ class Server:
             return error  # a bug: logged, and a generic 500 for the client
         for folder in job.folders():
             try:
-                self._checked_card(folder)
+                self.checked_card(folder)
             except ApiError as problem:
                 return problem
         return ApiError(_status(error), self._scrub(str(error)))
@@ -191,7 +196,7 @@ class Server:
         """The client's TASK/NAME in a message, not the server's paths."""
         return message.replace(f"{self.store}/", "")
 
-    def _checked_card(self, folder: Path, name: str | None = None) -> AdapterCard:
+    def checked_card(self, folder: Path, name: str | None = None) -> AdapterCard:
         """The card of a complete adapter for this backbone: 404, 400 or 409 otherwise."""
         name = name or _name(folder)
         if not (folder / "card.json").is_file():
@@ -215,7 +220,7 @@ class Server:
     def check_in_place(self, name: str) -> Path:
         """An adapter folder copied into the store as TASK/NAME, checked (its card must agree)."""
         folder = self.adapter_folder(name)
-        card = self._checked_card(folder)
+        card = self.checked_card(folder)
         if (card.task, card.name) != (folder.parent.name, folder.name):
             raise ApiError(400, f"adapter {name!r}: its card names it {card.task}/{card.name}")
         return folder
@@ -232,7 +237,7 @@ class Server:
                 raise ApiError(400, f"the archive could not be read ({type(error).__name__})") from None
             if not (staging / "card.json").is_file():
                 raise ApiError(400, "the upload is unusable: missing card.json")
-            card = self._checked_card(staging, "the upload")
+            card = self.checked_card(staging, "the upload")
             return staging, self.store / card.task / card.name
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -269,45 +274,94 @@ class Server:
         self._publish_engine_figures()
 
     # --- generation ------------------------------------------------------------------------------
-    async def generate_bounded(self, folder: Path | None, prompt: str, max_new_tokens: int) -> str:
-        """`generate` on the worker, with at most max_queued_generations waiting or running (503 beyond)."""
+    async def submit(self, requests: list[GenerationRequest]) -> asyncio.Queue:
+        """Queue requests for the decoder (at most max_queued_generations waiting or running: 503
+        beyond); their `Update`s arrive on the returned queue as they advance, a step at a time."""
+        if self.engine.backbone.kind != "decoder":
+            raise ApiError(400, f"generation needs an LLM backbone; {self.engine.backbone.name!r} is an encoder")
         limit = self.settings.max_queued_generations
-        if self.generations >= limit:
-            raise ApiError(503, f"the server is busy: {self.generations} generations wait for the engine (limit "
+        if len(self.listeners) + len(requests) > limit:
+            raise ApiError(503, f"the server is busy: {len(self.listeners)} generations wait for the engine (limit "
                                 f"{limit}); retry shortly", {"Retry-After": "1"})
-        self.generations += 1
         try:
-            return await self.on_worker(self.generate, folder, prompt, max_new_tokens)
-        finally:
-            self.generations -= 1
+            sequences = await self.on_worker(self._admit, requests)
+        except AdapterlabError as error:
+            raise ApiError(_status(error), self._scrub(str(error))) from None
+        updates: asyncio.Queue = asyncio.Queue()
+        for index, sequence in enumerate(sequences):
+            self.listeners[sequence] = (updates, index)
+        self.wakeup.set()
+        return updates
 
-    def generate(self, folder: Path | None, prompt: str, max_new_tokens: int) -> str:
-        """On the worker: greedy generation by the bare backbone, or under a peft adapter applied
-        to a second copy of the backbone (peft injects layers, which the engine's must never get)."""
-        if folder is None:
-            return _generate(self.engine.backbone.model, self.engine.backbone.tokenizer, prompt, max_new_tokens)
-        self._checked_card(folder)
-        from peft import PeftModel
-
-        if self.generator is None:
-            served = self.engine.backbone
-            self.generator = load_backbone(served.name, device=served.device, dtype=served.dtype)
+    async def generate(self, requests: list[GenerationRequest]) -> list["Update"]:
+        """Each request's final update (its whole text), once every one has finished."""
+        updates = await self.submit(requests)
+        final: list[Update | None] = [None] * len(requests)
         try:
-            model = PeftModel.from_pretrained(self.generator.model, str(folder), is_trainable=False)
-            text = _generate(model, self.generator.tokenizer, prompt, max_new_tokens)
-            if not model.active_peft_config.is_prompt_learning:  # prefixes add no layers: nothing to undo
-                model.unload()
-            return text
-        except Exception:
-            self.generator = None  # it may still hold the adapter's layers: load a clean one next time
+            while None in final:
+                update = await updates.get()
+                if isinstance(update, Exception):
+                    raise update
+                if update.finish_reason:
+                    final[update.index] = update
+        except asyncio.CancelledError:  # the client went away
+            await self.cancel(updates)
             raise
+        return final
+
+    def _admit(self, requests: list[GenerationRequest]) -> list[Sequence]:
+        """On the worker: every request checked and made a sequence before any joins the decoder."""
+        sequences = [self.engine.sequence(request) for request in requests]
+        for sequence in sequences:
+            self.decoder.add(sequence)
+        return sequences
+
+    async def cancel(self, updates: asyncio.Queue) -> None:
+        """Stop generating for a client that went away: its rows leave at the next step."""
+        gone = [sequence for sequence, (queue, _) in self.listeners.items() if queue is updates]
+        for sequence in gone:
+            del self.listeners[sequence]
+        await self.on_worker(_cancel, gone)
+
+    async def _generation_loop(self) -> None:
+        """Decode steps on the worker while rows wait or run; classification batches queue between them
+        on the same worker, so a batch waits for one step at most, not for a whole generation."""
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            while self.decoder.busy:
+                try:
+                    advanced = await self.on_worker(self.decoder.step)
+                except Exception as error:  # a bug, not bad input: every running request gets a 500
+                    self.decoder = Decoder(self.engine.backbone)
+                    for queue, _ in self.listeners.values():
+                        queue.put_nowait(error)
+                    self.listeners.clear()
+                    break
+                for sequence in advanced:
+                    if sequence not in self.listeners:
+                        continue
+                    queue, index = self.listeners[sequence]
+                    queue.put_nowait(Update(index, sequence.text, sequence.finish_reason, len(sequence.prompt_ids),
+                                            len(sequence.token_ids)))
+                    if sequence.done:
+                        del self.listeners[sequence]
 
 
-def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    encoded = tokenizer(prompt, return_tensors="pt").to(model.device)
-    output = model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
-                            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+@dataclass(frozen=True)
+class Update:
+    """A request's text so far, as one decode step left it."""
+
+    index: int  # which of the submitted requests
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _cancel(sequences: list[Sequence]) -> None:
+    for sequence in sequences:
+        sequence.finish_reason = sequence.finish_reason or "cancelled"
 
 
 def _status(error: AdapterlabError) -> int:
