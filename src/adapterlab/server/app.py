@@ -1,6 +1,7 @@
 """The FastAPI application: routes, JSON error answers, the `Gate` middleware, `create_app` and `serve`."""
 
 import asyncio
+import json
 import logging
 import secrets
 import shutil
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException
 from adapterlab.engine import GenerationRequest, Prediction
 from adapterlab.generation import Sampling
 from adapterlab.errors import AdapterlabError
+from adapterlab.server import openai
 from adapterlab.server.bodies import BatchBody, BatchRow, ClassifyBody, GenerateBody, RegisterBody
 from adapterlab.server.errors import ApiError
 from adapterlab.server.metrics import Metrics
@@ -205,12 +207,19 @@ def _invalid(errors: list[dict]) -> JSONResponse:
 
 
 async def _error_answer(request: HttpRequest, error: Exception) -> JSONResponse:
-    """Every expected error as {"error": message} (`Gate` answers the unexpected ones)."""
+    """Every expected error as {"error": message}, on the OpenAI routes in OpenAI's shape (`Gate`
+    answers the unexpected ones)."""
     if isinstance(error, ApiError):
-        return _error(error.status, str(error), error.headers)
-    if isinstance(error, HTTPException):
-        return _error(error.status_code, str(error.detail))
-    return _invalid(error.errors())
+        answer = _error(error.status, str(error), error.headers)
+    elif isinstance(error, HTTPException):
+        answer = _error(error.status_code, str(error.detail))
+    else:
+        answer = _invalid(error.errors())
+    if request.url.path in openai.PATHS:
+        message = json.loads(answer.body)["error"]
+        return JSONResponse(openai.error_body(answer.status_code, message), status_code=answer.status_code,
+                            headers={k: v for k, v in answer.headers.items() if k.lower() == "retry-after"})
+    return answer
 
 
 class Gate:
@@ -267,6 +276,7 @@ def create_app(store: str | Path, backbone: str | None = None, settings: Setting
     app = FastAPI(title="adapterlab", summary="Many adapters on one frozen backbone, over HTTP.", lifespan=lifespan)
     app.state.server = server
     app.include_router(router)
+    app.include_router(openai.router, dependencies=CLIENT)
     for error_type in (ApiError, HTTPException, RequestValidationError, ValidationError):
         app.add_exception_handler(error_type, _error_answer)
     app.add_middleware(Gate, settings=server.settings, metrics=server.metrics)

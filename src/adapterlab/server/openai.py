@@ -1,0 +1,202 @@
+"""OpenAI-compatible routes, the way vLLM and LoRAX serve many LoRA adapters: `model` names an adapter
+(TASK/NAME) or the backbone. /v1/models, /v1/completions and /v1/chat/completions, with `stream`
+(server-sent events), `n`, `stop`, `max_tokens`, `temperature`, `top_p`, `seed` and `usage`; errors in
+OpenAI's shape. Generative adapters and the backbone write text through the engine's decoder; a
+classification adapter answers with its label as the text, so one client reaches every task."""
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import AsyncIterator, Literal
+
+from fastapi import APIRouter, Depends, Request as HttpRequest
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapterlab.engine import GenerationRequest
+from adapterlab.generation import Sampling
+from adapterlab.server.bodies import BatchRow
+from adapterlab.server.errors import ApiError
+from adapterlab.server.worker import Server, Update
+from adapterlab.store import adapter_folders, read_card
+
+PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # OpenAI refuses unknown parameters too
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    user: str | None = None
+
+
+class CompletionBody(_Body):
+    prompt: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatBody(_Body):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+def _server(request: HttpRequest) -> Server:
+    return request.app.state.server
+
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def models(server: Server = Depends(_server)) -> dict:
+    """The backbone and every adapter of the store, as OpenAI models."""
+    backbone = server.engine.backbone.name
+    entries = [{"id": backbone, "object": "model", "created": 0, "owned_by": "adapterlab", "root": backbone,
+                "parent": None}]
+    for folder in await asyncio.to_thread(adapter_folders, server.store):
+        entries.append({"id": f"{folder.parent.name}/{folder.name}", "object": "model", "created": 0,
+                        "owned_by": "adapterlab", "root": backbone, "parent": backbone})
+    return {"object": "list", "data": entries}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionBody, server: Server = Depends(_server)):
+    return await _answer(server, body, "text_completion", prompt=body.prompt)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatBody, server: Server = Depends(_server)):
+    messages = [message.model_dump() for message in body.messages]
+    return await _answer(server, body, "chat.completion", messages=messages)
+
+
+async def _answer(server: Server, body: _Body, kind: str, prompt: str | None = None, messages: list | None = None):
+    server.check_size(body.n, prompt, *(m["content"] for m in messages or ()))
+    folder = await _model(server, body.model)
+    card = read_card(folder) if folder is not None else None
+    meta = {"id": f"{'chatcmpl' if messages else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+            "model": body.model}
+    if card is not None and card.kind == "classify":
+        return await _label_as_text(server, body, kind, meta, prompt if prompt is not None else messages[-1]["content"])
+    limit = body.max_completion_tokens if isinstance(body, ChatBody) and body.max_completion_tokens else body.max_tokens
+    max_tokens = limit or (16 if prompt is not None else server.settings.max_new_tokens)
+    if max_tokens > server.settings.max_new_tokens:
+        raise ApiError(400, f"max_tokens {max_tokens}: this server writes at most {server.settings.max_new_tokens}")
+    stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    requests = [GenerationRequest(folder and str(folder), prompt, messages, Sampling(
+        max_tokens, body.temperature, body.top_p, None if body.seed is None else body.seed + i, stops))
+        for i in range(body.n)]
+    if body.stream:
+        updates = await server.submit(requests)
+        usage = bool((body.stream_options or {}).get("include_usage"))
+        holdback = max(map(len, stops), default=1) - 1  # a stop string's start is not sent before it is decided
+        return StreamingResponse(_events(server, updates, body.n, kind, meta, usage, holdback),
+                                 media_type="text/event-stream")
+    finals = await server.generate(requests)
+    return {**meta, "object": kind, "choices": [_choice(kind, update) for update in finals], "usage": _usage(finals)}
+
+
+async def _model(server: Server, model: str) -> Path | None:
+    """None for the backbone, else the adapter's folder (404 in OpenAI's words when there is none)."""
+    if model == server.engine.backbone.name:
+        return None
+    if model.count("/") != 1 or not (server.adapter_folder(model) / "card.json").is_file():
+        raise ApiError(404, f"The model '{model}' does not exist: name the backbone "
+                            f"({server.engine.backbone.name!r}) or an adapter TASK/NAME (GET /v1/models)")
+    folder = server.adapter_folder(model)
+    await asyncio.to_thread(server.checked_card, folder)
+    return folder
+
+
+async def _label_as_text(server: Server, body: _Body, kind: str, meta: dict, text: str):
+    """A classification adapter's answer: its label, as every choice's whole text."""
+    [prediction] = await server.classify([BatchRow(adapter=body.model, text=text)])
+    tokenizer = server.engine.backbone.tokenizer
+    update = Update(0, prediction.label, "stop", len(tokenizer(text).input_ids), len(tokenizer(prediction.label).input_ids))
+    finals = [Update(i, update.text, "stop", update.prompt_tokens, update.completion_tokens) for i in range(body.n)]
+    if body.stream:
+        async def replay() -> AsyncIterator[str]:
+            for final in finals:
+                yield _event({**meta, "object": f"{kind}.chunk" if kind == "chat.completion" else kind,
+                              "choices": [_delta(kind, final.index, final.text, "stop")]})
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(replay(), media_type="text/event-stream")
+    return {**meta, "object": kind, "choices": [_choice(kind, final) for final in finals], "usage": _usage(finals)}
+
+
+async def _events(server: Server, updates: asyncio.Queue, n: int, kind: str, meta: dict, usage: bool,
+                  holdback: int) -> AsyncIterator[str]:
+    """Server-sent events: each choice's new text as it comes (the last `holdback` characters kept
+    until they cannot be a stop string's start), its finish reason, then [DONE]."""
+    chunk = f"{kind}.chunk" if kind == "chat.completion" else kind
+    sent, finals = [0] * n, [None] * n
+    try:
+        if kind == "chat.completion":
+            for index in range(n):
+                yield _event({**meta, "object": chunk, "choices": [
+                    {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+        while None in finals:
+            update = await updates.get()
+            if isinstance(update, Exception):
+                raise update
+            text = update.text
+            end = len(text) if update.finish_reason else max(sent[update.index], len(text) - holdback)
+            new = text[sent[update.index]:end]
+            sent[update.index] += len(new)
+            if new or update.finish_reason:
+                yield _event({**meta, "object": chunk, "choices": [_delta(kind, update.index, new, update.finish_reason)]})
+            if update.finish_reason:
+                finals[update.index] = update
+        if usage:
+            yield _event({**meta, "object": chunk, "choices": [], "usage": _usage(finals)})
+        yield "data: [DONE]\n\n"
+    finally:
+        if None in finals:  # the client went away: its rows leave the batch
+            await server.cancel(updates)
+
+
+def _choice(kind: str, update: Update) -> dict:
+    if kind == "chat.completion":
+        return {"index": update.index, "message": {"role": "assistant", "content": update.text},
+                "finish_reason": update.finish_reason, "logprobs": None}
+    return {"index": update.index, "text": update.text, "finish_reason": update.finish_reason, "logprobs": None}
+
+
+def _delta(kind: str, index: int, text: str, finish_reason: str | None) -> dict:
+    if kind == "chat.completion":
+        return {"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish_reason}
+    return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
+
+
+def _usage(finals: list[Update]) -> dict:
+    prompt = sum(update.prompt_tokens for update in finals[:1])  # the choices share one prompt
+    completion = sum(update.completion_tokens for update in finals)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def error_body(status: int, message: str) -> dict:
+    """OpenAI's error shape."""
+    kinds = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+             429: "rate_limit_error", 503: "server_error"}
+    codes = {404: "model_not_found", 503: "server_busy"}
+    code = "context_length_exceeded" if "context of" in message else codes.get(status)
+    return {"error": {"message": message, "type": kinds.get(status, "invalid_request_error"), "param": None,
+                      "code": code}}
