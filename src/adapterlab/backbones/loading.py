@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -66,6 +67,12 @@ class Backbone:
             offset = config.pad_token_id + 1 if self.family.positions == "padding_offset" else 0
             limits.append(config.max_position_embeddings - offset)
         return min((limit for limit in limits if limit and limit < 10**9), default=10**9)
+
+    @cached_property
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Submodules by name, kept: every adapter load checks its tensors against them. (Modules peft
+        wraps later keep their names; the wrapped layer is still reached through `base_layer`.)"""
+        return dict(self.model.named_modules())
 
     @property
     def device(self) -> torch.device:

@@ -73,7 +73,7 @@ def fit_problems(state: dict[str, torch.Tensor], adapter_config: dict, config: C
     unsupported = [key for key in ("use_dora", "rank_pattern", "alpha_pattern") if adapter_config.get(key)]
     if unsupported:
         problems.append(f"adapter_config.json uses {', '.join(unsupported)}, which the engine does not serve")
-    modules = dict(backbone.model.named_modules())
+    modules = backbone.modules
     pairs = [key for key in state if key.endswith(".lora_A.weight")]
     strays = set(state) - set(pairs) - {key.replace(".lora_A.", ".lora_B.") for key in pairs}
     if strays:
