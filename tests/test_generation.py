@@ -114,3 +114,50 @@ def test_a_generative_adapter_trains_on_completions_and_the_engine_writes_what_p
     assert engine.evaluate(str(result.adapter_path), shared("e2e"), limit=4) == {"rows": 4, **result.metrics}
     with pytest.raises(StoreError, match="writes text"):
         engine.predict(str(result.adapter_path), ["x"])
+
+
+def test_a_decoder_lora_adapter_is_standard_peft_and_merges_into_a_model_transformers_generates_with(llm, tmp_path):
+    """The files are what peft, vLLM (`--lora-modules`) and LoRAX read: adapter_config.json and
+    adapter_model.safetensors with peft's module names, nothing else inside. Plain transformers + peft
+    (no adapterlab) load them and write the engine's tokens; `adapterlab merge` writes a model folder
+    that AutoModelForCausalLM generates the same tokens with."""
+    import json
+    import re
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from adapterlab.cli import app
+
+    folder, _ = llm
+    recipe = validate_recipe(tiny_recipe(folder, tmp_path, task="e2e", output={"name": "gen"}, head={
+        "type": "generate", "template": "Describe: {text}", "max_new_tokens": 8},
+        data={"path": shared("e2e"), "text_field": "mr", "target_field": "ref", "k": 8, "test_limit": 1},
+        training={"max_steps": 4, "batch_size": 4, "lr": 0.05}))
+    adapter = train(recipe, show_progress=False).adapter_path
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["r"] == 4
+    keys = load_file(adapter / "adapter_model.safetensors").keys()
+    assert keys and all(re.fullmatch(r"base_model\.model\.model\.layers\.\d+\.self_attn\.[qkvo]_proj\.lora_[AB]\.weight",
+                                     key) for key in keys), sorted(keys)[:4]
+
+    engine = Engine(folder, tmp_path, dtype="float32")
+    request = GenerationRequest("e2e/gen", text="name[The Eagle], food[French]", sampling=Sampling(8))
+    sequence = engine.generate([request])[0]
+    base = engine.generate([GenerationRequest(None, prompt=engine.backbone.tokenizer.decode(sequence.prompt_ids),
+                                              sampling=Sampling(8))])[0]
+    assert sequence.token_ids != base.token_ids  # the adapter changes the text, so equality below means something
+    ids = torch.tensor([sequence.prompt_ids])
+
+    def greedy(model) -> list[int]:
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             pad_token_id=engine.backbone.tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+        end = engine.backbone.tokenizer.eos_token_id
+        return out[:out.index(end)] if end in out else out
+
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), str(adapter))
+    assert greedy(plain) == sequence.token_ids
+    merged = CliRunner().invoke(app, ["merge", "e2e/gen", "--output", str(tmp_path / "merged"), "--store", str(tmp_path)])
+    assert merged.exit_code == 0, merged.output
+    assert greedy(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")) == sequence.token_ids
