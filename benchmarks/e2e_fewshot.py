@@ -44,13 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def grid(args) -> list[dict]:
-    cells = []
-    for direction in args.directions:
-        cells.append({"direction": direction, "system": "zero-shot", "k": 0, "seed": 0})
-        for k in args.k:
-            for seed in args.seeds:
-                cells += [{"direction": direction, "system": system, "k": k, "seed": seed}
-                          for system in ("in-context", "adapter")]
+    """Zero-shot first, then k by k (smallest first: a partial run still covers every direction and seed)."""
+    cells = [{"direction": direction, "system": "zero-shot", "k": 0, "seed": 0} for direction in args.directions]
+    cells += [{"direction": direction, "system": system, "k": k, "seed": seed} for k in args.k for seed in args.seeds
+              for direction in args.directions for system in ("in-context", "adapter")]
     return [{**cell, "test_limit": args.test_limit, "shots": args.shots if cell["system"] == "in-context" else 0}
             for cell in cells]
 
