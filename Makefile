@@ -19,7 +19,7 @@ demo: setup
 	$(VENV)/bin/adapterlab demo --store adapters
 
 test: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"

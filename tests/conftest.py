@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random BERT for fast unit tests, and the paths of the real data."""
+"""Shared fixtures: a tiny random BERT and a tiny random chat Llama for fast unit tests, and the paths of
+the real data."""
 
 import math
 import os
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from adapterlab.backbones import resolve_path
 from adapterlab.precision import cpu_capability
@@ -47,6 +48,21 @@ def tiny_bert(tmp_path_factory) -> str:
                         intermediate_size=64, max_position_embeddings=128)
     BertModel(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(resolve_path("minilm")).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A 2-layer, 64-wide random Llama with SmolLM2's tokenizer (and its chat template), saved as a local
+    HF folder."""
+    folder = tmp_path_factory.mktemp("tiny-chat-llama")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_path("smollm2-135m"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return str(folder)
 
 

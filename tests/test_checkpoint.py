@@ -176,3 +176,24 @@ def test_killed_minilm_run_resumes_to_the_uninterrupted_adapter(tmp_path):
     verified = subprocess.run([sys.executable, "-m", "adapterlab", "adapters", "verify", "--store",
                                str(tmp_path / "killed"), "--json"], capture_output=True, text=True, timeout=120)
     assert verified.returncode == 0 and json.loads(verified.stdout.splitlines()[-1])["ok"] is True
+
+
+def test_a_generative_run_resumes_to_the_uninterrupted_adapter(tiny_llama, tmp_path, monkeypatch, caplog):
+    def recipe(store: Path):
+        return validate_recipe(tiny_recipe(tiny_llama, store, task="e2e", head={
+            "type": "generate", "template": "Describe: {text}", "max_new_tokens": 4},
+            data={"path": shared("e2e"), "text_field": "mr", "target_field": "ref", "k": 8, "test_limit": 1},
+            training={"max_steps": 4, "batch_size": 4, "checkpoint_every": 2, "lr": 0.05}))
+
+    whole = train(recipe(tmp_path / "whole"), show_progress=False)
+    with monkeypatch.context() as patch:
+        stop_after_checkpoint(patch, 2)
+        with pytest.raises(Stopped):
+            train(recipe(tmp_path / "resumed"), show_progress=False)
+    caplog.set_level("INFO", logger="adapterlab")
+    resumed = train(recipe(tmp_path / "resumed"), show_progress=False, resume=True)
+    assert "at step 2" in caplog.text  # continued, not started over
+    expected, got = adapter_tensors(whole.adapter_path), adapter_tensors(resumed.adapter_path)
+    assert expected.keys() == got.keys() and any(t.abs().sum() > 0 for k, t in got.items() if "lora_B" in k)
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-6), name

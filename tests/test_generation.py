@@ -5,9 +5,8 @@ tokens equal peft's own greedy generation of that prompt under that adapter, alo
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from adapterlab.backbones import load_backbone, resolve_path
+from adapterlab.backbones import load_backbone
 from adapterlab.engine import Engine, GenerationRequest
 from adapterlab.errors import AdapterlabError
 from adapterlab.generation import Decoder, Sampling
@@ -21,16 +20,9 @@ PROMPTS = ["The film was", "Tell me about the weather in Paris today, please", "
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
+def llm(tiny_llama, tmp_path_factory):
     """(backbone folder, store with a LoRA and a prefix adapter trained hard enough to change the text)."""
-    folder = tmp_path_factory.mktemp("tiny-chat-llama")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_path("smollm2-135m"))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = tiny_llama
     store = tmp_path_factory.mktemp("generation-store")
     for name, method in (("lora", {"name": "lora", "r": 4}), ("prefix", {"name": "prefix_tuning", "num_virtual_tokens": 4,
                                                                          "init": "random"})):
