@@ -3,6 +3,9 @@ tiny random Llama (SmolLM2's tokenizer and chat template): a generative LoRA and
 classification adapter and the bare backbone, each named as `model`."""
 
 import threading
+import time
+
+import httpx
 
 import openai
 import pytest
@@ -21,17 +24,25 @@ CHAT = [{"role": "user", "content": "Describe: name[Alimentum], area[city centre
 
 
 @pytest.fixture(scope="module")
-def served(llm):  # noqa: F811
-    """(OpenAI client, engine) over a store with generative and classification adapters of the tiny LLM."""
+def served_app(llm):  # noqa: F811
+    """(base URL, app) over a store with generative and classification adapters of the tiny LLM."""
     folder, store = llm
     for name, method in (("lora", {"name": "lora", "r": 4}), ("prefix", {"name": "prefix_tuning", "num_virtual_tokens": 4})):
         train(validate_recipe(tiny_recipe(folder, store, method=method, task="e2e", output={"name": name},
                                           head={"type": "generate", "template": "Describe: {text}"},
                                           data={**E2E, "path": shared("e2e")},
                                           training={"max_steps": 3, "batch_size": 4, "lr": 0.05})), show_progress=False)
-    app = create_app(store, folder, Settings(dtype="float32"))
+    app = create_app(store, folder, Settings(dtype="float32", max_new_tokens=480))
     with running(app) as (url, _):
-        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0), Engine(folder, store, dtype="float32")
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def served(served_app, llm):  # noqa: F811
+    """(OpenAI client, engine) on that server."""
+    url, _ = served_app
+    folder, store = llm
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0), Engine(folder, store, dtype="float32")
 
 
 def greedy(engine, model, max_tokens, **prompt) -> str:
@@ -115,3 +126,21 @@ def test_errors_in_openai_shape(served):
     with pytest.raises(openai.BadRequestError) as long:
         client.completions.create(model="e2e/lora", prompt="word " * 600, max_tokens=4)
     assert long.value.body["code"] == "context_length_exceeded" and "512 tokens" in long.value.body["message"]
+
+
+def test_a_client_that_leaves_stops_its_generation(served_app):
+    """A non-streamed completion whose client gives up is cancelled (its rows leave the decoder), not
+    decoded to the end for nobody."""
+    url, app = served_app
+    server = app.state.server
+    body = {"model": "e2e/lora", "prompt": "Once upon a time", "max_tokens": 480, "temperature": 0}
+    started = time.monotonic()
+    whole = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+    seconds = time.monotonic() - started
+    assert whole["usage"]["completion_tokens"] == 480 and seconds > 1.0  # long enough to leave in the middle
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=0.2)
+    while server.decoder.busy and time.monotonic() - started < seconds:
+        time.sleep(0.02)
+    assert time.monotonic() - started < 0.2 + 0.5 * seconds and not server.decoder.busy

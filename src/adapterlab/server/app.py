@@ -13,7 +13,7 @@ from typing import Annotated
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -172,7 +172,7 @@ async def classify_batch(body: BatchBody, server: ServerDep) -> dict:
 
 
 @router.post("/v1/generate", dependencies=CLIENT)
-async def generate(body: GenerateBody, server: ServerDep) -> dict:
+async def generate(body: GenerateBody, http: HttpRequest, server: ServerDep):
     """Greedy continuation of a prompt (LLM backbones), under an adapter or by the bare backbone."""
     if body.max_new_tokens > server.settings.max_new_tokens:
         raise ApiError(413, f"max_new_tokens {body.max_new_tokens}; the limit is {server.settings.max_new_tokens}")
@@ -184,8 +184,10 @@ async def generate(body: GenerateBody, server: ServerDep) -> dict:
     if folder is not None:
         await asyncio.to_thread(server.checked_card, folder)  # 404, 422 or 409 before it queues
     request = GenerationRequest(folder and str(folder), body.prompt, sampling=Sampling(body.max_new_tokens))
-    [update] = await server.generate([request])
-    return {"adapter": body.adapter, "text": update.text}
+    finals = await server.generate([request], gone=http.is_disconnected)
+    if finals is None:
+        return Response(status_code=openai.CLIENT_CLOSED_REQUEST)
+    return {"adapter": body.adapter, "text": finals[0].text}
 
 
 def _answer(prediction: Prediction, top_k: int | None) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import AsyncIterator, Literal
 
 from fastapi import APIRouter, Depends, Request as HttpRequest
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapterlab.engine import GenerationRequest
@@ -23,6 +23,7 @@ from adapterlab.server.worker import Server, Update
 from adapterlab.store import adapter_folders, read_card
 
 PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before its answer (nobody reads it)
 
 
 class _Body(BaseModel):
@@ -74,17 +75,18 @@ async def models(server: Server = Depends(_server)) -> dict:
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionBody, server: Server = Depends(_server)):
-    return await _answer(server, body, "text_completion", prompt=body.prompt)
+async def completions(body: CompletionBody, request: HttpRequest, server: Server = Depends(_server)):
+    return await _answer(server, request, body, "text_completion", prompt=body.prompt)
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatBody, server: Server = Depends(_server)):
+async def chat_completions(body: ChatBody, request: HttpRequest, server: Server = Depends(_server)):
     messages = [message.model_dump() for message in body.messages]
-    return await _answer(server, body, "chat.completion", messages=messages)
+    return await _answer(server, request, body, "chat.completion", messages=messages)
 
 
-async def _answer(server: Server, body: _Body, kind: str, prompt: str | None = None, messages: list | None = None):
+async def _answer(server: Server, request: HttpRequest, body: _Body, kind: str, prompt: str | None = None,
+                  messages: list | None = None):
     server.check_size(body.n, prompt, *(m["content"] for m in messages or ()))
     folder = await _model(server, body.model)
     card = read_card(folder) if folder is not None else None
@@ -106,7 +108,9 @@ async def _answer(server: Server, body: _Body, kind: str, prompt: str | None = N
         holdback = max(map(len, stops), default=1) - 1  # a stop string's start is not sent before it is decided
         return StreamingResponse(_events(server, updates, body.n, kind, meta, usage, holdback),
                                  media_type="text/event-stream")
-    finals = await server.generate(requests)
+    finals = await server.generate(requests, gone=request.is_disconnected)
+    if finals is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     return {**meta, "object": kind, "choices": [_choice(kind, update) for update in finals], "usage": _usage(finals)}
 
 
