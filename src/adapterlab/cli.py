@@ -1,6 +1,8 @@
 """The command line: each command parses, calls one function of the package, and formats."""
 
 import functools
+import importlib
+import importlib.util
 import json
 import logging
 import sys
@@ -21,6 +23,8 @@ console = Console()
 STORE = typer.Option("adapters", "--store", help="Adapter store folder.")
 JSON = typer.Option(False, "--json", help="End stdout with one JSON object.")
 DEVICE = typer.Option("auto", "--device", help="auto (a CUDA GPU, else MPS, else the CPU), cpu, cuda, cuda:N or mps.")
+RAY_ADDRESS = typer.Option(None, "--address", help="With --ray: the Ray cluster (e.g. ray://head:10001); "
+                           "default: RAY_ADDRESS, else a cluster started here.")
 DTYPE = typer.Option("auto", "--dtype", help="auto (bfloat16 where the device computes it natively: a GPU with "
                      "bf16, a CPU with AVX512-BF16/AMX; float16 on other GPUs; else float32), float32, bfloat16 "
                      "or float16.")
@@ -47,6 +51,13 @@ def _clean_errors(command):
             raise typer.Exit(2) from None
 
     return run
+
+
+def _ray_module(name: str):
+    """One of adapterlab's Ray modules, or one line saying how to get Ray."""
+    if importlib.util.find_spec("ray") is None:
+        raise AdapterlabError("--ray needs Ray: pip install adapterlab[ray]")
+    return importlib.import_module(name)
 
 
 def _emit(payload: dict) -> None:
@@ -300,7 +311,13 @@ def serve(store: Path = STORE,
           allow_admin_without_token: bool = typer.Option(False, "--allow-admin-without-token",
                                                          help="Admin endpoints open to anyone who reaches the "
                                                          "server (local use only)."),
-          device: str = DEVICE, dtype: str = DTYPE):
+          device: str = DEVICE, dtype: str = DTYPE,
+          ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: replicas, each with the backbone and "
+                                   "an engine, requests routed by adapter (pip install adapterlab[ray])."),
+          replicas: int = typer.Option(1, "--replicas", help="With --ray: replicas."),
+          adapters_per_replica: int = typer.Option(64, "--adapters-per-replica", help="With --ray: adapters "
+                                                   "each replica keeps loaded."),
+          address: Optional[str] = RAY_ADDRESS):
     """Serve the store's adapters over HTTP with dynamic batching (OpenAPI at /docs)."""
     from adapterlab.server import Settings, serve as run_server
 
@@ -309,7 +326,13 @@ def serve(store: Path = STORE,
                         max_upload_bytes=int(max_upload_mb * 2**20), admin_token=admin_token,
                         client_token=client_token, allow_admin_without_token=allow_admin_without_token,
                         device=device, dtype=dtype)
-    run_server(store, backbone, host, port, settings)
+    if not ray:
+        run_server(store, backbone, host, port, settings)
+        return
+    ray_serve = _ray_module("adapterlab.ray_serve")
+    options = ray_serve.RayServeOptions(store=str(store.resolve()), backbone=backbone, replicas=replicas,
+                                        adapters_per_replica=adapters_per_replica, settings=vars(settings))
+    ray_serve.serve_on_ray(options, address, host, port)
 
 
 @app.command()
