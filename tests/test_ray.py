@@ -23,9 +23,12 @@ from ray.serve._private.api import call_user_app_builder_with_args_if_necessary 
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 import adapterlab  # noqa: E402
+import adapterlab.sweep as sweep_module  # noqa: E402
+from adapterlab import ray_sweep  # noqa: E402
 from adapterlab.engine import Engine  # noqa: E402
 from adapterlab.ray_serve import RayServeOptions, build_app  # noqa: E402
 from adapterlab.recipe import validate_recipe  # noqa: E402
+from adapterlab.sweep import SweepError, load_sweep, run_sweep  # noqa: E402
 from adapterlab.train import train  # noqa: E402
 from conftest import ROOT, tiny_recipe  # noqa: E402
 from test_server import archive, copy_adapter, folder_files  # noqa: E402
@@ -204,3 +207,67 @@ def test_a_killed_replica_is_replaced_and_no_request_fails(url, store):
 def test_options_refuse_unknown_settings():
     with pytest.raises(ValueError, match="unknown server settings: max_wait"):
         RayServeOptions(store="adapters", settings={"max_wait": 2})
+
+
+@pytest.fixture
+def sweep_file(tiny_bert, tmp_path):
+    """6 cells: zero-shot and LoRA at k=2 with 2 seeds, on two datasets."""
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_bert, tmp_path / "unused")))
+    sweep = {"name": "tiny", "backbone": tiny_bert, "output": str(tmp_path / "local"),
+             "datasets": {"sentiment": {"path": "demo:sentiment"}, "topic": {"path": "demo:topic"}},
+             "methods": {"zeroshot": "zeroshot", "lora": str(recipe)}, "k": [2], "seeds": [0, 1],
+             "cpus_per_cell": 0.5}  # the serve tests' replicas hold a CPU of the two
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def accuracies(folder: Path) -> dict[tuple, float]:
+    rows = sweep_module.read_results(folder / "results.jsonl")
+    assert len(rows) == len({(r["dataset"], r["method"], r["k"], r["seed"]) for r in rows}) == 6  # no cell twice
+    return {(r["dataset"], r["method"], r["k"], r["seed"]): r["accuracy"] for r in rows}
+
+
+def test_a_sweep_on_ray_equals_the_local_sweep_and_resumes_after_an_interruption(cluster, sweep_file, tmp_path,
+                                                                                 monkeypatch):
+    sweep = load_sweep(sweep_file)
+    local = run_sweep(sweep, show_progress=False)
+    on_ray = run_sweep(sweep.model_copy(update={"output": str(tmp_path / "ray")}), show_progress=False,
+                       runner=ray_sweep.on_ray())
+    assert accuracies(on_ray) == accuracies(local)
+    without_seconds = lambda folder: [line.rsplit("|", 2)[0] for line in (folder / "summary.md").read_text().splitlines()]  # noqa: E731
+    assert without_seconds(on_ray) == without_seconds(local)  # the same table, training times aside
+    for name in ("accuracy_vs_k.png", "methods.png", "results.csv", "summary.json"):
+        assert (on_ray / name).is_file()
+
+    interrupted = sweep.model_copy(update={"output": str(tmp_path / "interrupted")})
+    real_append, appended, submitted = sweep_module.append_result, [], []
+
+    def stop_after_two(results_file, row):
+        if len(appended) == 2:
+            raise KeyboardInterrupt
+        appended.append(row)
+        real_append(results_file, row)
+
+    def counting(sweep, todo, folder):
+        submitted.append(len(todo))
+        return ray_sweep.on_ray()(sweep, todo, folder)
+
+    monkeypatch.setattr(sweep_module, "append_result", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(interrupted, show_progress=False, runner=counting)
+    monkeypatch.setattr(sweep_module, "append_result", real_append)
+    folder = run_sweep(interrupted, show_progress=False, runner=counting)
+    assert submitted == [6, 4]  # the two finished cells did not run again
+    assert accuracies(folder) == accuracies(local)
+
+
+def test_a_cell_that_keeps_failing_is_reported_and_the_others_are_kept(cluster, sweep_file, tmp_path):
+    sweep = load_sweep(sweep_file).model_copy(update={
+        "output": str(tmp_path / "failing"), "methods": {"zeroshot": "zeroshot"},
+        "datasets": {"sentiment": {"path": "demo:sentiment"}, "gone": {"path": str(tmp_path / "nowhere")}}})
+    with pytest.raises(SweepError, match=r"^1 cells failed \(run the sweep again to retry them\): gone/zeroshot/k0/s0: "):
+        run_sweep(sweep, show_progress=False, runner=ray_sweep.on_ray())
+    rows = sweep_module.read_results(tmp_path / "failing/tiny/results.jsonl")
+    assert [(row["dataset"], row["method"]) for row in rows] == [("sentiment", "zeroshot")]

@@ -239,12 +239,16 @@ def zeroshot(backbone: str = typer.Option(..., "--backbone", help="minilm, smoll
 
 @app.command()
 @_clean_errors
-def sweep(file: Path = typer.Argument(..., help="Sweep YAML (see recipes/sweeps/)."), json_out: bool = JSON):
+def sweep(file: Path = typer.Argument(..., help="Sweep YAML (see recipes/sweeps/)."), json_out: bool = JSON,
+          ray: bool = typer.Option(False, "--ray", help="Each cell as a Ray task with the sweep's cpus_per_cell "
+                                   "and gpus_per_cell (pip install adapterlab[ray])."),
+          address: Optional[str] = RAY_ADDRESS):
     """Datasets × methods × k × seeds, resumable: a results table (CSV, JSON, markdown) and PNG plots."""
     from adapterlab.sweep import load_sweep, run_sweep
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    folder = run_sweep(load_sweep(file))
+    runner = _ray_module("adapterlab.ray_sweep").on_ray(address) if ray else None
+    folder = run_sweep(load_sweep(file), runner=runner)
     if json_out:
         _emit({"output": str(folder), "summary": json.loads((folder / "summary.json").read_text())})
     else:
