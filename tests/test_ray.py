@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -25,6 +26,7 @@ from ray.serve.schema import ServeDeploySchema  # noqa: E402
 import adapterlab  # noqa: E402
 import adapterlab.sweep as sweep_module  # noqa: E402
 from adapterlab import ray_sweep  # noqa: E402
+from adapterlab.cli import app as cli_app  # noqa: E402
 from adapterlab.engine import Engine  # noqa: E402
 from adapterlab.ray_serve import RayServeOptions, build_app  # noqa: E402
 from adapterlab.recipe import validate_recipe  # noqa: E402
@@ -271,3 +273,17 @@ def test_a_cell_that_keeps_failing_is_reported_and_the_others_are_kept(cluster, 
         run_sweep(sweep, show_progress=False, runner=ray_sweep.on_ray())
     rows = sweep_module.read_results(tmp_path / "failing/tiny/results.jsonl")
     assert [(row["dataset"], row["method"]) for row in rows] == [("sentiment", "zeroshot")]
+
+
+def test_the_factory_trains_one_adapter_per_task_folder_on_ray(cluster, tiny_bert, tmp_path):
+    demo = Path(adapterlab.__file__).parent / "demo"
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_bert, tmp_path / "unused")))
+    result = CliRunner().invoke(cli_app, ["factory", str(recipe), str(demo / "sentiment"), str(demo / "topic"),
+                                          "--output", str(tmp_path / "out"), "--set", "data.k=2", "--ray", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.splitlines()[-1])["summary"]
+    assert sorted((row["dataset"], row["k"]) for row in summary) == [("sentiment", 2), ("topic", 2)]
+    for task in ("sentiment", "topic"):
+        card = json.loads((tmp_path / f"out/factory/adapters/{task}/lora-k2-s0/card.json").read_text())
+        assert card["task"] == task and card["k"] == 2

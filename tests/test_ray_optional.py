@@ -24,3 +24,12 @@ def test_ray_commands_without_ray_say_how_to_install_it(command, monkeypatch):
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --ray needs Ray: pip install adapterlab[ray]"
+
+
+@pytest.mark.parametrize("command, message", [
+    (["serve", "--replicas", "2"], "error: --replicas goes with --ray"),
+    (["serve", "--replicas", "2", "--address", "auto"], "error: --address and --replicas go with --ray"),
+    (["sweep", "sweep.yaml", "--address", "auto"], "error: --address goes with --ray")])
+def test_ray_options_without_ray_are_refused(command, message):
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 2 and result.stderr.strip() == message

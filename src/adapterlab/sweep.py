@@ -68,6 +68,24 @@ def load_sweep(path: str | Path) -> Sweep:
     return sweep
 
 
+def factory_sweep(recipe: str | Path, folders: list[Path], name: str, output: str,
+                  overrides: list[str] = ()) -> Sweep:
+    """The adapter factory: a sweep that trains `recipe` once on each task folder (a dataset named after
+    its folder, at the recipe's k and seed), so it runs, resumes and reports as a sweep does."""
+    recipe_settings = load_recipe(recipe, list(overrides))
+    if recipe_settings.data.k is None:
+        raise SweepError(f"{recipe}: the factory trains k-shot: set data.k (or --set data.k=N)")
+    missing = [str(folder) for folder in folders if not Path(folder).is_dir()]
+    if missing:
+        raise SweepError(f"task folders not found: {', '.join(missing)}")
+    if len({Path(folder).name for folder in folders}) < len(folders):
+        raise SweepError("task folders name the tasks: give folders of distinct names")
+    return Sweep(name=name, backbone=recipe_settings.backbone, output=output, overrides=list(overrides),
+                 datasets={Path(folder).name: {"path": str(Path(folder).resolve())} for folder in folders},
+                 methods={recipe_settings.method.name: str(recipe)}, k=[recipe_settings.data.k],
+                 seeds=[recipe_settings.data.seed])
+
+
 def cells(sweep: Sweep) -> list[dict]:
     """Every run of the sweep; zero-shot runs once per dataset (no k, no training seed)."""
     grid = []
