@@ -98,10 +98,9 @@ def assert_answer(answer: dict, expected) -> None:
     assert max(abs(scores[label] - expected.scores[label]) for label in expected.scores) < 1e-5
 
 
-def replica_loads(client: httpx.Client) -> dict[str, float]:
-    """pid → adapter loads, from the ingress's /metrics."""
-    lines = [line for line in client.get("/metrics").text.splitlines()
-             if line.startswith("adapterlab_replica_adapter_loads_total{")]
+def per_replica(client: httpx.Client, metric: str = "adapterlab_replica_adapter_loads_total") -> dict[str, float]:
+    """pid → a replica's figure (default: its adapter loads), from the ingress's /metrics."""
+    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(metric + "{")]
     return {line.split('pid="')[1].split('"')[0]: float(line.split()[-1]) for line in lines}
 
 
@@ -131,8 +130,10 @@ def test_mixed_traffic_answers_as_the_local_engine_with_few_loads(url, store):
     _, _, expected = store
     with ThreadPoolExecutor(16) as pool, httpx.Client(base_url=url, timeout=60) as client:
         statuses = list(pool.map(lambda step: send(client, step, expected), range(500)))
-        loads = replica_loads(client)
+        loads, batches = per_replica(client), per_replica(client, "adapterlab_replica_batches_total")
     assert statuses.count(200) == 500, {s: statuses.count(s) for s in set(statuses)}
+    print(f"engine batches per replica: {batches}")
+    assert sum(batches.values()) < 500  # concurrent requests shared forward passes, whatever adapters they named
     assert len(loads) == 2  # both replicas answered
     # 20 adapters, 16 slots per replica: routed by adapter, each loads on one replica, at most two
     # (requests racing Ray's view of who holds it); routed at random, both replicas would cycle all 20.
@@ -177,7 +178,7 @@ def test_a_killed_replica_is_replaced_and_no_request_fails(url, store):
     _, _, expected = store
     killed, replaced = threading.Event(), threading.Event()
     with httpx.Client(base_url=url, timeout=120) as client:
-        before = replica_loads(client)
+        before = per_replica(client)
 
         def traffic(worker: int) -> list[int]:
             statuses, step = [], worker
@@ -192,7 +193,7 @@ def test_a_killed_replica_is_replaced_and_no_request_fails(url, store):
             os.kill(int(next(iter(before))), signal.SIGKILL)
             killed_at = time.monotonic()
             killed.set()
-            while time.monotonic() - killed_at < 90 and not set(replica_loads(client)) - set(before):
+            while time.monotonic() - killed_at < 90 and not set(per_replica(client)) - set(before):
                 time.sleep(0.5)
             restart_seconds = time.monotonic() - killed_at
             time.sleep(1)  # traffic on the new replica too

@@ -24,9 +24,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated
 
+import ray
 from fastapi import APIRouter, Depends, FastAPI, Request as HttpRequest
 from fastapi.responses import PlainTextResponse
-import ray
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.exceptions import RayActorError
@@ -145,8 +145,8 @@ class AdapterReplica:
 
     def figures(self) -> dict:
         context = serve.get_replica_context()
-        return {"replica": context.replica_id.unique_id, "pid": os.getpid(),
-                "resident": len(self.server.engine.resident()), **self.server.engine.stats}
+        return {"replica": context.replica_id.unique_id, "pid": os.getpid(), "resident": len(self.server.engine.resident()),
+                "batches": sum(self.server.metrics.batch_rows.counts), **self.server.engine.stats}
 
     async def classify(self, rows: list[BatchRow]) -> Reply | ApiError:
         """Rows of the request's multiplexed adapter (or zero-shot rows, with none), batched with
@@ -303,15 +303,24 @@ class Ingress:
                 self.resent += 1
         if isinstance(reply, ApiError):
             raise reply
-        self.figures[reply.figures["replica"]] = reply.figures
+        latest = self.figures.get(reply.figures["replica"])
+        if latest is None or _progress(reply.figures) >= _progress(latest):  # replies can overtake each other
+            self.figures[reply.figures["replica"]] = reply.figures
         return reply.value
 
     def render_metrics(self) -> str:
         replicas = list(self.figures.values())
         self.metrics.engine = {key: sum(f[key] for f in replicas) for key in ("resident", "hits", "misses", "evictions")}
-        loads = [f'{{replica="{f["replica"]}",pid="{f["pid"]}"}} {f["misses"]}' for f in replicas]
+
+        def per_replica(key: str) -> list[str]:
+            return [f'{{replica="{f["replica"]}",pid="{f["pid"]}"}} {f[key]}' for f in replicas]
+
         lines = family("adapterlab_replica_adapter_loads_total", "counter",
-                       "Adapter loads (engine cache misses) per replica, as its last answer reported them.", loads)
+                       "Adapter loads (engine cache misses) per replica, as its last answer reported them.",
+                       per_replica("misses"))
+        lines += family("adapterlab_replica_batches_total", "counter",
+                        "Engine batches per replica (rows of any adapters together), as its last answer reported them.",
+                        per_replica("batches"))
         lines += family("adapterlab_resent_requests_total", "counter",
                         "Classifications sent to another replica after theirs died.", [f" {self.resent}"])
         return self.metrics.render() + "\n".join(lines) + "\n"
@@ -332,6 +341,11 @@ def serve_on_ray(options: RayServeOptions, address: str | None, host: str, port:
     ray.init(address=address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(options), name="adapterlab", route_prefix="/", blocking=True)
+
+
+def _progress(figures: dict) -> int:
+    """How far a replica's counters had run when it reported them."""
+    return figures["hits"] + figures["misses"] + figures["batches"]
 
 
 def _version(folder: Path) -> tuple[int, int] | None:
