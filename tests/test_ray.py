@@ -27,13 +27,14 @@ import adapterlab  # noqa: E402
 import adapterlab.sweep as sweep_module  # noqa: E402
 from adapterlab import ray_sweep  # noqa: E402
 from adapterlab.cli import app as cli_app  # noqa: E402
-from adapterlab.engine import Engine  # noqa: E402
+from adapterlab.engine import Engine, GenerationRequest  # noqa: E402
+from adapterlab.generation import Sampling  # noqa: E402
 from adapterlab.ray_serve import RayServeOptions, build_app  # noqa: E402
 from adapterlab.recipe import validate_recipe  # noqa: E402
 from adapterlab.sweep import SweepError, load_sweep, run_sweep  # noqa: E402
 from adapterlab.train import train  # noqa: E402
 from conftest import ROOT, tiny_recipe  # noqa: E402
-from test_server import archive, copy_adapter, folder_files  # noqa: E402
+from test_server import archive, copy_adapter, folder_files, tiny_llama  # noqa: E402,F401 (a fixture)
 
 TEXTS = ["the soup was cold", "what a match last night", "please cancel my order", "loved every minute",
          "markets slid on rate fears", "a dull and lifeless film"]
@@ -170,6 +171,30 @@ def test_register_replace_and_delete_reach_every_replica(url, store):
         assert client.post("/v1/classify", json={"adapter": "../etc", "inputs": ["x"]}).status_code == 400
         assert client.delete("/v1/adapters/new/first").status_code == 404
         assert httpx.delete(f"{url}/v1/adapters/sentiment/r0").status_code == 401
+
+
+def test_generation_under_adapters_and_the_bare_backbone(url, tiny_llama, tmp_path):
+    """/v1/generate through the ingress (a second application, over an LLM's store) writes what a
+    local engine writes, under a LoRA adapter and by the bare backbone."""
+    raw = tiny_recipe(tiny_llama, tmp_path, method={"name": "lora", "r": 4}, training={"max_steps": 2, "lr": 0.05},
+                      output={"name": "lora"})
+    train(validate_recipe(raw), show_progress=False)
+    engine = Engine(tiny_llama, tmp_path, dtype="float32")
+    sampling = Sampling(6)
+    wanted = {adapter: engine.generate([GenerationRequest(adapter, "the movie was", sampling=sampling)])[0].text
+              for adapter in (None, "sentiment/lora")}
+    assert len(set(wanted.values())) == 2
+    options = RayServeOptions(store=str(tmp_path), replica_cpus=0.25, settings=SETTINGS)
+    serve.run(build_app(options), name="llm", route_prefix="/llm")
+    try:
+        with httpx.Client(base_url=f"{url}/llm", timeout=60) as client:
+            for adapter in (None, "sentiment/lora", None):
+                response = client.post("/v1/generate", json={"adapter": adapter, "prompt": "the movie was",
+                                                              "max_new_tokens": 6})
+                assert response.status_code == 200 and response.json()["text"] == wanted[adapter], response.text
+            assert client.post("/v1/generate", json={"adapter": "sentiment/nope", "prompt": "x"}).status_code == 404
+    finally:
+        serve.delete("llm")
 
 
 def test_a_killed_replica_is_replaced_and_no_request_fails(url, store):

@@ -34,15 +34,16 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 
 from adapterlab.engine import Prediction
-from adapterlab.server.app import (ADMIN, CLIENT, answer_errors, prediction_json, public_card, rows_of,
-                                   store_cards)
-from adapterlab.server.bodies import BatchBody, BatchRow, ClassifyBody, RegisterBody
+from adapterlab.server.app import (ADMIN, CLIENT, answer_errors, continuation, prediction_json, public_card,
+                                   rows_of, store_cards)
+from adapterlab.server.bodies import BatchBody, BatchRow, ClassifyBody, GenerateBody, RegisterBody
 from adapterlab.server.errors import ApiError
 from adapterlab.server.metrics import Metrics, family
 from adapterlab.server.settings import Settings
 from adapterlab.server.worker import Server
 
-ATTEMPTS = 3  # a classification whose replica died is sent again (answering is idempotent)
+ATTEMPTS = 3  # a request whose replica died is sent again, when answering it is idempotent
+IDEMPOTENT = {"classify", "generate"}  # greedy generation writes the same text again
 
 
 class RayServeOptions(BaseModel):
@@ -159,6 +160,17 @@ class AdapterReplica:
         except ApiError as error:
             return error
 
+    async def generate(self, body: GenerateBody) -> Reply | ApiError:
+        """The continuation `/v1/generate` answers with, under the request's multiplexed adapter (or
+        none: the bare backbone); decode steps join the replica's other generations."""
+        try:
+            name = serve.get_multiplexed_model_id()
+            if name:
+                await self._current(name)
+            return Reply(await continuation(self.server, body), self.figures())
+        except ApiError as error:
+            return error
+
     async def register(self, name: str | None, archive: bytes | None) -> Reply | ApiError:
         """A folder already in the store (`name`) or an uploaded archive, checked by loading it here,
         then left to the multiplexer (other replicas reload it on their next request for it)."""
@@ -253,6 +265,12 @@ async def classify_batch(body: BatchBody, ingress: IngressDep) -> dict:
                             for row, p in zip(body.rows, predictions)]}
 
 
+@router.post("/v1/generate", dependencies=CLIENT)
+async def generate(body: GenerateBody, ingress: IngressDep) -> dict:
+    """As `adapterlab serve`: a greedy continuation (LLM backbones), under an adapter or by the bare backbone."""
+    return {"adapter": body.adapter, "text": await ingress.call(body.adapter, "generate", body)}
+
+
 @serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class Ingress:
@@ -264,7 +282,7 @@ class Ingress:
         self.settings = Settings(**options.settings)
         self.metrics = Metrics()
         self.figures: dict[str, dict] = {}  # replica id → its latest engine figures
-        self.resent = 0  # classifications sent again after their replica died
+        self.resent = 0  # requests sent again after their replica died
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = FastAPI(title="adapterlab on Ray Serve", summary="Many adapters on one frozen backbone, over replicas.")
@@ -289,8 +307,8 @@ class Ingress:
         return predictions
 
     async def call(self, adapter: str | None, method: str, *args):
-        """`method` on a replica chosen by Ray for `adapter`; a classification whose replica died on the
-        way is sent again (Ray routes around the dead replica), anything else answers 503."""
+        """`method` on a replica chosen by Ray for `adapter`; a classification or generation whose replica
+        died on the way is sent again (Ray routes around the dead replica); a register or delete answers 503."""
         multiplexed = adapter if adapter is not None and self.options.route_by_adapter else ""
         handle = getattr(self.replicas.options(multiplexed_model_id=multiplexed), method)
         for attempt in range(1, ATTEMPTS + 1):
@@ -298,7 +316,7 @@ class Ingress:
                 reply = await handle.remote(*args)
                 break
             except RayActorError:
-                if method != "classify" or attempt == ATTEMPTS:
+                if method not in IDEMPOTENT or attempt == ATTEMPTS:
                     raise ApiError(503, "a replica went away while answering; retry shortly", {"Retry-After": "1"})
                 self.resent += 1
         if isinstance(reply, ApiError):
@@ -322,7 +340,7 @@ class Ingress:
                         "Engine batches per replica (rows of any adapters together), as its last answer reported them.",
                         per_replica("batches"))
         lines += family("adapterlab_resent_requests_total", "counter",
-                        "Classifications sent to another replica after theirs died.", [f" {self.resent}"])
+                        "Requests sent to another replica after theirs died.", [f" {self.resent}"])
         return self.metrics.render() + "\n".join(lines) + "\n"
 
 

@@ -178,6 +178,11 @@ async def classify_batch(body: BatchBody, server: ServerDep) -> dict:
 @router.post("/v1/generate", dependencies=CLIENT)
 async def generate(body: GenerateBody, server: ServerDep) -> dict:
     """Greedy continuation of a prompt (LLM backbones), under an adapter or by the bare backbone."""
+    return {"adapter": body.adapter, "text": await continuation(server, body)}
+
+
+async def continuation(server: Server, body: GenerateBody) -> str:
+    """The text `/v1/generate` answers with, checked as it is served."""
     if body.max_new_tokens > server.settings.max_new_tokens:
         raise ApiError(413, f"max_new_tokens {body.max_new_tokens}; the limit is {server.settings.max_new_tokens}")
     server.check_size(1, body.prompt)
@@ -189,7 +194,7 @@ async def generate(body: GenerateBody, server: ServerDep) -> dict:
         await asyncio.to_thread(server.checked_card, folder)  # 404, 422 or 409 before it queues
     request = GenerationRequest(folder and str(folder), body.prompt, sampling=Sampling(body.max_new_tokens))
     [update] = await server.generate([request])
-    return {"adapter": body.adapter, "text": update.text}
+    return update.text
 
 
 def prediction_json(prediction: Prediction, top_k: int | None) -> dict:
