@@ -145,9 +145,10 @@ class AdapterReplica:
                 self.server.engine.unload(name)
 
     def figures(self) -> dict:
-        context = serve.get_replica_context()
-        return {"replica": context.replica_id.unique_id, "pid": os.getpid(), "resident": len(self.server.engine.resident()),
-                "batches": sum(self.server.metrics.batch_rows.counts), **self.server.engine.stats}
+        """The engine figures the worker published after its last batch (the engine itself is the worker's
+        alone), and the batches so far."""
+        return {"replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(),
+                "batches": sum(self.server.metrics.batch_rows.counts), **self.server.metrics.engine}
 
     async def classify(self, rows: list[BatchRow]) -> Reply | ApiError:
         """Rows of the request's multiplexed adapter (or zero-shot rows, with none), batched with
