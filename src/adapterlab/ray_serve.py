@@ -215,7 +215,7 @@ IngressDep = Annotated["Ingress", Depends(_ingress)]
 
 @router.get("/health")
 async def health(ingress: IngressDep) -> dict:
-    return {"status": "ok", **await ingress.replicas.describe.remote(), "replicas": len(ingress.figures)}
+    return {"status": "ok", **await ingress.replicas.describe.remote()}
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

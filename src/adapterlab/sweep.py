@@ -4,7 +4,9 @@ A sweep file names a backbone, datasets (data sections), methods (recipe files, 
 k values and the seeds. Each finished cell is appended to results.jsonl at once, with a digest of the
 settings it ran under, so an interrupted sweep resumes where it stopped and a cell whose recipe has
 changed since runs again; the report (CSV, JSON, markdown with mean ± std over seeds, PNG plots) is
-rebuilt after every run from the cells of the sweep as it now stands.
+rebuilt after every run from the cells of the sweep as it now stands. Cells run one after another in
+this process, or through another runner (`ray_sweep.on_ray`: as tasks on a Ray cluster); the factory
+(`factory_sweep`) is a sweep of one cell per task folder.
 """
 
 import csv

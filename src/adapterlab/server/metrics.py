@@ -43,20 +43,20 @@ class Metrics:
         """The Prometheus text format."""
         requests = self.requests.items()
         out = family("adapterlab_requests_total", "counter", "HTTP requests by endpoint and status.",
-                      [f'{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in requests])
+                     [f'{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in requests])
         out += family("adapterlab_errors_total", "counter", "HTTP answers with status >= 400.",
-                       [f'{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in requests if s >= 400])
+                      [f'{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in requests if s >= 400])
         out += family("adapterlab_request_seconds", "histogram", "Request latency.",
-                       [line for e, h in self.latency.items() for line in h.lines(f'endpoint="{e}",')])
+                      [line for e, h in self.latency.items() for line in h.lines(f'endpoint="{e}",')])
         out += family("adapterlab_batch_rows", "histogram", "Rows per engine batch.", self.batch_rows.lines())
         out += family("adapterlab_truncated_inputs_total", "counter",
-                       "Inputs cut to their adapter's token limit (answered from their first tokens).",
-                       [f" {self.truncated}"])
+                      "Inputs cut to their adapter's token limit (answered from their first tokens).",
+                      [f" {self.truncated}"])
         out += family("adapterlab_resident_adapters", "gauge", "Adapters loaded in the engine.",
-                       [f" {self.engine['resident']}"])
+                      [f" {self.engine['resident']}"])
         for name in ("hits", "misses", "evictions"):
             out += family(f"adapterlab_cache_{name}_total", "counter", f"Engine adapter cache {name}.",
-                           [f" {self.engine[name]}"])
+                          [f" {self.engine[name]}"])
         return "\n".join(out) + "\n"
 
 
