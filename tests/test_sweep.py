@@ -11,7 +11,7 @@ import adapterlab.sweep as sweep_module
 from adapterlab.data import load_task
 from adapterlab.engine import Engine
 from adapterlab.recipe import DataConfig
-from adapterlab.sweep import SweepError, load_sweep, run_sweep
+from adapterlab.sweep import SweepError, factory_sweep, load_sweep, run_sweep
 from conftest import tiny_recipe
 
 
@@ -106,3 +106,18 @@ def test_sweep_on_minilm_and_real_data(tmp_path):
     rows = load_task(DataConfig(path=shared("agnews"), k=None, test_limit=200)).test
     for seed in (0, 1):
         assert_beats_its_start(engine, f"agnews/lora-k8-s{seed}", rows)
+
+
+def test_the_factory_refuses_what_it_cannot_train(tiny_bert, tmp_path):
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_bert, tmp_path / "unused")))
+    (tmp_path / "a" / "same").mkdir(parents=True)
+    (tmp_path / "b" / "same").mkdir(parents=True)
+    with pytest.raises(SweepError, match="task folders not found: .*nowhere"):
+        factory_sweep(recipe, [tmp_path / "nowhere"], "f", str(tmp_path))
+    with pytest.raises(SweepError, match="distinct names"):
+        factory_sweep(recipe, [tmp_path / "a/same", tmp_path / "b/same"], "f", str(tmp_path))
+    with pytest.raises(SweepError, match="the factory trains k-shot: set data.k"):
+        factory_sweep(recipe, [tmp_path / "a/same"], "f", str(tmp_path), ["data.k=null"])
+    sweep = factory_sweep(recipe, [tmp_path / "a/same"], "f", str(tmp_path), ["data.k=3"])
+    assert (sweep.k, sweep.seeds, list(sweep.datasets)) == ([3], [0], ["same"])

@@ -1,6 +1,8 @@
 """The command line: each command parses, calls one function of the package, and formats."""
 
 import functools
+import importlib
+import importlib.util
 import json
 import logging
 import sys
@@ -21,6 +23,8 @@ console = Console()
 STORE = typer.Option("adapters", "--store", help="Adapter store folder.")
 JSON = typer.Option(False, "--json", help="End stdout with one JSON object.")
 DEVICE = typer.Option("auto", "--device", help="auto (a CUDA GPU, else MPS, else the CPU), cpu, cuda, cuda:N or mps.")
+RAY_ADDRESS = typer.Option(None, "--address", help="With --ray: the Ray cluster (e.g. ray://head:10001); "
+                           "default: RAY_ADDRESS, else a cluster started here.")
 DTYPE = typer.Option("auto", "--dtype", help="auto (bfloat16 where the device computes it natively: a GPU with "
                      "bf16, a CPU with AVX512-BF16/AMX; float16 on other GPUs; else float32), float32, bfloat16 "
                      "or float16.")
@@ -47,6 +51,19 @@ def _clean_errors(command):
             raise typer.Exit(2) from None
 
     return run
+
+
+def _ray_module(name: str):
+    """One of adapterlab's Ray modules, or one line saying how to get Ray."""
+    if importlib.util.find_spec("ray") is None:
+        raise AdapterlabError("--ray needs Ray: pip install adapterlab[ray]")
+    return importlib.import_module(name)
+
+
+def _only_with_ray(**options) -> None:
+    given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None]
+    if given:
+        raise AdapterlabError(f"{' and '.join(given)} {'go' if len(given) > 1 else 'goes'} with --ray")
 
 
 def _emit(payload: dict) -> None:
@@ -228,12 +245,47 @@ def zeroshot(backbone: str = typer.Option(..., "--backbone", help="minilm, smoll
 
 @app.command()
 @_clean_errors
-def sweep(file: Path = typer.Argument(..., help="Sweep YAML (see recipes/sweeps/)."), json_out: bool = JSON):
+def sweep(file: Path = typer.Argument(..., help="Sweep YAML (see recipes/sweeps/)."), json_out: bool = JSON,
+          ray: bool = typer.Option(False, "--ray", help="Each cell as a Ray task with the sweep's cpus_per_cell "
+                                   "and gpus_per_cell (pip install adapterlab[ray])."),
+          address: Optional[str] = RAY_ADDRESS):
     """Datasets × methods × k × seeds, resumable: a results table (CSV, JSON, markdown) and PNG plots."""
-    from adapterlab.sweep import load_sweep, run_sweep
+    from adapterlab.sweep import load_sweep
+
+    runner = _sweep_runner(ray, address)
+    _run_sweep(load_sweep(file), runner, json_out)
+
+
+@app.command()
+@_clean_errors
+def factory(recipe: Path = typer.Argument(..., help="Recipe YAML, trained once per task folder."),
+            folders: list[Path] = typer.Argument(..., help="Task folders (the shared layout); each names its task."),
+            name: str = typer.Option("factory", "--name", help="Names the output folder."),
+            output: str = typer.Option("results/factories", "--output", help="Adapters (OUTPUT/NAME/adapters) "
+                                       "and the report go to OUTPUT/NAME/."),
+            set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set training.lr=3e-4"),
+            json_out: bool = JSON,
+            ray: bool = typer.Option(False, "--ray", help="Each task as a Ray task (pip install adapterlab[ray])."),
+            address: Optional[str] = RAY_ADDRESS):
+    """One adapter per task folder from one recipe: a sweep of one cell per task, resumable, locally or on Ray."""
+    from adapterlab.sweep import factory_sweep
+
+    runner = _sweep_runner(ray, address)
+    _run_sweep(factory_sweep(recipe, folders, name, output, set_), runner, json_out)
+
+
+def _sweep_runner(ray: bool, address: str | None):
+    if not ray:
+        _only_with_ray(address=address)
+        return None
+    return _ray_module("adapterlab.ray_sweep").on_ray(address)
+
+
+def _run_sweep(sweep, runner, json_out: bool) -> None:
+    from adapterlab.sweep import run_sweep
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    folder = run_sweep(load_sweep(file))
+    folder = run_sweep(sweep, runner=runner)
     if json_out:
         _emit({"output": str(folder), "summary": json.loads((folder / "summary.json").read_text())})
     else:
@@ -300,7 +352,13 @@ def serve(store: Path = STORE,
           allow_admin_without_token: bool = typer.Option(False, "--allow-admin-without-token",
                                                          help="Admin endpoints open to anyone who reaches the "
                                                          "server (local use only)."),
-          device: str = DEVICE, dtype: str = DTYPE):
+          device: str = DEVICE, dtype: str = DTYPE,
+          ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: replicas, each with the backbone and "
+                                   "an engine, requests routed by adapter (pip install adapterlab[ray])."),
+          replicas: Optional[int] = typer.Option(None, "--replicas", help="With --ray: replicas (default 1)."),
+          adapters_per_replica: Optional[int] = typer.Option(None, "--adapters-per-replica", help="With --ray: "
+                                                             "adapters each replica keeps loaded (default 64)."),
+          address: Optional[str] = RAY_ADDRESS):
     """Serve the store's adapters over HTTP with dynamic batching (OpenAPI at /docs)."""
     from adapterlab.server import Settings, serve as run_server
 
@@ -309,7 +367,15 @@ def serve(store: Path = STORE,
                         max_upload_bytes=int(max_upload_mb * 2**20), admin_token=admin_token,
                         client_token=client_token, allow_admin_without_token=allow_admin_without_token,
                         device=device, dtype=dtype)
-    run_server(store, backbone, host, port, settings)
+    ray_options = {"replicas": replicas, "adapters_per_replica": adapters_per_replica}
+    if not ray:
+        _only_with_ray(address=address, **ray_options)
+        run_server(store, backbone, host, port, settings)
+        return
+    ray_serve = _ray_module("adapterlab.ray_serve")
+    options = ray_serve.RayServeOptions(store=str(store.resolve()), backbone=backbone, settings=vars(settings),
+                                        **{key: value for key, value in ray_options.items() if value is not None})
+    ray_serve.serve_on_ray(options, address, host, port)
 
 
 @app.command()

@@ -113,7 +113,11 @@ class Engine:
         return sum(servable.nbytes for servable in self._resident.values())
 
     def unload(self, reference: str) -> bool:
-        return self._resident.pop(resolve(self.store, reference), None) is not None
+        try:
+            folder = resolve(self.store, reference)
+        except StoreError:  # deleted from the store already (by another process): dropped by its path
+            folder = Path(reference) if Path(reference).is_absolute() else self.store / reference
+        return self._resident.pop(folder, None) is not None
 
     def _load(self, folder: Path) -> Servable:
         stored = read_adapter(folder, self.backbone)

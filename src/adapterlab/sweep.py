@@ -4,13 +4,19 @@ A sweep file names a backbone, datasets (data sections), methods (recipe files, 
 k values and the seeds. Each finished cell is appended to results.jsonl at once, with a digest of the
 settings it ran under, so an interrupted sweep resumes where it stopped and a cell whose recipe has
 changed since runs again; the report (CSV, JSON, markdown with mean ± std over seeds, PNG plots) is
-rebuilt after every run from the cells of the sweep as it now stands.
+rebuilt after every run from the cells of the sweep as it now stands. Cells run one after another in
+this process, or through another runner (`ray_sweep.on_ray`: as tasks on a Ray cluster); the factory
+(`factory_sweep`) is a sweep of one cell per task folder.
 """
 
 import csv
+import functools
 import hashlib
 import json
 import statistics
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -40,6 +46,8 @@ class Sweep(BaseModel):
     test_limit: int | None = Field(None, gt=0, description="Evaluate on the first N test rows.")
     overrides: list[str] = Field([], description="--set overrides applied to every recipe.")
     output: str = Field("results/sweeps", description="Results go to OUTPUT/NAME/.")
+    cpus_per_cell: float = Field(1, ge=0, description="CPUs each cell's Ray task asks for (sweeps on Ray).")
+    gpus_per_cell: float = Field(0, ge=0, description="GPUs each cell's Ray task asks for (sweeps on Ray).")
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -60,6 +68,24 @@ def load_sweep(path: str | Path) -> Sweep:
         if recipe != ZERO_SHOT and not Path(recipe).is_file():
             raise SweepError(f"{path}: method {method!r}: recipe not found: {recipe}")
     return sweep
+
+
+def factory_sweep(recipe: str | Path, folders: list[Path], name: str, output: str,
+                  overrides: list[str] = ()) -> Sweep:
+    """The adapter factory: a sweep that trains `recipe` once on each task folder (a dataset named after
+    its folder, at the recipe's k and seed), so it runs, resumes and reports as a sweep does."""
+    recipe_settings = load_recipe(recipe, list(overrides))
+    if recipe_settings.data.k is None:
+        raise SweepError(f"{recipe}: the factory trains k-shot: set data.k (or --set data.k=N)")
+    missing = [str(folder) for folder in folders if not Path(folder).is_dir()]
+    if missing:
+        raise SweepError(f"task folders not found: {', '.join(missing)}")
+    if len({Path(folder).name for folder in folders}) < len(folders):
+        raise SweepError("task folders name the tasks: give folders of distinct names")
+    return Sweep(name=name, backbone=recipe_settings.backbone, output=output, overrides=list(overrides),
+                 datasets={Path(folder).name: {"path": str(Path(folder).resolve())} for folder in folders},
+                 methods={recipe_settings.method.name: str(recipe)}, k=[recipe_settings.data.k],
+                 seeds=[recipe_settings.data.seed])
 
 
 def cells(sweep: Sweep) -> list[dict]:
@@ -96,27 +122,64 @@ def finished_cells(sweep: Sweep, grid: list[dict] | None = None) -> list[dict]:
     return [row for row in read_results(Path(sweep.output) / sweep.name / "results.jsonl") if _key(row) in wanted]
 
 
-def run_sweep(sweep: Sweep, show_progress: bool = True) -> Path:
-    """Run the cells not yet in results.jsonl, then write the report; returns the output folder."""
+@dataclass
+class CellFailure:
+    """A cell a runner gave up on, and why."""
+
+    cell: dict
+    reason: str
+
+
+Runner = Callable[[Sweep, list[dict], Path], Iterator["dict | CellFailure"]]
+
+
+def run_sweep(sweep: Sweep, show_progress: bool = True, runner: Runner | None = None) -> Path:
+    """Run the cells not yet in results.jsonl, then write the report; returns the output folder.
+    `runner` runs cells and yields their result rows as they finish (default: one after another in
+    this process; `ray_sweep.on_ray`: as Ray tasks). Cells it gave up on are reported after the report
+    is written, and run again by the next run."""
     folder = Path(sweep.output) / sweep.name
     folder.mkdir(parents=True, exist_ok=True)
     results_file = folder / "results.jsonl"
     done = {_key(row) for row in read_results(results_file)}
     grid = cells(sweep)
     todo = [cell for cell in grid if _key(cell) not in done]
-    engine = None
-    cpu = cpu_capability()  # timings compare only between cells of the same kind of CPU
-    for cell in tqdm(todo, desc=f"sweep {sweep.name}", disable=not show_progress):
-        if sweep.methods[cell["method"]] == ZERO_SHOT:
-            engine = engine or _engine(sweep.backbone)
-            metrics, seconds = _zero_shot(engine, sweep, cell), 0.0
-        else:
-            metrics, seconds = _train(sweep, cell, folder)
-        with open(results_file, "a") as handle:  # one line per finished cell: resumable
-            handle.write(json.dumps({**cell, **metrics, "train_seconds": seconds, "cpu": cpu["cpu"],
-                                     "fast_bf16": cpu["fast_bf16"]}) + "\n")
+    failures = []
+    with closing((runner or run_here)(sweep, todo, folder)) as finished, \
+            tqdm(total=len(todo), desc=f"sweep {sweep.name}", disable=not show_progress) as progress:
+        for row in finished:
+            if isinstance(row, CellFailure):
+                failures.append(row)
+            else:
+                append_result(results_file, row)
+            progress.update()
     write_report(finished_cells(sweep, grid), folder)
+    if failures:
+        raise SweepError(f"{len(failures)} cells failed (run the sweep again to retry them): " + "; ".join(
+            f"{f.cell['dataset']}/{f.cell['method']}/k{f.cell['k']}/s{f.cell['seed']}: {f.reason}" for f in failures))
     return folder
+
+
+def run_here(sweep: Sweep, todo: list[dict], folder: Path) -> Iterator[dict]:
+    """The cells one after another in this process."""
+    for cell in todo:
+        yield run_cell(sweep, cell, folder)
+
+
+def run_cell(sweep: Sweep, cell: dict, folder: Path) -> dict:
+    """A cell's result row: the cell, its metrics and training time, and the CPU it ran on (timings
+    compare only between cells of the same kind of CPU)."""
+    if sweep.methods[cell["method"]] == ZERO_SHOT:
+        metrics, seconds = _zero_shot(_engine(sweep.backbone), sweep, cell), 0.0
+    else:
+        metrics, seconds = _train(sweep, cell, folder)
+    cpu = cpu_capability()
+    return {**cell, **metrics, "train_seconds": seconds, "cpu": cpu["cpu"], "fast_bf16": cpu["fast_bf16"]}
+
+
+def append_result(results_file: Path, row: dict) -> None:
+    with open(results_file, "a") as handle:  # one line per finished cell: resumable
+        handle.write(json.dumps(row) + "\n")
 
 
 def _key(row: dict) -> tuple:
@@ -129,6 +192,7 @@ def read_results(file: Path) -> list[dict]:
     return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
 
 
+@functools.lru_cache(maxsize=1)  # the zero-shot cells of a sweep share one backbone
 def _engine(backbone: str):
     from adapterlab.engine import Engine
 

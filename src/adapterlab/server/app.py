@@ -93,7 +93,7 @@ async def metrics(server: ServerDep) -> PlainTextResponse:
 async def adapters(server: ServerDep) -> dict:
     """The store's adapters (cards included, without the server's paths), and which are resident."""
     resident = await server.on_worker(server.engine.resident)
-    cards = await asyncio.to_thread(_cards, server.store)
+    cards = await asyncio.to_thread(store_cards, server.store)
     return {"backbone": server.engine.backbone.name, "resident": resident,
             "available": [{"adapter": name, "resident": name in resident, "card": public_card(card)}
                           for name, card in cards]}
@@ -109,7 +109,7 @@ def public_card(card: AdapterCard) -> dict:
     return shown
 
 
-def _cards(store: Path) -> list[tuple[str, AdapterCard]]:
+def store_cards(store: Path) -> list[tuple[str, AdapterCard]]:
     cards = []
     for folder in adapter_folders(store):
         try:
@@ -157,23 +157,36 @@ async def delete(name: str, server: ServerDep) -> dict:
 @router.post("/v1/classify", dependencies=CLIENT)
 async def classify(body: ClassifyBody, server: ServerDep) -> dict:
     """Label inputs with one adapter, or zero-shot (`adapter` null, `labels` given)."""
-    rows = [BatchRow(adapter=body.adapter, labels=body.labels,
+    predictions = await server.classify(rows_of(body))
+    return {"adapter": body.adapter, "predictions": [prediction_json(p, body.top_k) for p in predictions]}
+
+
+def rows_of(body: ClassifyBody) -> list[BatchRow]:
+    """A classify request's inputs as rows of its one adapter (or its zero-shot labels)."""
+    return [BatchRow(adapter=body.adapter, labels=body.labels,
                      **({"text": item} if isinstance(item, str) else item.model_dump())) for item in body.inputs]
-    predictions = await server.classify(rows)
-    return {"adapter": body.adapter, "predictions": [_answer(p, body.top_k) for p in predictions]}
 
 
 @router.post("/v1/classify/batch", dependencies=CLIENT)
 async def classify_batch(body: BatchBody, server: ServerDep) -> dict:
     """Label rows that each name their own adapter (or are zero-shot)."""
     predictions = await server.classify(body.rows)
-    return {"predictions": [{"adapter": row.adapter, **_answer(p, body.top_k)}
+    return {"predictions": [{"adapter": row.adapter, **prediction_json(p, body.top_k)}
                             for row, p in zip(body.rows, predictions)]}
 
 
 @router.post("/v1/generate", dependencies=CLIENT)
 async def generate(body: GenerateBody, http: HttpRequest, server: ServerDep):
     """Greedy continuation of a prompt (LLM backbones), under an adapter or by the bare backbone."""
+    text = await continuation(server, body, gone=http.is_disconnected)
+    if text is None:  # the client left: nobody reads an answer
+        return Response(status_code=openai.CLIENT_CLOSED_REQUEST)
+    return {"adapter": body.adapter, "text": text}
+
+
+async def continuation(server: Server, body: GenerateBody, gone=None) -> str | None:
+    """The text `/v1/generate` answers with, checked as it is served; None when `gone()` says the
+    client left before it was written (see `Server.generate`)."""
     if body.max_new_tokens > server.settings.max_new_tokens:
         raise ApiError(413, f"max_new_tokens {body.max_new_tokens}; the limit is {server.settings.max_new_tokens}")
     server.check_size(1, body.prompt)
@@ -184,13 +197,11 @@ async def generate(body: GenerateBody, http: HttpRequest, server: ServerDep):
     if folder is not None:
         await asyncio.to_thread(server.checked_card, folder)  # 404, 422 or 409 before it queues
     request = GenerationRequest(folder and str(folder), body.prompt, sampling=Sampling(body.max_new_tokens))
-    finals = await server.generate([request], gone=http.is_disconnected)
-    if finals is None:
-        return Response(status_code=openai.CLIENT_CLOSED_REQUEST)
-    return {"adapter": body.adapter, "text": finals[0].text}
+    finals = await server.generate([request], gone)
+    return None if finals is None else finals[0].text
 
 
-def _answer(prediction: Prediction, top_k: int | None) -> dict:
+def prediction_json(prediction: Prediction, top_k: int | None) -> dict:
     ranked = sorted(prediction.scores.items(), key=lambda item: item[1], reverse=True)[:top_k]
     return {"label": prediction.label, "score": prediction.score,
             "scores": [{"label": label, "score": score} for label, score in ranked], "truncated": prediction.truncated}
@@ -279,10 +290,15 @@ def create_app(store: str | Path, backbone: str | None = None, settings: Setting
     app.state.server = server
     app.include_router(router)
     app.include_router(openai.router, dependencies=CLIENT)
+    answer_errors(app, server.settings, server.metrics)
+    return app
+
+
+def answer_errors(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """Every error as JSON (`_error_answer`), and the `Gate` around every request."""
     for error_type in (ApiError, HTTPException, RequestValidationError, ValidationError):
         app.add_exception_handler(error_type, _error_answer)
-    app.add_middleware(Gate, settings=server.settings, metrics=server.metrics)
-    return app
+    app.add_middleware(Gate, settings=settings, metrics=metrics)
 
 
 def serve(store: str | Path, backbone: str | None, host: str, port: int, settings: Settings) -> None:

@@ -8,3 +8,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.headers = headers
+
+    def __reduce__(self):  # whole across processes (Ray Serve replicas answer with it)
+        return ApiError, (self.status, str(self), self.headers)

@@ -42,24 +42,24 @@ class Metrics:
     def render(self) -> str:
         """The Prometheus text format."""
         requests = self.requests.items()
-        out = _family("adapterlab_requests_total", "counter", "HTTP requests by endpoint and status.",
-                      [f'{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in requests])
-        out += _family("adapterlab_errors_total", "counter", "HTTP answers with status >= 400.",
-                       [f'{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in requests if s >= 400])
-        out += _family("adapterlab_request_seconds", "histogram", "Request latency.",
-                       [line for e, h in self.latency.items() for line in h.lines(f'endpoint="{e}",')])
-        out += _family("adapterlab_batch_rows", "histogram", "Rows per engine batch.", self.batch_rows.lines())
-        out += _family("adapterlab_truncated_inputs_total", "counter",
-                       "Inputs cut to their adapter's token limit (answered from their first tokens).",
-                       [f" {self.truncated}"])
-        out += _family("adapterlab_resident_adapters", "gauge", "Adapters loaded in the engine.",
-                       [f" {self.engine['resident']}"])
+        out = family("adapterlab_requests_total", "counter", "HTTP requests by endpoint and status.",
+                     [f'{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in requests])
+        out += family("adapterlab_errors_total", "counter", "HTTP answers with status >= 400.",
+                      [f'{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in requests if s >= 400])
+        out += family("adapterlab_request_seconds", "histogram", "Request latency.",
+                      [line for e, h in self.latency.items() for line in h.lines(f'endpoint="{e}",')])
+        out += family("adapterlab_batch_rows", "histogram", "Rows per engine batch.", self.batch_rows.lines())
+        out += family("adapterlab_truncated_inputs_total", "counter",
+                      "Inputs cut to their adapter's token limit (answered from their first tokens).",
+                      [f" {self.truncated}"])
+        out += family("adapterlab_resident_adapters", "gauge", "Adapters loaded in the engine.",
+                      [f" {self.engine['resident']}"])
         for name in ("hits", "misses", "evictions"):
-            out += _family(f"adapterlab_cache_{name}_total", "counter", f"Engine adapter cache {name}.",
-                           [f" {self.engine[name]}"])
+            out += family(f"adapterlab_cache_{name}_total", "counter", f"Engine adapter cache {name}.",
+                          [f" {self.engine[name]}"])
         return "\n".join(out) + "\n"
 
 
-def _family(name: str, kind: str, description: str, samples: list[str]) -> list[str]:
+def family(name: str, kind: str, description: str, samples: list[str]) -> list[str]:
     """A metric family; each sample is its labels (and _bucket/_sum/_count suffix) and value."""
     return [f"# HELP {name} {description}", f"# TYPE {name} {kind}"] + [name + sample for sample in samples]

@@ -1,0 +1,167 @@
+"""Ray Serve figures (JSON on stdout): requests/s and p50/p95 latency of N concurrent clients over K
+adapters, for the single-process server (`adapterlab serve`) and for Ray Serve with 1 and 2 replicas
+on a local Ray cluster of this machine's cores; and adapter loads per 1,000 requests with Ray's
+multiplexed routing (requests go to a replica holding their adapter) against random routing, with
+fewer adapter slots per replica than adapters. Clients pick adapters at random (seeded). Each phase
+records the machine's 1-minute load average: other work on the machine slows every figure. Random LoRA
+weights on MiniLM (see benchmarks/engine.py): fine for speed, meaningless for accuracy.
+
+On a machine of 2 cores, Ray's own processes (proxy, controller, ingress) share the cores with the
+replicas, and 2 replicas split the cores a single process would use alone: the figures show Ray's
+overhead here, not its scaling, which needs cores (or GPUs) per replica.
+
+    .venv/bin/python benchmarks/ray_serve.py [--clients 16] [--adapters 64] [--requests 25]
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+PHASE_SECONDS = 120  # no phase runs longer, whatever the request counts
+
+
+def benchmark_module(name: str):
+    """benchmarks/NAME.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_clients(url: str, refs: list[str], clients: int, requests: int, texts: list[str]) -> dict:
+    """`clients` threads, each sending `requests` one-text requests for adapters drawn at random."""
+    latencies: list[float] = []
+    failures = []
+    deadline = time.monotonic() + PHASE_SECONDS
+
+    def client(index: int) -> None:
+        draw = random.Random(index)
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for step in range(requests):
+                if time.monotonic() > deadline:
+                    break
+                started = time.perf_counter()
+                response = http.post("/v1/classify", json={"adapter": draw.choice(refs),
+                                                           "inputs": [texts[step % len(texts)]]})
+                latencies.append(time.perf_counter() - started)  # list.append is atomic
+                if response.status_code != 200:
+                    failures.append(response.status_code)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    ordered = sorted(latencies)
+    return {"requests": len(ordered), "failures": len(failures), "requests_per_s": round(len(ordered) / elapsed, 1),
+            "p50_ms": round(1e3 * ordered[len(ordered) // 2], 2),
+            "p95_ms": round(1e3 * ordered[int(0.95 * (len(ordered) - 1))], 2)}
+
+
+def adapter_loads(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("adapterlab_replica_adapter_loads_total{"))
+
+
+def warm(url: str, refs: list[str], texts: list[str]) -> None:
+    """Every adapter asked for once, 8 at a time."""
+    for start in range(0, len(refs), 8):
+        with httpx.Client(base_url=url, timeout=120) as http:
+            for ref in refs[start:start + 8]:
+                http.post("/v1/classify", json={"adapter": ref, "inputs": texts[:1]})
+
+
+def measure(store: Path, refs: list[str], args, texts: list[str]) -> dict:
+    """The single-process server stays up beside the Ray application; each Ray phase runs right after
+    a phase of the single process, twice, so that the other work of a shared machine weighs on both."""
+    import ray
+    from ray import serve
+
+    import adapterlab
+    from adapterlab.ray_serve import RayServeOptions, build_app
+
+    serve_load = benchmark_module("serve_load")
+    single, single_url = serve_load.start_server(store, True, store.parent / "single.log")
+    warm(single_url, refs, texts)
+    cores = os.cpu_count()
+    source = str(Path(adapterlab.__file__).parents[1])
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": source, "HF_HUB_OFFLINE": "1"}})
+    port = serve_load.free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+    def deploy(replicas: int, adapters_per_replica: int, route_by_adapter: bool = True) -> None:
+        """The application anew: updated in place, new replicas would wait for the old ones' CPUs."""
+        serve.delete("adapterlab")
+        options = RayServeOptions(store=str(store), replicas=replicas, replica_cpus=cores / replicas,
+                                  adapters_per_replica=adapters_per_replica, route_by_adapter=route_by_adapter)
+        serve.run(build_app(options), name="adapterlab", route_prefix="/")
+        warm(url, refs, texts)
+
+    def phase(at: str) -> dict:
+        return {**run_clients(at, refs, args.clients, args.requests, texts), "load_average_1m": os.getloadavg()[0]}
+
+    figures: dict = {"single_process": [], "replicas_1": [], "replicas_2": []}
+    try:
+        for replicas in (1, 2):
+            deploy(replicas, len(refs))
+            for _ in range(2):
+                figures["single_process"].append(phase(single_url))
+                figures[f"replicas_{replicas}"].append(phase(url))
+        slots = max(1, int(len(refs) * args.slot_share))
+        for routing, by_adapter in (("multiplexed", True), ("random", False)):
+            deploy(2, slots, by_adapter)
+            before = adapter_loads(url)
+            measured = phase(url)
+            measured["adapter_loads_per_1000_requests"] = round(1000 * (adapter_loads(url) - before) / measured["requests"], 1)
+            figures[f"loads_{routing}_routing"] = {**measured, "adapter_slots_per_replica": slots}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        single.terminate()
+        single.wait(30)
+    return figures
+
+
+def main() -> None:
+    from adapterlab.precision import cpu_capability
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--adapters", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=25, help="Per client.")
+    parser.add_argument("--slot-share", type=float, default=0.625,
+                        help="Adapter slots per replica as a share of the adapters, in the loads comparison.")
+    args = parser.parse_args()
+    texts = benchmark_module("serve_load").TEXTS
+    root = Path(tempfile.mkdtemp(prefix="adapterlab-ray-bench-"))
+    try:
+        store = root / "store"
+        refs = benchmark_module("engine").make_store(store, args.adapters)
+        shutil.rmtree(store / "template")  # the trained template: served adapters are the random copies only
+        figures = measure(store, refs, args, texts)
+        cpu = cpu_capability()
+        print(json.dumps({
+            "benchmark": "ray_serve", "backbone": "minilm", "clients": args.clients, "adapters": args.adapters,
+            "cpu": cpu["cpu"], "avx512_bf16": cpu["avx512_bf16"], "cpu_cores": os.cpu_count(), **figures}))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())
