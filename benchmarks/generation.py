@@ -231,7 +231,8 @@ def main() -> int:
         served_refs = refs[:16]
         figures: dict = {"benchmark": "generation", "backbone": "smollm2-135m", "adapters": 16,
                          "max_tokens": args.max_tokens, "cpu": cpu_capability(), "cpu_cores": os.cpu_count()}
-        process, url = serving.start_server(store, True, root / "server.log")
+        # Room for every client's generation: the default queue bound (16) would answer the 32 clients' rest with 503.
+        process, url = serving.start_server(store, True, root / "server.log", "--max-queued-generations", "64")
         try:
             send = served(url, args.max_tokens)
             run_clients(send, served_refs, 16, 1)  # warm-up: every adapter loaded once

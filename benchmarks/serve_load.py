@@ -41,9 +41,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(store: Path, batching: bool, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(store: Path, batching: bool, log: Path, *options: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [sys.executable, "-m", "adapterlab", "serve", "--store", str(store), "--port", str(port)]
+    command = [sys.executable, "-m", "adapterlab", "serve", "--store", str(store), "--port", str(port), *options]
     process = subprocess.Popen(command + ([] if batching else ["--no-batching"]), stdout=subprocess.DEVNULL,
                                stderr=log.open("w"), env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"

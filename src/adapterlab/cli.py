@@ -341,6 +341,9 @@ def serve(store: Path = STORE,
           no_batching: bool = typer.Option(False, "--no-batching", help="One request, one forward (for comparison)."),
           max_queued_rows: int = typer.Option(4096, "--max-queued-rows", help="Rows waiting for the engine "
                                               "(more: 503 with Retry-After, so the client backs off)."),
+          max_queued_generations: int = typer.Option(16, "--max-queued-generations", help="Generations waiting "
+                                                     "or running (more: 503 with Retry-After)."),
+          max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Tokens one generation may ask for."),
           max_inputs: int = typer.Option(256, "--max-inputs", help="Inputs per request (more: 413)."),
           max_chars: int = typer.Option(20_000, "--max-chars", help="Characters per input (more: 413)."),
           max_upload_mb: float = typer.Option(64, "--max-upload-mb", help="Uploaded adapter archives (more: 413)."),
@@ -363,7 +366,8 @@ def serve(store: Path = STORE,
     from adapterlab.server import Settings, serve as run_server
 
     settings = Settings(max_wait_ms=max_wait_ms, max_batch_rows=max_batch_rows, batching=not no_batching,
-                        max_queued_rows=max_queued_rows, max_inputs=max_inputs, max_chars=max_chars,
+                        max_queued_rows=max_queued_rows, max_queued_generations=max_queued_generations,
+                        max_new_tokens=max_new_tokens, max_inputs=max_inputs, max_chars=max_chars,
                         max_upload_bytes=int(max_upload_mb * 2**20), admin_token=admin_token,
                         client_token=client_token, allow_admin_without_token=allow_admin_without_token,
                         device=device, dtype=dtype)
