@@ -5,8 +5,9 @@ tokens equal peft's own greedy generation of that prompt under that adapter, alo
 import pytest
 import torch
 from peft import PeftModel
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from adapterlab.backbones import load_backbone
+from adapterlab.backbones import load_backbone, resolve_path
 from adapterlab.engine import Engine, GenerationRequest
 from adapterlab.errors import AdapterlabError
 from adapterlab.generation import Decoder, Sampling
@@ -153,3 +154,15 @@ def test_a_decoder_lora_adapter_is_standard_peft_and_merges_into_a_model_transfo
     merged = CliRunner().invoke(app, ["merge", "e2e/gen", "--output", str(tmp_path / "merged"), "--store", str(tmp_path)])
     assert merged.exit_code == 0, merged.output
     assert greedy(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")) == sequence.token_ids
+
+
+def test_a_generation_recipe_on_a_tokenizer_without_an_end_token_is_refused(tmp_path):
+    """Completions are trained to end with the end-of-sequence token: a tokenizer without one (here a
+    BERT tokenizer on a random Llama) is named, not left to fail inside a tensor."""
+    LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64)).save_pretrained(tmp_path / "llama")
+    AutoTokenizer.from_pretrained(resolve_path("minilm")).save_pretrained(tmp_path / "llama")
+    recipe = validate_recipe(tiny_recipe(str(tmp_path / "llama"), tmp_path, task="e2e", head={"type": "generate"},
+                                         data={"path": shared("e2e"), "text_field": "mr", "target_field": "ref", "k": 4}))
+    with pytest.raises(AdapterlabError, match="no end-of-sequence token"):
+        train(recipe, show_progress=False)

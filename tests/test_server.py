@@ -21,10 +21,9 @@ import pytest
 import torch
 import uvicorn
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
-from adapterlab.backbones import load_backbone, resolve_path
+from adapterlab.backbones import load_backbone
 from adapterlab.cli import app as cli_app
 from adapterlab.engine import Engine, Request
 from adapterlab.errors import AdapterlabError
@@ -474,18 +473,6 @@ def test_backbone_comes_from_the_store(adapters, tmp_path, tiny_bert):
         backbone_from_store(tmp_path)
     result = CliRunner().invoke(cli_app, ["serve", "--store", str(tmp_path / "empty")])
     assert result.exit_code == 2 and "holds no adapters" in result.output
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> str:
-    """A 2-layer, 32-wide random Llama with MiniLM's tokenizer: an LLM backbone in a second."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=256)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(resolve_path("minilm")).save_pretrained(folder)
-    return str(folder)
 
 
 def test_generation_bare_and_under_lora_and_prefix_adapters(tiny_llama, tmp_path):

@@ -7,6 +7,7 @@ from torch import nn
 
 from adapterlab.backbones import Backbone, model_inputs
 from adapterlab.data import Pairs
+from adapterlab.errors import AdapterlabError
 from adapterlab.heads import TextHead, uses_chat
 from adapterlab.methods import method_module
 
@@ -103,6 +104,9 @@ def prompt_request(template: str, chat: bool, text: str, demonstrations: tuple[t
 def build_generative_model(recipe, backbone: Backbone) -> GenerativeModel:
     """A fresh, trainable adapter for a generation recipe on an LLM backbone."""
     backbone.family.check_method(recipe.method.name)
+    if backbone.tokenizer.eos_token_id is None:  # completions are trained to end with it, and decoding stops at it
+        raise AdapterlabError(f"{backbone.name!r}: its tokenizer has no end-of-sequence token (eos_token), which a "
+                              "generation head trains completions to end with; use a chat or causal-LM tokenizer")
     method = method_module(recipe.method.name)
     peft_model = get_peft_model(backbone.model, method.peft_config(recipe.method, backbone))
     method.start(peft_model, recipe.method, backbone, recipe.head, [])

@@ -7,9 +7,10 @@ routes every request by the adapter it names.
 - `AdapterReplica`: the single-process server's `Server` (engine, worker thread, mixed-batch batcher)
   in each replica. Adapters load through `@serve.multiplexed`, so Ray knows which replica holds which
   adapter and sends requests for it there; when Ray's LRU unloads one, the engine drops it too.
-- `Ingress`: the HTTP API (the same routes, bodies, tokens and error answers as `adapterlab serve`). It
-  holds no backbone: it splits a request's rows by adapter and sends each group to the replicas with
-  the adapter as the multiplexed model id.
+- `Ingress`: the HTTP API (the same routes, bodies, tokens and error answers as `adapterlab serve`, the
+  OpenAI-compatible ones too). It holds no backbone: it splits a request's rows by adapter and sends
+  each group to the replicas with the adapter as the multiplexed model id; a stream's events come
+  back through Ray's streaming handle.
 
 The store is a folder every replica sees (a shared filesystem). Registering or deleting goes to one
 replica; the others notice through the store: a request for a replaced adapter reloads it, a deleted
@@ -22,11 +23,11 @@ import os
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, AsyncIterator
 
 import ray
 from fastapi import APIRouter, Depends, FastAPI, Request as HttpRequest
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.exceptions import RayActorError
@@ -34,16 +35,18 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 
 from adapterlab.engine import Prediction
+from adapterlab.server import openai
 from adapterlab.server.app import (ADMIN, CLIENT, answer_errors, continuation, prediction_json, public_card,
                                    rows_of, store_cards)
 from adapterlab.server.bodies import BatchBody, BatchRow, ClassifyBody, GenerateBody, RegisterBody
+from adapterlab.server.openai import ChatBody, CompletionBody
 from adapterlab.server.errors import ApiError
 from adapterlab.server.metrics import Metrics, family
 from adapterlab.server.settings import Settings
 from adapterlab.server.worker import Server
 
 ATTEMPTS = 3  # a request whose replica died is sent again, when answering it is idempotent
-IDEMPOTENT = {"classify", "generate"}  # greedy generation writes the same text again
+IDEMPOTENT = {"classify", "generate", "openai"}  # greedy generation writes the same text again
 
 
 class RayServeOptions(BaseModel):
@@ -172,6 +175,33 @@ class AdapterReplica:
         except ApiError as error:
             return error
 
+    async def openai(self, body: CompletionBody | ChatBody) -> Reply | ApiError:
+        """A completion or chat completion (the OpenAI routes, not streamed) under the request's model."""
+        try:
+            await self._model(body.model)
+            return Reply(await openai.answer(self.server, body), self.figures())
+        except ApiError as error:
+            return error
+
+    async def openai_stream(self, body: CompletionBody | ChatBody) -> AsyncIterator[str | ApiError | None]:
+        """The same, streamed: first None (accepted) or the ApiError that refused it, then the
+        server-sent events as the decoder writes them."""
+        try:
+            await self._model(body.model)
+            events = await openai.answer(self.server, body)
+        except ApiError as error:
+            yield error
+            return
+        yield None
+        async for event in events:
+            yield event
+
+    async def _model(self, model: str) -> None:
+        await openai.model_folder(self.server, model)  # 404 in OpenAI's words before anything loads
+        name = serve.get_multiplexed_model_id()
+        if name:
+            await self._current(name)
+
     async def register(self, name: str | None, archive: bytes | None) -> Reply | ApiError:
         """A folder already in the store (`name`) or an uploaded archive, checked by loading it here,
         then left to the multiplexer (other replicas reload it on their next request for it)."""
@@ -272,6 +302,22 @@ async def generate(body: GenerateBody, ingress: IngressDep) -> dict:
     return {"adapter": body.adapter, "text": await ingress.call(body.adapter, "generate", body)}
 
 
+@router.get("/v1/models", dependencies=CLIENT)
+async def models(ingress: IngressDep) -> dict:
+    """As `adapterlab serve`: the backbone and every adapter of the store, as OpenAI models."""
+    return await asyncio.to_thread(openai.model_list, await ingress.backbone(), Path(ingress.options.store))
+
+
+@router.post("/v1/completions", dependencies=CLIENT)
+async def completions(body: CompletionBody, ingress: IngressDep):
+    return await ingress.openai(body)
+
+
+@router.post("/v1/chat/completions", dependencies=CLIENT)
+async def chat_completions(body: ChatBody, ingress: IngressDep):
+    return await ingress.openai(body)
+
+
 @serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class Ingress:
@@ -284,6 +330,7 @@ class Ingress:
         self.metrics = Metrics()
         self.figures: dict[str, dict] = {}  # replica id → its latest engine figures
         self.resent = 0  # requests sent again after their replica died
+        self.backbone_name: str | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = FastAPI(title="adapterlab on Ray Serve", summary="Many adapters on one frozen backbone, over replicas.")
@@ -307,11 +354,31 @@ class Ingress:
                 predictions[index] = prediction
         return predictions
 
+    async def backbone(self) -> str:
+        if self.backbone_name is None:
+            self.backbone_name = (await self.replicas.describe.remote())["backbone"]
+        return self.backbone_name
+
+    async def openai(self, body: CompletionBody | ChatBody):
+        """The OpenAI routes: `model` names an adapter (routed by it) or the backbone (any replica); a
+        stream's events come through from the replica as it writes them."""
+        adapter = None if body.model == await self.backbone() else body.model
+        if not body.stream:
+            return await self.call(adapter, "openai", body)
+        events = self._handle(adapter, "openai_stream", stream=True).remote(body)
+        refusal = await anext(events)
+        if refusal is not None:
+            raise refusal
+        return StreamingResponse(events, media_type="text/event-stream")
+
+    def _handle(self, adapter: str | None, method: str, stream: bool = False):
+        multiplexed = adapter if adapter is not None and self.options.route_by_adapter else ""
+        return getattr(self.replicas.options(multiplexed_model_id=multiplexed, stream=stream), method)
+
     async def call(self, adapter: str | None, method: str, *args):
         """`method` on a replica chosen by Ray for `adapter`; a classification or generation whose replica
         died on the way is sent again (Ray routes around the dead replica); a register or delete answers 503."""
-        multiplexed = adapter if adapter is not None and self.options.route_by_adapter else ""
-        handle = getattr(self.replicas.options(multiplexed_model_id=multiplexed), method)
+        handle = self._handle(adapter, method)
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 reply = await handle.remote(*args)

@@ -228,11 +228,16 @@ async def _error_answer(request: HttpRequest, error: Exception) -> JSONResponse:
         answer = _error(error.status_code, str(error.detail))
     else:
         answer = _invalid(error.errors())
-    if request.url.path in openai.PATHS:
+    if _route_path(request.scope) in openai.PATHS:
         message = json.loads(answer.body)["error"]
         return JSONResponse(openai.error_body(answer.status_code, message), status_code=answer.status_code,
                             headers={k: v for k, v in answer.headers.items() if k.lower() == "retry-after"})
     return answer
+
+
+def _route_path(scope: dict) -> str:
+    """The request's path below the application's own prefix (a Ray Serve `route_prefix`)."""
+    return scope["path"].removeprefix(scope.get("root_path", "")) or "/"
 
 
 class Gate:
@@ -247,7 +252,7 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started, status, received = time.perf_counter(), None, 0
-        upload = scope["method"] == "POST" and scope["path"] == "/v1/adapters"
+        upload = scope["method"] == "POST" and _route_path(scope) == "/v1/adapters"
         limit = self.settings.max_upload_bytes if upload else self.settings.max_body_bytes
 
         async def limited_receive():

@@ -64,31 +64,47 @@ router = APIRouter()
 
 @router.get("/v1/models")
 async def models(server: Server = Depends(_server)) -> dict:
+    return await asyncio.to_thread(model_list, server.engine.backbone.name, server.store)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionBody, request: HttpRequest, server: Server = Depends(_server)):
+    return respond(await answer(server, body, gone=request.is_disconnected))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatBody, request: HttpRequest, server: Server = Depends(_server)):
+    return respond(await answer(server, body, gone=request.is_disconnected))
+
+
+def model_list(backbone: str, store: Path) -> dict:
     """The backbone and every adapter of the store, as OpenAI models."""
-    backbone = server.engine.backbone.name
     entries = [{"id": backbone, "object": "model", "created": 0, "owned_by": "adapterlab", "root": backbone,
                 "parent": None}]
-    for folder in await asyncio.to_thread(adapter_folders, server.store):
+    for folder in adapter_folders(store):
         entries.append({"id": f"{folder.parent.name}/{folder.name}", "object": "model", "created": 0,
                         "owned_by": "adapterlab", "root": backbone, "parent": backbone})
     return {"object": "list", "data": entries}
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionBody, request: HttpRequest, server: Server = Depends(_server)):
-    return await _answer(server, request, body, "text_completion", prompt=body.prompt)
+def respond(result: dict | AsyncIterator[str] | None) -> Response | dict:
+    """`answer`'s result as the HTTP answer: JSON, server-sent events, or 499 for a client that left."""
+    if result is None:  # nobody reads an answer
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    if isinstance(result, dict):
+        return result
+    return StreamingResponse(result, media_type="text/event-stream")
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatBody, request: HttpRequest, server: Server = Depends(_server)):
-    messages = [message.model_dump() for message in body.messages]
-    return await _answer(server, request, body, "chat.completion", messages=messages)
-
-
-async def _answer(server: Server, request: HttpRequest, body: _Body, kind: str, prompt: str | None = None,
-                  messages: list | None = None):
+async def answer(server: Server, body: "CompletionBody | ChatBody", gone=None) -> dict | AsyncIterator[str] | None:
+    """A completion (`CompletionBody`) or chat completion (`ChatBody`): the JSON answer, or with
+    `stream` its server-sent events (the rows queued already); None when `gone()` says the client left
+    before a non-streamed answer was written (see `Server.generate`)."""
+    prompt = body.prompt if isinstance(body, CompletionBody) else None
+    messages = None if prompt is not None else [message.model_dump() for message in body.messages]
+    kind = "text_completion" if prompt is not None else "chat.completion"
     server.check_size(body.n, prompt, *(m["content"] for m in messages or ()))
-    folder = await _model(server, body.model)
+    folder = await model_folder(server, body.model)
     card = read_card(folder) if folder is not None else None
     meta = {"id": f"{'chatcmpl' if messages else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
             "model": body.model}
@@ -106,15 +122,14 @@ async def _answer(server: Server, request: HttpRequest, body: _Body, kind: str, 
         updates = await server.submit(requests)
         usage = bool((body.stream_options or {}).get("include_usage"))
         holdback = max(map(len, stops), default=1) - 1  # a stop string's start is not sent before it is decided
-        return StreamingResponse(_events(server, updates, body.n, kind, meta, usage, holdback),
-                                 media_type="text/event-stream")
-    finals = await server.generate(requests, gone=request.is_disconnected)
+        return _events(server, updates, body.n, kind, meta, usage, holdback)
+    finals = await server.generate(requests, gone)
     if finals is None:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return None
     return {**meta, "object": kind, "choices": [_choice(kind, update) for update in finals], "usage": _usage(finals)}
 
 
-async def _model(server: Server, model: str) -> Path | None:
+async def model_folder(server: Server, model: str) -> Path | None:
     """None for the backbone, else the adapter's folder (404 in OpenAI's words when there is none)."""
     if model == server.engine.backbone.name:
         return None
@@ -138,7 +153,7 @@ async def _label_as_text(server: Server, body: _Body, kind: str, meta: dict, tex
                 yield _event({**meta, "object": f"{kind}.chunk" if kind == "chat.completion" else kind,
                               "choices": [_delta(kind, final.index, final.text, "stop")]})
             yield "data: [DONE]\n\n"
-        return StreamingResponse(replay(), media_type="text/event-stream")
+        return replay()
     return {**meta, "object": kind, "choices": [_choice(kind, final) for final in finals], "usage": _usage(finals)}
 
 
