@@ -326,6 +326,48 @@ def test_a_cell_that_keeps_failing_is_reported_and_the_others_are_kept(cluster, 
     assert [(row["dataset"], row["method"]) for row in rows] == [("sentiment", "zeroshot")]
 
 
+def test_a_cell_whose_worker_dies_is_run_again_and_finishes(cluster, sweep_file, tiny_bert, tmp_path):
+    """The process training a cell is killed (SIGKILL) halfway: Ray runs the task again in another
+    worker, and the sweep ends with the cell's row and no failure."""
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_bert, tmp_path / "unused", training={"max_steps": 100})))
+    sweep = load_sweep(sweep_file).model_copy(update={
+        "output": str(tmp_path / "retried"), "methods": {"lora": str(recipe)}, "seeds": [0],
+        "datasets": {"sentiment": {"path": "demo:sentiment"}}})
+    killed = []
+
+    def kill_the_cell() -> None:
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            training = cell_processes()
+            if training:
+                time.sleep(1)  # into its training
+                if training[0] in cell_processes():
+                    os.kill(training[0], signal.SIGKILL)
+                    killed.append(training[0])
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_the_cell)
+    killer.start()
+    folder = run_sweep(sweep, show_progress=False, runner=ray_sweep.on_ray())
+    killer.join()
+    assert killed, "the cell finished before it could be killed"
+    rows = sweep_module.read_results(folder / "results.jsonl")
+    assert [(row["dataset"], row["method"]) for row in rows] == [("sentiment", "lora")]
+
+
+def cell_processes() -> list[int]:
+    """Ray workers running a sweep cell now (Ray titles a worker's process after its task)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::_cell_task"):
+                pids.append(int(entry.name))
+        except OSError:  # the process ended meanwhile
+            pass
+    return pids
+
+
 def test_the_factory_trains_one_adapter_per_task_folder_on_ray(cluster, tiny_bert, tmp_path):
     demo = Path(adapterlab.__file__).parent / "demo"
     recipe = tmp_path / "lora.yaml"
