@@ -18,13 +18,17 @@ class AdapterWeights:
         return self.prefix[0][0].shape[1] if self.prefix else 0
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "AdapterWeights":
-        """The same weights on the backbone's device and in its dtype (the engine serves them there),
-        converted in one piece: an adapter has a hundred small tensors, and a cold load pays per call."""
+        """The same weights on the backbone's device and in its dtype (the engine serves them there).
+        An adapter has a hundred small tensors and a cold load pays per call: on the CPU a conversion
+        per tensor costs least, onto an accelerator one transfer of them all in one piece."""
         tensors = [t for pair in self.linear_deltas.values() for t in pair] + [t for pair in self.prefix or () for t in pair]
         if all(t.device == device and t.dtype == dtype for t in tensors):
             return self
-        flat = torch.cat([t.reshape(-1) for t in tensors]).to(device, dtype)
-        moved = iter(piece.view(t.shape) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors))
+        if torch.device(device).type == "cpu":
+            moved = iter([t.to(device, dtype) for t in tensors])
+        else:
+            flat = torch.cat([t.reshape(-1) for t in tensors]).to(device, dtype)
+            moved = iter(piece.view(t.shape) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors))
         pairs = lambda count: [(next(moved), next(moved)) for _ in range(count)]  # noqa: E731
         deltas = dict(zip(self.linear_deltas, pairs(len(self.linear_deltas))))
         return AdapterWeights(deltas, pairs(len(self.prefix)) if self.prefix else None)
