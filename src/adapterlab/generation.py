@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from adapterlab.backbones import Backbone, model_inputs
-from adapterlab.mixed_batch import Servable, lora_deltas, prefix_of
+from adapterlab.mixed_batch import Servable, lora_deltas, lora_rows, prefix_of
 
 
 @dataclass
@@ -56,6 +56,7 @@ class Decoder:
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (rows, kv_heads, width, head_dim)
         self.mask = torch.zeros(0, 0, dtype=torch.long)  # (rows, width): which cache entries are real
         self.next_ids = torch.zeros(0, dtype=torch.long)  # each active row's token to read next
+        self.lora_stacks: tuple[tuple[Servable, ...], dict] = ((), {})  # whose rows they are, the stacks
         tokenizer = backbone.tokenizer
         config = getattr(backbone.model, "generation_config", None)  # encoders have none (and never generate)
         ends = config.eos_token_id if config is not None else None
@@ -102,7 +103,7 @@ class Decoder:
         batch = {"input_ids": ids, "attention_mask": mask}
         prefix = prefix_of(servables, slots)
         inputs = model_inputs(self.backbone, batch, prefix)
-        with lora_deltas(self.backbone.model, servables, slots):
+        with lora_deltas(self.backbone, lora_rows(servables, slots)):
             out = self.backbone.model(**inputs, use_cache=True, logits_to_keep=1)
         cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         self._join(cache, inputs["attention_mask"].cpu())
@@ -111,17 +112,24 @@ class Decoder:
 
     def _decode(self) -> None:
         """One token for every active row: each reads the token it chose last."""
-        servables = list(dict.fromkeys(s.servable for s in self.active))
-        slots = torch.tensor([servables.index(s.servable) for s in self.active])
         device = self.backbone.device
         positions = self.mask.sum(-1, keepdim=True)  # real entries so far: prefix, prompt, generated
         self.mask = torch.cat([self.mask, torch.ones(len(self.active), 1, dtype=self.mask.dtype)], dim=1)
         inputs = {"input_ids": self.next_ids[:, None].to(device), "attention_mask": self.mask.to(device),
                   "position_ids": positions.to(device), "past_key_values": DynamicCache(self.cache)}
-        with lora_deltas(self.backbone.model, servables, slots):
+        with lora_deltas(self.backbone, self._lora_rows()):
             out = self.backbone.model(**inputs, use_cache=True, logits_to_keep=1)
         self.cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         self._choose(self.active, out.logits[:, -1])
+
+    def _lora_rows(self) -> dict:
+        """The active rows' LoRA stacks, built again only when rows joined or left (decode steps between
+        reuse them)."""
+        rows = tuple(s.servable for s in self.active)
+        if self.lora_stacks[0] != rows:
+            servables = list(dict.fromkeys(rows))
+            self.lora_stacks = rows, lora_rows(servables, torch.tensor([servables.index(s) for s in rows]))
+        return self.lora_stacks[1]
 
     # --- the batch's cache -------------------------------------------------------------------------
     def _join(self, cache: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:

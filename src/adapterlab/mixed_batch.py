@@ -58,7 +58,7 @@ def forward_mixed(backbone: Backbone, rows: list[Row]) -> tuple[list[torch.Tenso
     if prefix is not None and "token_type_ids" in batch:  # peft drops them under prompt learning: so must we
         batch["token_type_ids"] = batch["token_type_ids"] * (prefix.lengths == 0)[:, None]
     need_hidden = any(servable.head.needs_hidden for servable in servables)
-    with lora_deltas(backbone.model, servables, row_slots):
+    with lora_deltas(backbone, lora_rows(servables, row_slots)):
         feats = features(backbone, backbone.model, batch, need_hidden, prefix)
     results: list[torch.Tensor | None] = [None] * len(rows)
     for servable in servables:
@@ -126,16 +126,21 @@ def prefix_of(servables: list[Servable], row_slots: torch.Tensor) -> Prefix | No
     return Prefix(key_values, mask, row_lengths)
 
 
-@contextmanager
-def lora_deltas(model: nn.Module, servables: list[Servable], row_slots: torch.Tensor):
-    """While active, each adapted Linear adds x·Aᵀ·Bᵀ with every row's own (A, B): one batched
-    matmul pair per module, whatever the number of adapters in the batch."""
+def lora_rows(servables: list[Servable], row_slots: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each adapted module's A and B for every row, (rows, r, in) and (rows, out, r): its adapter's
+    own (zero-padded to the batch's largest rank), zeros for rows whose adapter leaves the module alone."""
     modules = sorted({name for s in servables for name in s.weights.linear_deltas})
+    return {name: _stack_rows(name, servables, row_slots) for name in modules}
+
+
+@contextmanager
+def lora_deltas(backbone: Backbone, rows: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    """While active, each adapted Linear adds x·Aᵀ·Bᵀ with every row's own (A, B) from `lora_rows`: one
+    batched matmul pair per module, whatever the number of adapters in the batch."""
     handles = []
     try:
-        for name in modules:
-            a_rows, b_rows = _stack_rows(name, servables, row_slots)
-            handles.append(model.get_submodule(name).register_forward_hook(_add_delta(a_rows, b_rows)))
+        for name, (a_rows, b_rows) in rows.items():
+            handles.append(backbone.modules[name].register_forward_hook(_add_delta(a_rows, b_rows)))
         yield
     finally:
         for handle in handles:
