@@ -78,26 +78,13 @@ def run_adapter(cell: dict, args, store: Path) -> dict:
 
 def run_prompting(cell: dict, args, engines: dict) -> dict:
     """Zero-shot or in-context: the bare backbone on the recipe's template, through the engine."""
-    from adapterlab.backbones import load_backbone
-    from adapterlab.data import load_pairs
-    from adapterlab.engine import Engine, GenerationRequest
-    from adapterlab.generation import Sampling
-    from adapterlab.generative import prompt_request
-    from adapterlab.heads import uses_chat
-    from adapterlab.metrics import generation_metrics
+    from adapterlab.engine import Engine
+    from adapterlab.generative import evaluate_prompting
 
     recipe = recipe_for(cell, args, Path(args.out) / "adapters")
     if recipe.backbone not in engines:
-        engines[recipe.backbone] = Engine(load_backbone(recipe.backbone), store=Path(args.out) / "adapters")
-    engine = engines[recipe.backbone]
-    task = load_pairs(recipe.data)
-    demonstrations = tuple(zip(task.train.inputs, task.train.targets))[:cell["shots"]] if cell["k"] else ()
-    chat = uses_chat(recipe.head, engine.backbone)
-    sampling = Sampling(recipe.head.max_new_tokens)
-    requests = [GenerationRequest(None, **prompt_request(recipe.head.template, chat, text, demonstrations),
-                                  sampling=sampling) for text in task.test.inputs]
-    outputs = [sequence.text.strip() for sequence in engine.generate(requests)]
-    return generation_metrics(outputs, task.test.references, task.test.inputs, tuple(recipe.training.metrics))
+        engines[recipe.backbone] = Engine(recipe.backbone, store=Path(args.out) / "adapters")
+    return evaluate_prompting(engines[recipe.backbone], recipe, cell["shots"] if cell["k"] else 0)
 
 
 def summarize(rows: list[dict]) -> list[dict]:

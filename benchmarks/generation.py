@@ -1,17 +1,20 @@
 """Generation figures (JSON on stdout), side by side in one run, on SmolLM2-135M:
 
   - throughput (generated tokens/s) and p50/p95 latency of 1, 8 and 32 concurrent clients spread over
-    16 generative adapters: `adapterlab serve` (/v1/completions, the engine's decoder: rows of every
+    16 generative adapters: `adapterlab serve` (/v1/chat/completions, the engine's decoder: rows of every
     adapter in one batch, joining between steps) against the path it replaced (one prompt at a time,
-    `PeftModel.from_pretrained` for each request, then `generate`), which runs in this process without
-    HTTP, so the comparison leans its way;
+    `PeftModel.from_pretrained` for each request, then `generate` on the same chat-templated prompt),
+    which runs in this process without HTTP, so the comparison leans its way. Chat, as clients of an
+    instruct model send it: SmolLM2 answers each of these requests with a sentence or more (as raw
+    completions, half of these prompts end at once, which measures prompt reading, not generation);
   - time to first token of a streamed request alone, and beside 15 other adapters' streams;
   - classification latency (a SmolLM2 classification adapter on /v1/classify) idle and while 8
     clients generate: p95 under load against idle;
   - cold load of a generative adapter once 1 and 1,000 are resident in one engine (same LRU cache).
 
 Random LoRA weights copied from one trained adapter: fine for speed, meaningless for text. Greedy
-decoding; every request asks for --max-tokens (a row ends earlier at the end token; tokens are counted).
+decoding; every request asks for --max-tokens (a row ends earlier at the end token; tokens are counted,
+and the mean per request is reported).
 
     .venv/bin/python benchmarks/generation.py [--max-tokens 32] [--resident 1000]
 """
@@ -110,6 +113,7 @@ def run_clients(send, refs: list[str], clients: int, requests: int) -> dict:
         thread.join()
     elapsed = time.perf_counter() - started
     return {"clients": clients, "requests": len(latencies), "failures": len(failures),
+            "tokens_per_request": round(sum(tokens) / max(len(tokens), 1), 1),
             "tokens_per_s": round(sum(tokens) / elapsed, 1), **percentiles(latencies)}
 
 
@@ -117,8 +121,8 @@ def served(url: str, max_tokens: int):
     http = httpx.Client(base_url=url, timeout=300, limits=httpx.Limits(max_connections=64))
 
     def send(ref: str, prompt: str) -> int:
-        response = http.post("/v1/completions", json={"model": ref, "prompt": prompt, "max_tokens": max_tokens,
-                                                      "temperature": 0})
+        response = http.post("/v1/chat/completions", json={"model": ref, "messages": [{"role": "user", "content": prompt}],
+                                                           "max_tokens": max_tokens, "temperature": 0})
         response.raise_for_status()
         return response.json()["usage"]["completion_tokens"]
     return send
@@ -136,7 +140,8 @@ def per_request_peft(store: Path, max_tokens: int):
     def send(ref: str, prompt: str) -> int:
         with lock:
             model = PeftModel.from_pretrained(backbone.model, str(store / ref))
-            ids = backbone.tokenizer(prompt, return_tensors="pt")
+            ids = backbone.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                         return_tensors="pt", return_dict=True)
             with torch.inference_mode():
                 output = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False,
                                         pad_token_id=backbone.tokenizer.eos_token_id)

@@ -10,9 +10,10 @@ import yaml
 import adapterlab.sweep as sweep_module
 from adapterlab.data import load_task
 from adapterlab.engine import Engine
+from adapterlab.generative import evaluate_prompting
 from adapterlab.recipe import DataConfig
 from adapterlab.sweep import SweepError, factory_sweep, load_sweep, run_sweep
-from conftest import tiny_recipe
+from conftest import shared, tiny_recipe
 
 
 @pytest.fixture
@@ -85,6 +86,68 @@ def test_bad_sweep_files_are_named(sweep_file, edit, fragment):
     with pytest.raises(SweepError) as error:
         load_sweep(sweep_file)
     assert fragment in str(error.value)
+
+
+E2E = {"path": None, "text_field": "mr", "target_field": "ref", "references_field": "refs"}
+
+
+@pytest.fixture
+def generation_sweep(tiny_llama, tmp_path):
+    """A generation recipe (E2E, MR → sentence) and zero-shot prompting, on a tiny chat Llama."""
+    recipe = tmp_path / "e2e.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(
+        tiny_llama, tmp_path / "unused", task="e2e", head={"type": "generate", "template": "Describe: {text}",
+                                                           "max_new_tokens": 6},
+        data={**E2E, "path": shared("e2e")}, training={"max_steps": 2, "batch_size": 4, "metrics": ["slot_coverage"]})))
+    sweep = {"name": "e2e", "backbone": tiny_llama, "output": str(tmp_path / "out"), "test_limit": 3,
+             "datasets": {"e2e": {**E2E, "path": shared("e2e")}},
+             "methods": {"zeroshot": "zeroshot", "lora": str(recipe)}, "k": [4], "seeds": [0, 1]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def test_a_generation_sweep_reports_bleu_with_zero_shot_prompting(generation_sweep, tiny_llama):
+    """Generation recipes in a sweep: each cell trains and scores its adapter (BLEU, chrF, ROUGE-L and
+    the recipe's metrics), zero-shot is the bare backbone prompted with the recipe's template (what
+    `evaluate_prompting` scores on those rows), the table and plots summarize BLEU, or `metric`."""
+    sweep = load_sweep(generation_sweep)
+    folder = run_sweep(sweep, show_progress=False)
+    rows = sweep_module.read_results(folder / "results.jsonl")
+    assert sorted((row["method"], row["k"], row["seed"]) for row in rows) == [("lora", 4, 0), ("lora", 4, 1),
+                                                                               ("zeroshot", 0, 0)]
+    assert all({"bleu", "chrf", "rouge_l", "slot_coverage"} <= set(row) for row in rows)
+    for seed in (0, 1):
+        card = json.loads((folder / f"adapters/e2e/lora-k4-s{seed}/card.json").read_text())
+        assert card["kind"] == "generate" and card["k"] == 4 and card["seed"] == seed
+    zero = next(row for row in rows if row["method"] == "zeroshot")
+    recipe = sweep_module.cell_recipe(sweep, {"dataset": "e2e", "method": "zeroshot", "k": 0, "seed": 0}, folder)
+    assert zero["bleu"] == pytest.approx(evaluate_prompting(Engine(tiny_llama), recipe)["bleu"])
+    summary = json.loads((folder / "summary.json").read_text())
+    assert {s["metric"] for s in summary} == {"bleu"}
+    lora = next(s for s in summary if s["method"] == "lora")
+    assert lora["bleu_mean"] == pytest.approx(sum(r["bleu"] for r in rows if r["method"] == "lora") / 2)
+    assert "| e2e | lora | 4 | " in (folder / "summary.md").read_text()
+    assert matplotlib.image.imread(folder / "accuracy_vs_k.png").std() > 0.05
+
+    by_slots = run_sweep(sweep.model_copy(update={"metric": "slot_coverage"}), show_progress=False)  # no cell reruns
+    assert "slot_coverage (mean ± std)" in (by_slots / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    ({"metric": "accuracy"}, "metric 'accuracy': the cells of this sweep report bleu"),
+    ({"methods": {"zeroshot": "zeroshot", "lora": "GENERATE", "classify": "CLASSIFY"}}, "mixes generation and classification"),
+])
+def test_bad_generation_sweeps_are_named(generation_sweep, tiny_bert, edit, fragment):
+    raw = yaml.safe_load(generation_sweep.read_text())
+    classify = generation_sweep.parent / "classify.yaml"
+    classify.write_text(yaml.safe_dump(tiny_recipe(tiny_bert, generation_sweep.parent)))
+    if "methods" in edit:
+        edit = {"methods": {name: {"GENERATE": raw["methods"]["lora"], "CLASSIFY": str(classify)}.get(file, file)
+                            for name, file in edit["methods"].items()}}
+    generation_sweep.write_text(yaml.safe_dump({**raw, **edit}))
+    with pytest.raises(SweepError, match=fragment):
+        load_sweep(generation_sweep)
 
 
 @pytest.mark.slow

@@ -165,10 +165,11 @@ def adapters_list(store: Path = STORE, json_out: bool = JSON):
             {"task": c.task, "name": c.name, "method": c.method, "backbone": c.backbone, "k": c.k,
              "labels": c.labels, "metrics": c.metrics, "adapter_bytes": c.adapter_bytes} for c in cards]})
         return
-    table = Table("task/name", "method", "backbone", "k", "labels", "accuracy", "bytes")
+    table = Table("task/name", "method", "backbone", "k", "labels", "test score", "bytes")
     for c in cards:
-        accuracy = f"{c.metrics['accuracy']:.3f}" if "accuracy" in c.metrics else "-"
-        table.add_row(f"{c.task}/{c.name}", c.method, c.backbone, str(c.k), str(len(c.labels)), accuracy,
+        score = (f"accuracy {c.metrics['accuracy']:.3f}" if "accuracy" in c.metrics
+                 else f"BLEU {c.metrics['bleu']:.1f}" if "bleu" in c.metrics else "-")
+        table.add_row(f"{c.task}/{c.name}", c.method, c.backbone, str(c.k), str(len(c.labels)), score,
                       f"{c.adapter_bytes:,}")
     console.print(table)
 

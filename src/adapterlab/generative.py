@@ -6,10 +6,12 @@ from peft import get_peft_model
 from torch import nn
 
 from adapterlab.backbones import Backbone, model_inputs
-from adapterlab.data import Pairs
+from adapterlab.data import Pairs, load_pairs
 from adapterlab.errors import AdapterlabError
+from adapterlab.generation import Sampling
 from adapterlab.heads import TextHead, uses_chat
 from adapterlab.methods import method_module
+from adapterlab.metrics import generation_metrics
 
 IGNORED = -100  # the label of tokens the loss does not read (cross_entropy's ignore_index)
 
@@ -99,6 +101,22 @@ def prompt_request(template: str, chat: bool, text: str, demonstrations: tuple[t
         return {"messages": turns + [{"role": "user", "content": template.format(text=text)}]}
     shown = "".join(f"{template.format(text=given)}\n{wanted}\n\n" for given, wanted in demonstrations)
     return {"prompt": shown + template.format(text=text) + ("\n" if demonstrations else "")}
+
+
+def evaluate_prompting(engine, recipe, shots: int = 0) -> dict:
+    """What prompting the bare backbone scores on a generation recipe's task, the baseline its adapter
+    is measured against: the recipe's template alone (zero-shot), or after `shots` of its k training
+    rows as demonstrations (in-context). Greedy, the recipe's max_new_tokens and metrics, its test rows."""
+    from adapterlab.engine import GenerationRequest  # the engine's store loads this module's models
+
+    task = load_pairs(recipe.data)
+    demonstrations = tuple(zip(task.train.inputs, task.train.targets))[:shots]
+    chat = uses_chat(recipe.head, engine.backbone)
+    sampling = Sampling(recipe.head.max_new_tokens)
+    requests = [GenerationRequest(None, **prompt_request(recipe.head.template, chat, text, demonstrations),
+                                  sampling=sampling) for text in task.test.inputs]
+    outputs = [sequence.text.strip() for sequence in engine.generate(requests)]
+    return generation_metrics(outputs, task.test.references, task.test.inputs, tuple(recipe.training.metrics))
 
 
 def build_generative_model(recipe, backbone: Backbone) -> GenerativeModel:

@@ -1,7 +1,8 @@
 """Sweeps: datasets × methods × k × seeds in one command, resumable, with a table and plots.
 
 A sweep file names a backbone, datasets (data sections), methods (recipe files, or `zeroshot`), the
-k values and the seeds. Each finished cell is appended to results.jsonl at once, with a digest of the
+k values and the seeds. Its recipes classify (the report's score: accuracy) or generate (BLEU; zero-shot
+is the bare backbone prompted with the first recipe's template); `metric` picks another score. Each finished cell is appended to results.jsonl at once, with a digest of the
 settings it ran under, so an interrupted sweep resumes where it stopped and a cell whose recipe has
 changed since runs again; the report (CSV, JSON, markdown with mean ± std over seeds, PNG plots) is
 rebuilt after every run from the cells of the sweep as it now stands. Cells run one after another in
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from adapterlab.errors import AdapterlabError
+from adapterlab.metrics import BUILTIN, GENERATION
 from adapterlab.precision import cpu_capability
 from adapterlab.recipe import DataConfig, Recipe, load_recipe
 from adapterlab.store import read_card
@@ -48,6 +50,9 @@ class Sweep(BaseModel):
     output: str = Field("results/sweeps", description="Results go to OUTPUT/NAME/.")
     cpus_per_cell: float = Field(1, ge=0, description="CPUs each cell's Ray task asks for (sweeps on Ray).")
     gpus_per_cell: float = Field(0, ge=0, description="GPUs each cell's Ray task asks for (sweeps on Ray).")
+    metric: str | None = Field(None, description="The score the report summarizes: default accuracy for "
+                               "classification recipes, bleu for generation ones; or another metric every cell "
+                               "reports (macro_f1; chrf, rouge_l, slot_f1 and the recipes' training.metrics).")
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -67,7 +72,25 @@ def load_sweep(path: str | Path) -> Sweep:
     for method, recipe in sweep.methods.items():
         if recipe != ZERO_SHOT and not Path(recipe).is_file():
             raise SweepError(f"{path}: method {method!r}: recipe not found: {recipe}")
+    generates = prompt_recipe(sweep) is not None
+    metric = main_metric(sweep)
+    if metric not in BUILTIN or (metric in GENERATION) != generates:
+        known = ["bleu", *(m for m in GENERATION if m != "bleu")] if generates else ["accuracy", "macro_f1"]
+        raise SweepError(f"{path}: metric {metric!r}: the cells of this sweep report {', '.join(known)}")
     return sweep
+
+
+def prompt_recipe(sweep: Sweep) -> str | None:
+    """A generation sweep's first recipe file (its zero-shot cells prompt with its head); None when the
+    recipes classify. One sweep does not mix the two: their scores do not compare."""
+    kinds = {file: load_recipe(file).head.type == "generate" for file in sweep.methods.values() if file != ZERO_SHOT}
+    if len(set(kinds.values())) > 1:
+        raise SweepError(f"sweep {sweep.name!r} mixes generation and classification recipes: give each its own sweep")
+    return next((file for file, generates in kinds.items() if generates), None)
+
+
+def main_metric(sweep: Sweep) -> str:
+    return sweep.metric or ("bleu" if prompt_recipe(sweep) else "accuracy")
 
 
 def factory_sweep(recipe: str | Path, folders: list[Path], name: str, output: str,
@@ -107,6 +130,8 @@ def _settings_digest(sweep: Sweep, cell: dict) -> str:
     keeps its cells; not the defaults, so that a new recipe field does not make every cell stale."""
     if sweep.methods[cell["method"]] == ZERO_SHOT:
         settings = {"backbone": sweep.backbone, "data": sweep.datasets[cell["dataset"]], "test_limit": sweep.test_limit}
+        if prompt_recipe(sweep):  # the prompt comes from a recipe's head
+            settings["head"] = cell_recipe(sweep, cell, Path(sweep.output)).head.model_dump(mode="json")
     else:
         recipe = cell_recipe(sweep, cell, Path(sweep.output))
         settings = recipe.model_dump(mode="json", exclude={"output"}, exclude_defaults=True)
@@ -153,7 +178,7 @@ def run_sweep(sweep: Sweep, show_progress: bool = True, runner: Runner | None = 
             else:
                 append_result(results_file, row)
             progress.update()
-    write_report(finished_cells(sweep, grid), folder)
+    write_report(finished_cells(sweep, grid), folder, main_metric(sweep))
     if failures:
         raise SweepError(f"{len(failures)} cells failed (run the sweep again to retry them): " + "; ".join(
             f"{f.cell['dataset']}/{f.cell['method']}/k{f.cell['k']}/s{f.cell['seed']}: {f.reason}" for f in failures))
@@ -170,7 +195,7 @@ def run_cell(sweep: Sweep, cell: dict, folder: Path) -> dict:
     """A cell's result row: the cell, its metrics and training time, and the CPU it ran on (timings
     compare only between cells of the same kind of CPU)."""
     if sweep.methods[cell["method"]] == ZERO_SHOT:
-        metrics, seconds = _zero_shot(_engine(sweep.backbone), sweep, cell), 0.0
+        metrics, seconds = _zero_shot(_engine(sweep.backbone), sweep, cell, folder), 0.0
     else:
         metrics, seconds = _train(sweep, cell, folder)
     cpu = cpu_capability()
@@ -199,24 +224,29 @@ def _engine(backbone: str):
     return Engine(backbone)
 
 
-def _zero_shot(engine, sweep: Sweep, cell: dict) -> dict:
+def _zero_shot(engine, sweep: Sweep, cell: dict, folder: Path) -> dict:
+    from adapterlab.generative import evaluate_prompting
     from adapterlab.zeroshot import evaluate_zero_shot
 
+    if prompt_recipe(sweep):
+        return evaluate_prompting(engine, cell_recipe(sweep, cell, folder))
     data = DataConfig.model_validate({**sweep.datasets[cell["dataset"]], "k": None})
     metrics = evaluate_zero_shot(engine, data, limit=sweep.test_limit)
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
 
 
 def cell_recipe(sweep: Sweep, cell: dict, folder: Path) -> Recipe:
-    """The recipe a training cell runs: its method's recipe on the cell's dataset, k and seed."""
+    """The recipe a training cell runs: its method's recipe on the cell's dataset, k and seed (a
+    generation sweep's zero-shot cell: its prompt recipe on the dataset, no k)."""
     data = sweep.datasets[cell["dataset"]]
+    file = sweep.methods[cell["method"]]
     overrides = [f"data.{key}={json.dumps(value)}" for key, value in data.items()] + [
-        f"task={cell['dataset']}", f"backbone={sweep.backbone}", f"data.k={cell['k']}", f"data.seed={cell['seed']}",
-        f"training.seed={cell['seed']}", f"output.store={folder / 'adapters'}",
+        f"task={cell['dataset']}", f"backbone={sweep.backbone}", f"data.k={cell['k'] or 'null'}",
+        f"data.seed={cell['seed']}", f"training.seed={cell['seed']}", f"output.store={folder / 'adapters'}",
         f"output.name={cell['method']}-k{cell['k']}-s{cell['seed']}", *sweep.overrides]
     if sweep.test_limit:
         overrides.append(f"data.test_limit={sweep.test_limit}")
-    return load_recipe(sweep.methods[cell["method"]], overrides)
+    return load_recipe(prompt_recipe(sweep) if file == ZERO_SHOT else file, overrides)
 
 
 def _train(sweep: Sweep, cell: dict, folder: Path) -> tuple[dict, float]:
@@ -224,27 +254,36 @@ def _train(sweep: Sweep, cell: dict, folder: Path) -> tuple[dict, float]:
 
     result = train(cell_recipe(sweep, cell, folder), show_progress=False)
     precision = read_card(result.adapter_path).recipe["training"]["mixed_precision"]
-    return {"accuracy": result.metrics["accuracy"], "macro_f1": result.metrics["macro_f1"],
-            "mixed_precision": precision}, result.train_seconds
+    return {**result.metrics, "mixed_precision": precision}, result.train_seconds
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds for each dataset × method × k."""
+def summarize(rows: list[dict], metric: str = "accuracy") -> list[dict]:
+    """Mean and standard deviation of `metric` over seeds for each dataset × method × k (as
+    METRIC_mean, METRIC_std; `score_mean`/`score_std` too, whatever the metric)."""
+    missing = [row for row in rows if metric not in row]
+    if missing:
+        raise SweepError(f"cell {missing[0]['dataset']}/{missing[0]['method']} reports no {metric!r} "
+                         f"(it reports {', '.join(key for key in missing[0] if key in BUILTIN)})")
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["dataset"], row["method"], row["k"]), []).append(row)
     summary = []
     for (dataset, method, k), group in sorted(groups.items()):
-        accuracies = [row["accuracy"] for row in group]
-        summary.append({"dataset": dataset, "method": method, "k": k, "seeds": len(group),
-                        "accuracy_mean": statistics.fmean(accuracies),
-                        "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+        scores = [row[metric] for row in group]
+        mean, std = statistics.fmean(scores), statistics.stdev(scores) if len(scores) > 1 else 0.0
+        summary.append({"dataset": dataset, "method": method, "k": k, "seeds": len(group), "metric": metric,
+                        f"{metric}_mean": mean, f"{metric}_std": std, "score_mean": mean, "score_std": std,
                         "train_seconds_mean": statistics.fmean(row["train_seconds"] for row in group)})
     return summary
 
 
-def write_report(rows: list[dict], folder: Path) -> None:
-    """results.csv (every run), summary.json and summary.md (mean ± std), and the PNG plots."""
+def _shown(metric: str, value: float) -> str:
+    """BLEU and chrF are on 0-100 already; shares (accuracy, F1, ROUGE-L) shown as percentages."""
+    return f"{value:.1f}" if metric in ("bleu", "chrf") else f"{100 * value:.1f}"
+
+
+def write_report(rows: list[dict], folder: Path, metric: str = "accuracy") -> None:
+    """results.csv (every run), summary.json and summary.md (mean ± std of `metric`), and the PNG plots."""
     if not rows:
         return
     with open(folder / "results.csv", "w", newline="") as handle:
@@ -252,38 +291,40 @@ def write_report(rows: list[dict], folder: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    summary = summarize(rows)
+    summary = summarize(rows, metric)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-    lines = ["| dataset | method | k | accuracy (mean ± std) | seeds | train s |", "|---|---|---|---|---|---|"]
-    lines += [f"| {s['dataset']} | {s['method']} | {s['k'] or '-'} | {100 * s['accuracy_mean']:.1f} ± "
-              f"{100 * s['accuracy_std']:.1f} | {s['seeds']} | {s['train_seconds_mean']:.1f} |" for s in summary]
+    lines = [f"| dataset | method | k | {metric} (mean ± std) | seeds | train s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {s['dataset']} | {s['method']} | {s['k'] or '-'} | {_shown(metric, s['score_mean'])} ± "
+              f"{_shown(metric, s['score_std'])} | {s['seeds']} | {s['train_seconds_mean']:.1f} |" for s in summary]
     (folder / "summary.md").write_text("\n".join(lines) + "\n")
     plot(summary, folder)
 
 
 def plot(summary: list[dict], folder: Path) -> None:
     """accuracy_vs_k.png: a panel per dataset, a line with a ±std band per method, zero-shot dashed.
-    methods.png: each method's accuracy at the largest k, per dataset, against zero-shot."""
+    methods.png: each method's score at the largest k, per dataset, against zero-shot. (The score is
+    the summary's metric; the file names stay for every metric.)"""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     datasets = sorted({s["dataset"] for s in summary})
+    label = f"test {summary[0]['metric'].replace('_', ' ')}"
     methods = sorted({s["method"] for s in summary if s["k"]})
     ks = sorted({s["k"] for s in summary if s["k"]})
     figure, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
     for axis, dataset in zip(axes[0], datasets):
         for method in methods:
-            points = sorted((s["k"], s["accuracy_mean"], s["accuracy_std"]) for s in summary
+            points = sorted((s["k"], s["score_mean"], s["score_std"]) for s in summary
                             if s["dataset"] == dataset and s["method"] == method)
             xs, means, stds = zip(*points)
             axis.plot(xs, means, marker="o", label=method)
             axis.fill_between(xs, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)], alpha=0.2)
         for s in summary:
             if s["dataset"] == dataset and not s["k"]:
-                axis.axhline(s["accuracy_mean"], linestyle="--", color="grey", label=f"{s['method']} (no training)")
-        axis.set(title=dataset, xlabel="k (examples per class)", ylabel="test accuracy", xscale="log")
+                axis.axhline(s["score_mean"], linestyle="--", color="grey", label=f"{s['method']} (no training)")
+        axis.set(title=dataset, xlabel="k (training examples; per class when classifying)", ylabel=label, xscale="log")
         axis.minorticks_off()
         axis.set_xticks(ks, labels=[str(k) for k in ks])
         axis.legend(fontsize=8)
@@ -299,15 +340,15 @@ def plot(summary: list[dict], folder: Path) -> None:
     for i, method in enumerate(methods):
         values = [next((s for s in summary if s["dataset"] == d and s["method"] == method and s["k"] == largest), None)
                   for d in datasets]
-        axis.bar([j + i * width for j in range(len(datasets))], [v["accuracy_mean"] if v else 0 for v in values],
-                 width, yerr=[v["accuracy_std"] if v else 0 for v in values], label=f"{method} (k={largest})")
+        axis.bar([j + i * width for j in range(len(datasets))], [v["score_mean"] if v else 0 for v in values],
+                 width, yerr=[v["score_std"] if v else 0 for v in values], label=f"{method} (k={largest})")
     for j, dataset in enumerate(datasets):
         for s in summary:
             if s["dataset"] == dataset and not s["k"]:
-                axis.hlines(s["accuracy_mean"], j - width / 2, j + len(methods) * width - width / 2, colors="black",
+                axis.hlines(s["score_mean"], j - width / 2, j + len(methods) * width - width / 2, colors="black",
                             linestyles="--", label="zero-shot" if j == 0 else None)
     axis.set_xticks([j + (len(methods) - 1) * width / 2 for j in range(len(datasets))], labels=datasets)
-    axis.set(ylabel="test accuracy", title="methods against zero-shot")
+    axis.set(ylabel=label, title="methods against zero-shot")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(folder / "methods.png", dpi=110)
