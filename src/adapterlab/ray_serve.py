@@ -39,9 +39,9 @@ from adapterlab.server import openai
 from adapterlab.server.app import (ADMIN, CLIENT, answer_errors, continuation, prediction_json, public_card,
                                    rows_of, store_cards)
 from adapterlab.server.bodies import BatchBody, BatchRow, ClassifyBody, GenerateBody, RegisterBody
-from adapterlab.server.openai import ChatBody, CompletionBody
 from adapterlab.server.errors import ApiError
 from adapterlab.server.metrics import Metrics, family
+from adapterlab.server.openai import ChatBody, CompletionBody
 from adapterlab.server.settings import Settings
 from adapterlab.server.worker import Server
 
