@@ -9,11 +9,11 @@ from adapterlab.crossval import SelectionError, stratified_folds
 from adapterlab.data import load_task
 from adapterlab.engine import Engine
 from adapterlab.model import AdapterModel
-from adapterlab.recipe import RecipeError, validate_recipe
+from adapterlab.recipe import RecipeError, load_recipe, validate_recipe
 from adapterlab.store import read_card
 from adapterlab import train as training
 from adapterlab.train import train
-from conftest import shared, tiny_recipe
+from conftest import ROOT, shared, tiny_recipe
 
 SELECT = {"folds": 2, "max_cost": 5, "grid": {"training.lr": [1e-3, 3e-2], "head.prototype_weight": [0.0, 0.5]}}
 TINY_TRAINING = {"max_steps": None, "epochs": 2, "batch_size": 8}
@@ -142,3 +142,34 @@ def test_a_grid_over_its_cost_is_refused_before_training(tiny_bert, tmp_path, mo
     select = {"folds": 2, "grid": {"training.epochs": [2, 4]}}  # (2 + 4 epochs) x 2 folds of 1 step, against 2
     with pytest.raises(SelectionError, match=r"would train 6.00x the optimizer steps .* over its max_cost 3.0"):
         train(validate_recipe(selecting(tiny_bert, tmp_path, select)), show_progress=False)
+
+
+@pytest.mark.slow
+def test_minilm_selection_costs_within_three_single_runs_and_reports_beside_test(tmp_path, capsys):
+    """The recommended recipe on SST-2 (k=8, 200 test rows): one run as written, then the same recipe
+    choosing its epochs and prototype weight by 2-fold CV (1.5 single runs in optimizer steps)."""
+    def run(name, *settings):
+        recipe = load_recipe(ROOT / "recipes" / "sst2-lora-minilm-tied.yaml", [
+            f"data.path={shared('sst2')}", "data.k=8", "data.test_limit=200", f"output.store={tmp_path}",
+            f"output.name={name}", *settings])
+        return recipe, train(recipe, show_progress=False)
+
+    _, single = run("single")
+    recipe, chosen = run("cv", "training.select={folds: 2, grid: {training.epochs: [15, 30], "
+                               "head.prototype_weight: [0, 0.5, 1]}}")
+    selection = read_card(chosen.adapter_path).selection
+    assert selection["trainings"] == 2 * 2 and len(selection["points"]) == 6
+    assert selection["seconds"] <= 3 * single.train_seconds, (selection["seconds"], single.train_seconds)
+
+    # The zero-shot estimate is the engine's zero-shot start on the k-shot rows (each held out once).
+    engine = Engine("minilm", tmp_path, dtype="float32")
+    rows = load_task(recipe.data).train
+    labels = engine.card("sst2/cv").labels
+    start = engine.classify(engine.baseline("sst2/cv"), rows.texts)
+    assert selection["zero_shot_cv_accuracy"] == round(
+        sum(p.label == labels[y] for p, y in zip(start, rows.labels)) / len(rows), 4)
+    with capsys.disabled():
+        print(f"\nsst2 k=8: single run {single.train_seconds:.1f} s, test {single.metrics['accuracy']:.3f}; "
+              f"CV {selection['seconds']:.1f} s ({selection['seconds'] / single.train_seconds:.2f}x), chose "
+              f"{selection['chosen']}, cv_accuracy {selection['cv_accuracy']} (zero-shot "
+              f"{selection['zero_shot_cv_accuracy']}), test {chosen.metrics['accuracy']:.3f}")

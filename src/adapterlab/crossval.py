@@ -86,6 +86,6 @@ class Selection:
             "below_zero_shot": self.below_zero_shot, "fell_back": fell_back,
             "points": [{"settings": p.settings, "cv_accuracy": round(self.accuracy(p.correct), 4)} for p in self.points],
             "trainings": self.trainings, "seconds": round(self.seconds, 3), "steps_ratio": round(self.cost, 3),
-            # against the final run of the chosen settings; none when nothing trained after it
-            "time_ratio": round(self.seconds / train_seconds, 3) if train_seconds else None,
+            # against the final run of the chosen settings; none when it fell back and nothing trained
+            "time_ratio": None if fell_back else round(self.seconds / train_seconds, 3),
         }

@@ -1,4 +1,5 @@
-"""Training one few-shot adapter under Accelerate: setup → fit → evaluate → save.
+"""Training one few-shot adapter under Accelerate: setup → fit → evaluate → save; with `training.select`,
+a cross-validation on the k-shot rows chooses the recipe's settings first (`select_settings`).
 
 Runs the same on one CPU or under `accelerate launch` on many processes: the k-shot rows are sharded
 by the prepared data loader, gradients averaged by Accelerate, and only the main process writes.
@@ -139,7 +140,7 @@ def train(recipe: Recipe, show_progress: bool = True, resume: bool = False) -> T
     path, size = None, 0
     if accelerator.is_main_process:
         card = make_card(_resolved(recipe, model, accelerator), task, model, trainable, total, train_seconds, metrics,
-                         selection.record(fall_back, train_seconds if not fall_back else 0) if selection else None)
+                         selection.record(fall_back, train_seconds) if selection else None)
         path, card = save_adapter(model, card, recipe.output.store)
         size = card.adapter_bytes
         remove_checkpoint(checkpoint_folder(recipe))  # the run is complete: nothing left to resume
