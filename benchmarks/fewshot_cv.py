@@ -79,8 +79,9 @@ def read_cells(file: Path) -> list[dict]:
 
 
 def markdown(cells: list[dict]) -> str:
-    lines = ["| dataset | seed | chosen | cv_accuracy | test accuracy | recipe as written (report) | zero-shot CV / test "
-             "| below zero-shot | select s / final s (ratio) |", "|---|---|---|---|---|---|---|---|---|"]
+    header = ("| dataset | seed | chosen | cv_accuracy | test accuracy | recipe as written (report) | zero-shot CV / test "
+              "| below zero-shot | select s / final s (ratio) |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         chosen = ", ".join(f"{key.split('.')[-1]} {value}" for key, value in c["chosen"].items())
         lines.append(f"| {c['dataset']} | {c['seed']} | {chosen} | {100 * c['cv_accuracy']:.1f} | "

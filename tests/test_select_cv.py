@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from adapterlab import crossval
+from adapterlab import train as training
 from adapterlab.crossval import SelectionError, stratified_folds
 from adapterlab.data import load_task
 from adapterlab.engine import Engine
 from adapterlab.model import AdapterModel
 from adapterlab.recipe import RecipeError, load_recipe, validate_recipe
 from adapterlab.store import read_card
-from adapterlab import train as training
 from adapterlab.train import train
 from conftest import ROOT, shared, tiny_recipe
 

@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from adapterlab.backbones import load_backbone
-from adapterlab.crossval import PROTOTYPE_WEIGHT, PointResult, Selection, SelectionError, stratified_folds, trainings
 from adapterlab.checkpoint import (CheckpointError, checkpoint_folder, has_checkpoint, read_checkpoint,
                                    remove_checkpoint, restore, run_identity, save_checkpoint)
+from adapterlab.crossval import PROTOTYPE_WEIGHT, PointResult, Selection, SelectionError, stratified_folds, trainings
 from adapterlab.data import Pairs, Split, TaskData, load_pairs, load_task
 from adapterlab.generative import GenerativeModel, build_generative_model
 from adapterlab.errors import AdapterlabError
