@@ -1,6 +1,7 @@
 """The recipe: one YAML file that says what to train. The schema below is the format, the `--set`
 target and the `--help` text; each field is documented once, here."""
 
+import itertools
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
@@ -134,6 +135,48 @@ class DataConfig(_Section):
     test_limit: int | None = Field(None, gt=0, description="Evaluate on the first N test rows only.")
 
 
+# Grid keys that cannot vary between the trainings of one selection: the selection itself, the
+# precision the run's Accelerator was made with, and the checkpoints of the final run.
+_NOT_SELECTABLE = {"training.select", "training.mixed_precision", "training.checkpoint_every"}
+
+
+class SelectionConfig(_Section):
+    folds: int = Field(
+        2, ge=2, le=10, description="Stratified folds of the k-shot rows: each grid point trains on folds-1 parts "
+        "and is scored on the one left out, every part in turn. Every class needs at least this many rows "
+        "(data.k >= folds). More folds train on more rows each (a closer estimate) and cost more trainings.")
+    grid: dict[str, list] = Field(
+        min_length=1, description="Settings to choose among: a dotted training.* or head.* key (training.epochs, "
+        "training.max_steps, training.lr, head.tie_labels, head.prototype_weight, ...) → the values to try; every "
+        "combination is a grid point. Ties go to the point of fewer optimizer steps, then to the first written. "
+        "head.prototype_weight costs no training: the points that differ only in it share their trainings.")
+    max_cost: float = Field(
+        3.0, gt=0, description="The selection may train at most this many times the optimizer steps of one run of "
+        "the recipe as written (all grid points × folds, each on folds-1 parts of the rows); a grid that costs "
+        "more is refused before anything trains. The card records the measured time ratio.")
+    fallback: Literal["none", "zero_shot"] = Field(
+        "none", description="When the chosen point's cross-validated accuracy is below the zero-shot classifier "
+        "the adapter starts from (scored on the same rows: the card's below_zero_shot), zero_shot stores that "
+        "start untrained, so the adapter answers exactly as its zero-shot classifier; none trains it anyway.")
+
+    @model_validator(mode="after")
+    def _grid_names_settings(self):
+        for key, values in self.grid.items():
+            section, _, name = key.partition(".")
+            fields = {"training": TrainingConfig.model_fields, "head": HeadConfig.model_fields}.get(section, {})
+            if name not in fields or key in _NOT_SELECTABLE:
+                raise ValueError(f"grid key {key!r} is not a setting a selection can vary (a training.* or head.* "
+                                 f"field other than {', '.join(sorted(_NOT_SELECTABLE))})")
+            if not values:
+                raise ValueError(f"grid key {key!r} has no values to try")
+        return self
+
+    @property
+    def points(self) -> list[dict]:
+        """Every combination of the grid's values, in the order written."""
+        return [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())]
+
+
 class TrainingConfig(_Section):
     epochs: int = Field(10, gt=0, description="Passes over the k-shot rows (ignored when max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
@@ -163,6 +206,10 @@ class TrainingConfig(_Section):
         "trust_hub_metrics: evaluate.load runs the metric's script from the hub).")
     trust_hub_metrics: bool = Field(
         False, description="Allow metrics that evaluate.load fetches from the Hugging Face hub and runs as code.")
+    select: SelectionConfig | None = Field(
+        None, description="Choose settings by cross-validation on the k-shot rows alone (never the test rows), then "
+        "train on all of them with the best; the card records the choice, its estimate and the zero-shot one. "
+        "null: train the recipe as written.")
 
     @model_validator(mode="after")
     def _hub_code_is_opted_into(self):
@@ -206,6 +253,35 @@ class Recipe(_Section):
             raise ValueError("head.type generate and data.target_field go together: a generation task reads its "
                              "completions from target_field")
         return self
+
+    @model_validator(mode="after")
+    def _selection_can_run(self):
+        select = self.training.select
+        if select is None:
+            return self
+        if self.generates:
+            raise ValueError("training.select scores grid points by held-out accuracy: it needs a classification "
+                             "task, not head.type generate")
+        if self.data.k is not None and self.data.k < select.folds:
+            raise ValueError(f"training.select.folds {select.folds} needs at least {select.folds} rows per class "
+                             f"(each fold holds out every class); data.k is {self.data.k}")
+        if select.fallback == "zero_shot" and not METHODS[self.method.name].UNTRAINED_IS_BACKBONE:
+            raise ValueError(f"training.select.fallback zero_shot stores the untrained adapter, but an untrained "
+                             f"{self.method.name} adapter changes the backbone's answers (lora's does not)")
+        for point in select.points:  # each point must be a valid recipe: refused now, not after hours of folds
+            try:
+                self.with_settings({**point, "training.select": None})
+            except ValidationError as error:
+                raise ValueError(f"training.select.grid point {point}: {describe_errors(error)}") from None
+        return self
+
+    def with_settings(self, settings: dict) -> "Recipe":
+        """This recipe with dotted `section.field` settings replaced, validated anew."""
+        raw = self.model_dump()
+        for key, value in settings.items():
+            section, _, name = key.partition(".")
+            raw[section][name] = value
+        return Recipe.model_validate(raw)
 
     @property
     def generates(self) -> bool:

@@ -66,6 +66,9 @@ class AdapterCard(BaseModel):
     backbone_params: int
     adapter_bytes: int = 0
     train_seconds: float | None = None
+    # training.select: the settings chosen by cross-validation on the k-shot rows, their estimate beside
+    # the zero-shot start's (below_zero_shot), whether it fell back to that start (crossval.Selection.record)
+    selection: dict | None = None
     created: str = ""
 
     @field_validator("task", "name")

@@ -1,4 +1,5 @@
-"""Training one few-shot adapter under Accelerate: setup → fit → evaluate → save.
+"""Training one few-shot adapter under Accelerate: setup → fit → evaluate → save; with `training.select`,
+a cross-validation on the k-shot rows chooses the recipe's settings first (`select_settings`).
 
 Runs the same on one CPU or under `accelerate launch` on many processes: the k-shot rows are sharded
 by the prepared data loader, gradients averaged by Accelerate, and only the main process writes.
@@ -21,6 +22,7 @@ from transformers import get_linear_schedule_with_warmup
 from adapterlab.backbones import load_backbone
 from adapterlab.checkpoint import (CheckpointError, checkpoint_folder, has_checkpoint, read_checkpoint,
                                    remove_checkpoint, restore, run_identity, save_checkpoint)
+from adapterlab.crossval import PROTOTYPE_WEIGHT, PointResult, Selection, SelectionError, stratified_folds, trainings
 from adapterlab.data import Pairs, Split, TaskData, load_pairs, load_task
 from adapterlab.generative import GenerativeModel, build_generative_model
 from adapterlab.errors import AdapterlabError
@@ -53,16 +55,24 @@ class TrainResult:
 
 def setup(recipe: Recipe) -> tuple[Accelerator, TaskData, AdapterModel]:
     """Accelerator, k-shot data and a fresh adapter on the frozen backbone."""
+    accelerator = _accelerator(recipe.training)
+    task = load_data(recipe)  # before the backbone loads
+    return accelerator, task, new_model(recipe, task, accelerator)
+
+
+def load_data(recipe: Recipe) -> TaskData:
+    return load_pairs(recipe.data) if recipe.generates else load_task(recipe.data)
+
+
+def new_model(recipe: Recipe, task: TaskData, accelerator: Accelerator) -> AdapterModel | GenerativeModel:
+    """A fresh adapter, seeded by training.seed, on a freshly loaded frozen backbone."""
     # DDP keeps find_unused_parameters=False (no search of the graph at each step): every trainable
     # parameter reaches the loss (LoRA leaves the encoder's unused pooler alone; tests/test_methods.py).
-    accelerator = _accelerator(recipe.training)
     set_seed(recipe.training.seed)
-    task = load_pairs(recipe.data) if recipe.generates else load_task(recipe.data)  # before the backbone loads
     backbone = load_backbone(recipe.backbone, recipe.quantization, backbone_device_map(recipe.quantization, accelerator))
     if recipe.generates:
-        return accelerator, task, build_generative_model(recipe, backbone)
-    model = build_adapter_model(recipe, backbone, task.label_names, task.label_descriptions)
-    return accelerator, task, model
+        return build_generative_model(recipe, backbone)
+    return build_adapter_model(recipe, backbone, task.label_names, task.label_descriptions)
 
 
 def _accelerator(config) -> Accelerator:
@@ -103,25 +113,81 @@ def backbone_device_map(quantization, accelerator: Accelerator) -> dict | None:
 
 
 def train(recipe: Recipe, show_progress: bool = True, resume: bool = False) -> TrainResult:
-    accelerator, task, model = setup(recipe)
+    accelerator, task = _accelerator(recipe.training), load_data(recipe)
+    selection = select_settings(recipe, task, accelerator, show_progress) if recipe.training.select else None
+    if selection:
+        recipe = recipe.with_settings(selection.chosen.settings)
+    model = new_model(recipe, task, accelerator)
     trainable, total = parameter_counts(model)
     if accelerator.is_main_process:  # one log, one progress bar, one writer, however many processes
         log.info("trainable parameters: %d of %d (%.3f%%); backbone frozen", trainable, total, 100 * trainable / total)
+    fall_back = False
+    if selection:  # the untrained start on every k-shot row: the rows the folds held out, one by one
+        selection.zero_shot_correct = _correct(model, task.train, recipe)
+        fall_back = selection.below_zero_shot and recipe.training.select.fallback == "zero_shot"
+        if selection.below_zero_shot and accelerator.is_main_process:
+            log.warning("cross-validation puts the adapter below its zero-shot start (%d against %d of %d rows)%s",
+                        selection.chosen.correct, selection.zero_shot_correct, selection.rows,
+                        ": storing the start untrained (fallback zero_shot)" if fall_back else "")
 
     started = time.perf_counter()
-    fit(model, task.train, recipe, accelerator, show_progress, resume)
+    if not fall_back:  # fallen back, the adapter stays at its start: it answers as its zero-shot classifier
+        fit(model, task.train, recipe, accelerator, show_progress, resume)
     train_seconds = time.perf_counter() - started
 
     model = accelerator.unwrap_model(model)
     metrics = evaluate(model, task.test, recipe) if task.test is not None else {}
     path, size = None, 0
     if accelerator.is_main_process:
-        card = make_card(_resolved(recipe, model, accelerator), task, model, trainable, total, train_seconds, metrics)
+        card = make_card(_resolved(recipe, model, accelerator), task, model, trainable, total, train_seconds, metrics,
+                         selection.record(fall_back, train_seconds) if selection else None)
         path, card = save_adapter(model, card, recipe.output.store)
         size = card.adapter_bytes
         remove_checkpoint(checkpoint_folder(recipe))  # the run is complete: nothing left to resume
     accelerator.wait_for_everyone()
     return TrainResult(path, trainable, total, size, train_seconds, metrics)
+
+
+def select_settings(recipe: Recipe, task: TaskData, accelerator: Accelerator, show_progress: bool) -> Selection:
+    """Cross-validates the grid of `training.select` on the k-shot rows (`task.train`; the test rows are
+    never read): each training on folds-1 parts, scored on the part left out, every part in turn."""
+    select, rows = recipe.training.select, task.train
+    held_out_parts = stratified_folds(rows.labels, select.folds, recipe.data.seed, task.label_names)
+    kept_parts = [[i for part in held_out_parts if part is not held_out for i in part] for held_out in held_out_parts]
+    groups = list(trainings(select.points).values())
+    trials = [recipe.with_settings({**points[0], "training.select": None, "training.checkpoint_every": None})
+              for points in groups]
+    steps = [sum(_schedule(len(kept), trial.training, accelerator.num_processes)[0] for kept in kept_parts)
+             for trial in trials]
+    cost = sum(steps) / _schedule(len(rows), recipe.training, accelerator.num_processes)[0]
+    if cost > select.max_cost:
+        raise SelectionError(f"training.select would train {cost:.2f}x the optimizer steps of one run of this recipe "
+                             f"({len(trials)} trainings x {select.folds} folds), over its max_cost {select.max_cost}: "
+                             "fewer folds, grid values or epochs")
+    results = [[PointResult(point, trial_steps) for point in points] for points, trial_steps in zip(groups, steps)]
+    progress = tqdm(total=len(trials) * select.folds, desc=f"select {recipe.task}",
+                    disable=not (show_progress and accelerator.is_main_process))
+    started = time.perf_counter()
+    for trial, group in zip(trials, results):
+        for kept, held_out in zip(kept_parts, held_out_parts):
+            model = new_model(trial, task, accelerator)
+            fit(model, rows.select(kept), trial, accelerator, show_progress=False)
+            for result in group:
+                if model.tied:  # each prototype weight settles the same trained label vectors anew
+                    weight = result.settings.get(PROTOTYPE_WEIGHT, trial.head.prototype_weight)
+                    model.settle_label_vectors(rows.select(kept), weight)
+                result.correct += _correct(model, rows.select(held_out), trial)
+            accelerator.free_memory()  # drops the prepared model before the next one loads
+            progress.update(1)
+    progress.close()
+    return Selection(select.folds, select.grid, len(rows), [r for group in results for r in group],
+                     len(trials) * select.folds, cost, time.perf_counter() - started)
+
+
+def _correct(model: AdapterModel, rows: Split, recipe: Recipe) -> int:
+    """How many of `rows` the model labels right, through the scoring path that `evaluate` uses."""
+    predictions = model.scores(rows.texts, rows.text_pairs, batch_size=recipe.training.eval_batch_size).argmax(-1)
+    return int((predictions == torch.tensor(rows.labels)).sum())
 
 
 def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerator, show_progress: bool,
@@ -248,7 +314,7 @@ def evaluate(model: AdapterModel | GenerativeModel, rows: Split | Pairs, recipe:
 
 
 def make_card(recipe: Recipe, task: TaskData, model: AdapterModel, trainable: int, total: int, train_seconds: float,
-              metrics: dict[str, float]) -> AdapterCard:
+              metrics: dict[str, float], selection: dict | None = None) -> AdapterCard:
     return AdapterCard(
         task=recipe.task, name=recipe.adapter_name, kind="generate" if recipe.generates else "classify",
         labels=task.label_names,
@@ -256,7 +322,7 @@ def make_card(recipe: Recipe, task: TaskData, model: AdapterModel, trainable: in
         backbone_fingerprint=model.backbone.fingerprint, method=recipe.method.name, k=recipe.data.k,
         seed=recipe.data.seed, recipe=recipe.model_dump(mode="json"), metrics=metrics,
         trainable_params=trainable, backbone_params=total - trainable,
-        train_seconds=round(train_seconds, 3))
+        train_seconds=round(train_seconds, 3), selection=selection)
 
 
 def _resolved(recipe: Recipe, model: AdapterModel, accelerator: Accelerator) -> Recipe:

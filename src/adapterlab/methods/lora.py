@@ -12,6 +12,7 @@ from adapterlab.errors import AdapterlabError
 from adapterlab.methods.base import AdapterWeights
 
 DEFAULT_LR = 1e-3
+UNTRAINED_IS_BACKBONE = True  # B starts at zero
 
 
 class Config(BaseModel):

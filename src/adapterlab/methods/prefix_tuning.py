@@ -12,6 +12,7 @@ from adapterlab.methods.base import AdapterWeights
 
 # Prefixes need a larger step than LoRA weights to move the frozen attention.
 DEFAULT_LR = 1e-2
+UNTRAINED_IS_BACKBONE = False  # any prefix, even from the task's words, is read before the text
 
 
 class Config(BaseModel):

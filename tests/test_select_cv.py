@@ -1,0 +1,173 @@
+"""training.select: settings chosen by cross-validation on the k-shot rows alone, the card's estimates
+beside the zero-shot start's, and the fallback to that start."""
+
+import pytest
+import torch
+
+from adapterlab import crossval
+from adapterlab import train as training
+from adapterlab.crossval import SelectionError, stratified_folds
+from adapterlab.data import load_task
+from adapterlab.engine import Engine
+from adapterlab.model import AdapterModel
+from adapterlab.recipe import RecipeError, load_recipe, validate_recipe
+from adapterlab.store import read_card
+from adapterlab.train import train
+from conftest import ROOT, shared, tiny_recipe
+
+SELECT = {"folds": 2, "max_cost": 5, "grid": {"training.lr": [1e-3, 3e-2], "head.prototype_weight": [0.0, 0.5]}}
+SMALL = {"folds": 2, "grid": {"head.prototype_weight": [0.0, 0.5]}}  # one training per fold
+TINY_TRAINING = {"max_steps": None, "epochs": 2, "batch_size": 8}
+
+
+def selecting(backbone, store, select=SELECT, **sections) -> dict:
+    """The tiny recipe with the recommended head (tied descriptions), trained by epochs, selecting."""
+    return tiny_recipe(backbone, store, head={"tie_labels": True, **sections.pop("head", {})},
+                       training={**TINY_TRAINING, "select": select}, **sections)
+
+
+def test_folds_hold_out_every_class_once():
+    labels = [0, 1, 2] * 5 + [0]
+    parts = stratified_folds(labels, 3, seed=7, names=["a", "b", "c"])
+    assert sorted(i for part in parts for i in part) == list(range(len(labels)))  # each row held out once
+    assert all({labels[i] for i in part} == {0, 1, 2} for part in parts)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert parts == stratified_folds(labels, 3, seed=7, names=["a", "b", "c"])
+    assert parts != stratified_folds(labels, 3, seed=8, names=["a", "b", "c"])
+    with pytest.raises(SelectionError, match="class 'b' has 1 training rows, fewer than training.select.folds 2"):
+        stratified_folds([0, 0, 1], 2, seed=0, names=["a", "b"])
+
+
+def test_grid_is_searched_on_training_rows_only_and_recorded(tiny_bert, tmp_path, monkeypatch):
+    recipe = validate_recipe(selecting(tiny_bert, tmp_path))
+    task = load_task(recipe.data)
+    seen = {"selecting": [], "after": []}  # every text that a model trained on or scored, by phase
+    phase = ["selecting"]
+    real_select, real_batch, real_scores = training.select_settings, AdapterModel.batch, AdapterModel.scores
+
+    def select_spy(*args, **kwargs):
+        try:
+            return real_select(*args, **kwargs)
+        finally:
+            phase[0] = "after"
+
+    def batch_spy(self, rows, indices, *args, **kwargs):
+        seen[phase[0]] += [rows.texts[i] for i in indices]
+        return real_batch(self, rows, indices, *args, **kwargs)
+
+    def scores_spy(self, texts, *args, **kwargs):
+        seen[phase[0]] += list(texts)
+        return real_scores(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(training, "select_settings", select_spy)
+    monkeypatch.setattr(AdapterModel, "batch", batch_spy)
+    monkeypatch.setattr(AdapterModel, "scores", scores_spy)
+    result = train(recipe, show_progress=False)
+
+    assert seen["selecting"] and set(seen["selecting"]) <= set(task.train.texts)
+    assert set(task.test.texts) & set(seen["after"])  # the final evaluation does read the test rows
+    selection = read_card(result.adapter_path).selection
+    assert selection["trainings"] == 2 * 2  # two learning rates × two folds: the prototype weights share them
+    assert [p["settings"] for p in selection["points"]] == [
+        {"training.lr": lr, "head.prototype_weight": w} for lr in (1e-3, 3e-2) for w in (0.0, 0.5)]
+    best = max(p["cv_accuracy"] for p in selection["points"])
+    assert selection["cv_accuracy"] == best
+    assert selection["chosen"] == next(p["settings"] for p in selection["points"] if p["cv_accuracy"] == best)
+    card = read_card(result.adapter_path)
+    assert card.recipe["training"]["lr"] == selection["chosen"]["training.lr"]  # the final run used the choice
+    assert card.recipe["head"]["prototype_weight"] == selection["chosen"]["head.prototype_weight"]
+    assert selection["rows"] == len(task.train)
+    assert selection["below_zero_shot"] == (selection["cv_accuracy"] < selection["zero_shot_cv_accuracy"])
+    assert selection["fell_back"] is False and selection["time_ratio"] > 0
+
+
+def test_selection_is_deterministic_per_seed(tiny_bert, tmp_path):
+    def selection(store):
+        record = read_card(train(validate_recipe(selecting(tiny_bert, store)), show_progress=False).adapter_path).selection
+        return {key: value for key, value in record.items() if key not in ("seconds", "time_ratio")}
+
+    assert selection(tmp_path / "a") == selection(tmp_path / "b")
+
+
+def test_fallback_serves_exactly_the_zero_shot_start(tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setattr(crossval.Selection, "below_zero_shot", property(lambda self: True))  # as CV would say
+    def trained_as(name, fallback):
+        raw = selecting(tiny_bert, tmp_path, {**SMALL, "fallback": fallback}, output={"store": str(tmp_path), "name": name})
+        return train(validate_recipe(raw), show_progress=False)
+    fallen, trained = trained_as("fallen", "zero_shot"), trained_as("trained", "none")
+    selection = read_card(fallen.adapter_path).selection
+    assert selection["below_zero_shot"] and selection["fell_back"] and selection["time_ratio"] is None
+    assert read_card(trained.adapter_path).selection["fell_back"] is False
+
+    engine = Engine(tiny_bert, tmp_path, dtype="float32")
+    test = load_task(validate_recipe(tiny_recipe(tiny_bert, tmp_path)).data).test
+    start = engine.classify(engine.baseline("sentiment/fallen"), test.texts)
+    def scores(predictions):
+        return torch.tensor([list(p.scores.values()) for p in predictions])
+    assert torch.allclose(scores(engine.predict("sentiment/fallen", test.texts)), scores(start), atol=1e-6)
+    assert not torch.allclose(scores(engine.predict("sentiment/trained", test.texts)), scores(start), atol=1e-3)
+    labels = engine.card("sentiment/fallen").labels
+    start_accuracy = sum(p.label == labels[y] for p, y in zip(start, test.labels)) / len(test)
+    assert fallen.metrics["accuracy"] == pytest.approx(start_accuracy)  # its test figure is the zero-shot one
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"training": {"select": {"grid": {"training.lrr": [1e-3]}}}}, "grid key 'training.lrr' is not a setting"),
+    ({"training": {"select": {"grid": {"data.k": [4]}}}}, "grid key 'data.k' is not a setting"),
+    ({"training": {"select": {"grid": {"training.mixed_precision": ["no"]}}}}, "'training.mixed_precision' is not"),
+    ({"training": {"select": {"grid": {"training.lr": []}}}}, "grid key 'training.lr' has no values"),
+    ({"training": {"select": {"grid": {}}}}, "training.select.grid: Dictionary should have at least 1 item"),
+    ({"training": {"select": {"folds": 1, "grid": {"training.lr": [1e-3]}}}}, "folds: Input should be greater"),
+    ({"training": {"select": {"folds": 5, "grid": {"training.lr": [1e-3]}}}},
+     "folds 5 needs at least 5 rows per class (each fold holds out every class); data.k is 4"),
+    ({"training": {"select": {"grid": {"training.lr": [-1]}}}},
+     "grid point {'training.lr': -1}: training.lr: Input should be greater than 0"),
+    ({"training": {"select": {"grid": {"head.cosine_scale": [20, None]}}}, "head": {"tie_labels": True}},
+     "grid point {'head.cosine_scale': None}: head: Value error, tie_labels needs a cosine"),
+    ({"training": {"select": {"fallback": "zero_shot", "grid": {"training.lr": [1e-3]}}},
+      "method": {"name": "prefix_tuning"}}, "an untrained prefix_tuning adapter changes the backbone's answers"),
+    ({"training": {"select": {"grid": {"training.lr": [1e-3]}}}, "head": {"type": "generate"},
+      "data": {"path": "demo:sentiment", "target_field": "label"}}, "it needs a classification task"),
+])
+def test_selections_that_cannot_work_are_refused_by_name(change, message, tmp_path):
+    with pytest.raises(RecipeError) as error:
+        validate_recipe(tiny_recipe("minilm", tmp_path, **change))
+    assert message in str(error.value)
+
+
+def test_a_grid_over_its_cost_is_refused_before_training(tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setattr("adapterlab.train.fit", lambda *args, **kwargs: pytest.fail("trained"))
+    select = {"folds": 2, "grid": {"training.epochs": [2, 4]}}  # (2 + 4 epochs) x 2 folds of 1 step, against 2
+    with pytest.raises(SelectionError, match=r"would train 6.00x the optimizer steps .* over its max_cost 3.0"):
+        train(validate_recipe(selecting(tiny_bert, tmp_path, select)), show_progress=False)
+
+
+@pytest.mark.slow
+def test_minilm_selection_costs_within_three_single_runs_and_reports_beside_test(tmp_path, capsys):
+    """The recommended recipe on SST-2 (k=8, 200 test rows): one run as written, then the same recipe
+    choosing its epochs and prototype weight by 2-fold CV (1.5 single runs in optimizer steps)."""
+    def run(name, *settings):
+        recipe = load_recipe(ROOT / "recipes" / "sst2-lora-minilm-tied.yaml", [
+            f"data.path={shared('sst2')}", "data.k=8", "data.test_limit=200", f"output.store={tmp_path}",
+            f"output.name={name}", *settings])
+        return recipe, train(recipe, show_progress=False)
+
+    _, single = run("single")
+    recipe, chosen = run("cv", "training.select={folds: 2, grid: {training.epochs: [15, 30], "
+                               "head.prototype_weight: [0, 0.5, 1]}}")
+    selection = read_card(chosen.adapter_path).selection
+    assert selection["trainings"] == 2 * 2 and len(selection["points"]) == 6
+    assert selection["seconds"] <= 3 * single.train_seconds, (selection["seconds"], single.train_seconds)
+
+    # The zero-shot estimate is the engine's zero-shot start on the k-shot rows (each held out once).
+    engine = Engine("minilm", tmp_path, dtype="float32")
+    rows = load_task(recipe.data).train
+    labels = engine.card("sst2/cv").labels
+    start = engine.classify(engine.baseline("sst2/cv"), rows.texts)
+    assert selection["zero_shot_cv_accuracy"] == round(
+        sum(p.label == labels[y] for p, y in zip(start, rows.labels)) / len(rows), 4)
+    with capsys.disabled():
+        print(f"\nsst2 k=8: single run {single.train_seconds:.1f} s, test {single.metrics['accuracy']:.3f}; "
+              f"CV {selection['seconds']:.1f} s ({selection['seconds'] / single.train_seconds:.2f}x), chose "
+              f"{selection['chosen']}, cv_accuracy {selection['cv_accuracy']} (zero-shot "
+              f"{selection['zero_shot_cv_accuracy']}), test {chosen.metrics['accuracy']:.3f}")
