@@ -5,7 +5,9 @@ For each direction × k training rows × seed:
     recipes/e2e-extract-lora-smollm2.yaml, sentence → MR) with data.k, data.seed and training.seed set
     and the epochs of EPOCHS (the recipe's 4 at k=16; past it, about 64 optimizer steps' worth of rows),
     scored by the training run's own evaluation on the first --test-limit test rows;
-  - in-context: the bare backbone shown --shots of those same k rows as chat turns, then the test input;
+  - in-context: the bare backbone shown --shots of those same k rows as chat turns, then the test input
+    (a seed's draws of different sizes start with the same rows: a cell whose prompts equal those of a
+    finished cell at another k takes its figures, marked `same_prompts_as_k`);
   - zero-shot: the bare backbone given the recipe's template alone (one cell per direction).
 Greedy decoding everywhere, the recipe's max_new_tokens. Main metric: BLEU (generate), slot F1 (extract).
 Every finished cell is appended to OUT/cells.jsonl, so a rerun skips it; e2e.json, e2e.md and e2e.png
@@ -85,6 +87,27 @@ def run_prompting(cell: dict, args, engines: dict) -> dict:
     if recipe.backbone not in engines:
         engines[recipe.backbone] = Engine(recipe.backbone, store=Path(args.out) / "adapters")
     return evaluate_prompting(engines[recipe.backbone], recipe, cell["shots"] if cell["k"] else 0)
+
+
+def same_prompts(cell: dict, done: list[dict], args) -> dict | None:
+    """An in-context cell's metrics from a finished cell of another k whose demonstrations are the same
+    rows (a seed's draws of different sizes start alike, and greedy decoding of the same prompts writes
+    the same text): computed once, not once per k. None when no such cell is done."""
+    if cell["system"] != "in-context":
+        return None
+    from adapterlab.data import load_pairs
+
+    def shown(k: int) -> list:
+        train = load_pairs(recipe_for({**cell, "k": k}, args, Path(args.out) / "adapters").data).train
+        return list(zip(train.inputs, train.targets))[:cell["shots"]]
+
+    for row in done:
+        if (row["system"] == "in-context" and row["k"] != cell["k"]
+                and all(row[name] == cell[name] for name in ("direction", "seed", "test_limit", "shots"))
+                and shown(row["k"]) == shown(cell["k"])):
+            metrics = {name: value for name, value in row.items() if name not in cell and name not in ("cpu", "fast_bf16")}
+            return {**metrics, "same_prompts_as_k": row["k"]}
+    return None
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -187,7 +210,7 @@ def main(argv=None) -> int:
         if cell["system"] == "adapter":
             metrics = run_adapter(cell, args, out / "adapters")
         else:
-            metrics = run_prompting(cell, args, engines)
+            metrics = same_prompts(cell, done, args) or run_prompting(cell, args, engines)
         row = {**cell, **metrics, "cpu": cpu["cpu"], "fast_bf16": cpu["fast_bf16"]}
         with open(cells_file, "a") as handle:
             handle.write(json.dumps(row) + "\n")
