@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--k", type=int, default=8, help="rows per label (every arm trains on k × labels rows)")
     parser.add_argument("--pool", type=int, default=1000, help="first N train rows: the unlabelled pool")
-    parser.add_argument("--test-limit", type=int, default=500)
+    parser.add_argument("--test-limit", type=int, default=300)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "selection"))
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "adapterlab-selection"))
     return parser.parse_args(argv)

@@ -66,8 +66,7 @@ def choose_rows(vectors: np.ndarray, scores: np.ndarray, k: int, seed: int) -> l
 
 def representatives(vectors: np.ndarray, k: int, seed: int) -> list[int]:
     """k distinct rows: the nearest to each centre of a k-means clustering (seeded, so reproducible)."""
-    centres = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(vectors).cluster_centers_
-    distances = ((vectors[:, None, :] - centres[None, :, :]) ** 2).sum(-1)  # (rows, centres)
+    distances = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_transform(vectors)  # (rows, centres)
     picked: list[int] = []
     for centre in range(k):  # two centres may share a nearest row: the second takes its next nearest
         picked.append(next(int(i) for i in np.argsort(distances[:, centre], kind="stable") if i not in picked))
