@@ -59,6 +59,11 @@ def grid(args) -> list[dict]:
     return [{**cell, "k": args.k, "pool": args.pool, "test_limit": args.test_limit} for cell in cells]
 
 
+def same_settings(rows: list[dict], args) -> list[dict]:
+    """Finished cells of this k, pool and test size: the report keeps those of other datasets and seeds."""
+    return [row for row in rows if (row["k"], row["pool"], row["test_limit"]) == (args.k, args.pool, args.test_limit)]
+
+
 def key(cell: dict) -> tuple:
     return tuple(cell[name] for name in ("dataset", "arm", "seed", "k", "pool", "test_limit"))
 
@@ -243,7 +248,6 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cells_file = out / "cells.jsonl"
     done = [json.loads(line) for line in cells_file.read_text().splitlines()] if cells_file.exists() else []
-    wanted = {key(cell) for cell in grid(args)}
     todo = [cell for cell in grid(args) if key(cell) not in {key(row) for row in done}]
     cpu = cpu_capability()
     engine, pools = Engine("minilm"), {}
@@ -257,8 +261,8 @@ def main(argv=None) -> int:
             handle.write(json.dumps(row) + "\n")
         done.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "pool_indices"}), file=sys.stderr)
-        write_report([row for row in done if key(row) in wanted], out, cpu, args)
-    report = write_report([row for row in done if key(row) in wanted], out, cpu, args)
+        write_report(same_settings(done, args), out, cpu, args)
+    report = write_report(same_settings(done, args), out, cpu, args)
     print(json.dumps({"table": report["table"], "selected_minus_random_pool_draw": report["selected_minus_random_pool_draw"],
                       "selected_minus_random_k_shot": report["selected_minus_random_k_shot"]}))
     return 0
