@@ -244,6 +244,50 @@ def zeroshot(backbone: str = typer.Option(..., "--backbone", help="minilm, smoll
         console.print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
 
+@app.command("select")
+@_clean_errors
+def select_(data: Path = typer.Option(..., "--data", help="Unlabelled pool: a dataset folder (its train split) "
+                                      "or a .jsonl/.csv file of texts; labels in it are ignored."),
+            k: int = typer.Option(16, "--k", min=1, help="Rows to label per class."),
+            out: Path = typer.Option(..., "--out", help="JSONL file to label (\"label\": null on each row)."),
+            labels_file: Optional[Path] = typer.Option(None, "--labels-file", help="labels.json (names, or {name, "
+                                                       "description}); default: the one beside the data."),
+            backbone: str = typer.Option("minilm", "--backbone", help="Embeds the pool and guesses its labels."),
+            seed: int = typer.Option(0, "--seed", help="Seed of the clustering."),
+            limit: Optional[int] = typer.Option(None, "--limit", min=1, help="First N pool rows only."),
+            text_field: str = typer.Option("text", "--text-field"),
+            text_pair_field: Optional[str] = typer.Option(None, "--text-pair-field"),
+            json_out: bool = JSON, device: str = DEVICE, dtype: str = DTYPE):
+    """Pick the rows a person should label: k per class guessed by the zero-shot classifier, the most
+    representative and diverse of each (k-means in the backbone's embedding space)."""
+    from collections import Counter
+
+    from adapterlab.data import read_labels, read_pool
+    from adapterlab.engine import Engine
+    from adapterlab.selection import select_rows, write_for_labelling
+
+    rows = read_pool(data, text_field, text_pair_field, limit)
+    names, descriptions = read_labels(labels_file) if labels_file else (rows.label_names, rows.label_descriptions)
+    if not names:
+        raise AdapterlabError(f"{data}: no label names: add a labels.json beside it or pass --labels-file")
+    selection = select_rows(Engine(backbone, device=device, dtype=dtype), rows, names, descriptions, k, seed,
+                            show_progress=not json_out)
+    write_for_labelling(out, rows, selection)
+    counts = Counter(selection.suggested_labels)
+    per_label = {name: counts[name] for name in names}
+    if json_out:
+        _emit({"out": str(out), "rows": len(selection.indices), "pool_rows": len(rows),
+               "per_suggested_label": per_label})
+        return
+    table = Table("suggested label", "rows")
+    for name, count in per_label.items():
+        table.add_row(name, str(count))
+    console.print(table)
+    console.print(f"wrote {len(selection.indices)} rows of {len(rows):,} to {out}: fill each \"label\" with a "
+                  f"label name, then train on it (data.path: {out}, data.k: null, data.test_path, and data.labels "
+                  f"unless a labels.json lies beside it)")
+
+
 @app.command()
 @_clean_errors
 def sweep(file: Path = typer.Argument(..., help="Sweep YAML (see recipes/sweeps/)."), json_out: bool = JSON,

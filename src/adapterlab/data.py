@@ -120,6 +120,42 @@ def k_shot_indices(labels: list[int], k: int, seed: int, names: list[str]) -> li
     return chosen
 
 
+@dataclass
+class Pool:
+    """Unlabelled rows to choose from, with the label names (and descriptions) of the source's
+    labels.json when it has one."""
+
+    texts: list[str]
+    text_pairs: list[str] | None
+    label_names: list[str]
+    label_descriptions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def read_pool(path: str | Path, text_field: str = "text", text_pair_field: str | None = None,
+              limit: int | None = None) -> Pool:
+    """The first `limit` rows (default: all) of a dataset folder's train split or of one .jsonl/.csv
+    file; any labels in them are ignored."""
+    source = Path(path)
+    if source.is_dir():
+        rows, _, names, descriptions = _read_folder(source)
+    elif source.is_file():
+        rows, (names, descriptions) = _read_rows(source), _read_label_file(source.parent)
+    else:
+        raise DataError(f"data not found: {path}")
+    rows = rows[:limit]
+    if not rows:
+        raise DataError(f"{path}: no rows to choose from")
+    for number, row in enumerate(rows, 1):
+        for column in (text_field, text_pair_field):
+            if column is not None and column not in row:
+                raise DataError(f"{path} row {number}: no column {column!r} (has: {', '.join(row)})")
+    pairs = [str(row[text_pair_field]) for row in rows] if text_pair_field else None
+    return Pool([str(row[text_field]) for row in rows], pairs, names, descriptions)
+
+
 def _read_source(config):
     """(train rows, test rows or None, label names, label descriptions) from the path's form."""
     path = config.path
