@@ -143,23 +143,19 @@ def test_a_grid_over_its_cost_is_refused_before_training(tiny_bert, tmp_path, mo
 
 
 @pytest.mark.slow
-def test_minilm_selection_costs_within_three_single_runs_and_reports_beside_test(tmp_path, capsys):
-    """The recommended recipe on SST-2 (k=8, 200 test rows): one run as written, then the same recipe
-    choosing its epochs and prototype weight by 2-fold CV (1.5 single runs in optimizer steps)."""
-    def run(name, *settings):
-        recipe = load_recipe(ROOT / "recipes" / "sst2-lora-minilm-tied.yaml", [
-            f"data.path={shared('sst2')}", "data.k=8", "data.test_limit=200", f"output.store={tmp_path}",
-            f"output.name={name}", *settings])
-        return recipe, train(recipe, show_progress=False)
-
-    _, single = run("single")
-    recipe, chosen = run("cv", "training.select={folds: 2, grid: {training.epochs: [15, 30], "
-                               "head.prototype_weight: [0, 0.5, 1]}}")
+def test_minilm_selection_on_real_rows_reports_beside_test(tmp_path, capsys):
+    """The shipped MiniLM recipe on SST-2 (k=8, 200 test rows) choosing its epochs by 2-fold CV: four
+    trainings within its step budget, the card's zero-shot estimate is the engine's zero-shot start on the
+    k-shot rows, and the CV estimate is reported beside the test accuracy. (Time against a single run is
+    measured in benchmarks/fewshot_cv.py, not asserted here.)"""
+    recipe = load_recipe(ROOT / "recipes" / "sst2-lora-minilm.yaml", [
+        f"data.path={shared('sst2')}", "data.k=8", "data.test_limit=200", f"output.store={tmp_path}",
+        "output.name=cv", "training.select={folds: 2, grid: {training.epochs: [5, 10]}}"])
+    chosen = train(recipe, show_progress=False)
     selection = read_card(chosen.adapter_path).selection
-    assert selection["trainings"] == 2 * 2 and len(selection["points"]) == 6
-    assert selection["seconds"] <= 3 * single.train_seconds, (selection["seconds"], single.train_seconds)
+    assert selection["trainings"] == 2 * 2 and len(selection["points"]) == 2 and selection["steps_ratio"] <= 3
+    assert selection["chosen"] in [point["settings"] for point in selection["points"]]
 
-    # The zero-shot estimate is the engine's zero-shot start on the k-shot rows (each held out once).
     engine = Engine("minilm", tmp_path, dtype="float32")
     rows = load_task(recipe.data).train
     labels = engine.card("sst2/cv").labels
@@ -167,7 +163,6 @@ def test_minilm_selection_costs_within_three_single_runs_and_reports_beside_test
     assert selection["zero_shot_cv_accuracy"] == round(
         sum(p.label == labels[y] for p, y in zip(start, rows.labels)) / len(rows), 4)
     with capsys.disabled():
-        print(f"\nsst2 k=8: single run {single.train_seconds:.1f} s, test {single.metrics['accuracy']:.3f}; "
-              f"CV {selection['seconds']:.1f} s ({selection['seconds'] / single.train_seconds:.2f}x), chose "
+        print(f"\nsst2 k=8: CV {selection['seconds']:.1f} s against a final run of {chosen.train_seconds:.1f} s, chose "
               f"{selection['chosen']}, cv_accuracy {selection['cv_accuracy']} (zero-shot "
               f"{selection['zero_shot_cv_accuracy']}), test {chosen.metrics['accuracy']:.3f}")
