@@ -22,7 +22,7 @@ def pytest_report_header(config):
     """Which kind of CPU ran the tests: bf16 is fast on some (AVX512-BF16, AMX), ~30x slower on AVX2 alone."""
     cpu = cpu_capability()
     return (f"cpu: {cpu['cpu']} ({cpu['isa']}); avx512_bf16: {cpu['avx512_bf16']}, amx: {cpu['amx']}; "
-            f"fast bf16: {cpu['fast_bf16']}")
+            f"oneDNN bf16: {cpu['onednn_bf16']}; fast bf16: {cpu['fast_bf16']}")
 
 
 def shared(name: str) -> str:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from adapterlab.backbones import load_backbone
 from adapterlab.engine import Engine, Request
 from adapterlab.merge import combine_adapters, load_merged, merge_adapter
+from adapterlab.precision import cpu_capability
 from adapterlab.recipe import load_recipe
 from adapterlab.store import StoreError, verify
 from adapterlab.train import train
@@ -126,9 +127,12 @@ def test_minilm_damaged_adapter_is_refused_and_long_reviews_are_flagged(minilm_s
 @pytest.mark.parametrize("task", ["sst2", "sst2-prefix"])
 def test_minilm_in_bfloat16_answers_within_half_a_point_of_float32(minilm_store, task):
     """1,000 SST-2 rows (the first of its train split; the adapter saw 8 of 67,349) served in bfloat16
-    and in float32: LoRA deltas or prefixes, head and backbone all in the engine's dtype."""
+    and in float32: LoRA deltas or prefixes, head and backbone all in the engine's dtype. Where the CPU
+    has no fast bf16 (AVX2 alone: ~30x slower than float32) the first 200 rows, so that the suite keeps
+    its time there."""
     store, _ = minilm_store
-    accuracy = {dtype: Engine("minilm", store, dtype=dtype).evaluate(f"{task}/a", shared("sst2"), "train", 1000)
+    rows = 1000 if cpu_capability()["fast_bf16"] else 200
+    accuracy = {dtype: Engine("minilm", store, dtype=dtype).evaluate(f"{task}/a", shared("sst2"), "train", rows)
                 for dtype in ("bfloat16", "float32")}
-    assert accuracy["bfloat16"]["rows"] == 1000
+    assert accuracy["bfloat16"]["rows"] == rows
     assert abs(accuracy["bfloat16"]["accuracy"] - accuracy["float32"]["accuracy"]) <= 0.005, accuracy

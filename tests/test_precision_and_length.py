@@ -1,6 +1,11 @@
 """Two training settings that must not leak into serving: mixed precision (autocast while training,
 full precision after) and the training length of inputs (serving reads `eval_max_length` tokens)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -69,6 +74,18 @@ def test_auto_precision_rule(device, capability, expected, monkeypatch):
     assert mixed_precision_for(torch.device(device)) == expected
     assert resolve_dtype("auto", torch.device(device)) == {"bf16": torch.bfloat16, "fp16": torch.float16,
                                                            "no": torch.float32}[expected]
+
+
+def test_a_cpu_whose_onednn_is_held_to_avx2_trains_in_full_precision():
+    """oneDNN held to AVX2 computes bf16 as slowly as an AVX2-only CPU (on any CPU): auto must not pick it.
+    Set before torch starts, hence a fresh interpreter."""
+    probe = ("import json, torch; from adapterlab.precision import cpu_capability, mixed_precision_for; "
+             "print(json.dumps([cpu_capability(), mixed_precision_for(torch.device('cpu'))]))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    capability, chosen = json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                                                   text=True, check=True).stdout.splitlines()[-1])
+    assert capability["onednn_bf16"] is False and capability["fast_bf16"] is False
+    assert chosen == "no"
 
 
 def test_yaml_no_is_read_as_no(tiny_bert, tmp_path):

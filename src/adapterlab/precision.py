@@ -2,7 +2,9 @@
 
 bfloat16 pays only where the device computes it natively: a CUDA GPU with bf16, or a CPU with
 AVX512-BF16 or AMX. On a CPU with AVX2 alone a bf16 matrix product is ~30x slower than float32, so
-there, and on devices without a fast half type, everything runs in full precision.
+there, and on devices without a fast half type, everything runs in full precision. A CPU whose oneDNN is
+held to AVX2 (`ONEDNN_MAX_CPU_ISA=AVX2`) computes bf16 as slowly as an AVX2-only one and counts as one:
+that is also how a machine with fast bf16 shows what an AVX2-only CPU would do (README).
 """
 
 import platform
@@ -66,10 +68,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def cpu_capability() -> dict:
-    """The CPU's name and what it computes natively, for logs and benchmark figures."""
+    """The CPU's name and what it computes natively, for logs and benchmark figures. `onednn_bf16`:
+    whether oneDNN, which computes torch's bf16 matrix products, may use the CPU's bf16 instructions
+    (false where `ONEDNN_MAX_CPU_ISA` holds it below them)."""
     avx512_bf16, amx = torch.cpu._is_avx512_bf16_supported(), torch.cpu._is_amx_tile_supported()
-    return {"cpu": _cpu_name(), "isa": torch.backends.cpu.get_cpu_capability(),
-            "avx512_bf16": avx512_bf16, "amx": amx, "fast_bf16": avx512_bf16 or amx}
+    onednn_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return {"cpu": _cpu_name(), "isa": torch.backends.cpu.get_cpu_capability(), "avx512_bf16": avx512_bf16,
+            "amx": amx, "onednn_bf16": onednn_bf16, "fast_bf16": (avx512_bf16 or amx) and onednn_bf16}
 
 
 def _cpu_name() -> str:
