@@ -4,6 +4,10 @@ For each dataset × seed at k examples per class:
   - zero-shot and adapterlab LoRA come from adapterlab's own sweep (`adapterlab.sweep`): the datasets
     and the LoRA recipe of recipes/sweeps/minilm-single-text.yaml, narrowed to --datasets, --k,
     --seeds and --test-limit; train seconds are the seconds in `fit` (backbone already loaded);
+  - adapterlab CV (`--methods ... adapterlab-cv`): the same recipe choosing its settings by
+    cross-validation on the k-shot rows (recipes/sst2-lora-minilm-tied-cv.yaml, `training.select`): its
+    test accuracy beside the card's cv_accuracy (how well the estimate predicts), its worst seed against
+    zero-shot (the floor), and its train seconds counting the selection;
   - SetFit (optional extra `pip install -e .[compare]`) trains on exactly the rows the adapter trained
     on (the sweep cell's own recipe, checked against the stored adapter's card), with SetFit's defaults
     (SETFIT_SETTINGS below; --setfit-num-iterations for fewer pairs), and is evaluated on the same test
@@ -36,8 +40,10 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILE = ROOT / "recipes" / "sweeps" / "minilm-single-text.yaml"
 ADAPTER_METHOD = "lora"                 # the sweep method adapterlab is represented by
+CV_METHOD, CV_RECIPE = "lora-cv", ROOT / "recipes" / "sst2-lora-minilm-tied-cv.yaml"
 SETFIT_CELLS = "fewshot-setfit.jsonl"
-METHODS = ("zeroshot", "adapterlab", "setfit")
+METHODS = ("zeroshot", "adapterlab", "adapterlab-cv", "setfit")
+SWEEP_METHODS = {"zeroshot": "zeroshot", "adapterlab": ADAPTER_METHOD, "adapterlab-cv": CV_METHOD}
 TARGETS = {"backbone": "minilm", "k": 16, "seeds": [0, 1, 2],
            "datasets": ["sst2", "sst5", "imdb", "mpqa", "agnews", "emotion", "banking77"],
            "margin_points_min": 5.0, "time_ratio_max": 0.3}
@@ -62,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="k-shot draw and training seeds")
     parser.add_argument("--k", type=int, default=16, help="training examples per class")
     parser.add_argument("--test-limit", type=int, default=1000, help="first N test rows (0: the whole test split)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="cells to run")
+    parser.add_argument("--methods", nargs="+", default=["zeroshot", "adapterlab", "setfit"], choices=METHODS,
+                        help="cells to run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
     parser.add_argument("--setfit-time-limit", type=float, default=0,
                         help="stop a SetFit cell after this many seconds and record it as a timeout (0: no limit)")
@@ -73,23 +80,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_sweep(datasets: list[str], seeds: list[int], k: int, test_limit: int | None, out: Path):
-    """The shipped MiniLM sweep narrowed to these datasets, zero-shot and LoRA, one k, these seeds.
-    Its folder is named by the test limit, so cells evaluated on other test rows never mix."""
+    """The shipped MiniLM sweep narrowed to these datasets, zero-shot, LoRA and LoRA with CV, one k, these
+    seeds. Its folder is named by the test limit, so cells evaluated on other test rows never mix."""
     from adapterlab.sweep import ZERO_SHOT, Sweep
 
     shipped = yaml.safe_load(SWEEP_FILE.read_text())
     data = {name: {**shipped["datasets"][name], "path": str((ROOT / shipped["datasets"][name]["path"]).resolve())}
             for name in datasets}
     return Sweep(name=f"fewshot-sweep-test{test_limit or 'all'}", backbone=shipped["backbone"], datasets=data,
-                 methods={ZERO_SHOT: ZERO_SHOT, ADAPTER_METHOD: str(ROOT / shipped["methods"][ADAPTER_METHOD])},
+                 methods={ZERO_SHOT: ZERO_SHOT, ADAPTER_METHOD: str(ROOT / shipped["methods"][ADAPTER_METHOD]),
+                          CV_METHOD: str(CV_RECIPE)},
                  k=[k], seeds=seeds, test_limit=test_limit, output=str(out))
 
 
 def run_sweep_cells(sweep, methods: list[str]) -> None:
-    """Run the sweep's cells of the chosen methods (zero-shot, adapterlab); finished ones are skipped."""
-    from adapterlab.sweep import ZERO_SHOT, run_sweep
+    """Run the sweep's cells of the chosen methods (zero-shot, adapterlab, adapterlab-cv); finished ones
+    are skipped."""
+    from adapterlab.sweep import run_sweep
 
-    wanted = {name for name, method in ((ZERO_SHOT, "zeroshot"), (ADAPTER_METHOD, "adapterlab")) if method in methods}
+    wanted = {SWEEP_METHODS[method] for method in methods if method in SWEEP_METHODS}
     if wanted:
         run_sweep(sweep.model_copy(update={"methods": {m: r for m, r in sweep.methods.items() if m in wanted}}))
 
@@ -253,9 +262,11 @@ def read_jsonl(file: Path) -> list[dict]:
 # --- the comparison table ---------------------------------------------------------------------------------
 
 def build_report(zero_shot: dict[str, float], adapter: list[dict], setfit: list[dict], datasets: list[str],
-                 seeds: list[int], k: int) -> dict:
+                 seeds: list[int], k: int, cv: list[dict] = ()) -> dict:
     """Per dataset: zero-shot accuracy, each method's mean ± std over seeds, per-seed figures and train
-    seconds, the time ratio; then the means over the datasets both methods finished, and the targets."""
+    seconds, the time ratio; then the means over the datasets both methods finished, and the targets.
+    With `cv` (the cells of the recipe choosing its settings by cross-validation) the same for it, its
+    estimate beside its test accuracy and its worst seed beside zero-shot."""
     table = {}
     for dataset in datasets:
         entry = {"zero_shot": zero_shot.get(dataset),
@@ -270,11 +281,18 @@ def build_report(zero_shot: dict[str, float], adapter: list[dict], setfit: list[
             entry["setfit_timeouts"] = {str(r["seed"]): {key: r[key] for key in (
                 "time_limit", "steps_done", "steps", "estimated_train_seconds")} for r in timeouts}
         if entry["adapterlab"] and entry["setfit"]:
-            entry["time_ratio"] = round(entry["adapterlab"]["train_seconds_mean"]
-                                        / entry["setfit"]["train_seconds_mean"], 4)
+            entry["time_ratio"] = _time_ratio(entry["adapterlab"], entry["setfit"])
+        if cv:
+            entry["adapterlab_cv"] = cv_stats([r for r in cv if r["dataset"] == dataset], entry["zero_shot"])
+            if entry["adapterlab_cv"] and entry["setfit"]:
+                entry["cv_time_ratio"] = _time_ratio(entry["adapterlab_cv"], entry["setfit"])
         table[dataset] = entry
     summary = summarize(table)
     return {"datasets": table, "summary": summary, "targets": check_targets(table, summary, datasets, seeds, k)}
+
+
+def _time_ratio(method: dict, setfit: dict) -> float:
+    return round(method["train_seconds_mean"] / setfit["train_seconds_mean"], 4)
 
 
 def method_stats(rows: list[dict]) -> dict | None:
@@ -289,25 +307,54 @@ def method_stats(rows: list[dict]) -> dict | None:
                                           "train_seconds": round(r["train_seconds"], 3)} for r in rows}}
 
 
+def cv_stats(rows: list[dict], zero_shot: float | None) -> dict | None:
+    """`method_stats` of the cells that chose their settings by cross-validation, with the estimate
+    (cv_accuracy) beside the test accuracy per seed, the mean distance between them, and the floor: the
+    worst seed's test accuracy beside zero-shot, the seeds below it, and those the card flagged."""
+    stats = method_stats(rows)
+    if not stats:
+        return None
+    for row in rows:
+        stats["per_seed"][str(row["seed"])] |= {"cv_accuracy": row["cv_accuracy"], "chosen": row["chosen"],
+                                                "below_zero_shot": row["below_zero_shot"], "fell_back": row["fell_back"]}
+    accuracies = [r["accuracy"] for r in rows]
+    return {**stats, "cv_accuracy_mean": round(statistics.fmean(r["cv_accuracy"] for r in rows), 4),
+            "cv_error_points_mean": round(100 * statistics.fmean(abs(r["cv_accuracy"] - r["accuracy"]) for r in rows), 2),
+            "worst_seed_accuracy": round(min(accuracies), 4),
+            "seeds_below_zero_shot": sorted(r["seed"] for r in rows if zero_shot is not None and r["accuracy"] < zero_shot),
+            "seeds_flagged_below_zero_shot": sorted(r["seed"] for r in rows if r["below_zero_shot"]),
+            "seeds_fell_back": sorted(r["seed"] for r in rows if r["fell_back"])}
+
+
 def summarize(table: dict) -> dict:
     """Means over the datasets where both methods have results (and zero-shot over those too); where
-    SetFit ran with other than its default pairs somewhere, the margin over its default runs alone too."""
+    SetFit ran with other than its default pairs somewhere, the margin over its default runs alone too;
+    the same for adapterlab CV over the datasets where it and SetFit finished."""
     compared = [d for d, e in table.items() if e["adapterlab"] and e["setfit"]]
-    if not compared:
-        return {"compared_datasets": []}
-    adapter = statistics.fmean(table[d]["adapterlab"]["accuracy_mean"] for d in compared)
-    setfit = statistics.fmean(table[d]["setfit"]["accuracy_mean"] for d in compared)
-    zero = [table[d]["zero_shot"] for d in compared if table[d]["zero_shot"] is not None]
-    summary = {"compared_datasets": compared, "adapterlab_accuracy_mean": round(adapter, 4),
-               "setfit_accuracy_mean": round(setfit, 4),
-               "zero_shot_accuracy_mean": round(statistics.fmean(zero), 4) if len(zero) == len(compared) else None,
-               "margin_points": round(100 * (adapter - setfit), 2),
-               "time_ratio_mean": round(statistics.fmean(table[d]["time_ratio"] for d in compared), 4)}
-    defaults = [d for d in compared if "setfit_num_iterations" not in table[d]]
-    if defaults and defaults != compared:
-        summary["setfit_defaults_datasets"] = defaults
-        summary["margin_points_setfit_defaults"] = round(100 * statistics.fmean(
-            table[d]["adapterlab"]["accuracy_mean"] - table[d]["setfit"]["accuracy_mean"] for d in defaults), 2)
+    summary = {"compared_datasets": compared}
+    if compared:
+        adapter = statistics.fmean(table[d]["adapterlab"]["accuracy_mean"] for d in compared)
+        setfit = statistics.fmean(table[d]["setfit"]["accuracy_mean"] for d in compared)
+        zero = [table[d]["zero_shot"] for d in compared if table[d]["zero_shot"] is not None]
+        summary |= {"adapterlab_accuracy_mean": round(adapter, 4), "setfit_accuracy_mean": round(setfit, 4),
+                    "zero_shot_accuracy_mean": round(statistics.fmean(zero), 4) if len(zero) == len(compared) else None,
+                    "margin_points": round(100 * (adapter - setfit), 2),
+                    "time_ratio_mean": round(statistics.fmean(table[d]["time_ratio"] for d in compared), 4)}
+        defaults = [d for d in compared if "setfit_num_iterations" not in table[d]]
+        if defaults and defaults != compared:
+            summary["setfit_defaults_datasets"] = defaults
+            summary["margin_points_setfit_defaults"] = round(100 * statistics.fmean(
+                table[d]["adapterlab"]["accuracy_mean"] - table[d]["setfit"]["accuracy_mean"] for d in defaults), 2)
+    with_cv = [d for d, e in table.items() if e.get("adapterlab_cv") and e["setfit"]]
+    if with_cv:
+        cv = [table[d]["adapterlab_cv"] for d in with_cv]
+        summary["cv"] = {
+            "compared_datasets": with_cv, "accuracy_mean": round(statistics.fmean(c["accuracy_mean"] for c in cv), 4),
+            "cv_accuracy_mean": round(statistics.fmean(c["cv_accuracy_mean"] for c in cv), 4),
+            "cv_error_points_mean": round(statistics.fmean(c["cv_error_points_mean"] for c in cv), 2),
+            "margin_points": round(100 * statistics.fmean(
+                table[d]["adapterlab_cv"]["accuracy_mean"] - table[d]["setfit"]["accuracy_mean"] for d in with_cv), 2),
+            "time_ratio_mean": round(statistics.fmean(table[d]["cv_time_ratio"] for d in with_cv), 4)}
     return summary
 
 
@@ -332,6 +379,30 @@ def check_targets(table: dict, summary: dict, datasets: list[str], seeds: list[i
                        "pass": None if ratio is None else ratio <= TARGETS["time_ratio_max"]},
     }
     passed = all(check["pass"] is True for check in checks.values())
+    targets = {**checks, "complete": complete, "meets_targets": complete and passed}
+    if "cv" in summary or any(e.get("adapterlab_cv") for e in table.values()):
+        targets["cv"] = _cv_targets(table, summary.get("cv", {}), complete and all(
+            e.get("adapterlab_cv") and len(e["adapterlab_cv"]["per_seed"]) == len(seeds) for e in table.values()))
+    return targets
+
+
+def _cv_targets(table: dict, cv: dict, complete: bool) -> dict:
+    """#19's targets for the recipe choosing its settings by CV: the margin and time ratio of the k-only
+    report, and every dataset's worst seed at or above zero-shot."""
+    judged = [d for d, e in table.items() if e.get("adapterlab_cv") and e["zero_shot"] is not None]
+    below = [d for d in judged if table[d]["adapterlab_cv"]["seeds_below_zero_shot"]]
+    margin, ratio = cv.get("margin_points"), cv.get("time_ratio_mean")
+    checks = {
+        "accuracy_margin": {"rule": f"mean over datasets: adapterlab CV ≥ SetFit + {TARGETS['margin_points_min']:g}"
+                                    " points", "value": margin,
+                            "pass": None if margin is None else margin >= TARGETS["margin_points_min"]},
+        "worst_seed_not_below_zero_shot": {"rule": "every seed of adapterlab CV ≥ zero-shot on every dataset",
+                                           "below": below, "pass": not below if judged else None},
+        "time_ratio": {"rule": f"adapterlab CV train seconds, selection included, ≤ {TARGETS['time_ratio_max']:g}"
+                               " × SetFit's (mean of per-dataset ratios)", "value": ratio,
+                       "pass": None if ratio is None else ratio <= TARGETS["time_ratio_max"]},
+    }
+    passed = all(check["pass"] is True for check in checks.values())
     return {**checks, "complete": complete, "meets_targets": complete and passed}
 
 
@@ -353,13 +424,45 @@ def markdown(report: dict) -> str:
     lines += [f"- {name}: {check['rule']}: **{VERDICTS[check['pass']]}**"
               + (f" ({check['value']})" if check.get("value") is not None else "")
               + (f" (below: {', '.join(check['below'])})" if check.get("below") else "")
-              for name, check in report["targets"].items() if isinstance(check, dict)]
+              for name, check in report["targets"].items() if isinstance(check, dict) and "rule" in check]
     lines.append(f"- measured on the whole target setting: {'yes' if report['targets']['complete'] else 'no'}")
     if "margin_points_setfit_defaults" in s:
         defaults = ", ".join(s["setfit_defaults_datasets"])
         lines.append(f"- over the datasets where SetFit ran with its default pairs ({defaults}) the margin is "
                      f"{s['margin_points_setfit_defaults']} points")
+    if "cv" in report["targets"]:
+        lines += ["", *cv_markdown(report)]
     return "\n".join(lines) + "\n"
+
+
+def cv_markdown(report: dict) -> list[str]:
+    """The recipe that chose its settings by cross-validation: test accuracy beside the estimate, the
+    worst seed beside zero-shot, time with the selection."""
+    lines = ["| dataset | zero-shot | adapterlab CV | its cv_accuracy | mean abs(cv - test) | worst seed | "
+             "flagged / fell back (seeds) | train s (select + fit) | time ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    for dataset, e in report["datasets"].items():
+        cv = e.get("adapterlab_cv")
+        if not cv:
+            lines.append(f"| {dataset} | {_pct(e['zero_shot'])} | - | - | - | - | - | - | - |")
+            continue
+        flagged = ", ".join(map(str, cv["seeds_flagged_below_zero_shot"])) or "none"
+        fell_back = ", ".join(map(str, cv["seeds_fell_back"])) or "none"
+        lines.append(f"| {dataset} | {_pct(e['zero_shot'])} | {_stat(cv)} | {_pct(cv['cv_accuracy_mean'])} | "
+                     f"{cv['cv_error_points_mean']:.1f} | {_pct(cv['worst_seed_accuracy'])} | {flagged} / {fell_back} | "
+                     f"{_secs(cv)} | {_ratio(e.get('cv_time_ratio'))} |")
+    summary = report["summary"].get("cv")
+    if summary:
+        lines.append(f"| mean of {len(summary['compared_datasets'])} | | {_pct(summary['accuracy_mean'])} | "
+                     f"{_pct(summary['cv_accuracy_mean'])} | {summary['cv_error_points_mean']:.1f} | | | | "
+                     f"{_ratio(summary['time_ratio_mean'])} |")
+    lines.append("")
+    targets = report["targets"]["cv"]
+    lines += [f"- CV {name}: {check['rule']}: **{VERDICTS[check['pass']]}**"
+              + (f" ({check['value']})" if check.get("value") is not None else "")
+              + (f" (below: {', '.join(check['below'])})" if check.get("below") else "")
+              for name, check in targets.items() if isinstance(check, dict)]
+    lines.append(f"- CV measured on the whole target setting: {'yes' if targets['complete'] else 'no'}")
+    return lines
 
 
 VERDICTS = {True: "pass", False: "fail", None: "not measured"}
@@ -398,14 +501,17 @@ def plot(report: dict, file: Path, k: int) -> None:
     import matplotlib.pyplot as plt
 
     datasets = list(report["datasets"])
+    methods = [("adapterlab LoRA", "adapterlab"), ("SetFit", "setfit")]
+    if "cv" in report["targets"]:
+        methods.insert(1, ("adapterlab LoRA, CV", "adapterlab_cv"))
     bars = [("zero-shot", lambda e: (e["zero_shot"], 0))] + [
-        (label, lambda e, m=method: (e[m]["accuracy_mean"], e[m]["accuracy_std"]) if e[m] else (None, None))
-        for label, method in (("adapterlab LoRA", "adapterlab"), ("SetFit", "setfit"))]
+        (label, lambda e, m=method: (e[m]["accuracy_mean"], e[m]["accuracy_std"]) if e.get(m) else (None, None))
+        for label, method in methods]
     figure, axis = plt.subplots(figsize=(3 + 1.3 * len(datasets), 3.8))
     width = 0.8 / len(bars)
     for i, (label, value) in enumerate(bars):
         means, stds = zip(*[value(report["datasets"][d]) for d in datasets])
-        axis.bar([j + (i - 1) * width for j in range(len(datasets))], [m or 0 for m in means], width,
+        axis.bar([j + (i - (len(bars) - 1) / 2) * width for j in range(len(datasets))], [m or 0 for m in means], width,
                  yerr=[s or 0 for s in stds], capsize=3, label=label)
     axis.set_xticks(range(len(datasets)), labels=datasets)
     axis.set(ylabel="test accuracy", ylim=(0, 1), title=f"k={k}: mean ± std over seeds")
@@ -426,10 +532,12 @@ def main(argv=None) -> dict:
     rows = sweep_rows(sweep)
     zero_shot = {r["dataset"]: r["accuracy"] for r in rows if r["method"] == "zeroshot"}
     report = build_report(zero_shot, [r for r in rows if r["method"] == ADAPTER_METHOD],
-                          setfit_rows(sweep, options.out), options.datasets, options.seeds, options.k)
+                          setfit_rows(sweep, options.out), options.datasets, options.seeds, options.k,
+                          [r for r in rows if r["method"] == CV_METHOD])
     result = {"benchmark": "fewshot", "backbone": sweep.backbone, "k": options.k, "seeds": options.seeds,
               "test_limit": test_limit, **report, "setfit_settings": SETFIT_SETTINGS, "target_setting": TARGETS,
-              "adapter_recipe": str(Path(sweep.methods[ADAPTER_METHOD]).relative_to(ROOT)), "cpu_count": os.cpu_count()}
+              "adapter_recipe": str(Path(sweep.methods[ADAPTER_METHOD]).relative_to(ROOT)),
+              "cv_recipe": str(CV_RECIPE.relative_to(ROOT)), "cpu_count": os.cpu_count()}
     (options.out / "fewshot.json").write_text(json.dumps(result, indent=2))
     (options.out / "fewshot.md").write_text(markdown(report))
     plot(report, options.out / "fewshot.png", options.k)

@@ -65,6 +65,42 @@ def test_report_means_checks_and_files(tmp_path):
     assert "**not measured**" in fewshot.markdown(setfit_only) and not setfit_only["targets"]["meets_targets"]
 
 
+def cv_cells(accuracy: dict[str, list[float]], cv_accuracy: dict[str, list[float]], seconds: float) -> list[dict]:
+    return [{**row, "cv_accuracy": cv_accuracy[row["dataset"]][row["seed"]], "chosen": {"training.epochs": 15},
+             "below_zero_shot": cv_accuracy[row["dataset"]][row["seed"]] < 0.6, "fell_back": False}
+            for row in cells("lora-cv", accuracy, seconds)]
+
+
+def test_the_cv_recipe_reports_its_estimate_its_worst_seed_and_its_own_targets(tmp_path):
+    zero = {"sst2": 0.70, "agnews": 0.60}
+    adapter = cells("lora", {"sst2": [0.80, 0.82, 0.84], "agnews": [0.65, 0.67, 0.69]}, seconds=3.0)
+    setfit = cells("setfit", {"sst2": [0.70, 0.70, 0.76], "agnews": [0.50, 0.52, 0.54]}, seconds=20.0)
+    cv = cv_cells({"sst2": [0.83, 0.69, 0.85], "agnews": [0.66, 0.68, 0.70]},
+                  {"sst2": [0.75, 0.55, 0.80], "agnews": [0.70, 0.70, 0.70]}, seconds=8.0)
+    report = fewshot.build_report(zero, adapter, setfit, ["sst2", "agnews"], [0, 1, 2], 16, cv)
+
+    sst2 = report["datasets"]["sst2"]["adapterlab_cv"]
+    assert sst2["accuracy_mean"] == pytest.approx(0.79) and sst2["cv_accuracy_mean"] == pytest.approx(0.70)
+    assert sst2["cv_error_points_mean"] == pytest.approx(100 * (0.08 + 0.14 + 0.05) / 3, abs=0.01)
+    assert sst2["worst_seed_accuracy"] == 0.69 and sst2["seeds_below_zero_shot"] == [1]
+    assert sst2["seeds_flagged_below_zero_shot"] == [1] and sst2["per_seed"]["1"]["cv_accuracy"] == 0.55
+    assert report["datasets"]["sst2"]["cv_time_ratio"] == pytest.approx(0.4)
+    summary = report["summary"]["cv"]
+    assert summary["margin_points"] == pytest.approx(100 * ((0.79 + 0.68) - (0.72 + 0.52)) / 2)
+    targets = report["targets"]["cv"]
+    assert targets["accuracy_margin"]["pass"] and not targets["time_ratio"]["pass"]
+    assert targets["worst_seed_not_below_zero_shot"]["below"] == ["sst2"] and not targets["meets_targets"]
+    assert report["targets"]["time_ratio"]["pass"]  # the recipe as written keeps its own verdicts
+
+    table = fewshot.markdown(report)
+    assert "| sst2 | 70.0 | 79.0 ± 8.7 | 70.0 | 9.0 | 69.0 | 1 / none | 8.0 | 0.40 |" in table
+    assert "CV worst_seed_not_below_zero_shot" in table and "**fail** (below: sst2)" in table
+    fewshot.plot(report, tmp_path / "fewshot.png", 16)
+    assert matplotlib.image.imread(tmp_path / "fewshot.png").std() > 0.05
+    json.dumps(report)
+    assert "cv" not in fewshot.build_report(zero, adapter, setfit, ["sst2", "agnews"], [0, 1, 2], 16)["targets"]
+
+
 def test_setfit_with_fewer_pairs_fills_in_for_a_timeout_and_is_reported(tmp_path):
     """banking77: SetFit's default pairs run out of time, a run with num_iterations finishes; the
     finished run is the cell's, whatever the file order, and the report names the setting."""

@@ -53,6 +53,21 @@ def test_sweep_writes_table_and_plots_then_resumes(sweep_file, monkeypatch):
     assert len(list(csv.DictReader(open(folder / "results.csv")))) == len(rows)
 
 
+def test_a_cell_that_selects_its_settings_reports_its_estimate_and_counts_the_selection(sweep_file, tmp_path):
+    sweep = load_sweep(sweep_file)
+    recipe = yaml.safe_load(open(sweep.methods["lora"]))
+    recipe["training"] |= {"select": {"folds": 2, "grid": {"training.epochs": [1, 2]}, "max_cost": 10}}
+    cv_recipe = tmp_path / "lora-cv.yaml"
+    cv_recipe.write_text(yaml.safe_dump(recipe))
+    folder = run_sweep(sweep.model_copy(update={"methods": {"cv": str(cv_recipe)}, "k": [4], "seeds": [0],
+                                                "datasets": {"topic": {"path": "demo:topic"}}}), show_progress=False)
+    [row] = sweep_module.read_results(folder / "results.jsonl")
+    card = Engine(sweep.backbone, folder / "adapters").card("topic/cv-k4-s0")
+    assert row["cv_accuracy"] == card.selection["cv_accuracy"] and row["chosen"] == card.selection["chosen"]
+    assert row["select_seconds"] == card.selection["seconds"] > 0
+    assert row["train_seconds"] == pytest.approx(row["fit_seconds"] + row["select_seconds"])
+
+
 def test_cells_of_a_changed_recipe_run_again(sweep_file, monkeypatch):
     sweep = load_sweep(sweep_file)
     folder = run_sweep(sweep.model_copy(update={"k": [2], "seeds": [0]}), show_progress=False)

@@ -253,8 +253,16 @@ def _train(sweep: Sweep, cell: dict, folder: Path) -> tuple[dict, float]:
     from adapterlab.train import train
 
     result = train(cell_recipe(sweep, cell, folder), show_progress=False)
-    precision = read_card(result.adapter_path).recipe["training"]["mixed_precision"]
-    return {**result.metrics, "mixed_precision": precision}, result.train_seconds
+    card = read_card(result.adapter_path)
+    row = {**result.metrics, "mixed_precision": card.recipe["training"]["mixed_precision"]}
+    if not card.selection:
+        return row, result.train_seconds
+    # training.select: its estimate beside the test metrics; the selection's seconds count as training time
+    selection = card.selection
+    row |= {key: selection[key] for key in ("cv_accuracy", "zero_shot_cv_accuracy", "below_zero_shot", "fell_back",
+                                            "chosen")}
+    row |= {"fit_seconds": result.train_seconds, "select_seconds": selection["seconds"]}
+    return row, result.train_seconds + selection["seconds"]
 
 
 def summarize(rows: list[dict], metric: str = "accuracy") -> list[dict]:
