@@ -44,8 +44,12 @@ CV_METHOD, CV_RECIPE = "lora-cv", ROOT / "recipes" / "sst2-lora-minilm-tied-cv.y
 SETFIT_CELLS = "fewshot-setfit.jsonl"
 METHODS = ("zeroshot", "adapterlab", "adapterlab-cv", "setfit")
 SWEEP_METHODS = {"zeroshot": "zeroshot", "adapterlab": ADAPTER_METHOD, "adapterlab-cv": CV_METHOD}
+# The pair tasks of ../shared/data beside the shipped sweep's single-text ones (SetFit reads a pair as one
+# text: the two joined by its tokenizer's separator).
+PAIR_DATASETS = {name: {"path": f"../shared/data/{name}", "text_pair_field": "text_pair"} for name in ("rte", "cb")}
 TARGETS = {"backbone": "minilm", "k": 16, "seeds": [0, 1, 2],
            "datasets": ["sst2", "sst5", "imdb", "mpqa", "agnews", "emotion", "banking77"],
+           "cv_datasets": ["sst2", "sst5", "imdb", "mpqa", "agnews", "emotion", "banking77", "rte", "cb"],
            "margin_points_min": 5.0, "time_ratio_max": 0.3}
 # SetFit as its authors ship it: every method setting is SetFit's default; only the logistics differ
 # (no checkpoints, no experiment trackers, a temporary output folder, the cell's seed). Where the default
@@ -58,13 +62,15 @@ SETFIT_SETTINGS = {
     "num_iterations": None, "batch_size": 16, "num_epochs": 1, "body_learning_rate": 2e-5,
     "warmup_proportion": 0.1, "max_length": "the body's max_seq_length (256 for all-MiniLM-L6-v2)",
     "seed": "the cell's seed (also the k-shot draw's)", "save_strategy": "no", "report_to": "none",
+    "text_pairs": "a pair's two texts joined by the body's separator token, read as one text",
 }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     shipped = yaml.safe_load(SWEEP_FILE.read_text())
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", default=list(shipped["datasets"]), choices=list(shipped["datasets"]))
+    parser.add_argument("--datasets", nargs="+", default=list(shipped["datasets"]),
+                        choices=[*shipped["datasets"], *PAIR_DATASETS])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="k-shot draw and training seeds")
     parser.add_argument("--k", type=int, default=16, help="training examples per class")
     parser.add_argument("--test-limit", type=int, default=1000, help="first N test rows (0: the whole test split)")
@@ -85,8 +91,8 @@ def build_sweep(datasets: list[str], seeds: list[int], k: int, test_limit: int |
     from adapterlab.sweep import ZERO_SHOT, Sweep
 
     shipped = yaml.safe_load(SWEEP_FILE.read_text())
-    data = {name: {**shipped["datasets"][name], "path": str((ROOT / shipped["datasets"][name]["path"]).resolve())}
-            for name in datasets}
+    known = {**shipped["datasets"], **PAIR_DATASETS}
+    data = {name: {**known[name], "path": str((ROOT / known[name]["path"]).resolve())} for name in datasets}
     return Sweep(name=f"fewshot-sweep-test{test_limit or 'all'}", backbone=shipped["backbone"], datasets=data,
                  methods={ZERO_SHOT: ZERO_SHOT, ADAPTER_METHOD: str(ROOT / shipped["methods"][ADAPTER_METHOD]),
                           CV_METHOD: str(CV_RECIPE)},
@@ -167,7 +173,8 @@ def train_setfit(task, body: str, seed: int, time_limit: float = 0, num_iteratio
         args = TrainingArguments(output_dir=output_dir, seed=seed, save_strategy="no", report_to="none",
                                  num_iterations=num_iterations)
         trainer = Trainer(model=model, args=args, callbacks=[clock.callback()],
-                          train_dataset=Dataset.from_dict({"text": task.train.texts, "label": task.train.labels}))
+                          train_dataset=Dataset.from_dict({"text": setfit_texts(model, task.train),
+                                                           "label": task.train.labels}))
         load, started, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
         trainer.train()
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
@@ -179,9 +186,18 @@ def train_setfit(task, body: str, seed: int, time_limit: float = 0, num_iteratio
         done, total = clock.stopped_at
         return {**cell, "status": "timeout", "time_limit": time_limit, "steps_done": done,
                 "estimated_train_seconds": round(seconds * total / done)}
-    predictions = model.predict(task.test.texts, batch_size=64, as_numpy=True).tolist()
+    predictions = model.predict(setfit_texts(model, task.test), batch_size=64, as_numpy=True).tolist()
     metrics = classification_metrics([int(p) for p in predictions], task.test.labels, len(task.label_names))
     return {**cell, "status": "ok", "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+
+
+def setfit_texts(model, rows) -> list[str]:
+    """SetFit reads one text a row: a pair's two texts joined by the body's separator token, which its
+    tokenizer reads back as the separator (as a BERT reads a pair)."""
+    if rows.text_pairs is None:
+        return rows.texts
+    separator = model.model_body.tokenizer.sep_token
+    return [f"{text} {separator} {pair}" for text, pair in zip(rows.texts, rows.text_pairs)]
 
 
 class _Clock:
@@ -381,7 +397,9 @@ def check_targets(table: dict, summary: dict, datasets: list[str], seeds: list[i
     passed = all(check["pass"] is True for check in checks.values())
     targets = {**checks, "complete": complete, "meets_targets": complete and passed}
     if "cv" in summary or any(e.get("adapterlab_cv") for e in table.values()):
-        targets["cv"] = _cv_targets(table, summary.get("cv", {}), complete and all(
+        finished_cv = (sorted(datasets) == sorted(TARGETS["cv_datasets"]) and k == TARGETS["k"]
+                       and sorted(seeds) == TARGETS["seeds"] and finished)
+        targets["cv"] = _cv_targets(table, summary.get("cv", {}), finished_cv and all(
             e.get("adapterlab_cv") and len(e["adapterlab_cv"]["per_seed"]) == len(seeds) for e in table.values()))
     return targets
 

@@ -4,6 +4,7 @@ getting exactly the rows the adapter trained on (a tiny random BERT on the demo 
 import importlib.util
 import json
 import statistics
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -170,6 +171,22 @@ def test_setfit_gets_the_rows_the_adapter_trained_on(tiny_bert, tmp_path, monkey
     card.write_text(json.dumps(raw))
     with pytest.raises(RuntimeError, match="SetFit's rows differ"):
         fewshot.setfit_task(sweep, "sentiment", 1)
+
+
+def test_pair_tasks_join_the_sweep_and_setfit_reads_each_pair_as_one_text(tmp_path):
+    from types import SimpleNamespace
+
+    from adapterlab.data import load_task
+    from adapterlab.recipe import DataConfig
+
+    sweep = fewshot.build_sweep(["mpqa", "rte", "cb"], [0], 16, 100, tmp_path)
+    assert {name: Path(data["path"]).name for name, data in sweep.datasets.items()} == {
+        "mpqa": "mpqa", "rte": "rte", "cb": "cb"}
+    rows = load_task(DataConfig.model_validate({**sweep.datasets["rte"], "k": 2})).train
+    model = SimpleNamespace(model_body=SimpleNamespace(tokenizer=SimpleNamespace(sep_token="[SEP]")))
+    assert fewshot.setfit_texts(model, rows) == [f"{t} [SEP] {p}" for t, p in zip(rows.texts, rows.text_pairs)]
+    single = load_task(DataConfig(path=shared("mpqa"), k=2, seed=0, test_limit=4)).train
+    assert fewshot.setfit_texts(model, single) == single.texts
 
 
 def test_setfit_with_num_iterations_trains_its_pairs_on_minilm():
