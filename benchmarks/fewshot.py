@@ -14,7 +14,8 @@ For each dataset × seed at k examples per class:
     rows; train seconds are the seconds in `Trainer.train()` (pair generation, contrastive body phase,
     logistic-regression head).
 Every finished cell is kept (the sweep's results.jsonl, fewshot-setfit.jsonl), so a rerun skips it.
-Prints one JSON object on stdout (last line) and writes fewshot.json, fewshot.md and fewshot.png to --out;
+Prints one JSON object on stdout (last line) and writes fewshot.json, fewshot.md and fewshot.png to --out
+(on a CPU without fast bf16, to --out/no-fast-bf16: time ratios compare within one kind of CPU);
 progress goes to stderr.
 
     .venv/bin/python benchmarks/fewshot.py                      # 7 datasets × seeds 0 1 2, k=16, 1,000 test rows
@@ -229,7 +230,7 @@ def _machine() -> dict:
     from adapterlab.precision import cpu_capability
 
     cpu = cpu_capability()
-    return {"cpu": cpu["cpu"], "fast_bf16": cpu["fast_bf16"]}
+    return {"cpu": cpu["cpu"], "fast_bf16": cpu["fast_bf16"], "isa": cpu["isa"], "onednn_bf16": cpu["onednn_bf16"]}
 
 
 def run_setfit(sweep, out: Path, time_limit: float, num_iterations: int | None = None) -> None:
@@ -539,9 +540,21 @@ def plot(report: dict, file: Path, k: int) -> None:
     plt.close(figure)
 
 
+def results_folder(out: Path) -> Path:
+    """Where this CPU's cells live: time ratios compare within one kind of CPU, so cells measured where
+    bf16 is slow (AVX2 alone, or oneDNN held to AVX2; `auto` trains in full precision there) are kept
+    apart from the fast-bf16 ones, which keep the folder itself."""
+    from adapterlab.precision import cpu_capability
+
+    return out if cpu_capability()["fast_bf16"] else out / "no-fast-bf16"
+
+
 def main(argv=None) -> dict:
+    from adapterlab.precision import cpu_capability
+
     options = parse_args(argv)
     test_limit = options.test_limit or None
+    options.out = results_folder(options.out)
     options.out.mkdir(parents=True, exist_ok=True)
     sweep = build_sweep(options.datasets, options.seeds, options.k, test_limit, options.out)
     run_sweep_cells(sweep, options.methods)
@@ -555,7 +568,7 @@ def main(argv=None) -> dict:
     result = {"benchmark": "fewshot", "backbone": sweep.backbone, "k": options.k, "seeds": options.seeds,
               "test_limit": test_limit, **report, "setfit_settings": SETFIT_SETTINGS, "target_setting": TARGETS,
               "adapter_recipe": str(Path(sweep.methods[ADAPTER_METHOD]).relative_to(ROOT)),
-              "cv_recipe": str(CV_RECIPE.relative_to(ROOT)), "cpu_count": os.cpu_count()}
+              "cv_recipe": str(CV_RECIPE.relative_to(ROOT)), "cpu": cpu_capability(), "cpu_count": os.cpu_count()}
     (options.out / "fewshot.json").write_text(json.dumps(result, indent=2))
     (options.out / "fewshot.md").write_text(markdown(report))
     plot(report, options.out / "fewshot.png", options.k)

@@ -199,7 +199,8 @@ def run_cell(sweep: Sweep, cell: dict, folder: Path) -> dict:
     else:
         metrics, seconds = _train(sweep, cell, folder)
     cpu = cpu_capability()
-    return {**cell, **metrics, "train_seconds": seconds, "cpu": cpu["cpu"], "fast_bf16": cpu["fast_bf16"]}
+    return {**cell, **metrics, "train_seconds": seconds, "cpu": cpu["cpu"], "fast_bf16": cpu["fast_bf16"],
+            "isa": cpu["isa"]}
 
 
 def append_result(results_file: Path, row: dict) -> None:
