@@ -6,6 +6,7 @@ import torch
 
 from adapterlab import crossval
 from adapterlab import train as training
+from adapterlab.backbones import load_backbone
 from adapterlab.crossval import SelectionError, stratified_folds
 from adapterlab.data import load_task
 from adapterlab.engine import Engine
@@ -166,3 +167,81 @@ def test_minilm_selection_on_real_rows_reports_beside_test(tmp_path, capsys):
         print(f"\nsst2 k=8: CV {selection['seconds']:.1f} s against a final run of {chosen.train_seconds:.1f} s, chose "
               f"{selection['chosen']}, cv_accuracy {selection['cv_accuracy']} (zero-shot "
               f"{selection['zero_shot_cv_accuracy']}), test {chosen.metrics['accuracy']:.3f}")
+
+def _trained(model) -> dict[str, torch.Tensor]:
+    """Everything a training changed: the adapter's and the head's tensors."""
+    return {name: tensor.clone() for name, tensor in model.state_dict().items() if "lora_" in name or
+            "prompt_encoder" in name or name.startswith("head.")}
+
+
+@pytest.mark.parametrize("method", [{"name": "lora", "r": 4}, {"name": "prefix_tuning", "num_virtual_tokens": 4}])
+def test_folds_on_a_reused_backbone_train_as_on_a_fresh_load(tiny_bert, tmp_path, method):
+    """Each fold's adapter is built on the backbone the previous fold's adapter was taken out of: its
+    training must be bit-identical to one on a freshly loaded backbone, and the backbone bare again."""
+    recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, method=method, head=TIED_HEAD))
+    task = load_task(recipe.data)
+    accelerator = training._accelerator(recipe.training)
+    bare = load_backbone(tiny_bert).model.state_dict()
+
+    first = training.new_model(recipe, task, accelerator)
+    training.fit(first, task.train.select([0, 1, 2, 4, 5, 6]), recipe, accelerator, show_progress=False)
+    backbone = first.release_backbone()
+    assert not any("lora_" in name for name, _ in backbone.model.named_modules())
+    assert not hasattr(backbone.model, "peft_config") and not backbone.model.training
+    assert backbone.model.state_dict().keys() == bare.keys()
+    assert all(torch.equal(tensor, bare[name]) for name, tensor in backbone.model.state_dict().items())
+
+    second = recipe.with_settings({"training.seed": 5, "training.lr": 3e-3})
+    rows = task.train.select([1, 2, 3, 5, 6, 7])
+    reused, fresh = training.new_model(second, task, accelerator, backbone), training.new_model(second, task, accelerator)
+    assert _trained(reused).keys() == _trained(fresh).keys()
+    assert all(torch.equal(tensor, _trained(fresh)[name]) for name, tensor in _trained(reused).items())  # same start
+    for model in (reused, fresh):
+        training.fit(model, rows, second, accelerator, show_progress=False)
+    after, expected = _trained(reused), _trained(fresh)
+    assert any(not torch.equal(after[name], tensor) for name, tensor in _trained(first).items())  # it did train anew
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in after.items())
+    assert torch.equal(reused.scores(task.test.texts), fresh.scores(task.test.texts))
+
+
+TIED_HEAD = {"tie_labels": True}
+STEM_METHOD = {"name": "lora", "r": 4, "layers": [1]}  # the lower of tiny_bert's two layers is a stem
+
+
+def test_shared_stem_states_equal_each_folds_own(tiny_bert, tmp_path):
+    """The states of all k-shot rows, computed once, are those each fold would compute for its rows."""
+    recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, method=STEM_METHOD, training={"eval_batch_size": 3}))
+    task = load_task(recipe.data)
+    model = training.new_model(recipe, task, training._accelerator(recipe.training))
+    assert model.stem_layers == 1
+    shared = training._stem_states(model, task.train, recipe.training)
+    for part in stratified_folds(task.train.labels, 2, seed=0, names=task.label_names):
+        own = training._stem_states(model, task.train.select(part), recipe.training)
+        assert [state.shape for state in own] == [shared[i].shape for i in part]
+        assert all(torch.allclose(state, shared[i], atol=1e-6, rtol=0) for state, i in zip(own, part))
+
+
+def test_selection_computes_stem_states_once_and_scales_max_steps(tiny_bert, tmp_path, monkeypatch):
+    """One stem pass over the k-shot rows serves every fold and trial; a user's max_steps shrinks with
+    the rows a fold keeps (2 folds of half the rows: half the steps each)."""
+    stem_rows, fold_steps = [], []
+    real_stem, real_fit = training._stem_states, training.fit
+    monkeypatch.setattr(training, "_stem_states", lambda model, rows, config: stem_rows.append(len(rows)) or
+                        real_stem(model, rows, config))
+
+    def fit_spy(model, rows, recipe, *args, stem=None, **kwargs):
+        fold_steps.append((len(rows), recipe.training.max_steps))
+        if stem is not None:  # the shared states handed to a fold are its own rows'
+            own = real_stem(model, rows, recipe.training)
+            assert all(torch.allclose(state, mine, atol=1e-6, rtol=0) for state, mine in zip(stem, own, strict=True))
+        return real_fit(model, rows, recipe, *args, stem=stem, **kwargs)
+
+    monkeypatch.setattr(training, "fit", fit_spy)
+    raw = tiny_recipe(tiny_bert, tmp_path, method=STEM_METHOD,
+                      training={"max_steps": 4, "batch_size": 2,
+                                "select": {"folds": 2, "grid": {"training.lr": [1e-3, 3e-2]}}})
+    result = train(validate_recipe(raw), show_progress=False)
+    rows = len(load_task(validate_recipe(raw).data).train)
+    assert stem_rows == [rows, rows]  # the selection's one pass, then the final run's own
+    assert fold_steps == [(rows // 2, 2)] * 4 + [(rows, 4)]
+    assert read_card(result.adapter_path).selection["steps_ratio"] == 2 * (2 + 2) / 4

@@ -5,6 +5,7 @@ import logging
 
 import torch
 from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from adapterlab.backbones import Backbone, Stem, features, stem_states, tokenize
@@ -109,6 +110,15 @@ class AdapterModel(nn.Module):
                 rows[label] += prototype_weight * nn.functional.normalize(vectors[labels == label].mean(0), dim=-1)
         self.head.linear.weight.copy_(rows)
         self.train(was_training)
+
+    def release_backbone(self) -> Backbone:
+        """Takes this adapter's layers out of the backbone and returns it as a fresh load gives it: bare,
+        frozen, in eval mode (cross-validation builds each fold's adapter on one loaded backbone). This
+        model is unusable afterwards. Prompt learning (prefix-tuning) never changed the backbone's modules."""
+        if isinstance(self.peft_model.base_model, BaseTuner):  # LoRA: its layers wrap the backbone's own
+            self.peft_model.base_model.unload()
+        self.backbone.model.eval()
+        return self.backbone
 
     @functools.cached_property
     def stem_layers(self) -> int:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from adapterlab.backbones import load_backbone
+from adapterlab.backbones import Backbone, load_backbone
 from adapterlab.checkpoint import (CheckpointError, checkpoint_folder, has_checkpoint, read_checkpoint,
                                    remove_checkpoint, restore, run_identity, save_checkpoint)
 from adapterlab.crossval import PROTOTYPE_WEIGHT, PointResult, Selection, SelectionError, stratified_folds, trainings
@@ -64,12 +64,15 @@ def load_data(recipe: Recipe) -> TaskData:
     return load_pairs(recipe.data) if recipe.generates else load_task(recipe.data)
 
 
-def new_model(recipe: Recipe, task: TaskData, accelerator: Accelerator) -> AdapterModel | GenerativeModel:
-    """A fresh adapter, seeded by training.seed, on a freshly loaded frozen backbone."""
+def new_model(recipe: Recipe, task: TaskData, accelerator: Accelerator,
+              backbone: Backbone | None = None) -> AdapterModel | GenerativeModel:
+    """A fresh adapter, seeded by training.seed, on `backbone` (bare: as loaded, or as
+    `AdapterModel.release_backbone` returns it) or else on a freshly loaded frozen backbone."""
     # DDP keeps find_unused_parameters=False (no search of the graph at each step): every trainable
     # parameter reaches the loss (LoRA leaves the encoder's unused pooler alone; tests/test_methods.py).
-    set_seed(recipe.training.seed)
-    backbone = load_backbone(recipe.backbone, recipe.quantization, backbone_device_map(recipe.quantization, accelerator))
+    set_seed(recipe.training.seed)  # loading draws nothing from the generator: the seed reaches the adapter's init
+    if backbone is None:
+        backbone = load_backbone(recipe.backbone, recipe.quantization, backbone_device_map(recipe.quantization, accelerator))
     if recipe.generates:
         return build_generative_model(recipe, backbone)
     return build_adapter_model(recipe, backbone, task.label_names, task.label_descriptions)
@@ -157,8 +160,9 @@ def select_settings(recipe: Recipe, task: TaskData, accelerator: Accelerator, sh
     groups = list(trainings(select.points).values())
     trials = [recipe.with_settings({**points[0], "training.select": None, "training.checkpoint_every": None})
               for points in groups]
-    steps = [sum(_schedule(len(kept), trial.training, accelerator.num_processes)[0] for kept in kept_parts)
-             for trial in trials]
+    folds = [[_fold_recipe(trial, len(kept), len(rows)) for kept in kept_parts] for trial in trials]
+    steps = [sum(_schedule(len(kept), fold.training, accelerator.num_processes)[0] for kept, fold in zip(kept_parts, trial_folds))
+             for trial_folds in folds]
     cost = sum(steps) / _schedule(len(rows), recipe.training, accelerator.num_processes)[0]
     if cost > select.max_cost:
         raise SelectionError(f"training.select would train {cost:.2f}x the optimizer steps of one run of this recipe "
@@ -168,20 +172,37 @@ def select_settings(recipe: Recipe, task: TaskData, accelerator: Accelerator, sh
     progress = tqdm(total=len(trials) * select.folds, desc=f"select {recipe.task}",
                     disable=not (show_progress and accelerator.is_main_process))
     started = time.perf_counter()
-    for trial, group in zip(trials, results):
-        for kept, held_out in zip(kept_parts, held_out_parts):
-            model = new_model(trial, task, accelerator)
-            fit(model, rows.select(kept), trial, accelerator, show_progress=False)
+    backbone = None  # loaded once: each fold's adapter is built on it, then taken out of it
+    stems = {}  # every k-shot row's stem states, by how rows are read: the folds' rows are among them
+    for trial_folds, group in zip(folds, results):
+        for fold, kept, held_out in zip(trial_folds, kept_parts, held_out_parts):
+            model = new_model(fold, task, accelerator, backbone)
+            reading = (fold.training.max_length, model.template, model.chat, model.text_prompt)
+            if reading not in stems:
+                stems[reading] = _stem_states(model, rows, fold.training)
+            stem = stems[reading]
+            fit(model, rows.select(kept), fold, accelerator, show_progress=False,
+                stem=[stem[i] for i in kept] if stem else None)
             for result in group:
                 if model.tied:  # each prototype weight settles the same trained label vectors anew
-                    weight = result.settings.get(PROTOTYPE_WEIGHT, trial.head.prototype_weight)
+                    weight = result.settings.get(PROTOTYPE_WEIGHT, fold.head.prototype_weight)
                     model.settle_label_vectors(rows.select(kept), weight)
-                result.correct += _correct(model, rows.select(held_out), trial)
-            accelerator.free_memory()  # drops the prepared model before the next one loads
+                result.correct += _correct(model, rows.select(held_out), fold)
+            accelerator.free_memory()  # drops the prepared model before the next fold's
+            backbone = model.release_backbone()
             progress.update(1)
     progress.close()
     return Selection(select.folds, select.grid, len(rows), [r for group in results for r in group],
                      len(trials) * select.folds, cost, time.perf_counter() - started)
+
+
+def _fold_recipe(trial: Recipe, kept: int, rows: int) -> Recipe:
+    """A trial as one fold trains it: a user's `training.max_steps` shrinks with the share of the rows the
+    fold keeps, as a number of epochs does by itself, so each fold passes over its rows as often as the
+    final run will over all of them."""
+    if not trial.training.max_steps:
+        return trial
+    return trial.with_settings({"training.max_steps": max(1, round(trial.training.max_steps * kept / rows))})
 
 
 def _correct(model: AdapterModel, rows: Split, recipe: Recipe) -> int:
@@ -191,9 +212,10 @@ def _correct(model: AdapterModel, rows: Split, recipe: Recipe) -> int:
 
 
 def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerator, show_progress: bool,
-        resume: bool = False) -> None:
+        resume: bool = False, stem: list[torch.Tensor] | None = None) -> None:
     """Cross-entropy on the k-shot rows; only adapter and head parameters get gradients. With
-    `training.checkpoint_every` the main process checkpoints the run; `resume` continues its checkpoint."""
+    `training.checkpoint_every` the main process checkpoints the run; `resume` continues its checkpoint.
+    `stem`: the rows' stem states (`_stem_states`) when already computed, else they are computed here."""
     config = recipe.training
     steps, order = _schedule(len(rows), config, accelerator.num_processes)
     # A fixed stream of row indices, cut into consecutive batches that Accelerate deals out to the
@@ -202,7 +224,7 @@ def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerat
                         collate_fn=lambda indices: model.batch(rows, indices, config.max_length, stem))
     optimizer = torch.optim.AdamW(_param_groups(model, recipe), weight_decay=config.weight_decay)
     prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    stem = _stem_states(model, rows, config)  # read by the loader's collate_fn
+    stem = stem or _stem_states(model, rows, config)  # read by the loader's collate_fn
     # The prepared scheduler advances once per process at each step, hence the factor.
     n = accelerator.num_processes
     scheduler = accelerator.prepare(get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps) * n, steps * n))
