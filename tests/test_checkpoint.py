@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import adapterlab.train
-from adapterlab.checkpoint import CheckpointError, checkpoint_folder
+from adapterlab.checkpoint import CheckpointError, checkpoint_folder, read_selection
 from adapterlab.cli import app
 from adapterlab.recipe import validate_recipe
-from adapterlab.store import list_adapters, verify
+from adapterlab.store import list_adapters, read_card, verify
 from adapterlab.train import train
 from conftest import ROOT, shared, tiny_recipe
 
@@ -80,6 +80,32 @@ def test_resumed_run_equals_the_uninterrupted_one(tiny_bert, tmp_path, monkeypat
     assert not folder.exists() and not (tmp_path / "resumed" / ".checkpoints").exists()  # removed once saved
     assert [c.name for c in list_adapters(tmp_path / "resumed")] == ["lora-k4-s0"]
     assert verify(resumed.adapter_path) == []
+
+
+def test_a_resumed_run_keeps_the_settings_its_selection_chose_without_choosing_again(tiny_bert, tmp_path,
+                                                                                    monkeypatch):
+    select = {"select": {"folds": 2, "grid": {"training.lr": [1e-4, 5e-3]}}}
+    whole = train(recipe_in(tmp_path / "whole", tiny_bert, **select), show_progress=False)
+    folder = interrupted_run(tmp_path / "resumed", tiny_bert, monkeypatch, **select)
+    assert (folder / "selection.json").exists()
+
+    def must_not_choose_again(*args, **kwargs):
+        raise AssertionError("the resumed run cross-validated again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(adapterlab.train, "select_settings", must_not_choose_again)
+        resumed = train(recipe_in(tmp_path / "resumed", tiny_bert, **select), show_progress=False, resume=True)
+    expected, got = adapter_tensors(whole.adapter_path), adapter_tensors(resumed.adapter_path)
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-6), name
+    chosen = [read_card(r.adapter_path).selection for r in (whole, resumed)]
+    assert [c["chosen"] for c in chosen] == [chosen[0]["chosen"]] * 2 and chosen[0]["points"] == chosen[1]["points"]
+    assert not folder.exists()
+
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "selection.json").write_text("{half")
+    with pytest.raises(CheckpointError, match="selection.json"):
+        read_selection(tmp_path / "damaged", {})
 
 
 def test_next_checkpoint_clears_a_killed_write(tiny_bert, tmp_path, monkeypatch):

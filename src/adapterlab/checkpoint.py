@@ -7,7 +7,9 @@ parameter groups and the scheduler's position in a small JSON file. Nothing is p
 that the store's listings skip it, and is removed once the adapter is saved.
 
 checkpoint.json names the tensor file of its step and is replaced last, so a kill at any moment
-leaves the previous checkpoint or the new one, whole.
+leaves the previous checkpoint or the new one, whole. A run that chose its settings by cross-validation
+(`training.select`) keeps that choice beside them (selection.json), so that resuming does not choose
+again.
 """
 
 import hashlib
@@ -25,6 +27,7 @@ from adapterlab.errors import AdapterlabError
 
 FORMAT = 1
 INDEX = "checkpoint.json"
+SELECTION = "selection.json"
 
 
 class CheckpointError(AdapterlabError):
@@ -86,12 +89,37 @@ def read_checkpoint(folder: Path, identity: dict) -> Checkpoint | None:
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         raise CheckpointError(f"checkpoint {folder} is damaged ({type(error).__name__}: {error}); "
                               "delete it to train from the start") from None
-    differences = [_difference(key, index.get(key), value) for key, value in identity.items()
-                   if index.get(key) != value]
+    _check_identity(folder, index, identity)
+    return checkpoint
+
+
+def _check_identity(folder: Path, saved: dict, identity: dict) -> None:
+    differences = [_difference(key, saved.get(key), value) for key, value in identity.items()
+                   if saved.get(key) != value]
     if differences:
         raise CheckpointError(f"checkpoint {folder} belongs to another run ({'; '.join(differences)}): "
                               "delete it, or train without --resume to start over")
-    return checkpoint
+
+
+def save_selection(folder: Path, selection: dict, identity: dict) -> None:
+    """Keep a run's cross-validated choice (`Selection.state()`) for `--resume` (call it on one process)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomically(folder / SELECTION, lambda path: path.write_text(json.dumps({**identity, "selection": selection})))
+
+
+def read_selection(folder: Path, identity: dict) -> dict | None:
+    """The choice an interrupted run of the same recipe made, None when there is none."""
+    file = folder / SELECTION
+    if not file.exists():
+        return None
+    try:
+        saved = json.loads(file.read_text())
+        selection = saved["selection"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {folder} is damaged ({SELECTION}: {error}); delete it to train from "
+                              "the start") from None
+    _check_identity(folder, saved, identity)
+    return selection
 
 
 def restore(checkpoint: Checkpoint, model: torch.nn.Module, optimizer, scheduler) -> int:

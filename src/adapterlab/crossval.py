@@ -3,7 +3,7 @@ stratified folds, the grid's trainings, the choice, and the record the card keep
 through train.py's loop (`train.select_settings`)."""
 
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from adapterlab.errors import AdapterlabError
 
@@ -69,6 +69,14 @@ class Selection:
     def chosen(self) -> PointResult:
         """The best held-out accuracy; ties go to fewer steps, then to the first written."""
         return min(self.points, key=lambda point: (-point.correct, point.steps))
+
+    def state(self) -> dict:
+        """Plain JSON, kept with a run's checkpoints (`from_state` reads it back)."""
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Selection":
+        return cls(**{**state, "points": [PointResult(**point) for point in state["points"]]})
 
     def accuracy(self, correct: int) -> float:
         return correct / self.rows

@@ -19,9 +19,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from adapterlab.backbones import Backbone, load_backbone
+from adapterlab.backbones import Backbone, fingerprint, load_backbone, resolve_path
 from adapterlab.checkpoint import (CheckpointError, checkpoint_folder, has_checkpoint, read_checkpoint,
-                                   remove_checkpoint, restore, run_identity, save_checkpoint)
+                                   read_selection, remove_checkpoint, restore, run_identity, save_checkpoint,
+                                   save_selection)
 from adapterlab.crossval import PROTOTYPE_WEIGHT, PointResult, Selection, SelectionError, stratified_folds, trainings
 from adapterlab.data import Pairs, Split, TaskData, load_pairs, load_task
 from adapterlab.generative import GenerativeModel, build_generative_model
@@ -117,7 +118,7 @@ def backbone_device_map(quantization, accelerator: Accelerator) -> dict | None:
 
 def train(recipe: Recipe, show_progress: bool = True, resume: bool = False) -> TrainResult:
     accelerator, task = _accelerator(recipe.training), load_data(recipe)
-    selection = select_settings(recipe, task, accelerator, show_progress) if recipe.training.select else None
+    selection = chosen_settings(recipe, task, accelerator, show_progress, resume) if recipe.training.select else None
     if selection:
         recipe = recipe.with_settings(selection.chosen.settings)
     model = new_model(recipe, task, accelerator)
@@ -149,6 +150,24 @@ def train(recipe: Recipe, show_progress: bool = True, resume: bool = False) -> T
         remove_checkpoint(checkpoint_folder(recipe))  # the run is complete: nothing left to resume
     accelerator.wait_for_everyone()
     return TrainResult(path, trainable, total, size, train_seconds, metrics)
+
+
+def chosen_settings(recipe: Recipe, task: TaskData, accelerator: Accelerator, show_progress: bool,
+                    resume: bool) -> Selection:
+    """`select_settings`, or with `resume` the choice an interrupted run of this recipe made; a run that
+    checkpoints keeps its choice beside its checkpoints."""
+    folder = checkpoint_folder(recipe)
+    identity = run_identity(recipe, fingerprint(resolve_path(recipe.backbone)), accelerator.num_processes)
+    saved = read_selection(folder, identity) if resume else None
+    if saved:
+        selection = Selection.from_state(saved)
+        if accelerator.is_main_process:
+            log.info("resuming with the settings the interrupted run chose: %s", selection.chosen.settings)
+        return selection
+    selection = select_settings(recipe, task, accelerator, show_progress)
+    if recipe.training.checkpoint_every and accelerator.is_main_process:
+        save_selection(folder, selection.state(), identity)
+    return selection
 
 
 def select_settings(recipe: Recipe, task: TaskData, accelerator: Accelerator, show_progress: bool) -> Selection:
