@@ -203,7 +203,7 @@ def test_no_stem_when_every_layer_or_the_prefix_trains(tiny_bert, tmp_path):
 def test_packed_training_rows_equal_padded_ones(family_folder, tmp_path):
     """Where the family numbers positions per token (backbones/packing.py), training runs its rows end to
     end without padding: the same token states and gradients as the padded batch, pairs included."""
-    name, folder = family_folder
+    _, folder = family_folder
     backbone = load_backbone(folder)
     if backbone.kind != "encoder" or not can_pack(backbone):
         assert backbone.kind != "encoder" or family_of(backbone.model.config).positions is None
@@ -215,7 +215,7 @@ def test_packed_training_rows_equal_padded_ones(family_folder, tmp_path):
             if "lora_B" in parameter_name:
                 p.normal_()
     batch = model.tokenize(TEXTS, ["ok", "", "a longer second text of a pair", "x", "y"], 128)
-    inputs, packing = pack(backbone, batch)
+    inputs, _ = pack(backbone, batch)
     assert inputs["input_ids"].shape[1] <= batch["input_ids"].shape[1]  # never longer than the longest row
     assert inputs["input_ids"].numel() < batch["input_ids"].numel()
     model.eval()  # dropout off: the two layouts draw different masks
