@@ -47,19 +47,20 @@ def pack(backbone: Backbone, batch: dict[str, torch.Tensor]) -> tuple[dict[str, 
             fill.append(0)
         packs[row], starts[row] = pack_index, fill[pack_index]
         fill[pack_index] += lengths[row]
+    device = mask.device
     rows = mask.nonzero()[:, 0]
-    pack_of = torch.tensor(packs)[rows]
-    place = torch.tensor(starts)[rows] + (mask.long().cumsum(1) - 1)[mask]
+    pack_of = torch.tensor(packs, device=device)[rows]
+    place = torch.tensor(starts, device=device)[rows] + (mask.long().cumsum(1) - 1)[mask]
     shape = (len(fill), max(fill))
-    positions = backbone.family.position_ids(batch["input_ids"], mask.long(), torch.zeros(len(lengths), dtype=torch.long),
-                                             backbone.model.config.pad_token_id)
+    no_prefix = torch.zeros(len(lengths), dtype=torch.long, device=device)
+    positions = backbone.family.position_ids(batch["input_ids"], mask.long(), no_prefix, backbone.model.config.pad_token_id)
     inputs = {"position_ids": positions}
     inputs.update({key: value for key, value in batch.items() if key != "attention_mask"})
     packed = {}
     for key, value in inputs.items():
         packed[key] = value.new_zeros(shape)
         packed[key][pack_of, place] = value[mask]
-    segment = torch.full(shape, -1)  # padding: its own segment
+    segment = torch.full(shape, -1, device=device)  # padding: its own segment
     segment[pack_of, place] = rows
     packed["attention_mask"] = (segment[:, :, None] == segment[:, None, :])[:, None]
     return packed, Packing(mask, pack_of, place)
