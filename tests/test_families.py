@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from adapterlab.backbones import FAMILIES, family_of, load_backbone, resolve_path
+from adapterlab.backbones import FAMILIES, family_of, features, load_backbone, resolve_path
+from adapterlab.backbones.packing import can_pack, pack
 from adapterlab.engine import Engine, Request
 from adapterlab.data import load_task
 from adapterlab.errors import AdapterlabError
@@ -197,3 +198,35 @@ def test_no_stem_when_every_layer_or_the_prefix_trains(tiny_bert, tmp_path):
         recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, method=method))
         model = build_adapter_model(recipe, load_backbone(tiny_bert), task.label_names, task.label_descriptions)
         assert model.stem_layers == 0, method
+
+
+def test_packed_training_rows_equal_padded_ones(family_folder, tmp_path):
+    """Where the family numbers positions per token (backbones/packing.py), training runs its rows end to
+    end without padding: the same token states and gradients as the padded batch, pairs included."""
+    _, folder = family_folder
+    backbone = load_backbone(folder)
+    if backbone.kind != "encoder" or not can_pack(backbone):
+        assert backbone.kind != "encoder" or family_of(backbone.model.config).positions is None
+        return
+    recipe = validate_recipe(tiny_recipe(folder, tmp_path, method={"name": "lora", "r": 4}))
+    model = build_adapter_model(recipe, backbone, ["a", "b"], ["a", "b"])
+    with torch.no_grad():  # make the adapter do something, so that equal outputs mean something
+        for parameter_name, p in model.peft_model.named_parameters():
+            if "lora_B" in parameter_name:
+                p.normal_()
+    batch = model.tokenize(TEXTS, ["ok", "", "a longer second text of a pair", "x", "y"], 128)
+    inputs, _ = pack(backbone, batch)
+    assert inputs["input_ids"].shape[1] <= batch["input_ids"].shape[1]  # never longer than the longest row
+    assert inputs["input_ids"].numel() < batch["input_ids"].numel()
+    model.eval()  # dropout off: the two layouts draw different masks
+    padded = features(backbone, model.peft_model, batch, need_hidden=True)
+    packed = features(backbone, model.peft_model, batch, need_hidden=True, packed=True)
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(packed.hidden[real], padded.hidden[real], atol=1e-5)
+    assert not packed.hidden[~real].any()  # padding comes back as zeros, which pooling ignores
+    grads = []
+    for output in (padded, packed):
+        (output.hidden[real] ** 2).sum().backward()
+        grads.append([p.grad.clone() for p in model.peft_model.parameters() if p.requires_grad])
+        model.zero_grad()
+    assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(*grads))

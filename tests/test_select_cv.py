@@ -19,6 +19,8 @@ from conftest import ROOT, shared, tiny_recipe
 SELECT = {"folds": 2, "max_cost": 5, "grid": {"training.lr": [1e-3, 3e-2], "head.prototype_weight": [0.0, 0.5]}}
 SMALL = {"folds": 2, "grid": {"head.prototype_weight": [0.0, 0.5]}}  # one training per fold
 TINY_TRAINING = {"max_steps": None, "epochs": 2, "batch_size": 8}
+TIED_HEAD = {"tie_labels": True}
+STEM_METHOD = {"name": "lora", "r": 4, "layers": [1]}  # the lower of tiny_bert's two layers is a stem
 
 
 def selecting(backbone, store, select=SELECT, **sections) -> dict:
@@ -202,10 +204,6 @@ def test_folds_on_a_reused_backbone_train_as_on_a_fresh_load(tiny_bert, tmp_path
     assert any(not torch.equal(after[name], tensor) for name, tensor in _trained(first).items())  # it did train anew
     assert all(torch.equal(tensor, expected[name]) for name, tensor in after.items())
     assert torch.equal(reused.scores(task.test.texts), fresh.scores(task.test.texts))
-
-
-TIED_HEAD = {"tie_labels": True}
-STEM_METHOD = {"name": "lora", "r": 4, "layers": [1]}  # the lower of tiny_bert's two layers is a stem
 
 
 def test_shared_stem_states_equal_each_folds_own(tiny_bert, tmp_path):

@@ -35,6 +35,36 @@ def test_tied_scores_start_as_the_zero_shot_classifier(tiny_bert, tmp_path):
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
+def test_tied_training_packs_texts_and_descriptions_in_one_forward(tiny_bert, tmp_path):
+    """Training runs the texts and the descriptions end to end in one packed forward (model.py, backbones/
+    packing.py): without dropout it scores as the padded, separate forwards of evaluation do, and its
+    gradients are theirs."""
+    recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, method={"name": "lora", "r": 4, "dropout": 0.0},
+                                         head={**TIED, "dropout": 0.0}, data={"path": "demo:intent", "k": 4}))
+    task = load_task(recipe.data)
+    model = build_adapter_model(recipe, load_backbone(tiny_bert), task.label_names, task.label_descriptions)
+    for module in model.modules():  # the backbone's own dropout too: the layouts draw different masks
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    with torch.no_grad():
+        for name, parameter in model.peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    batch = model.batch(task.train, [0, 3, 7, 11, 12], max_length=128)
+    batch.pop("labels")
+    some = torch.tensor([1, 3, 4])
+    scores, grads = [], []
+    for training in (True, False):
+        model.train(training)
+        scores.append(model(**batch, label_ids=some))
+        scores[-1].square().sum().backward()
+        grads.append([p.grad.clone() for p in model.peft_model.parameters() if p.requires_grad])
+        model.zero_grad()
+    assert model.packs_rows
+    assert torch.allclose(scores[0], scores[1], atol=1e-5)
+    assert all((a - b).abs().max() <= 1e-5 * a.abs().max() for a, b in zip(*grads))  # float rounding alone
+
+
 def test_trained_rows_are_the_last_tied_vectors_and_reload(tiny_bert, tmp_path):
     recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, head={**TIED, "prototype_weight": 0},
                                          data={"path": "demo:intent", "k": 4},

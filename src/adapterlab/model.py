@@ -8,7 +8,7 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from adapterlab.backbones import Backbone, Stem, features, stem_states, tokenize
+from adapterlab.backbones import Backbone, Features, Stem, features, stem_states, tokenize
 from adapterlab.data import Split
 from adapterlab.errors import AdapterlabError
 from adapterlab.heads import ClassifierHead, build_head, pool, text_prompt_of, tokenize_label_texts, uses_chat
@@ -50,10 +50,20 @@ class AdapterModel(nn.Module):
     def forward(self, input_ids, attention_mask, stem_states: torch.Tensor | None = None,
                 label_ids: torch.Tensor | None = None, **extra) -> torch.Tensor:
         """Scores over all labels; with `label_ids` (tied training), over those labels, against their
-        description vectors."""
+        description vectors. Training packs its rows (`packs_rows`); tied, the descriptions then run in
+        the same packed forward as the texts, filling the room their padding left."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
+        packed = self.training and self.packs_rows and stem_states is None
+        if label_ids is not None and packed:
+            descriptions = self._description_batch(label_ids)
+            joined = features(self.backbone, self.peft_model, _joined(batch, descriptions, self.backbone), True,
+                              packed=True)
+            texts = len(input_ids)
+            hidden = Features(joined.hidden[:texts], joined.attention_mask[:texts])
+            described = Features(joined.hidden[texts:], joined.attention_mask[texts:])
+            return self.head(hidden, self._description_vectors(described, len(label_ids)), label_ids)
         stem = Stem(self.stem_layers, stem_states) if stem_states is not None else None
-        hidden = features(self.backbone, self.peft_model, batch, self.head.needs_hidden, stem=stem)
+        hidden = features(self.backbone, self.peft_model, batch, self.head.needs_hidden, stem=stem, packed=packed)
         if label_ids is None:
             return self.head(hidden)
         return self.head(hidden, self.label_vectors(label_ids), label_ids)
@@ -85,13 +95,21 @@ class AdapterModel(nn.Module):
     def label_vectors(self, label_ids: torch.Tensor) -> torch.Tensor:
         """The descriptions of `label_ids` through the adapted backbone: unit vectors averaged over the
         templates, as the head's rows were first computed on the bare backbone."""
+        described = features(self.backbone, self.peft_model, self._description_batch(label_ids), need_hidden=True,
+                             packed=self.training and self.packs_rows)
+        return self._description_vectors(described, len(label_ids))
+
+    def _description_batch(self, label_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tokenized descriptions of `label_ids`, template by template."""
         templates = self.label_input_ids.shape[0] // len(self.label_names)
         rows = (torch.arange(templates, device=label_ids.device)[:, None] * len(self.label_names) + label_ids).flatten()
         mask = self.label_attention_mask[rows]
         keep = mask.any(0)  # drop the columns that are padding in every chosen row
-        batch = {"input_ids": self.label_input_ids[rows][:, keep], "attention_mask": mask[:, keep]}
-        pooled = pool(features(self.backbone, self.peft_model, batch, need_hidden=True), self.head.pooling)
-        return nn.functional.normalize(pooled, dim=-1).view(templates, len(label_ids), -1).mean(0)
+        return {"input_ids": self.label_input_ids[rows][:, keep], "attention_mask": mask[:, keep]}
+
+    def _description_vectors(self, described: Features, labels: int) -> torch.Tensor:
+        pooled = nn.functional.normalize(pool(described, self.head.pooling), dim=-1)
+        return pooled.view(-1, labels, pooled.shape[-1]).mean(0)
 
     @torch.no_grad()
     def settle_label_vectors(self, examples: Split | None = None, prototype_weight: float = 0.0) -> None:
@@ -119,6 +137,12 @@ class AdapterModel(nn.Module):
             self.peft_model.base_model.unload()
         self.backbone.model.eval()
         return self.backbone
+
+    @functools.cached_property
+    def packs_rows(self) -> bool:
+        """Whether training runs its rows packed, without padding (backbones/packing.py): not under
+        prompt learning, whose prefix peft joins to a padded batch's mask."""
+        return not self.peft_model.active_peft_config.is_prompt_learning
 
     @functools.cached_property
     def stem_layers(self) -> int:
@@ -176,6 +200,23 @@ class AdapterModel(nn.Module):
         self.train(was_training)
         return result
 
+
+
+def _joined(texts: dict[str, torch.Tensor], descriptions: dict[str, torch.Tensor],
+            backbone: Backbone) -> dict[str, torch.Tensor]:
+    """Two right-padded batches as one, padded to the wider; a key the descriptions lack (token types)
+    is zeros for their rows."""
+    width = max(texts["input_ids"].shape[1], descriptions["input_ids"].shape[1])
+    pad_id = backbone.tokenizer.pad_token_id or 0
+
+    def widened(batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+        value = batch.get(key)
+        if value is None:
+            value = torch.zeros_like(batch["input_ids"])
+        return nn.functional.pad(value, (0, width - value.shape[1]), value=pad_id if key == "input_ids" else 0)
+
+    return {key: torch.cat([widened(texts, key), widened(descriptions, key).to(texts[key].device)])
+            for key in texts}
 
 
 def _step_labels(labels: torch.Tensor, num_labels: int, limit: int) -> torch.Tensor:

@@ -180,8 +180,8 @@ def select_settings(recipe: Recipe, task: TaskData, accelerator: Accelerator, sh
     trials = [recipe.with_settings({**points[0], "training.select": None, "training.checkpoint_every": None})
               for points in groups]
     folds = [[_fold_recipe(trial, len(kept), len(rows)) for kept in kept_parts] for trial in trials]
-    steps = [sum(_schedule(len(kept), fold.training, accelerator.num_processes)[0] for kept, fold in zip(kept_parts, trial_folds))
-             for trial_folds in folds]
+    steps = [sum(_schedule(len(kept), fold.training, accelerator.num_processes)[0]
+                 for kept, fold in zip(kept_parts, trial_folds)) for trial_folds in folds]
     cost = sum(steps) / _schedule(len(rows), recipe.training, accelerator.num_processes)[0]
     if cost > select.max_cost:
         raise SelectionError(f"training.select would train {cost:.2f}x the optimizer steps of one run of this recipe "

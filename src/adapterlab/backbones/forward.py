@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from adapterlab.backbones.loading import Backbone
+from adapterlab.backbones.packing import can_pack, pack
 
 
 @dataclass
@@ -93,14 +94,20 @@ def _cut(tokenizer, text: str, budget: int) -> str:
 
 
 def features(backbone: Backbone, model: torch.nn.Module, batch: dict, need_hidden: bool,
-             prefix: Prefix | None = None, stem: Stem | None = None) -> Features:
+             prefix: Prefix | None = None, stem: Stem | None = None, packed: bool = False) -> Features:
     """Run `model` (the backbone, possibly wrapped by an adapter) on a tokenized batch, on the
     backbone's device; optionally with per-row attention prefixes (the engine's way to serve prefix
     adapters in mixed batches), or from an encoder's `stem` states on (training's way to skip frozen
     layers it has run once). Positions are numbered as the family numbers them after each row's own
-    prefix, so a row's answer does not depend on the prefixes of the others."""
-    inputs = model_inputs(backbone, batch, prefix)
+    prefix, so a row's answer does not depend on the prefixes of the others. `packed` (training, where
+    the family allows and neither prefix nor stem is given): the rows run end to end, without padding
+    (backbones/packing.py); the states come back in the padded layout."""
     mask = batch["attention_mask"].to(backbone.device)
+    if packed and prefix is None and stem is None and can_pack(backbone):
+        inputs, packing = pack(backbone, batch)
+        hidden = model(**{key: value.to(backbone.device) for key, value in inputs.items()}).last_hidden_state
+        return Features(packing.unpack(hidden), mask)
+    inputs = model_inputs(backbone, batch, prefix)
     if backbone.kind == "encoder":
         with _from_layer(backbone, model, stem):
             return Features(model(**inputs).last_hidden_state, mask)
