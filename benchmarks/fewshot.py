@@ -332,13 +332,15 @@ def cv_stats(rows: list[dict], zero_shot: float | None) -> dict | None:
     if not stats:
         return None
     for row in rows:
-        stats["per_seed"][str(row["seed"])] |= {"cv_accuracy": row["cv_accuracy"], "chosen": row["chosen"],
-                                                "below_zero_shot": row["below_zero_shot"], "fell_back": row["fell_back"]}
+        stats["per_seed"][str(row["seed"])] |= {key: row[key] for key in ("cv_accuracy", "chosen", "below_zero_shot",
+                                                                          "fell_back")}
     accuracies = [r["accuracy"] for r in rows]
     return {**stats, "cv_accuracy_mean": round(statistics.fmean(r["cv_accuracy"] for r in rows), 4),
-            "cv_error_points_mean": round(100 * statistics.fmean(abs(r["cv_accuracy"] - r["accuracy"]) for r in rows), 2),
+            "cv_error_points_mean": round(100 * statistics.fmean(abs(r["cv_accuracy"] - r["accuracy"])
+                                                                 for r in rows), 2),
             "worst_seed_accuracy": round(min(accuracies), 4),
-            "seeds_below_zero_shot": sorted(r["seed"] for r in rows if zero_shot is not None and r["accuracy"] < zero_shot),
+            "seeds_below_zero_shot": sorted(r["seed"] for r in rows
+                                            if zero_shot is not None and r["accuracy"] < zero_shot),
             "seeds_flagged_below_zero_shot": sorted(r["seed"] for r in rows if r["below_zero_shot"]),
             "seeds_fell_back": sorted(r["seed"] for r in rows if r["fell_back"])}
 
@@ -458,7 +460,8 @@ def cv_markdown(report: dict) -> list[str]:
     """The recipe that chose its settings by cross-validation: test accuracy beside the estimate, the
     worst seed beside zero-shot, time with the selection."""
     lines = ["| dataset | zero-shot | adapterlab CV | its cv_accuracy | mean abs(cv - test) | worst seed | "
-             "flagged / fell back (seeds) | train s (select + fit) | time ratio |", "|---|---|---|---|---|---|---|---|---|"]
+             "flagged / fell back (seeds) | train s (select + fit) | time ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for dataset, e in report["datasets"].items():
         cv = e.get("adapterlab_cv")
         if not cv:
@@ -467,8 +470,8 @@ def cv_markdown(report: dict) -> list[str]:
         flagged = ", ".join(map(str, cv["seeds_flagged_below_zero_shot"])) or "none"
         fell_back = ", ".join(map(str, cv["seeds_fell_back"])) or "none"
         lines.append(f"| {dataset} | {_pct(e['zero_shot'])} | {_stat(cv)} | {_pct(cv['cv_accuracy_mean'])} | "
-                     f"{cv['cv_error_points_mean']:.1f} | {_pct(cv['worst_seed_accuracy'])} | {flagged} / {fell_back} | "
-                     f"{_secs(cv)} | {_ratio(e.get('cv_time_ratio'))} |")
+                     f"{cv['cv_error_points_mean']:.1f} | {_pct(cv['worst_seed_accuracy'])} | "
+                     f"{flagged} / {fell_back} | {_secs(cv)} | {_ratio(e.get('cv_time_ratio'))} |")
     summary = report["summary"].get("cv")
     if summary:
         lines.append(f"| mean of {len(summary['compared_datasets'])} | | {_pct(summary['accuracy_mean'])} | "

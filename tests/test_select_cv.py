@@ -243,3 +243,22 @@ def test_selection_computes_stem_states_once_and_scales_max_steps(tiny_bert, tmp
     assert stem_rows == [rows, rows]  # the selection's one pass, then the final run's own
     assert fold_steps == [(rows // 2, 2)] * 4 + [(rows, 4)]
     assert read_card(result.adapter_path).selection["steps_ratio"] == 2 * (2 + 2) / 4
+
+
+def test_prototype_weights_scored_from_vectors_once_agree_with_settling_and_scoring_each(tiny_bert, tmp_path):
+    recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, head=TIED_HEAD, training=TINY_TRAINING))
+    accelerator, task, model = training.setup(recipe)
+    training.fit(model, task.train, recipe, accelerator, show_progress=False)
+    kept, held_out = task.train.select(list(range(0, len(task.train), 2))), task.train.select(list(range(1, len(task.train), 2)))
+    weights = [0.0, 0.5, 1.0]
+    once = training._correct_per_prototype_weight(model, kept, held_out, weights)
+    each = []
+    for weight in weights:
+        model.settle_label_vectors(kept, weight)
+        each.append(training._correct(model, held_out, recipe))
+        from_vectors = model.head.scores_of_unit_vectors(model.text_vectors(held_out.texts)).softmax(-1).cpu()
+        assert torch.allclose(from_vectors, model.scores(held_out.texts), atol=1e-5)
+        rows = model.head.linear.weight.detach().clone()
+        model.settle_label_vectors(kept, weight, model.text_vectors(kept.texts))
+        assert torch.allclose(rows, model.head.linear.weight, atol=1e-6)
+    assert once == each  # equal counts, weight by weight

@@ -39,6 +39,13 @@ class ClassifierHead(nn.Module):
         return self.cosine_scale * nn.functional.normalize(pooled, dim=-1) @ weight.T + bias
 
     @torch.no_grad()
+    def scores_of_unit_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """A cosine classifier's scores of pooled vectors already of unit length (`AdapterModel.text_vectors`),
+        as `forward` gives them in eval mode: cross-validation scores one fold's rows under several heads."""
+        weight = nn.functional.normalize(self.linear.weight, dim=-1)
+        return self.cosine_scale * vectors.to(weight.dtype) @ weight.T + self.linear.bias
+
+    @torch.no_grad()
     def init_from(self, label_embeddings: torch.Tensor) -> None:
         """Start from the labels' own embeddings, so that step 0 is the zero-shot classifier."""
         self.linear.weight.copy_(label_embeddings)

@@ -112,17 +112,21 @@ class AdapterModel(nn.Module):
         return pooled.view(-1, labels, pooled.shape[-1]).mean(0)
 
     @torch.no_grad()
-    def settle_label_vectors(self, examples: Split | None = None, prototype_weight: float = 0.0) -> None:
+    def settle_label_vectors(self, examples: Split | None = None, prototype_weight: float = 0.0,
+                             example_vectors: torch.Tensor | None = None) -> None:
         """After tied training: the labels' final vectors become the head's rows, so that the saved
         head is a plain classifier and serving never embeds a description. With `prototype_weight`,
         each row adds that much of its label's prototype, the mean vector of its `examples`: the
-        descriptions say what a label means, the examples where its texts actually lie."""
+        descriptions say what a label means, the examples where its texts actually lie.
+        `example_vectors`: the examples' `text_vectors`, when the caller has them already."""
         was_training = self.training
         self.eval()
         all_labels = torch.arange(len(self.label_names), device=self.label_input_ids.device)
         rows = nn.functional.normalize(self.label_vectors(all_labels), dim=-1)
         if prototype_weight and examples is not None:
-            vectors = self.text_vectors(examples.texts, examples.text_pairs).to(rows.device, rows.dtype)
+            if example_vectors is None:
+                example_vectors = self.text_vectors(examples.texts, examples.text_pairs)
+            vectors = example_vectors.to(rows.device, rows.dtype)
             labels = torch.tensor(examples.labels, device=rows.device)
             for label in labels.unique():  # a label without examples keeps its description alone
                 rows[label] += prototype_weight * nn.functional.normalize(vectors[labels == label].mean(0), dim=-1)

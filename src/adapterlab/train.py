@@ -202,11 +202,13 @@ def select_settings(recipe: Recipe, task: TaskData, accelerator: Accelerator, sh
             stem = stems[reading]
             fit(model, rows.select(kept), fold, accelerator, show_progress=False,
                 stem=[stem[i] for i in kept] if stem else None)
-            for result in group:
-                if model.tied:  # each prototype weight settles the same trained label vectors anew
-                    weight = result.settings.get(PROTOTYPE_WEIGHT, fold.head.prototype_weight)
-                    model.settle_label_vectors(rows.select(kept), weight)
-                result.correct += _correct(model, rows.select(held_out), fold)
+            if model.tied:  # each prototype weight settles the same trained label vectors anew
+                weights = [result.settings.get(PROTOTYPE_WEIGHT, fold.head.prototype_weight) for result in group]
+                correct = _correct_per_prototype_weight(model, rows.select(kept), rows.select(held_out), weights)
+            else:
+                correct = [_correct(model, rows.select(held_out), fold)] * len(group)
+            for result, right in zip(group, correct):
+                result.correct += right
             accelerator.free_memory()  # drops the prepared model before the next fold's
             backbone = model.release_backbone()
             progress.update(1)
@@ -228,6 +230,20 @@ def _correct(model: AdapterModel, rows: Split, recipe: Recipe) -> int:
     """How many of `rows` the model labels right, through the scoring path that `evaluate` uses."""
     predictions = model.scores(rows.texts, rows.text_pairs, batch_size=recipe.training.eval_batch_size).argmax(-1)
     return int((predictions == torch.tensor(rows.labels)).sum())
+
+
+def _correct_per_prototype_weight(model: AdapterModel, kept: Split, held_out: Split, weights: list[float]) -> list[int]:
+    """`_correct` on the held-out rows under each prototype weight, every row embedded once for all the
+    weights: a tied head scores unit vectors by cosine, and only its rows change from weight to weight."""
+    kept_vectors = model.text_vectors(kept.texts, kept.text_pairs)
+    held_out_vectors = model.text_vectors(held_out.texts, held_out.text_pairs)
+    labels = torch.tensor(held_out.labels)
+    correct = []
+    for weight in weights:
+        model.settle_label_vectors(kept, weight, kept_vectors)
+        predictions = model.head.scores_of_unit_vectors(held_out_vectors).argmax(-1).cpu()
+        correct.append(int((predictions == labels).sum()))
+    return correct
 
 
 def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerator, show_progress: bool,
