@@ -23,7 +23,7 @@ from adapterlab.backbones import load_backbone
 from adapterlab.checkpoint import (CheckpointError, checkpoint_folder, has_checkpoint, read_checkpoint,
                                    remove_checkpoint, restore, run_identity, save_checkpoint)
 from adapterlab.crossval import PROTOTYPE_WEIGHT, PointResult, Selection, SelectionError, stratified_folds, trainings
-from adapterlab.data import Pairs, Split, TaskData, load_pairs, load_task
+from adapterlab.data import Pairs, Split, TaskData, load_pairs, load_task, read_unlabeled
 from adapterlab.generative import GenerativeModel, build_generative_model
 from adapterlab.errors import AdapterlabError
 from adapterlab.heads import pooling_of
@@ -32,6 +32,7 @@ from adapterlab.metrics import classification_metrics, generation_metrics
 from adapterlab.model import AdapterModel, build_adapter_model, parameter_counts
 from adapterlab.precision import cpu_capability, mixed_precision_for
 from adapterlab.recipe import Recipe
+from adapterlab.self_training import self_train
 from adapterlab.store import AdapterCard, save_adapter
 
 log = logging.getLogger("adapterlab")
@@ -133,6 +134,10 @@ def train(recipe: Recipe, show_progress: bool = True, resume: bool = False) -> T
     started = time.perf_counter()
     if not fall_back:  # fallen back, the adapter stays at its start: it answers as its zero-shot classifier
         fit(model, task.train, recipe, accelerator, show_progress, resume)
+    self_training = None
+    if recipe.training.self_train:
+        model, self_training = _self_train(model, task, recipe, accelerator, show_progress,
+                                           time.perf_counter() - started)
     train_seconds = time.perf_counter() - started
 
     model = accelerator.unwrap_model(model)
@@ -140,7 +145,8 @@ def train(recipe: Recipe, show_progress: bool = True, resume: bool = False) -> T
     path, size = None, 0
     if accelerator.is_main_process:
         card = make_card(_resolved(recipe, model, accelerator), task, model, trainable, total, train_seconds, metrics,
-                         selection.record(fall_back, train_seconds) if selection else None)
+                         selection.record(fall_back, train_seconds) if selection else None,
+                         self_training.record() if self_training else None)
         path, card = save_adapter(model, card, recipe.output.store)
         size = card.adapter_bytes
         remove_checkpoint(checkpoint_folder(recipe))  # the run is complete: nothing left to resume
@@ -182,6 +188,24 @@ def select_settings(recipe: Recipe, task: TaskData, accelerator: Accelerator, sh
     progress.close()
     return Selection(select.folds, select.grid, len(rows), [r for group in results for r in group],
                      len(trials) * select.folds, cost, time.perf_counter() - started)
+
+
+def _self_train(model: AdapterModel, task: TaskData, recipe: Recipe, accelerator: Accelerator, show_progress: bool,
+                first_train_seconds: float):
+    """`training.self_train` after the k-shot run (self_training.py): each round's fresh adapter trains
+    `self_train.steps` times the k-shot run's optimizer steps, on the k-shot rows and the pseudo-labels."""
+    steps = _schedule(len(task.train), recipe.training, accelerator.num_processes)[0]
+    retraining = recipe.with_settings({"training.max_steps": max(1, round(recipe.training.self_train.steps * steps)),
+                                       "training.select": None})
+
+    def retrain(rows: Split) -> tuple[AdapterModel, int]:
+        accelerator.free_memory()  # drops the previous round's prepared model before the next one loads
+        fresh = new_model(retraining, task, accelerator)
+        fit(fresh, rows, retraining, accelerator, show_progress)
+        return fresh, retraining.training.max_steps
+
+    return self_train(model, task.train, read_unlabeled(recipe.data), recipe, retrain, first_train_seconds,
+                      show_progress and accelerator.is_main_process)
 
 
 def _correct(model: AdapterModel, rows: Split, recipe: Recipe) -> int:
@@ -314,7 +338,8 @@ def evaluate(model: AdapterModel | GenerativeModel, rows: Split | Pairs, recipe:
 
 
 def make_card(recipe: Recipe, task: TaskData, model: AdapterModel, trainable: int, total: int, train_seconds: float,
-              metrics: dict[str, float], selection: dict | None = None) -> AdapterCard:
+              metrics: dict[str, float], selection: dict | None = None,
+              self_training: dict | None = None) -> AdapterCard:
     return AdapterCard(
         task=recipe.task, name=recipe.adapter_name, kind="generate" if recipe.generates else "classify",
         labels=task.label_names,
@@ -322,7 +347,7 @@ def make_card(recipe: Recipe, task: TaskData, model: AdapterModel, trainable: in
         backbone_fingerprint=model.backbone.fingerprint, method=recipe.method.name, k=recipe.data.k,
         seed=recipe.data.seed, recipe=recipe.model_dump(mode="json"), metrics=metrics,
         trainable_params=trainable, backbone_params=total - trainable,
-        train_seconds=round(train_seconds, 3), selection=selection)
+        train_seconds=round(train_seconds, 3), selection=selection, self_training=self_training)
 
 
 def _resolved(recipe: Recipe, model: AdapterModel, accelerator: Accelerator) -> Recipe:
