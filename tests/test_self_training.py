@@ -56,6 +56,9 @@ def test_retraining_rows_repeat_the_labelled_rows_to_their_share():
     assert rows.texts[:10] == ["x", "y"] * 5 and sorted(rows.texts[10:]) == sorted(pool.texts)
     assert rows.labels == [0, 1] * 5 + [0] * 5 + [1] * 5
     assert len(training_rows(labelled, pool, kept, labelled_share=0.0)) == 12  # once each, no repeats
+    pairs = training_rows(Split(["x", "y"], [0, 1], ["x2", "y2"]), Pool(pool.texts, [t + "'" for t in pool.texts], [], []),
+                          kept, labelled_share=0.5)
+    assert [second.rstrip("'") for second in pairs.text_pairs[10:]] == pairs.texts[10:]  # each text keeps its pair
 
 
 def test_train_means_the_train_rows_other_than_the_k_shot_rows(tiny_bert, tmp_path):
