@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from adapterlab.data import DataError, load_task, read_unlabeled
+from adapterlab.errors import AdapterlabError
 from adapterlab.engine import Engine
 from adapterlab.model import AdapterModel
 from adapterlab.recipe import RecipeError, load_recipe, validate_recipe
@@ -169,3 +170,23 @@ def test_minilm_self_trained_on_real_unlabeled_rows_beats_zero_shot(tmp_path, ca
         print(f"\nmpqa k=8 + 300 unlabeled: test {result.metrics['accuracy']:.3f}, kept {kept}, "
               f"{wins} rows won and {losses} lost against zero-shot, {result.train_seconds:.0f} s")
     assert wins - losses >= max(1.0, 2 * (wins + losses) ** 0.5)
+
+
+def test_stored_teachers_label_the_first_round_instead_of_a_k_shot_run(tiny_bert, tmp_path, monkeypatch):
+    from adapterlab import train as training
+
+    teacher = train(validate_recipe(tiny_recipe(tiny_bert, tmp_path, output={"name": "teacher"})), show_progress=False)
+    other = tiny_recipe(tiny_bert, tmp_path, task="topic", data={"path": "demo:topic", "k": 2}, output={"name": "t"})
+    train(validate_recipe(other), show_progress=False)
+    fits = []
+    real_fit = training.fit
+    monkeypatch.setattr(training, "fit", lambda model, rows, *a, **kw: (fits.append(len(rows)), real_fit(model, rows, *a, **kw))[1])
+    ensemble = {**SELF_TRAIN, "teachers": ["sentiment/teacher", str(teacher.adapter_path)]}
+    result = train(validate_recipe(self_training(tiny_bert, tmp_path, self_train=ensemble)), show_progress=False)
+    record = read_card(result.adapter_path).self_training
+    assert len(fits) == 1 and fits[0] == record["rounds"][0]["training_rows"]  # the retraining alone
+    assert record["teachers"] == ensemble["teachers"] and record["rounds"][0]["kept"] > 0
+
+    with pytest.raises(AdapterlabError, match="topic/t has labels"):
+        train(validate_recipe(self_training(tiny_bert, tmp_path, self_train={**SELF_TRAIN, "teachers": ["topic/t"]})),
+              show_progress=False)

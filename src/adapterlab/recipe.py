@@ -196,8 +196,13 @@ class SelfTrainingConfig(_Section):
     labelled_share: float = Field(
         0.5, ge=0, lt=1, description="The k-shot rows are repeated until they are at least this share of a "
         "retraining's rows, so that the true labels are not drowned by the pseudo-labels.")
-    steps: float = Field(2.0, gt=0, description="Optimizer steps of each retraining, as a multiple of the k-shot "
-                         "run's: the cost stays in proportion to that run whatever the number of unlabeled rows.")
+    steps: float = Field(1.0, gt=0, description="Optimizer steps of each retraining, as a multiple of the k-shot "
+                         "run's: the cost stays in proportion to that run whatever the number of unlabeled rows "
+                         "(30 epochs over hundreds of pseudo-labelled rows would cost ten times as much).")
+    teachers: list[str] = Field(
+        [], description="Stored adapters of this task (TASK/NAME in output.store, or folders) that label the first "
+        "round instead of an adapter trained here on the k-shot rows (that run is skipped); with several, their "
+        "probabilities are averaged, an ensemble. Empty: the k-shot run here labels it.")
 
 
 class TrainingConfig(_Section):

@@ -1,7 +1,8 @@
-"""Self-training on unlabeled texts (`training.self_train`): the adapter trained on the k-shot rows labels
-`data.unlabeled`, the confident and class-balanced pseudo-labels join the k-shot rows, and a fresh adapter
-is trained on both; optionally again with that adapter as the labeller. The trainings run through
-train.py's loop (`train._self_train`); the test rows are never read."""
+"""Self-training on unlabeled texts (`training.self_train`): the adapter trained on the k-shot rows (or
+stored teacher adapters, averaged) labels `data.unlabeled`, the confident and class-balanced
+pseudo-labels join the k-shot rows, and a fresh adapter is trained on both; optionally again with that
+adapter as the labeller. The trainings run through train.py's loop (`train._self_train`); the test
+rows are never read."""
 
 import logging
 import math
@@ -13,8 +14,13 @@ import torch
 from tqdm.auto import tqdm
 
 from adapterlab.data import Pool, Split
+from adapterlab.errors import AdapterlabError
 
 log = logging.getLogger("adapterlab")
+
+
+class SelfTrainingError(AdapterlabError):
+    """Self-training that cannot run as its recipe says (a teacher of other labels)."""
 
 
 @dataclass
@@ -69,6 +75,27 @@ def score_pool(model, pool: Pool, batch_size: int, show_progress: bool, descript
     return torch.cat(scores)
 
 
+def teacher_scores(recipe, pool: Pool, label_names: list[str], show_progress: bool) -> torch.Tensor:
+    """Label probabilities (N, labels) of the pool's rows by `self_train.teachers`, stored adapters served
+    by an engine (the path that serves them), averaged over the teachers."""
+    from adapterlab.engine import Engine  # the engine loads its own backbone: only when teachers are named
+
+    teachers, batch_size = recipe.training.self_train.teachers, recipe.training.eval_batch_size
+    engine = Engine(recipe.backbone, recipe.output.store, batch_size=batch_size, dtype="float32")
+    for teacher in teachers:
+        if engine.card(teacher).labels != label_names:
+            raise SelfTrainingError(f"training.self_train.teachers: {teacher} has labels "
+                                    f"{', '.join(engine.card(teacher).labels)}, not this task's {', '.join(label_names)}")
+    chunk = 8 * batch_size
+    total = torch.zeros(len(pool), len(label_names))
+    for start in tqdm(range(0, len(pool), chunk), desc=f"pseudo-label {recipe.task} (teachers)", disable=not show_progress):
+        pairs = pool.text_pairs[start:start + chunk] if pool.text_pairs is not None else None
+        for teacher in teachers:
+            predictions = engine.predict(teacher, pool.texts[start:start + chunk], pairs)
+            total[start:start + len(predictions)] += torch.tensor([[p.scores[n] for n in label_names] for p in predictions])
+    return total / len(teachers)
+
+
 @dataclass
 class Round:
     """What one round did: the pseudo-labels it kept per class, the rows and steps it trained on."""
@@ -89,6 +116,7 @@ class SelfTraining:
     """The card's record of a self-trained adapter."""
 
     setting: str  # "k=16 labelled + 1000 unlabeled": reported apart from the k-only adapters
+    teachers: list[str]  # stored adapters that labelled the first round; empty: the k-shot run here
     unlabeled: str
     unlabeled_rows: int
     labelled_rows: int
@@ -109,13 +137,16 @@ def self_train(model, labelled: Split, pool: Pool, recipe, retrain: Callable[[Sp
     """Rounds of pseudo-labelling `pool` with the latest model and `retrain`ing a fresh one on the
     labelled rows and the kept pseudo-labels; returns the last model and the record."""
     config, names = recipe.training.self_train, model.label_names
-    record = SelfTraining(f"k={recipe.data.k} labelled + {len(pool)} unlabeled", recipe.data.unlabeled, len(pool),
-                          len(labelled), config.threshold, config.keep_fraction, config.balance,
+    record = SelfTraining(f"k={recipe.data.k} labelled + {len(pool)} unlabeled", config.teachers, recipe.data.unlabeled,
+                          len(pool), len(labelled), config.threshold, config.keep_fraction, config.balance,
                           config.labelled_share, round(first_train_seconds, 3), [])
     for number in range(1, config.rounds + 1):
         started = time.perf_counter()
-        probabilities = score_pool(model, pool, recipe.training.eval_batch_size, show_progress,
-                                   f"pseudo-label {recipe.task} (round {number})")
+        if number == 1 and config.teachers:
+            probabilities = teacher_scores(recipe, pool, names, show_progress)
+        else:
+            probabilities = score_pool(model, pool, recipe.training.eval_batch_size, show_progress,
+                                       f"pseudo-label {recipe.task} (round {number})")
         pseudo = pseudo_labels(probabilities, config)
         scored = time.perf_counter()
         kept = dict(zip(names, pseudo.per_class(len(names))))

@@ -132,7 +132,10 @@ def train(recipe: Recipe, show_progress: bool = True, resume: bool = False) -> T
                         ": storing the start untrained (fallback zero_shot)" if fall_back else "")
 
     started = time.perf_counter()
-    if not fall_back:  # fallen back, the adapter stays at its start: it answers as its zero-shot classifier
+    teachers = recipe.training.self_train.teachers if recipe.training.self_train else []
+    # fallen back, the adapter stays at its start: it answers as its zero-shot classifier; stored teachers
+    # label the unlabeled rows in place of a k-shot run
+    if not fall_back and not teachers:
         fit(model, task.train, recipe, accelerator, show_progress, resume)
     self_training = None
     if recipe.training.self_train:
