@@ -189,8 +189,9 @@ class SelfTrainingConfig(_Section):
     threshold: float = Field(0.0, ge=0, lt=1, description="A pseudo-label needs at least this probability for its "
                              "class (the adapter's softmax, as evaluation scores it).")
     keep_fraction: float = Field(
-        0.5, gt=0, le=1, description="At most this share of the unlabeled rows become pseudo-labels in a round, "
-        "split evenly over the classes: each class keeps its most confident rows up to its share.")
+        0.2, gt=0, le=1, description="At most this share of the unlabeled rows become pseudo-labels in a round, "
+        "split evenly over the classes: each class keeps its most confident rows up to its share. Fewer are "
+        "righter: on MPQA (k=16) the top 20 % were 92 % right, the top 50 % 85 %, all of them 81 % (README).")
     balance: bool = Field(True, description="Every class keeps as many pseudo-labels as the class with fewest, so "
                           "that the pseudo-labels cannot pile onto one class; false: each class up to its share.")
     labelled_share: float = Field(

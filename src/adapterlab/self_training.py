@@ -132,7 +132,7 @@ class SelfTraining:
         return {**asdict(self), "seconds": round(seconds, 3)}
 
 
-def self_train(model, labelled: Split, pool: Pool, recipe, retrain: Callable[[Split], object],
+def self_train(model, labelled: Split, pool: Pool, recipe, retrain: Callable[[Split], tuple[object, int]],
                first_train_seconds: float, show_progress: bool) -> tuple[object, SelfTraining]:
     """Rounds of pseudo-labelling `pool` with the latest model and `retrain`ing a fresh one on the
     labelled rows and the kept pseudo-labels; returns the last model and the record."""
