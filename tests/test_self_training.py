@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from adapterlab.data import DataError, load_task, read_unlabeled
+from adapterlab.data import DataError, Pool, Split, load_task, read_unlabeled
 from adapterlab.errors import AdapterlabError
 from adapterlab.engine import Engine
 from adapterlab.model import AdapterModel
@@ -48,8 +48,6 @@ def test_balance_cuts_every_class_to_the_fewest():
 
 
 def test_retraining_rows_repeat_the_labelled_rows_to_their_share():
-    from adapterlab.data import Pool, Split
-
     labelled = Split(["x", "y"], [0, 1])
     pool = Pool([f"u{i}" for i in range(10)], None, [], [])
     kept = pseudo_labels(torch.tensor([[0.9, 0.1]] * 5 + [[0.1, 0.9]] * 5), settings())
@@ -57,8 +55,8 @@ def test_retraining_rows_repeat_the_labelled_rows_to_their_share():
     assert rows.texts[:10] == ["x", "y"] * 5 and sorted(rows.texts[10:]) == sorted(pool.texts)
     assert rows.labels == [0, 1] * 5 + [0] * 5 + [1] * 5
     assert len(training_rows(labelled, pool, kept, labelled_share=0.0)) == 12  # once each, no repeats
-    pairs = training_rows(Split(["x", "y"], [0, 1], ["x2", "y2"]), Pool(pool.texts, [t + "'" for t in pool.texts], [], []),
-                          kept, labelled_share=0.5)
+    paired_pool = Pool(pool.texts, [text + "'" for text in pool.texts], [], [])
+    pairs = training_rows(Split(["x", "y"], [0, 1], ["x2", "y2"]), paired_pool, kept, labelled_share=0.5)
     assert [second.rstrip("'") for second in pairs.text_pairs[10:]] == pairs.texts[10:]  # each text keeps its pair
 
 
@@ -180,7 +178,8 @@ def test_stored_teachers_label_the_first_round_instead_of_a_k_shot_run(tiny_bert
     train(validate_recipe(other), show_progress=False)
     fits = []
     real_fit = training.fit
-    monkeypatch.setattr(training, "fit", lambda model, rows, *a, **kw: (fits.append(len(rows)), real_fit(model, rows, *a, **kw))[1])
+    monkeypatch.setattr(training, "fit", lambda model, rows, *a, **kw: (
+        fits.append(len(rows)), real_fit(model, rows, *a, **kw))[1])
     ensemble = {**SELF_TRAIN, "teachers": ["sentiment/teacher", str(teacher.adapter_path)]}
     result = train(validate_recipe(self_training(tiny_bert, tmp_path, self_train=ensemble)), show_progress=False)
     record = read_card(result.adapter_path).self_training

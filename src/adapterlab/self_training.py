@@ -83,16 +83,19 @@ def teacher_scores(recipe, pool: Pool, label_names: list[str], show_progress: bo
     teachers, batch_size = recipe.training.self_train.teachers, recipe.training.eval_batch_size
     engine = Engine(recipe.backbone, recipe.output.store, batch_size=batch_size, dtype="float32")
     for teacher in teachers:
-        if engine.card(teacher).labels != label_names:
-            raise SelfTrainingError(f"training.self_train.teachers: {teacher} has labels "
-                                    f"{', '.join(engine.card(teacher).labels)}, not this task's {', '.join(label_names)}")
+        labels = engine.card(teacher).labels
+        if labels != label_names:
+            raise SelfTrainingError(f"training.self_train.teachers: {teacher} has labels {', '.join(labels)}, "
+                                    f"not this task's {', '.join(label_names)}")
     chunk = 8 * batch_size
     total = torch.zeros(len(pool), len(label_names))
-    for start in tqdm(range(0, len(pool), chunk), desc=f"pseudo-label {recipe.task} (teachers)", disable=not show_progress):
+    for start in tqdm(range(0, len(pool), chunk), desc=f"pseudo-label {recipe.task} (teachers)",
+                      disable=not show_progress):
         pairs = pool.text_pairs[start:start + chunk] if pool.text_pairs is not None else None
         for teacher in teachers:
             predictions = engine.predict(teacher, pool.texts[start:start + chunk], pairs)
-            total[start:start + len(predictions)] += torch.tensor([[p.scores[n] for n in label_names] for p in predictions])
+            rows = [[prediction.scores[name] for name in label_names] for prediction in predictions]
+            total[start:start + len(rows)] += torch.tensor(rows)
     return total / len(teachers)
 
 
