@@ -123,6 +123,15 @@ def setfit_cell(dataset: str, seed: int, k: int, test_limit: int) -> dict | None
     return None
 
 
+def report_accuracy(cell: dict) -> float | None:
+    """The recipe's accuracy on the cell in the few-shot report, where it ran the same k and test rows."""
+    report = json.loads((ROOT / "benchmarks" / "results" / "fewshot.json").read_text())
+    if (report["k"], report["test_limit"]) != (cell["k"], cell["test_limit"]):
+        return None
+    per_seed = report["datasets"].get(cell["dataset"], {}).get("adapterlab", {}).get("per_seed", {})
+    return per_seed.get(str(cell["seed"]), {}).get("accuracy")
+
+
 def read_cells(file: Path) -> list[dict]:
     return [json.loads(line) for line in file.read_text().splitlines() if line.strip()] if file.is_file() else []
 
@@ -155,12 +164,19 @@ def markdown(cells: list[dict], cpu: dict) -> str:
                      f"| {100 * gain:+.1f} | {_pct(_mean(group, 'setfit_accuracy'))} "
                      f"| {_mean(group, 'plain_train_seconds'):.0f} | {_mean(group, 'self_trained_train_seconds'):.0f} "
                      f"| {_seconds(_mean(group, 'setfit_train_seconds'))} | {kept} | {_quality(group)} |")
+    same = [c for c in cells if report_accuracy(c) is not None]
+    lines.append(f"\nThe plain adapter reproduces the few-shot report's accuracy (benchmarks/results/fewshot.json) in "
+                 f"{sum(report_accuracy(c) == c['plain_accuracy'] for c in same)} of {len(same)} cells it has: the same "
+                 "k-shot and test rows.")
     wins = sum(c["self_trained_accuracy"] > c["plain_accuracy"] for c in cells)
     losses = sum(c["self_trained_accuracy"] < c["plain_accuracy"] for c in cells)
-    lines.append(f"\n{len(cells)} cells: self-training better than the plain adapter in {wins}, worse in {losses}. "
+    lines.append(f"{len(cells)} cells: self-training better than the plain adapter in {wins}, worse in {losses}. "
                  f"Accuracy on the first {cells[0]['test_limit']} test rows (mean over the seeds listed); SetFit's "
                  f"cells come from the few-shot report (same k-shot and test rows). CPU: {cpu['cpu']} "
-                 f"({os.cpu_count()} cores visible, shared with other jobs: see each cell's load_average).\n"
+                 f"({os.cpu_count()} cores visible, shared with other jobs: see each cell's load_average). Seconds: "
+                 "plain and self-trained ran here side by side (self-trained: the plain run that labels, then the "
+                 "pseudo-labelling and retraining); SetFit's are the few-shot report's, from another run and load: "
+                 "compare plain with self-trained, not with SetFit.\n"
                  f"Self-training settings: {cells[0]['self_train']}.")
     return "\n".join(lines) + "\n"
 
@@ -192,10 +208,10 @@ def plot(cells: list[dict], file: Path) -> None:
     for i, (label, key) in enumerate(series):
         values = [100 * (_mean(groups[n], key) or 0) for n in names]
         ax.bar([x + i * width for x in range(len(names))], values, width, label=label)
-    ax.set_xticks([x + width for x in range(len(names))], [f"{n}\n({len(groups[n])} seeds)" for n in names])
+    ax.set_xticks([x + width for x in range(len(names))], [f"{n}\n(seeds {', '.join(str(c['seed']) for c in groups[n])})" for n in names])
     ax.set_ylabel(f"accuracy, first {cells[0]['test_limit']} test rows (%)")
     ax.set_title(f"MiniLM, k={cells[0]['k']}: unlabeled text through self-training")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     plt.close(fig)
