@@ -208,7 +208,8 @@ def plot(cells: list[dict], file: Path) -> None:
     for i, (label, key) in enumerate(series):
         values = [100 * (_mean(groups[n], key) or 0) for n in names]
         ax.bar([x + i * width for x in range(len(names))], values, width, label=label)
-    ax.set_xticks([x + width for x in range(len(names))], [f"{n}\n(seeds {', '.join(str(c['seed']) for c in groups[n])})" for n in names])
+    ticks = [f"{n}\n(seeds {', '.join(str(c['seed']) for c in groups[n])})" for n in names]
+    ax.set_xticks([x + width for x in range(len(names))], ticks)
     ax.set_ylabel(f"accuracy, first {cells[0]['test_limit']} test rows (%)")
     ax.set_title(f"MiniLM, k={cells[0]['k']}: unlabeled text through self-training")
     ax.legend(fontsize=8, loc="lower right")
