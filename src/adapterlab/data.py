@@ -156,6 +156,46 @@ def read_pool(path: str | Path, text_field: str = "text", text_pair_field: str |
     return Pool([str(row[text_field]) for row in rows], pairs, names, descriptions)
 
 
+def read_unlabeled(config) -> Pool:
+    """The texts of a recipe's `data.unlabeled`: a file, or (`train`) the train split's rows other than
+    the k-shot rows that `load_task` draws, their labels dropped; at most `data.unlabeled_rows` of them,
+    drawn with `data.seed`. The test split is never read."""
+    if config.unlabeled == "train":
+        rows, _, file_names, descriptions = _read_source(config)
+        names = config.labels or file_names
+        train = _to_split(rows, config, names, "train")
+        labelled = set(k_shot_indices(train.labels, config.k, config.seed, names))
+        pool = Pool(train.texts, train.text_pairs, names, descriptions or list(names))
+        candidates = [i for i in range(len(train)) if i not in labelled]
+    else:
+        pool = _read_unlabeled_file(Path(config.unlabeled), config)
+        candidates = list(range(len(pool)))
+    if config.unlabeled_rows and config.unlabeled_rows < len(candidates):
+        candidates = sorted(random.Random(config.seed).sample(candidates, config.unlabeled_rows))
+    if not candidates:
+        raise DataError(f"data.unlabeled {config.unlabeled}: no rows left to pseudo-label")
+    pairs = [pool.text_pairs[i] for i in candidates] if pool.text_pairs is not None else None
+    return Pool([pool.texts[i] for i in candidates], pairs, pool.label_names, pool.label_descriptions)
+
+
+def _read_unlabeled_file(file: Path, config) -> Pool:
+    test = Path(config.test_path) if config.test_path else _find_split(Path(config.path), "test")
+    if test is not None and file.resolve() == test.resolve():
+        raise DataError(f"data.unlabeled {file} is the test split: pseudo-labels must not come from test rows")
+    if file.suffix != ".txt":
+        return read_pool(file, config.text_field, config.text_pair_field)
+    if config.text_pair_field:
+        raise DataError(f"data.unlabeled {file}: a .txt file holds one text a line, no second texts of pairs "
+                        f"(data.text_pair_field {config.text_pair_field!r}): use .jsonl or .csv")
+    if not file.is_file():
+        raise DataError(f"data not found: {file}")
+    try:
+        texts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as error:
+        raise DataError(f"{file}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+    return Pool(texts, None, [], [])
+
+
 def _read_source(config):
     """(train rows, test rows or None, label names, label descriptions) from the path's form."""
     path = config.path

@@ -69,6 +69,9 @@ class AdapterCard(BaseModel):
     # training.select: the settings chosen by cross-validation on the k-shot rows, their estimate beside
     # the zero-shot start's (below_zero_shot), whether it fell back to that start (crossval.Selection.record)
     selection: dict | None = None
+    # training.self_train: the setting ("k=16 labelled + 1000 unlabeled"), the pseudo-labels kept per class
+    # and round, the seconds (self_training.SelfTraining.record)
+    self_training: dict | None = None
     created: str = ""
 
     @field_validator("task", "name")

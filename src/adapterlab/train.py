@@ -24,7 +24,7 @@ from adapterlab.checkpoint import (CheckpointError, checkpoint_folder, has_check
                                    read_selection, remove_checkpoint, restore, run_identity, save_checkpoint,
                                    save_selection)
 from adapterlab.crossval import PROTOTYPE_WEIGHT, PointResult, Selection, SelectionError, stratified_folds, trainings
-from adapterlab.data import Pairs, Split, TaskData, load_pairs, load_task
+from adapterlab.data import Pairs, Split, TaskData, load_pairs, load_task, read_unlabeled
 from adapterlab.generative import GenerativeModel, build_generative_model
 from adapterlab.errors import AdapterlabError
 from adapterlab.heads import pooling_of
@@ -33,6 +33,7 @@ from adapterlab.metrics import classification_metrics, generation_metrics
 from adapterlab.model import AdapterModel, build_adapter_model, parameter_counts
 from adapterlab.precision import cpu_capability, mixed_precision_for
 from adapterlab.recipe import Recipe
+from adapterlab.self_training import self_train
 from adapterlab.store import AdapterCard, save_adapter
 
 log = logging.getLogger("adapterlab")
@@ -135,8 +136,15 @@ def train(recipe: Recipe, show_progress: bool = True, resume: bool = False) -> T
                         ": storing the start untrained (fallback zero_shot)" if fall_back else "")
 
     started = time.perf_counter()
-    if not fall_back:  # fallen back, the adapter stays at its start: it answers as its zero-shot classifier
+    teachers = recipe.training.self_train.teachers if recipe.training.self_train else []
+    # fallen back, the adapter stays at its start: it answers as its zero-shot classifier; stored teachers
+    # label the unlabeled rows in place of a k-shot run
+    if not fall_back and not teachers:
         fit(model, task.train, recipe, accelerator, show_progress, resume)
+    self_training = None
+    if recipe.training.self_train:
+        model, self_training = _self_train(model, task, recipe, accelerator, show_progress,
+                                           time.perf_counter() - started)
     train_seconds = time.perf_counter() - started
 
     model = accelerator.unwrap_model(model)
@@ -144,7 +152,8 @@ def train(recipe: Recipe, show_progress: bool = True, resume: bool = False) -> T
     path, size = None, 0
     if accelerator.is_main_process:
         card = make_card(_resolved(recipe, model, accelerator), task, model, trainable, total, train_seconds, metrics,
-                         selection.record(fall_back, train_seconds) if selection else None)
+                         selection.record(fall_back, train_seconds) if selection else None,
+                         self_training.record() if self_training else None)
         path, card = save_adapter(model, card, recipe.output.store)
         size = card.adapter_bytes
         remove_checkpoint(checkpoint_folder(recipe))  # the run is complete: nothing left to resume
@@ -224,6 +233,23 @@ def _fold_recipe(trial: Recipe, kept: int, rows: int) -> Recipe:
     if not trial.training.max_steps:
         return trial
     return trial.with_settings({"training.max_steps": max(1, round(trial.training.max_steps * kept / rows))})
+
+def _self_train(model: AdapterModel, task: TaskData, recipe: Recipe, accelerator: Accelerator, show_progress: bool,
+                first_train_seconds: float):
+    """`training.self_train` after the k-shot run (self_training.py): each round's fresh adapter trains
+    `self_train.steps` times the k-shot run's optimizer steps, on the k-shot rows and the pseudo-labels."""
+    steps = _schedule(len(task.train), recipe.training, accelerator.num_processes)[0]
+    retraining = recipe.with_settings({"training.max_steps": max(1, round(recipe.training.self_train.steps * steps)),
+                                       "training.select": None})
+
+    def retrain(rows: Split) -> tuple[AdapterModel, int]:
+        accelerator.free_memory()  # drops the previous round's prepared model before the next one loads
+        fresh = new_model(retraining, task, accelerator)
+        fit(fresh, rows, retraining, accelerator, show_progress)
+        return fresh, retraining.training.max_steps
+
+    return self_train(model, task.train, read_unlabeled(recipe.data), recipe, retrain, first_train_seconds,
+                      show_progress and accelerator.is_main_process)
 
 
 def _correct(model: AdapterModel, rows: Split, recipe: Recipe) -> int:
@@ -371,7 +397,8 @@ def evaluate(model: AdapterModel | GenerativeModel, rows: Split | Pairs, recipe:
 
 
 def make_card(recipe: Recipe, task: TaskData, model: AdapterModel, trainable: int, total: int, train_seconds: float,
-              metrics: dict[str, float], selection: dict | None = None) -> AdapterCard:
+              metrics: dict[str, float], selection: dict | None = None,
+              self_training: dict | None = None) -> AdapterCard:
     return AdapterCard(
         task=recipe.task, name=recipe.adapter_name, kind="generate" if recipe.generates else "classify",
         labels=task.label_names,
@@ -379,7 +406,7 @@ def make_card(recipe: Recipe, task: TaskData, model: AdapterModel, trainable: in
         backbone_fingerprint=model.backbone.fingerprint, method=recipe.method.name, k=recipe.data.k,
         seed=recipe.data.seed, recipe=recipe.model_dump(mode="json"), metrics=metrics,
         trainable_params=trainable, backbone_params=total - trainable,
-        train_seconds=round(train_seconds, 3), selection=selection)
+        train_seconds=round(train_seconds, 3), selection=selection, self_training=self_training)
 
 
 def _resolved(recipe: Recipe, model: AdapterModel, accelerator: Accelerator) -> Recipe:
