@@ -10,12 +10,13 @@ from typer.testing import CliRunner
 
 from adapterlab.backbones import load_backbone
 from adapterlab.cli import app
+from adapterlab.data import load_task
 from adapterlab.engine import Engine, Request
 from adapterlab.merge import combine_adapters, merge_adapter
-from adapterlab.recipe import RecipeError, validate_recipe
+from adapterlab.recipe import DataConfig, RecipeError, load_recipe, validate_recipe
 from adapterlab.store import StoreError, load_adapter, read_card, verify
 from adapterlab.train import train
-from conftest import tiny_recipe
+from conftest import ROOT, assert_beats_its_start, shared, tiny_recipe
 
 TEXTS = ["the soup was cold", "loved every minute", "what a dull film", "a gorgeous, moving story"]
 METHODS = {"lora": {"name": "lora", "r": 4}, "prefix": {"name": "prefix_tuning", "num_virtual_tokens": 4}}
@@ -120,3 +121,23 @@ def test_cli_trains_an_ensemble_and_lists_it(tiny_bert, tmp_path):
     assert json.loads(listed.output.strip().splitlines()[-1])["adapters"][0]["members"] == 2
     refused = runner.invoke(app, ["train", str(recipe), "--ensemble", "-1"])
     assert refused.exit_code == 2 and "training.ensemble" in refused.output
+
+
+@pytest.mark.slow
+def test_minilm_ensemble_beats_zero_shot_and_serves_its_stored_metrics(tmp_path):
+    """MPQA, k=8, three members of the shipped tied recipe (10 epochs each), 200 test rows."""
+    recipe = load_recipe(ROOT / "recipes" / "sst2-lora-minilm-tied.yaml", [
+        "task=mpqa", f"data.path={shared('mpqa')}", "data.k=8", "data.test_limit=200", "training.epochs=10",
+        "training.ensemble=3", f"output.store={tmp_path}"])
+    train(recipe, show_progress=False)
+    reference = f"mpqa/{recipe.adapter_name}"
+    card = read_card(tmp_path / reference)
+    assert len(card.members) == 3
+    engine = Engine("minilm", tmp_path, dtype="float32")
+    rows = load_task(DataConfig.model_validate({**card.recipe["data"], "k": None})).test
+    assert len(rows) == 200
+    assert_beats_its_start(engine, reference, rows)  # its zero-shot start, on the same test rows
+    served = engine.evaluate(reference, shared("mpqa"), limit=200)
+    assert served["rows"] == 200
+    assert served["accuracy"] == pytest.approx(card.metrics["accuracy"], abs=1e-9)
+    assert served["macro_f1"] == pytest.approx(card.metrics["macro_f1"], abs=1e-9)
