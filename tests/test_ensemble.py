@@ -75,6 +75,23 @@ def test_members_equal_their_peft_form(store, tiny_bert):
     assert torch.allclose(probabilities(engine.predict(str(member), TEXTS)), model.scores(TEXTS), atol=1e-5)
 
 
+def test_the_http_server_serves_an_ensemble_as_the_engine_does(store, tiny_bert):
+    from fastapi.testclient import TestClient
+
+    from adapterlab.server import Settings, create_app
+
+    expected = Engine(tiny_bert, store, dtype="float32").predict("sentiment/lora", TEXTS)
+    with TestClient(create_app(store, tiny_bert, Settings(dtype="float32"))) as client:
+        response = client.post("/v1/classify", json={"adapter": "sentiment/lora", "inputs": TEXTS})
+        listed = client.get("/v1/adapters").json()
+    assert response.status_code == 200, response.text
+    for answer, prediction in zip(response.json()["predictions"], expected):
+        scores = {item["label"]: item["score"] for item in answer["scores"]}
+        assert answer["label"] == prediction.label
+        assert max(abs(scores[label] - prediction.scores[label]) for label in scores) < 1e-5
+    assert "sentiment/lora" in json.dumps(listed)
+
+
 def test_a_damaged_member_is_named(store, tiny_bert, tmp_path):
     copy = tmp_path / "sentiment" / "lora"
     shutil.copytree(store / "sentiment" / "lora", copy)
