@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT, assert_beats_its_start, shared, tiny_recipe
 from typer.testing import CliRunner
 
 from adapterlab.backbones import load_backbone
@@ -17,6 +16,7 @@ from adapterlab.merge import combine_adapters, merge_adapter
 from adapterlab.recipe import DataConfig, RecipeError, load_recipe, validate_recipe
 from adapterlab.store import StoreError, load_adapter, read_card, verify
 from adapterlab.train import train
+from conftest import ROOT, assert_beats_its_start, shared, tiny_recipe
 
 TEXTS = ["the soup was cold", "loved every minute", "what a dull film", "a gorgeous, moving story"]
 METHODS = {"lora": {"name": "lora", "r": 4}, "prefix": {"name": "prefix_tuning", "num_virtual_tokens": 4}}
