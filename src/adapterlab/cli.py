@@ -76,13 +76,16 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML."),
           set_: list[str] = typer.Option([], "--set", help="Override a key: --set training.lr=3e-4"),
           json_out: bool = JSON, quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
           resume: bool = typer.Option(False, "--resume", help="Continue from the run's checkpoint (see "
-                                      "training.checkpoint_every); none: start from the beginning.")):
+                                      "training.checkpoint_every); none: start from the beginning."),
+          ensemble: Optional[int] = typer.Option(None, "--ensemble", help="Train N members with seeds seed, seed+1, "
+                                                 "... and store them as one adapter (sets training.ensemble).")):
     """Train one few-shot adapter (also under `accelerate launch -m adapterlab train`)."""
     from adapterlab.recipe import load_recipe
     from adapterlab.train import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    result = run_training(load_recipe(recipe, set_), show_progress=not quiet, resume=resume)
+    overrides = [*set_, *([f"training.ensemble={ensemble}"] if ensemble is not None else [])]
+    result = run_training(load_recipe(recipe, overrides), show_progress=not quiet, resume=resume)
     if result.adapter_path is None:  # not the main process: it wrote nothing and reports nothing
         return
     if json_out:
@@ -163,13 +166,15 @@ def adapters_list(store: Path = STORE, json_out: bool = JSON):
     if json_out:
         _emit({"store": str(store), "adapters": [
             {"task": c.task, "name": c.name, "method": c.method, "backbone": c.backbone, "k": c.k,
-             "labels": c.labels, "metrics": c.metrics, "adapter_bytes": c.adapter_bytes} for c in cards]})
+             "labels": c.labels, "metrics": c.metrics, "adapter_bytes": c.adapter_bytes,
+             "members": len(c.members) if c.members is not None else None} for c in cards]})
         return
     table = Table("task/name", "method", "backbone", "k", "labels", "test score", "bytes")
     for c in cards:
         score = (f"accuracy {c.metrics['accuracy']:.3f}" if "accuracy" in c.metrics
                  else f"BLEU {c.metrics['bleu']:.1f}" if "bleu" in c.metrics else "-")
-        table.add_row(f"{c.task}/{c.name}", c.method, c.backbone, str(c.k), str(len(c.labels)), score,
+        method = f"{c.method} x{len(c.members)} (ensemble)" if c.members is not None else c.method
+        table.add_row(f"{c.task}/{c.name}", method, c.backbone, str(c.k), str(len(c.labels)), score,
                       f"{c.adapter_bytes:,}")
     console.print(table)
 

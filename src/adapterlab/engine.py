@@ -23,7 +23,8 @@ from adapterlab.metrics import classification_metrics, generation_metrics
 from adapterlab.mixed_batch import PromptSettings, Row, Servable, forward_mixed
 from adapterlab.precision import resolve_device, resolve_dtype
 from adapterlab.recipe import DataConfig, Recipe
-from adapterlab.store import AdapterCard, StoreError, read_adapter, read_card, resolve, verify
+from adapterlab.store import (AdapterCard, StoredAdapter, StoreError, read_adapter, read_card, read_ensemble, resolve,
+                              verify)
 from adapterlab.zeroshot import zero_shot_servable
 
 
@@ -120,7 +121,14 @@ class Engine:
         return self._resident.pop(folder, None) is not None
 
     def _load(self, folder: Path) -> Servable:
-        stored = read_adapter(folder, self.backbone)
+        card = read_card(folder)
+        if card.members is not None:  # an ensemble: its members' rows join the same passes (mixed_batch)
+            members = tuple(self._servable_of(stored) for stored in read_ensemble(folder, self.backbone))
+            return Servable(f"{card.task}/{card.name}", card.labels, AdapterWeights(), None, members[0].prompt,
+                            sum(member.nbytes for member in members), card.kind, members)
+        return self._servable_of(read_adapter(folder, self.backbone))
+
+    def _servable_of(self, stored: StoredAdapter) -> Servable:
         card, recipe = stored.card, stored.recipe
         weights = method_module(card.method).inference_weights(stored.tensors, stored.adapter_config)
         weights = weights.to(self.backbone.device, self.backbone.dtype)
@@ -172,6 +180,8 @@ class Engine:
         if self.backbone.kind != "decoder":
             raise AdapterlabError(f"generation needs an LLM backbone; {self.backbone.name!r} is an encoder")
         servable = self.servable(request.adapter) if request.adapter is not None else BASE
+        if servable.members:
+            raise AdapterlabError(f"adapter {servable.key} is an ensemble of classifiers: it does not generate")
         ids = self.prompt_ids(request, servable)
         limit = self.backbone.max_tokens
         if len(ids) + request.sampling.max_tokens > limit:

@@ -71,6 +71,10 @@ def combine_adapters(store: str | Path, references: list[str], weights: list[flo
         check_name(task, "task")
     folders = [resolve(store, reference) for reference in references]
     cards = [read_card(folder) for folder in folders]
+    ensembles = [f"{card.task}/{card.name}" for card in cards if card.members is not None]
+    if ensembles:
+        raise StoreError(f"{', '.join(ensembles)}: an ensemble cannot be combined (it holds several adapters); "
+                         "combine its members (members/<i> folders) instead")
     configs = [json.loads((folder / "adapter_config.json").read_text()) for folder in folders]
     _check_combinable(cards, configs, weights, combination)
     backbone = load_backbone(cards[0].backbone)

@@ -4,7 +4,8 @@ batch; each row then gets its own LoRA deltas, its own attention prefix, and its
 Rows may mix LoRA adapters, prefix adapters, and zero-shot rows (no adapter) freely: LoRA deltas are
 added per row by batched matmuls in forward hooks (rows without a delta get zeros), prefixes are
 padded to the longest and masked per row. Heads differ in label count, so each group of rows goes
-through its own head after the shared backbone pass.
+through its own head after the shared backbone pass. A row of an ensemble becomes one row per member
+in the same pass, and its answer is the mean of the members' probabilities.
 """
 
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ class Servable:
     prompt: PromptSettings
     nbytes: int
     kind: str = "classify"  # or "generate": a generative adapter (its template is prompt.template)
+    members: tuple["Servable", ...] = ()  # an ensemble: it answers with the mean of its members' probabilities
 
 
 @dataclass
@@ -48,8 +50,18 @@ class Row:
 
 @torch.no_grad()
 def forward_mixed(backbone: Backbone, rows: list[Row]) -> tuple[list[torch.Tensor], list[bool]]:
-    """Label probabilities for each row, from its own adapter and head, in one backbone pass; and
-    whether each row's input was cut to its adapter's token limit."""
+    """Label probabilities for each row, from its own adapter and head (an ensemble's: the mean of its
+    members'), in one backbone pass; and whether each row's input was cut to its adapter's token limit."""
+    counts = [len(row.servable.members) or 1 for row in rows]
+    member_rows = [Row(member, row.text, row.text_pair) for row in rows for member in row.servable.members or [row.servable]]
+    probabilities, truncated = _forward_rows(backbone, member_rows)
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    return ([probabilities[end - n] if n == 1 else torch.stack(probabilities[end - n:end]).mean(0)
+             for n, end in zip(counts, ends)],
+            [any(truncated[end - n:end]) for n, end in zip(counts, ends)])
+
+
+def _forward_rows(backbone: Backbone, rows: list[Row]) -> tuple[list[torch.Tensor], list[bool]]:
     servables = list(dict.fromkeys(row.servable for row in rows))  # unique, in first-seen order
     slot = {servable: i for i, servable in enumerate(servables)}
     row_slots = torch.tensor([slot[row.servable] for row in rows])

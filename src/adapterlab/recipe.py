@@ -142,8 +142,10 @@ class DataConfig(_Section):
 
 
 # Grid keys that cannot vary between the trainings of one selection: the selection itself, the
-# precision the run's Accelerator was made with, the checkpoints and the self-training of the final run.
-_NOT_SELECTABLE = {"training.select", "training.mixed_precision", "training.checkpoint_every", "training.self_train"}
+# precision the run's Accelerator was made with, the checkpoints, the self-training and the ensemble of
+# the final run.
+_NOT_SELECTABLE = {"training.select", "training.mixed_precision", "training.checkpoint_every", "training.self_train",
+                   "training.ensemble"}
 
 
 class SelectionConfig(_Section):
@@ -235,6 +237,11 @@ class TrainingConfig(_Section):
         "trust_hub_metrics: evaluate.load runs the metric's script from the hub).")
     trust_hub_metrics: bool = Field(
         False, description="Allow metrics that evaluate.load fetches from the Hugging Face hub and runs as code.")
+    ensemble: int = Field(
+        1, ge=1, le=16, description="Train this many adapters on the same k-shot rows, with training seeds seed, "
+        "seed+1, ...; they are stored as one adapter whose answer is the mean of their label probabilities "
+        "(its card lists them) and served in one backbone pass. Classification only; costs N trainings, and N "
+        "rows of each pass per request. 1: a single adapter.")
     select: SelectionConfig | None = Field(
         None, description="Choose settings by cross-validation on the k-shot rows alone (never the test rows), then "
         "train on all of them with the best; the card records the choice, its estimate and the zero-shot one. "
@@ -260,7 +267,7 @@ class TrainingConfig(_Section):
 
 class OutputConfig(_Section):
     store: str = Field("adapters", description="Adapter store folder.")
-    name: str | None = Field(None, description="Adapter name (default: METHOD-kK-sSEED).")
+    name: str | None = Field(None, description="Adapter name (default: METHOD-kK-sSEED, -ensN for an ensemble).")
 
 
 class Recipe(_Section):
@@ -328,6 +335,20 @@ class Recipe(_Section):
                              "training.checkpoint_every's checkpoints (set it to null)")
         return self
 
+    @model_validator(mode="after")
+    def _ensemble_can_run(self):
+        if self.training.ensemble == 1:
+            return self
+        for refused, why in ((self.generates, "averages label probabilities: it needs a classification task, not "
+                                              "head.type generate"),
+                             (self.training.select is not None, "and training.select do not combine: choose the "
+                                                                "settings first, then train the ensemble with them"),
+                             (self.training.checkpoint_every is not None, "trains its members without checkpoints: "
+                                                                          "set training.checkpoint_every to null")):
+            if refused:
+                raise ValueError(f"training.ensemble {self.training.ensemble} {why}")
+        return self
+
     def with_settings(self, settings: dict) -> "Recipe":
         """This recipe with dotted `section.field` settings replaced, validated anew."""
         raw = self.model_dump()
@@ -342,7 +363,8 @@ class Recipe(_Section):
 
     @property
     def adapter_name(self) -> str:
-        return self.output.name or f"{self.method.name}-k{self.data.k or 'all'}-s{self.data.seed}"
+        ensemble = f"-ens{self.training.ensemble}" if self.training.ensemble > 1 else ""
+        return self.output.name or f"{self.method.name}-k{self.data.k or 'all'}-s{self.data.seed}{ensemble}"
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -4,6 +4,9 @@ A folder holds the standard PEFT files (adapter_config.json, adapter_model.safet
 `PeftModel.from_pretrained`), the head (head.safetensors), card.json and a short README.md. A folder
 is written under a hidden temporary name and renamed into place, so a crash mid-save never leaves a
 half adapter that `list_adapters` shows. Only safetensors are read: nothing is ever unpickled.
+
+An ensemble's folder holds its card.json and README.md, and one such adapter folder per member in
+members/0, members/1, ... (the card's `members` lists them in that order).
 """
 
 import ctypes
@@ -19,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -40,6 +44,7 @@ from adapterlab.names import check_name, name_problem
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "card.json")
 WEIGHT_FILES = ("adapter_model.safetensors", "head.safetensors")
+MEMBERS = "members"  # an ensemble's member folders: members/0, members/1, ...
 
 
 class StoreError(AdapterlabError):
@@ -72,6 +77,9 @@ class AdapterCard(BaseModel):
     # training.self_train: the setting ("k=16 labelled + 1000 unlabeled"), the pseudo-labels kept per class
     # and round, the seconds (self_training.SelfTraining.record)
     self_training: dict | None = None
+    # training.ensemble: one entry per member folder (members/<i>), in order: its seed, train_seconds and
+    # test metrics; metrics above are the ensemble's own (the mean of the members' probabilities)
+    members: list[dict] | None = None
     created: str = ""
 
     @field_validator("task", "name")
@@ -86,6 +94,25 @@ class AdapterCard(BaseModel):
 def save_adapter(model: AdapterModel, card: AdapterCard, store: str | Path) -> tuple[Path, AdapterCard]:
     """Write the adapter to STORE/TASK/NAME atomically (replacing one of the same name); returns
     its folder and its completed card."""
+    return _save_atomically(card, store, lambda staging: _write_adapter(model, card, staging))
+
+
+def save_ensemble(members: list[tuple[AdapterModel, AdapterCard]], card: AdapterCard, store: str | Path
+                  ) -> tuple[Path, AdapterCard]:
+    """Write an ensemble to STORE/TASK/NAME atomically, as one adapter: each member a complete adapter
+    folder in members/<i>, beside the ensemble's card (which lists them)."""
+    def write(staging: Path) -> AdapterCard:
+        written = [_write_adapter(model, member_card, staging / MEMBERS / str(i))
+                   for i, (model, member_card) in enumerate(members)]
+        return _write_card(card.model_copy(update={"adapter_bytes": sum(c.adapter_bytes for c in written)}), staging)
+
+    return _save_atomically(card, store, write)
+
+
+def _save_atomically(card: AdapterCard, store: str | Path, write: Callable[[Path], AdapterCard]
+                     ) -> tuple[Path, AdapterCard]:
+    """`write` fills a hidden staging folder and returns the completed card; the folder then replaces
+    STORE/TASK/NAME in one step."""
     check_name(card.task, "task")  # a card copied with new values skipped its validators
     check_name(card.name, "adapter name")
     task_dir = Path(store) / card.task
@@ -94,20 +121,27 @@ def save_adapter(model: AdapterModel, card: AdapterCard, store: str | Path) -> t
     _tidy_leftovers(task_dir, card.name)
     staging = Path(tempfile.mkdtemp(dir=task_dir, prefix=f".{card.name}.saving-{_owner()}-"))
     try:
-        model.peft_model.save_pretrained(staging, safe_serialization=True,
-                                         selected_adapters=[model.peft_model.active_adapter])
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
-                  staging / "head.safetensors")
-        card = card.model_copy(update={
-            "adapter_bytes": sum((staging / f).stat().st_size for f in WEIGHT_FILES),
-            "created": card.created or datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        (staging / "card.json").write_text(card.model_dump_json(indent=2))
-        (staging / "README.md").write_text(_readme(card))
+        card = write(staging)
         _fsync_tree(staging)
         swap_into_place(staging, target)  # staging now holds the replaced adapter, if any
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target, card
+
+
+def _write_adapter(model: AdapterModel, card: AdapterCard, folder: Path) -> AdapterCard:
+    """The standard PEFT files, the head, card.json and README.md, into `folder`."""
+    model.peft_model.save_pretrained(folder, safe_serialization=True, selected_adapters=[model.peft_model.active_adapter])
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, folder / "head.safetensors")
+    return _write_card(card.model_copy(update={"adapter_bytes": sum((folder / f).stat().st_size for f in WEIGHT_FILES)}),
+                       folder)
+
+
+def _write_card(card: AdapterCard, folder: Path) -> AdapterCard:
+    card = card.model_copy(update={"created": card.created or datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    (folder / "card.json").write_text(card.model_dump_json(indent=2))
+    (folder / "README.md").write_text(_readme(card))
+    return card
 
 
 def swap_into_place(new: Path, target: Path) -> None:
@@ -180,9 +214,10 @@ def _alive(pid: int) -> bool:
 
 
 def _fsync_tree(folder: Path) -> None:
-    for file in folder.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def adapter_folders(store: str | Path) -> list[Path]:
@@ -234,8 +269,12 @@ def read_card(folder: str | Path) -> AdapterCard:
 
 def verify(folder: str | Path, backbone: Backbone | None = None) -> list[str]:
     """Problems with an adapter folder; empty when it is complete and its files are readable, and,
-    given a backbone, when it fits that backbone as `read_adapter` checks it."""
+    given a backbone, when it fits that backbone as `read_adapter` checks it. An ensemble's problems
+    are its members', each named by its folder (members/<i>: ...)."""
     folder = Path(folder)
+    card = _card_if_readable(folder)
+    if card is not None and card.members is not None:
+        return _ensemble_problems(folder, card, backbone)
     problems = [f"missing {name}" for name in REQUIRED_FILES if not (folder / name).is_file()]
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         problems.append("holds pickled weights (.bin/.pt); adapterlab reads safetensors only")
@@ -263,6 +302,31 @@ def verify(folder: str | Path, backbone: Backbone | None = None) -> list[str]:
         except StoreError as error:
             problems.append(str(error))
     return problems
+
+
+def _card_if_readable(folder: Path) -> AdapterCard | None:
+    try:
+        return read_card(folder)
+    except StoreError:
+        return None
+
+
+def _ensemble_problems(folder: Path, card: AdapterCard, backbone: Backbone | None) -> list[str]:
+    problems = [f"{member.relative_to(folder)}: {problem}"
+                for member in member_folders(folder, card) for problem in verify(member)]
+    if not card.members:
+        problems.append("an ensemble card that lists no members")
+    if backbone is not None and not problems:
+        try:
+            read_ensemble(folder, backbone)
+        except StoreError as error:
+            problems.append(str(error))
+    return problems
+
+
+def member_folders(folder: str | Path, card: AdapterCard) -> list[Path]:
+    """An ensemble's member folders, in the order its card lists them."""
+    return [Path(folder) / MEMBERS / str(i) for i in range(len(card.members or ()))]
 
 
 def verify_folders(folders: list[Path], backbone: str | None = None, check_fit: bool = True
@@ -323,10 +387,10 @@ def read_adapter(folder: str | Path, backbone: Backbone) -> StoredAdapter:
     folder = Path(folder)
     card = read_card(folder)
     name = f"{card.task}/{card.name}"
-    if card.backbone_fingerprint != backbone.fingerprint:
-        raise BackboneMismatch(
-            f"adapter {name} was trained on backbone {card.backbone!r} ({card.backbone_fingerprint[:19]}…), "
-            f"not on the loaded backbone {backbone.name!r} ({backbone.fingerprint[:19]}…)")
+    _check_backbone(card, backbone)
+    if card.members is not None:
+        raise StoreError(f"adapter {name} is an ensemble of {len(card.members)} members: the engine serves it; "
+                         "merging, combining and loading into peft take a single adapter")
     try:
         recipe = Recipe.model_validate(card.recipe)
     except ValidationError as error:
@@ -351,6 +415,38 @@ def read_adapter(folder: str | Path, backbone: Backbone) -> StoredAdapter:
         raise StoreError(f"adapter {name} cannot be served on {backbone.name!r}: {'; '.join(problems)}")
     head.load_state_dict(head_tensors)
     return StoredAdapter(folder, card, recipe, adapter_config, tensors, head.eval())
+
+
+def read_ensemble(folder: str | Path, backbone: Backbone) -> list[StoredAdapter]:
+    """An ensemble's members, each read and checked as `read_adapter` reads a single adapter, and
+    checked to answer for the ensemble's labels; a damaged member is named."""
+    folder = Path(folder)
+    card = read_card(folder)
+    name = f"{card.task}/{card.name}"
+    _check_backbone(card, backbone)
+    if not card.members:
+        raise StoreError(f"adapter {name} is not an ensemble (its card lists no members)")
+    members = []
+    for member in member_folders(folder, card):
+        where = f"ensemble {name}, member {member.relative_to(folder)}"
+        try:
+            stored = read_adapter(member, backbone)
+        except BackboneMismatch as error:
+            raise BackboneMismatch(f"{where}: {error}") from None
+        except StoreError as error:
+            raise StoreError(f"{where}: {error}") from None
+        if stored.card.labels != card.labels or stored.card.kind != "classify":
+            raise StoreError(f"{where}: it classifies into {stored.card.labels}, the ensemble into {card.labels}")
+        members.append(stored)
+    return members
+
+
+def _check_backbone(card: AdapterCard, backbone: Backbone) -> None:
+    if card.backbone_fingerprint != backbone.fingerprint:
+        raise BackboneMismatch(
+            f"adapter {card.task}/{card.name} was trained on backbone {card.backbone!r} "
+            f"({card.backbone_fingerprint[:19]}…), not on the loaded backbone {backbone.name!r} "
+            f"({backbone.fingerprint[:19]}…)")
 
 
 def _fit_problems(card, recipe, adapter_config, tensors, head_tensors, backbone) -> list[str]:
@@ -402,8 +498,11 @@ def load_adapter(folder: str | Path, backbone: Backbone) -> tuple[AdapterModel |
 
 def _readme(card: AdapterCard) -> str:
     metrics = ", ".join(f"{k} {v:.3f}" for k, v in card.metrics.items()) or "not evaluated"
+    what = (f"An ensemble of {len(card.members)} {card.method} adapters (in {MEMBERS}/, training seeds "
+            f"{', '.join(str(m['seed']) for m in card.members)}; it answers with the mean of their label "
+            "probabilities)" if card.members else f"A {card.method} adapter")
     return (f"# {card.task} / {card.name}\n\n"
-            f"A {card.method} adapter for `{card.backbone}` made by adapterlab, trained on "
+            f"{what} for `{card.backbone}` made by adapterlab, trained on "
             f"{card.k if card.k is not None else 'all'} examples per class (seed {card.seed}).\n\n"
             f"- labels: {', '.join(card.labels)}\n- test metrics: {metrics}\n"
             f"- trainable parameters: {card.trainable_params:,} "

@@ -118,6 +118,10 @@ def backbone_device_map(quantization, accelerator: Accelerator) -> dict | None:
 
 
 def train(recipe: Recipe, show_progress: bool = True, resume: bool = False) -> TrainResult:
+    if recipe.training.ensemble > 1:
+        from adapterlab.ensemble import train_ensemble  # it trains each member through this module
+
+        return train_ensemble(recipe, show_progress, resume)
     accelerator, task = _accelerator(recipe.training), load_data(recipe)
     selection = chosen_settings(recipe, task, accelerator, show_progress, resume) if recipe.training.select else None
     if selection:
