@@ -1,6 +1,8 @@
 """training.select: settings chosen by cross-validation on the k-shot rows alone, the card's estimates
 beside the zero-shot start's, and the fallback to that start."""
 
+import math
+
 import pytest
 import torch
 
@@ -93,7 +95,8 @@ def test_selection_is_deterministic_per_seed(tiny_bert, tmp_path):
 
 
 def test_fallback_serves_exactly_the_zero_shot_start(tiny_bert, tmp_path, monkeypatch):
-    monkeypatch.setattr(crossval.Selection, "below_zero_shot", property(lambda self: True))  # as CV would say
+    for flag in ("below_zero_shot", "clearly_below_zero_shot"):  # as CV would say
+        monkeypatch.setattr(crossval.Selection, flag, property(lambda self: True))
     def trained_as(name, fallback):
         raw = selecting(tiny_bert, tmp_path, {**SMALL, "fallback": fallback}, output={"store": str(tmp_path), "name": name})
         return train(validate_recipe(raw), show_progress=False)
@@ -251,14 +254,30 @@ def test_prototype_weights_scored_from_vectors_once_agree_with_settling_and_scor
     training.fit(model, task.train, recipe, accelerator, show_progress=False)
     kept, held_out = task.train.select(list(range(0, len(task.train), 2))), task.train.select(list(range(1, len(task.train), 2)))
     weights = [0.0, 0.5, 1.0]
-    once = training._correct_per_prototype_weight(model, kept, held_out, weights)
+    once = training._right_per_prototype_weight(model, kept, held_out, weights)
     each = []
     for weight in weights:
         model.settle_label_vectors(kept, weight)
-        each.append(training._correct(model, held_out, recipe))
+        each.append(training._right(model, held_out, recipe))
         from_vectors = model.head.scores_of_unit_vectors(model.text_vectors(held_out.texts)).softmax(-1).cpu()
         assert torch.allclose(from_vectors, model.scores(held_out.texts), atol=1e-5)
         rows = model.head.linear.weight.detach().clone()
         model.settle_label_vectors(kept, weight, model.text_vectors(kept.texts))
         assert torch.allclose(rows, model.head.linear.weight, atol=1e-6)
-    assert once == each  # equal counts, weight by weight
+    assert once == each  # the same rows right, weight by weight
+
+
+@pytest.mark.parametrize("start_only, chosen_only, clearly", [(2, 0, False), (5, 0, True), (7, 2, False), (9, 1, True)])
+def test_a_fallback_needs_the_start_ahead_by_more_than_chance(start_only, chosen_only, clearly):
+    """Folds train on part of the rows: a lead of a row or two for the untrained start is the noise of a
+    pessimistic estimate, not a reason to store it untrained."""
+    shared_right = list(range(10))
+    start = shared_right + list(range(10, 10 + start_only))
+    chosen = crossval.PointResult({}, 1, shared_right + list(range(20, 20 + chosen_only)))
+    selection = crossval.Selection(2, {}, 32, [chosen], 2, 1.0, zero_shot_right=start)
+    assert selection.below_zero_shot
+    assert selection.clearly_below_zero_shot is clearly
+    n = start_only + chosen_only
+    assert selection.below_zero_shot_p_value == pytest.approx(
+        sum(math.comb(n, i) for i in range(start_only, n + 1)) / 2 ** n)
+    assert crossval.Selection.from_state(selection.state()) == selection

@@ -2,12 +2,16 @@
 stratified folds, the grid's trainings, the choice, and the record the card keeps. The trainings run
 through train.py's loop (`train.select_settings`)."""
 
+import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from adapterlab.errors import AdapterlabError
 
 PROTOTYPE_WEIGHT = "head.prototype_weight"  # applied after training: the points differing in it share trainings
+# How sure the held-out rows must make a fallback: the folds train on part of the rows, so their estimate
+# trails the final run's, and with 16 rows a class one row is several points.
+FALLBACK_P_VALUE = 0.05
 
 
 class SelectionError(AdapterlabError):
@@ -49,7 +53,11 @@ def trainings(points: list[dict]) -> dict[tuple, list[dict]]:
 class PointResult:
     settings: dict
     steps: int  # optimizer steps of its trainings over all folds
-    correct: int = 0  # held-out rows it got right, over all folds (each row is held out once)
+    right: list[int] = field(default_factory=list)  # the held-out rows it got right, over all folds
+
+    @property
+    def correct(self) -> int:  # each row is held out once
+        return len(self.right)
 
 
 @dataclass
@@ -63,7 +71,7 @@ class Selection:
     trainings: int
     cost: float  # its optimizer steps over those of one run of the recipe as written
     seconds: float = 0.0
-    zero_shot_correct: int | None = None  # the adapter's untrained start on the same rows
+    zero_shot_right: list[int] | None = None  # the rows the adapter's untrained start gets right
 
     @property
     def chosen(self) -> PointResult:
@@ -82,8 +90,26 @@ class Selection:
         return correct / self.rows
 
     @property
+    def zero_shot_correct(self) -> int | None:
+        return None if self.zero_shot_right is None else len(self.zero_shot_right)
+
+    @property
     def below_zero_shot(self) -> bool:
-        return self.zero_shot_correct is not None and self.chosen.correct < self.zero_shot_correct
+        return self.zero_shot_right is not None and self.chosen.correct < self.zero_shot_correct
+
+    @property
+    def below_zero_shot_p_value(self) -> float:
+        """A one-sided sign test on the rows where the chosen point and the zero-shot start disagree: how
+        likely the start's lead on them (or more) is if neither were better."""
+        start, chosen = set(self.zero_shot_right or ()), set(self.chosen.right)
+        wins, losses = len(start - chosen), len(chosen - start)
+        disagreements = wins + losses
+        return sum(math.comb(disagreements, i) for i in range(wins, disagreements + 1)) / 2 ** disagreements
+
+    @property
+    def clearly_below_zero_shot(self) -> bool:
+        """Below its zero-shot start by more than the held-out rows' chance: what a fallback needs."""
+        return self.below_zero_shot and self.below_zero_shot_p_value < FALLBACK_P_VALUE
 
     def record(self, fell_back: bool, train_seconds: float) -> dict:
         """What the card keeps: the choice and its estimate beside the zero-shot one, every point, the cost."""
@@ -91,7 +117,8 @@ class Selection:
             "method": "cv", "folds": self.folds, "rows": self.rows, "grid": self.grid,
             "chosen": self.chosen.settings, "cv_accuracy": round(self.accuracy(self.chosen.correct), 4),
             "zero_shot_cv_accuracy": round(self.accuracy(self.zero_shot_correct), 4),
-            "below_zero_shot": self.below_zero_shot, "fell_back": fell_back,
+            "below_zero_shot": self.below_zero_shot, "p_value": round(self.below_zero_shot_p_value, 4),
+            "fell_back": fell_back,
             "points": [{"settings": p.settings, "cv_accuracy": round(self.accuracy(p.correct), 4)} for p in self.points],
             "trainings": self.trainings, "seconds": round(self.seconds, 3), "steps_ratio": round(self.cost, 3),
             # against the final run of the chosen settings; none when it fell back and nothing trained

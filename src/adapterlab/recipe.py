@@ -164,8 +164,9 @@ class SelectionConfig(_Section):
         "more is refused before anything trains. The card records the measured time ratio.")
     fallback: Literal["none", "zero_shot"] = Field(
         "none", description="When the chosen point's cross-validated accuracy is below the zero-shot classifier "
-        "the adapter starts from (scored on the same rows: the card's below_zero_shot), zero_shot stores that "
-        "start untrained, so the adapter answers exactly as its zero-shot classifier; none trains it anyway.")
+        "the adapter starts from (scored on the same rows: the card's below_zero_shot) by more than chance (a "
+        "one-sided sign test on the rows where they disagree, p < 0.05: the card's p_value), zero_shot stores "
+        "that start untrained, so the adapter answers exactly as its zero-shot classifier; none trains it anyway.")
 
     @model_validator(mode="after")
     def _grid_names_settings(self):

@@ -132,11 +132,12 @@ def train(recipe: Recipe, show_progress: bool = True, resume: bool = False) -> T
         log.info("trainable parameters: %d of %d (%.3f%%); backbone frozen", trainable, total, 100 * trainable / total)
     fall_back = False
     if selection:  # the untrained start on every k-shot row: the rows the folds held out, one by one
-        selection.zero_shot_correct = _correct(model, task.train, recipe)
-        fall_back = selection.below_zero_shot and recipe.training.select.fallback == "zero_shot"
+        selection.zero_shot_right = _right(model, task.train, recipe)
+        fall_back = selection.clearly_below_zero_shot and recipe.training.select.fallback == "zero_shot"
         if selection.below_zero_shot and accelerator.is_main_process:
-            log.warning("cross-validation puts the adapter below its zero-shot start (%d against %d of %d rows)%s",
-                        selection.chosen.correct, selection.zero_shot_correct, selection.rows,
+            log.warning("cross-validation puts the adapter below its zero-shot start (%d against %d of %d rows, "
+                        "p=%.3f)%s", selection.chosen.correct, selection.zero_shot_correct, selection.rows,
+                        selection.below_zero_shot_p_value,
                         ": storing the start untrained (fallback zero_shot)" if fall_back else "")
 
     started = time.perf_counter()
@@ -217,11 +218,11 @@ def select_settings(recipe: Recipe, task: TaskData, accelerator: Accelerator, sh
                 stem=[stem[i] for i in kept] if stem else None)
             if model.tied:  # each prototype weight settles the same trained label vectors anew
                 weights = [result.settings.get(PROTOTYPE_WEIGHT, fold.head.prototype_weight) for result in group]
-                correct = _correct_per_prototype_weight(model, rows.select(kept), rows.select(held_out), weights)
+                right = _right_per_prototype_weight(model, rows.select(kept), rows.select(held_out), weights)
             else:
-                correct = [_correct(model, rows.select(held_out), fold)] * len(group)
-            for result, right in zip(group, correct):
-                result.correct += right
+                right = [_right(model, rows.select(held_out), fold)] * len(group)
+            for result, positions in zip(group, right):
+                result.right += [held_out[i] for i in positions]
             accelerator.free_memory()  # drops the prepared model before the next fold's
             backbone = model.release_backbone()
             progress.update(1)
@@ -256,24 +257,25 @@ def _self_train(model: AdapterModel, task: TaskData, recipe: Recipe, accelerator
                       show_progress and accelerator.is_main_process)
 
 
-def _correct(model: AdapterModel, rows: Split, recipe: Recipe) -> int:
-    """How many of `rows` the model labels right, through the scoring path that `evaluate` uses."""
+def _right(model: AdapterModel, rows: Split, recipe: Recipe) -> list[int]:
+    """The positions of `rows` the model labels right, through the scoring path that `evaluate` uses."""
     predictions = model.scores(rows.texts, rows.text_pairs, batch_size=recipe.training.eval_batch_size).argmax(-1)
-    return int((predictions == torch.tensor(rows.labels)).sum())
+    return (predictions == torch.tensor(rows.labels)).nonzero().flatten().tolist()
 
 
-def _correct_per_prototype_weight(model: AdapterModel, kept: Split, held_out: Split, weights: list[float]) -> list[int]:
-    """`_correct` on the held-out rows under each prototype weight, every row embedded once for all the
+def _right_per_prototype_weight(model: AdapterModel, kept: Split, held_out: Split,
+                                weights: list[float]) -> list[list[int]]:
+    """`_right` on the held-out rows under each prototype weight, every row embedded once for all the
     weights: a tied head scores unit vectors by cosine, and only its rows change from weight to weight."""
     kept_vectors = model.text_vectors(kept.texts, kept.text_pairs)
     held_out_vectors = model.text_vectors(held_out.texts, held_out.text_pairs)
     labels = torch.tensor(held_out.labels)
-    correct = []
+    right = []
     for weight in weights:
         model.settle_label_vectors(kept, weight, kept_vectors)
         predictions = model.head.scores_of_unit_vectors(held_out_vectors).argmax(-1).cpu()
-        correct.append(int((predictions == labels).sum()))
-    return correct
+        right.append((predictions == labels).nonzero().flatten().tolist())
+    return right
 
 
 def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerator, show_progress: bool,
