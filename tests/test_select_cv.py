@@ -153,7 +153,7 @@ def test_minilm_selection_on_real_rows_reports_beside_test(tmp_path, capsys):
     """The shipped MiniLM recipe on SST-2 (k=8, 200 test rows) choosing its epochs by 2-fold CV: four
     trainings within its step budget, the card's zero-shot estimate is the engine's zero-shot start on the
     k-shot rows, and the CV estimate is reported beside the test accuracy. (Time against a single run is
-    measured in benchmarks/fewshot_cv.py, not asserted here.)"""
+    measured by benchmarks/fewshot.py's adapterlab-cv rows, not asserted here.)"""
     recipe = load_recipe(ROOT / "recipes" / "sst2-lora-minilm.yaml", [
         f"data.path={shared('sst2')}", "data.k=8", "data.test_limit=200", f"output.store={tmp_path}",
         "output.name=cv", "training.select={folds: 2, grid: {training.epochs: [5, 10]}}"])
