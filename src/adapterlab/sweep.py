@@ -260,8 +260,8 @@ def _train(sweep: Sweep, cell: dict, folder: Path) -> tuple[dict, float]:
         return row, result.train_seconds
     # training.select: its estimate beside the test metrics; the selection's seconds count as training time
     selection = card.selection
-    row |= {key: selection[key] for key in ("cv_accuracy", "zero_shot_cv_accuracy", "below_zero_shot", "fell_back",
-                                            "chosen")}
+    row |= {key: selection[key] for key in ("cv_accuracy", "zero_shot_cv_accuracy", "below_zero_shot", "p_value",
+                                            "fell_back", "chosen")}
     row |= {"fit_seconds": result.train_seconds, "select_seconds": selection["seconds"]}
     return row, result.train_seconds + selection["seconds"]
 
