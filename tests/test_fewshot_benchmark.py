@@ -201,3 +201,18 @@ def test_setfit_with_num_iterations_trains_its_pairs_on_minilm():
     cell = fewshot.train_setfit(task, str(resolve_path("minilm")), seed=0, num_iterations=2)
     assert cell["num_iterations"] == 2 and cell["pairs"] == 2 * 2 * 32 and cell["steps"] == 8
     assert cell["status"] == "ok" and cell["accuracy"] > 0.55
+
+
+def test_the_whole_setting_counts_its_own_datasets_when_more_are_measured():
+    """The k-only report's seven datasets are complete beside the pair tasks the CV rows add, and the CV
+    rows are complete only with all nine."""
+    nine = fewshot.TARGETS["cv_datasets"]
+    zero = {d: 0.60 for d in nine}
+    adapter = cells("lora", {d: [0.80] * 3 for d in DATASETS}, seconds=5.0)
+    setfit = cells("setfit", {d: [0.70] * 3 for d in nine}, seconds=20.0)
+    cv = cv_cells({d: [0.81] * 3 for d in nine}, {d: [0.7] * 3 for d in nine}, seconds=5.0)
+    targets = fewshot.build_report(zero, adapter, setfit, nine, [0, 1, 2], 16, cv)["targets"]
+    assert targets["complete"] and targets["meets_targets"]
+    assert targets["cv"]["complete"] and targets["cv"]["meets_targets"]
+    seven = fewshot.build_report(zero, adapter, setfit, DATASETS, [0, 1, 2], 16, cv[:-3])["targets"]
+    assert seven["complete"] and not seven["cv"]["complete"]
