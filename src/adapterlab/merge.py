@@ -142,8 +142,9 @@ def _combined_head(folders: list[Path], weights: list[float]) -> dict[str, torch
 
 
 def _report(store, combined: Path, folders: list[Path], cards: list[AdapterCard], rows: int | None) -> dict:
-    """Each parent task's test accuracy with its own adapter and with the combination."""
-    engine = Engine(cards[0].backbone, store)
+    """Each parent task's test accuracy with its own adapter and with the combination, in full precision
+    (the reference: `auto` serves in bf16 on some CPUs, and a near tie may turn there)."""
+    engine = Engine(cards[0].backbone, store, dtype="float32")
     parents = []
     for folder, card in zip(folders, cards):
         data = card.recipe["data"]["path"]
