@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from adapterlab.data import DataError, k_shot_indices, load_task
+from adapterlab.data import DataError, load_task
 from adapterlab.recipe import DataConfig
 from conftest import shared
 

@@ -13,6 +13,7 @@ from adapterlab.engine import Engine
 from adapterlab.generative import evaluate_prompting
 from adapterlab.recipe import DataConfig
 from adapterlab.sweep import SweepError, factory_sweep, load_sweep, run_sweep
+from adapterlab.zeroshot import ZeroShotConfig, demonstration_indices, evaluate_zero_shot
 from conftest import shared, tiny_recipe
 
 
@@ -147,6 +148,39 @@ def test_a_generation_sweep_reports_bleu_with_zero_shot_prompting(generation_swe
 
     by_slots = run_sweep(sweep.model_copy(update={"metric": "slot_coverage"}), show_progress=False)  # no cell reruns
     assert "slot_coverage (mean ± std)" in (by_slots / "summary.md").read_text()
+
+
+def test_in_context_cells_show_each_cell_its_own_k_shot_rows(generation_sweep, tiny_llama, tmp_path):
+    """`incontext` cells run per k and seed, unprompted by any training: the bare backbone shown the first
+    `shots` of the rows that cell's adapters train on (per class when classifying), scored as
+    `evaluate_zero_shot` / `evaluate_prompting` score those prompts."""
+    engine = Engine(tiny_llama)
+    classify = {"name": "sst2", "backbone": tiny_llama, "output": str(tmp_path / "out"), "test_limit": 6, "shots": 3,
+                "datasets": {"sst2": {"path": shared("sst2")}}, "methods": {"incontext": "incontext"},
+                "k": [2, 4], "seeds": [0, 1]}
+    path = tmp_path / "classify.yaml"
+    path.write_text(yaml.safe_dump(classify))
+    sweep = load_sweep(path)
+    rows = sweep_module.read_results(run_sweep(sweep, show_progress=False) / "results.jsonl")
+    assert sorted((row["k"], row["seed"], row["shots"]) for row in rows) == [(2, 0, 2), (2, 1, 2), (4, 0, 3), (4, 1, 3)]
+    data = DataConfig(path=shared("sst2"), k=None)
+    train = load_task(data).train
+    for row in rows:
+        config = ZeroShotConfig(shots=row["shots"], seed=row["seed"], pool=row["k"])
+        assert row["accuracy"] == evaluate_zero_shot(engine, data, config, limit=6)["accuracy"]
+        shown = [train.texts[i] for i in demonstration_indices(train.labels, ["negative", "positive"], config)]
+        drawn = load_task(data.model_copy(update={"k": row["k"], "seed": row["seed"]})).train.texts
+        assert len(shown) == 2 * row["shots"] and set(shown) <= set(drawn)
+
+    raw = yaml.safe_load(generation_sweep.read_text())
+    generation_sweep.write_text(yaml.safe_dump({**raw, "shots": 2, "seeds": [1],
+                                                "methods": {**raw["methods"], "incontext": "incontext"}}))
+    sweep = load_sweep(generation_sweep)
+    folder = run_sweep(sweep, show_progress=False)
+    shown = next(row for row in sweep_module.read_results(folder / "results.jsonl") if row["method"] == "incontext")
+    recipe = sweep_module.cell_recipe(sweep, {"dataset": "e2e", "method": "incontext", "k": 4, "seed": 1}, folder)
+    assert (shown["k"], shown["seed"], shown["shots"]) == (4, 1, 2)
+    assert shown["bleu"] == pytest.approx(evaluate_prompting(engine, recipe, shots=2)["bleu"])
 
 
 @pytest.mark.parametrize("edit, fragment", [

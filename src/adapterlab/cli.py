@@ -124,7 +124,7 @@ def predict(args: Optional[list[str]] = typer.Argument(None, help="[ADAPTER] TEX
             output: Optional[Path] = typer.Option(None, "--output", help="Write the --batch answers here (JSONL)."),
             store: Path = STORE, json_out: bool = JSON, device: str = DEVICE, dtype: str = DTYPE):
     """Label texts with stored adapters; --batch serves many adapters in mixed batches."""
-    from adapterlab.engine import Engine, Request, read_requests
+    from adapterlab.engine import Engine, read_requests
 
     if batch is not None:
         requests = read_requests(batch)

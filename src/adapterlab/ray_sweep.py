@@ -14,7 +14,7 @@ from pathlib import Path
 import ray
 from ray.exceptions import RayError, RayTaskError
 
-from adapterlab.sweep import ZERO_SHOT, CellFailure, Runner, Sweep, run_cell
+from adapterlab.sweep import PROMPTING, CellFailure, Runner, Sweep, run_cell
 
 RETRIES = 2
 
@@ -51,7 +51,7 @@ def on_ray(address: str | None = None) -> Runner:
 
 def _absolute(sweep: Sweep) -> Sweep:
     """The sweep with its recipe files as absolute paths: workers start elsewhere than this process."""
-    methods = {method: recipe if recipe == ZERO_SHOT else str(Path(recipe).resolve())
+    methods = {method: recipe if recipe in PROMPTING else str(Path(recipe).resolve())
                for method, recipe in sweep.methods.items()}
     return sweep.model_copy(update={"methods": methods})
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load, load_file, save_file
+from safetensors.torch import load, save_file
 
 from adapterlab.backbones import Backbone, load_backbone
 from adapterlab.generative import GenerativeModel
@@ -334,7 +334,6 @@ def verify_folders(folders: list[Path], backbone: str | None = None, check_fit: 
     """`verify` for many folders: the problems of each, and why a folder's fit was not checked. The
     fit is checked against `backbone`, else against each card's own backbone where it loads; each
     backbone loads once."""
-    from adapterlab.backbones import load_backbone
 
     loaded: dict[str, Backbone | str] = {}
     report, unchecked = {}, {}

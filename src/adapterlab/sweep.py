@@ -1,8 +1,9 @@
 """Sweeps: datasets × methods × k × seeds in one command, resumable, with a table and plots.
 
-A sweep file names a backbone, datasets (data sections), methods (recipe files, or `zeroshot`), the
-k values and the seeds. Its recipes classify (the report's score: accuracy) or generate (BLEU; zero-shot
-is the bare backbone prompted with the first recipe's template); `metric` picks another score. Each finished cell is appended to results.jsonl at once, with a digest of the
+A sweep file names a backbone, datasets (data sections), methods (recipe files, `zeroshot`, or
+`incontext`: the bare backbone shown `shots` of each cell's k-shot rows per class), the k values and the
+seeds. Its recipes classify (the report's score: accuracy) or generate (BLEU; zero-shot and in-context
+prompt the bare backbone with the first recipe's template); `metric` picks another score. Each finished cell is appended to results.jsonl at once, with a digest of the
 settings it ran under, so an interrupted sweep resumes where it stopped and a cell whose recipe has
 changed since runs again; the report (CSV, JSON, markdown with mean ± std over seeds, PNG plots) is
 rebuilt after every run from the cells of the sweep as it now stands. Cells run one after another in
@@ -31,6 +32,8 @@ from adapterlab.recipe import DataConfig, Recipe, load_recipe
 from adapterlab.store import read_card
 
 ZERO_SHOT = "zeroshot"
+IN_CONTEXT = "incontext"
+PROMPTING = (ZERO_SHOT, IN_CONTEXT)  # methods that train nothing: the bare backbone, prompted
 
 
 class SweepError(AdapterlabError):
@@ -42,10 +45,12 @@ class Sweep(BaseModel):
     name: str = Field(description="Names the output folder.")
     backbone: str = Field(description="Every recipe runs on this backbone.")
     datasets: dict[str, dict] = Field(description="Dataset name → data section (path, fields, labels).")
-    methods: dict[str, str] = Field(description="Method name → recipe file, or 'zeroshot'.")
+    methods: dict[str, str] = Field(description="Method name → recipe file, 'zeroshot' or 'incontext'.")
     k: list[int] = Field(description="Examples per class.", min_length=1)
     seeds: list[int] = Field([0, 1, 2], min_length=1)
     test_limit: int | None = Field(None, gt=0, description="Evaluate on the first N test rows.")
+    shots: int = Field(4, gt=0, description="In-context cells: demonstrations (per class when classifying), the "
+                       "first of the cell's k-shot rows (at most k): the rows its adapters train on.")
     overrides: list[str] = Field([], description="--set overrides applied to every recipe.")
     output: str = Field("results/sweeps", description="Results go to OUTPUT/NAME/.")
     cpus_per_cell: float = Field(1, ge=0, description="CPUs each cell's Ray task asks for (sweeps on Ray).")
@@ -70,7 +75,7 @@ def load_sweep(path: str | Path) -> Sweep:
                     for e in error.errors()]
         raise SweepError(f"{path}: {'; '.join(problems)}") from None
     for method, recipe in sweep.methods.items():
-        if recipe != ZERO_SHOT and not Path(recipe).is_file():
+        if recipe not in PROMPTING and not Path(recipe).is_file():
             raise SweepError(f"{path}: method {method!r}: recipe not found: {recipe}")
     generates = prompt_recipe(sweep) is not None
     metric = main_metric(sweep)
@@ -83,7 +88,7 @@ def load_sweep(path: str | Path) -> Sweep:
 def prompt_recipe(sweep: Sweep) -> str | None:
     """A generation sweep's first recipe file (its zero-shot cells prompt with its head); None when the
     recipes classify. One sweep does not mix the two: their scores do not compare."""
-    kinds = {file: load_recipe(file).head.type == "generate" for file in sweep.methods.values() if file != ZERO_SHOT}
+    kinds = {file: load_recipe(file).head.type == "generate" for file in sweep.methods.values() if file not in PROMPTING}
     if len(set(kinds.values())) > 1:
         raise SweepError(f"sweep {sweep.name!r} mixes generation and classification recipes: give each its own sweep")
     return next((file for file, generates in kinds.items() if generates), None)
@@ -112,7 +117,8 @@ def factory_sweep(recipe: str | Path, folders: list[Path], name: str, output: st
 
 
 def cells(sweep: Sweep) -> list[dict]:
-    """Every run of the sweep; zero-shot runs once per dataset (no k, no training seed)."""
+    """Every run of the sweep; zero-shot runs once per dataset (no k, no training seed); in-context per
+    k and seed (its demonstrations are that draw's rows)."""
     grid = []
     for dataset in sweep.datasets:
         for method, recipe in sweep.methods.items():
@@ -126,10 +132,12 @@ def cells(sweep: Sweep) -> list[dict]:
 
 def _settings_digest(sweep: Sweep, cell: dict) -> str:
     """What a cell's result depends on, hashed: the settings its recipe gives, but `output` (zero-shot:
-    the backbone, the data section and the test rows). Not where the data lies, so that a moved checkout
+    the backbone, the data section and the test rows; in-context: and the shots). Not where the data lies, so that a moved checkout
     keeps its cells; not the defaults, so that a new recipe field does not make every cell stale."""
-    if sweep.methods[cell["method"]] == ZERO_SHOT:
+    if sweep.methods[cell["method"]] in PROMPTING:
         settings = {"backbone": sweep.backbone, "data": sweep.datasets[cell["dataset"]], "test_limit": sweep.test_limit}
+        if sweep.methods[cell["method"]] == IN_CONTEXT:
+            settings["shots"] = sweep.shots
         if prompt_recipe(sweep):  # the prompt comes from a recipe's head
             settings["head"] = cell_recipe(sweep, cell, Path(sweep.output)).head.model_dump(mode="json")
     else:
@@ -194,8 +202,8 @@ def run_here(sweep: Sweep, todo: list[dict], folder: Path) -> Iterator[dict]:
 def run_cell(sweep: Sweep, cell: dict, folder: Path) -> dict:
     """A cell's result row: the cell, its metrics and training time, and the CPU it ran on (timings
     compare only between cells of the same kind of CPU)."""
-    if sweep.methods[cell["method"]] == ZERO_SHOT:
-        metrics, seconds = _zero_shot(_engine(sweep.backbone), sweep, cell, folder), 0.0
+    if sweep.methods[cell["method"]] in PROMPTING:
+        metrics, seconds = _prompting(_engine(sweep.backbone), sweep, cell, folder), 0.0
     else:
         metrics, seconds = _train(sweep, cell, folder)
     cpu = cpu_capability()
@@ -218,27 +226,30 @@ def read_results(file: Path) -> list[dict]:
     return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
 
 
-@functools.lru_cache(maxsize=1)  # the zero-shot cells of a sweep share one backbone
+@functools.lru_cache(maxsize=1)  # the prompting cells of a sweep share one backbone
 def _engine(backbone: str):
     from adapterlab.engine import Engine
 
     return Engine(backbone)
 
 
-def _zero_shot(engine, sweep: Sweep, cell: dict, folder: Path) -> dict:
+def _prompting(engine, sweep: Sweep, cell: dict, folder: Path) -> dict:
+    """A zero-shot or in-context cell's metrics (in-context: shown the first `shots` of the k-shot rows)."""
     from adapterlab.generative import evaluate_prompting
-    from adapterlab.zeroshot import evaluate_zero_shot
+    from adapterlab.zeroshot import ZeroShotConfig, evaluate_zero_shot
 
+    shots = min(sweep.shots, cell["k"]) if sweep.methods[cell["method"]] == IN_CONTEXT else 0
     if prompt_recipe(sweep):
-        return evaluate_prompting(engine, cell_recipe(sweep, cell, folder))
+        return {**evaluate_prompting(engine, cell_recipe(sweep, cell, folder), shots), **({"shots": shots} if shots else {})}
     data = DataConfig.model_validate({**sweep.datasets[cell["dataset"]], "k": None})
-    metrics = evaluate_zero_shot(engine, data, limit=sweep.test_limit)
-    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+    config = ZeroShotConfig(shots=shots, seed=cell["seed"], pool=cell["k"] or None)
+    metrics = evaluate_zero_shot(engine, data, config, limit=sweep.test_limit)
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], **({"shots": shots} if shots else {})}
 
 
 def cell_recipe(sweep: Sweep, cell: dict, folder: Path) -> Recipe:
     """The recipe a training cell runs: its method's recipe on the cell's dataset, k and seed (a
-    generation sweep's zero-shot cell: its prompt recipe on the dataset, no k)."""
+    generation sweep's prompting cell: its prompt recipe on the dataset, at the cell's k and seed)."""
     data = sweep.datasets[cell["dataset"]]
     file = sweep.methods[cell["method"]]
     overrides = [f"data.{key}={json.dumps(value)}" for key, value in data.items()] + [
@@ -247,7 +258,7 @@ def cell_recipe(sweep: Sweep, cell: dict, folder: Path) -> Recipe:
         f"output.name={cell['method']}-k{cell['k']}-s{cell['seed']}", *sweep.overrides]
     if sweep.test_limit:
         overrides.append(f"data.test_limit={sweep.test_limit}")
-    return load_recipe(prompt_recipe(sweep) if file == ZERO_SHOT else file, overrides)
+    return load_recipe(prompt_recipe(sweep) if file in PROMPTING else file, overrides)
 
 
 def _train(sweep: Sweep, cell: dict, folder: Path) -> tuple[dict, float]:

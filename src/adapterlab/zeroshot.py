@@ -6,6 +6,8 @@ description embedded through several templates and averaged. LLMs: the likelihoo
 word after a prompt that lists the labels, optionally after k in-context demonstrations per class.
 """
 
+from collections import Counter
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapterlab.backbones import Backbone
@@ -28,6 +30,8 @@ class ZeroShotConfig(BaseModel):
     chat: bool | None = Field(None, description="LLMs: use the chat template (null: when the tokenizer has one).")
     shots: int = Field(0, ge=0, description="LLMs: in-context demonstrations per class, from the train split.")
     seed: int = Field(0, description="Seed of the demonstrations' draw.")
+    pool: int | None = Field(None, gt=0, description="LLMs: take the demonstrations among the k = pool rows per "
+                             "class a training run with this seed draws (an adapter's own rows); null: shots.")
     max_length: int = Field(256, gt=0)
     scale: float = Field(20.0, gt=0, description="Encoders: cosine similarities are multiplied by this.")
 
@@ -64,7 +68,7 @@ def evaluate_zero_shot(engine, data_config, config: ZeroShotConfig = ZeroShotCon
         rows = rows.select(list(range(min(limit, len(rows)))))
     demonstrations = ()
     if config.shots:
-        chosen = task.train.select(k_shot_indices(task.train.labels, config.shots, config.seed, task.label_names))
+        chosen = task.train.select(demonstration_indices(task.train.labels, task.label_names, config))
         words = [label_word_for(name, engine, config) for name in task.label_names]
         demonstrations = tuple((text, words[label]) for text, label in zip(chosen.texts, chosen.labels))
     servable = zero_shot_servable(engine.backbone, task.label_names, task.label_descriptions, config, demonstrations)
@@ -72,6 +76,19 @@ def evaluate_zero_shot(engine, data_config, config: ZeroShotConfig = ZeroShotCon
     index = {label: i for i, label in enumerate(task.label_names)}
     return {"rows": len(rows), "shots": config.shots,
             **classification_metrics([index[p.label] for p in predictions], rows.labels, len(task.label_names))}
+
+
+def demonstration_indices(labels: list[int], names: list[str], config: ZeroShotConfig) -> list[int]:
+    """`shots` rows per class: the first of each class in the k-shot draw (k = pool, or shots) that a
+    training run with the same seed takes, in that draw's order."""
+    drawn = k_shot_indices(labels, max(config.shots, config.pool or 0), config.seed, names)
+    taken = Counter()
+    chosen = []
+    for index in drawn:
+        if taken[labels[index]] < config.shots:
+            taken[labels[index]] += 1
+            chosen.append(index)
+    return chosen
 
 
 def label_word_for(name: str, engine, config: ZeroShotConfig) -> str:
