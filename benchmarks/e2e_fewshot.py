@@ -26,6 +26,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from _common import append_jsonl, read_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 DIRECTIONS = {"generate": (ROOT / "recipes" / "e2e-lora-smollm2.yaml", "bleu"),
               "extract": (ROOT / "recipes" / "e2e-extract-lora-smollm2.yaml", "slot_f1")}
@@ -201,7 +203,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cells_file = out / "cells.jsonl"
-    done = [json.loads(line) for line in cells_file.read_text().splitlines()] if cells_file.exists() else []
+    done = read_jsonl(cells_file)
     wanted = {key(cell) for cell in grid(args)}
     todo = [cell for cell in grid(args) if key(cell) not in {key(row) for row in done}]
     cpu = cpu_capability()
@@ -212,8 +214,7 @@ def main(argv=None) -> int:
         else:
             metrics = same_prompts(cell, done, args) or run_prompting(cell, args, engines)
         row = {**cell, **metrics, "cpu": cpu["cpu"], "fast_bf16": cpu["fast_bf16"]}
-        with open(cells_file, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_jsonl(cells_file, row)
         done.append(row)
         print(json.dumps(row), file=sys.stderr)
         write_report([row for row in done if key(row) in wanted], out, cpu)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from _common import append_jsonl, plot_accuracy_bars, read_jsonl, wait_for_quiet
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sst2-lora-minilm-tied.yaml"
 SWEEP_FILE = ROOT / "recipes" / "sweeps" / "minilm-single-text.yaml"  # the shared datasets and their settings
@@ -89,15 +91,11 @@ def run_cell(options, dataset: str, seed: int, kind: str) -> dict:
             "cpu": cpu["cpu"], "fast_bf16": cpu["fast_bf16"]}
 
 
-def read_cells(file: Path) -> list[dict]:
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()] if file.exists() else []
-
-
 def run_cells(options) -> list[dict]:
     """Every ensemble cell first (each also holds its single adapter, member 0), then the equal-time ones;
     seed by seed over the datasets, so that partial runs cover every dataset. Finished cells are skipped."""
     file = options.out / CELLS
-    done = {cell_key(row) for row in read_cells(file)}
+    done = {cell_key(row) for row in read_jsonl(file)}
     for kind in KINDS:
         for seed in options.seeds:
             for dataset in options.datasets:
@@ -108,16 +106,9 @@ def run_cells(options) -> list[dict]:
                 print(f"cell {dataset} seed {seed} {kind} ...", file=sys.stderr, flush=True)
                 row = run_cell(options, dataset, seed, kind)
                 print(f"  accuracy {row['accuracy']:.4f} in {row['train_seconds']:.0f}s", file=sys.stderr, flush=True)
-                with file.open("a") as handle:
-                    handle.write(json.dumps(row) + "\n")
-    return [row for row in read_cells(file) if row["dataset"] in options.datasets and row["seed"] in options.seeds
+                append_jsonl(file, row)
+    return [row for row in read_jsonl(file) if row["dataset"] in options.datasets and row["seed"] in options.seeds
             and (row["k"], row["members"], row["test_limit"]) == (options.k, options.members, options.test_limit or None)]
-
-
-def wait_for_quiet() -> None:
-    """Someone is timing something while /tmp/quiet exists: start nothing heavy until it is gone."""
-    while os.path.exists("/tmp/quiet"):
-        time.sleep(20)
 
 
 def serving_cost(options, rows: list[dict]) -> dict | None:
@@ -202,25 +193,13 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, file: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     datasets = list(report["datasets"])
-    bars = (("single", "single"), ("ensemble", f"ensemble of {report['members']}"), ("long", "single, equal time"))
-    figure, axis = plt.subplots(figsize=(3 + 1.3 * len(datasets), 3.8))
-    width = 0.8 / len(bars)
-    for i, (kind, label) in enumerate(bars):
+    bars = []
+    for kind, label in (("single", "single"), ("ensemble", f"ensemble of {report['members']}"),
+                        ("long", "single, equal time")):
         entries = [report["datasets"][d][kind] for d in datasets]
-        axis.bar([j + (i - 1) * width for j in range(len(datasets))], [e["mean"] if e else 0 for e in entries], width,
-                 yerr=[e["std"] if e else 0 for e in entries], capsize=3, label=label)
-    axis.set_xticks(range(len(datasets)), labels=datasets)
-    axis.set(ylabel="test accuracy", ylim=(0, 1), title=f"k={report['k']}: mean ± std over seeds")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(file, dpi=110)
-    plt.close(figure)
+        bars.append((label, [e["mean"] if e else 0 for e in entries], [e["std"] if e else 0 for e in entries]))
+    plot_accuracy_bars(file, datasets, bars, report["k"])
 
 
 def main(argv=None) -> dict:

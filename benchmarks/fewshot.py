@@ -38,6 +38,8 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
+from _common import append_jsonl, plot_accuracy_bars, read_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILE = ROOT / "recipes" / "sweeps" / "minilm-single-text.yaml"
 ADAPTER_METHOD = "lora"                 # the sweep method adapterlab is represented by
@@ -252,8 +254,7 @@ def run_setfit(sweep, out: Path, time_limit: float, num_iterations: int | None =
                "test_limit": sweep.test_limit, **result, "setfit_version": setfit.__version__}
         print(json.dumps(row), file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
-        with open(file, "a") as handle:  # one line per finished cell: resumable
-            handle.write(json.dumps(row) + "\n")
+        append_jsonl(file, row)
 
 
 def _setfit_key(row: dict) -> tuple:
@@ -270,10 +271,6 @@ def setfit_rows(sweep, out: Path) -> list[dict]:
     for row in sorted(rows, key=lambda r: r["status"] == "ok"):  # stable: file order within each status
         chosen[_setfit_key(row)] = row
     return list(chosen.values())
-
-
-def read_jsonl(file: Path) -> list[dict]:
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()] if file.exists() else []
 
 
 # --- the comparison table ---------------------------------------------------------------------------------
@@ -520,30 +517,15 @@ def _secs(stats, timeouts=None) -> str:
 
 def plot(report: dict, file: Path, k: int) -> None:
     """Grouped bars per dataset: zero-shot, adapterlab and SetFit, with ±std error bars over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     datasets = list(report["datasets"])
+    entries = [report["datasets"][d] for d in datasets]
     methods = [("adapterlab LoRA", "adapterlab"), ("SetFit", "setfit")]
     if "cv" in report["targets"]:
         methods.insert(1, ("adapterlab LoRA, CV", "adapterlab_cv"))
-    bars = [("zero-shot", lambda e: (e["zero_shot"], 0))] + [
-        (label, lambda e, m=method: (e[m]["accuracy_mean"], e[m]["accuracy_std"]) if e.get(m) else (None, None))
-        for label, method in methods]
-    figure, axis = plt.subplots(figsize=(3 + 1.3 * len(datasets), 3.8))
-    width = 0.8 / len(bars)
-    for i, (label, value) in enumerate(bars):
-        means, stds = zip(*[value(report["datasets"][d]) for d in datasets])
-        axis.bar([j + (i - (len(bars) - 1) / 2) * width for j in range(len(datasets))], [m or 0 for m in means], width,
-                 yerr=[s or 0 for s in stds], capsize=3, label=label)
-    axis.set_xticks(range(len(datasets)), labels=datasets)
-    axis.set(ylabel="test accuracy", ylim=(0, 1), title=f"k={k}: mean ± std over seeds")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(file, dpi=110)
-    plt.close(figure)
+    bars = [("zero-shot", [e["zero_shot"] or 0 for e in entries], [0] * len(entries))]
+    bars += [(label, [e[m]["accuracy_mean"] if e.get(m) else 0 for e in entries],
+              [e[m]["accuracy_std"] if e.get(m) else 0 for e in entries]) for label, m in methods]
+    plot_accuracy_bars(file, datasets, bars, k)
 
 
 def results_folder(out: Path) -> Path:

@@ -20,7 +20,6 @@ and the mean per request is reported).
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -35,19 +34,14 @@ import httpx
 import torch
 from safetensors.torch import load_file, save_file
 
+import serve_load  # benchmarks/serve_load.py, beside this script
+from _common import run_threads
+
 PROMPTS = ["Write one sentence about a restaurant: name[The Eagle], food[French], area[riverside]",
            "Describe a coffee shop near the river in a few words.",
            "name[Aromi], eatType[pub], customer rating[5 out of 5]. Say it in one sentence.",
            "Tell a customer where to find a cheap family-friendly place to eat."]
 PHASE_SECONDS = 240  # no phase runs longer, whatever the request counts
-
-
-def sibling(name: str):
-    """Another script of benchmarks/ as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_store(root: Path, count: int) -> tuple[list[str], str]:
@@ -105,13 +99,7 @@ def run_clients(send, refs: list[str], clients: int, requests: int) -> dict:
                 continue
             latencies.append(time.perf_counter() - started)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
+    elapsed = run_threads(client, clients)
     return {"clients": clients, "requests": len(latencies), "failures": len(failures),
             "tokens_per_request": round(sum(tokens) / max(len(tokens), 1), 1),
             "tokens_per_s": round(sum(tokens) / elapsed, 1), **percentiles(latencies)}
@@ -215,8 +203,10 @@ def classification_latency(url: str, classifier: str, refs: list[str], max_token
 def cold_loads(store: Path, refs: list[str], resident: int) -> dict:
     from adapterlab.engine import Engine
 
+    import engine as engine_benchmark  # benchmarks/engine.py, beside this script
+
     engine = Engine("smollm2-135m", store=store, max_adapters=resident + 50)
-    return sibling("engine").cold_and_warm(engine, refs, [1, resident])
+    return engine_benchmark.cold_and_warm(engine, refs, [1, resident])
 
 
 def main() -> int:
@@ -227,7 +217,6 @@ def main() -> int:
     parser.add_argument("--resident", type=int, default=1000, help="Adapters resident for the cold-load figure.")
     parser.add_argument("--requests", type=int, default=2, help="Per client, at 8 and 32 clients (1 client: 8).")
     args = parser.parse_args()
-    serving = sibling("serve_load")
     root = Path(tempfile.mkdtemp(prefix="adapterlab-generation-bench-"))
     try:
         store = root / "store"
@@ -237,7 +226,7 @@ def main() -> int:
         figures: dict = {"benchmark": "generation", "backbone": "smollm2-135m", "adapters": 16,
                          "max_tokens": args.max_tokens, "cpu": cpu_capability(), "cpu_cores": os.cpu_count()}
         # Room for every client's generation: the default queue bound (16) would answer the 32 clients' rest with 503.
-        process, url = serving.start_server(store, True, root / "server.log", "--max-queued-generations", "64")
+        process, url = serve_load.start_server(store, True, root / "server.log", "--max-queued-generations", "64")
         try:
             send = served(url, args.max_tokens)
             run_clients(send, served_refs, 16, 1)  # warm-up: every adapter loaded once

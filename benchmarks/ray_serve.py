@@ -14,60 +14,27 @@ overhead here, not its scaling, which needs cores (or GPUs) per replica.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import random
 import shutil
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import httpx
 
+import serve_load  # benchmarks/serve_load.py, beside this script
+from _common import classify_clients
+
 PHASE_SECONDS = 120  # no phase runs longer, whatever the request counts
-
-
-def benchmark_module(name: str):
-    """benchmarks/NAME.py as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_clients(url: str, refs: list[str], clients: int, requests: int, texts: list[str]) -> dict:
     """`clients` threads, each sending `requests` one-text requests for adapters drawn at random."""
-    latencies: list[float] = []
-    failures = []
-    deadline = time.monotonic() + PHASE_SECONDS
-
-    def client(index: int) -> None:
-        draw = random.Random(index)
-        with httpx.Client(base_url=url, timeout=60) as http:
-            for step in range(requests):
-                if time.monotonic() > deadline:
-                    break
-                started = time.perf_counter()
-                response = http.post("/v1/classify", json={"adapter": draw.choice(refs),
-                                                           "inputs": [texts[step % len(texts)]]})
-                latencies.append(time.perf_counter() - started)  # list.append is atomic
-                if response.status_code != 200:
-                    failures.append(response.status_code)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    ordered = sorted(latencies)
-    return {"requests": len(ordered), "failures": len(failures), "requests_per_s": round(len(ordered) / elapsed, 1),
-            "p50_ms": round(1e3 * ordered[len(ordered) // 2], 2),
-            "p95_ms": round(1e3 * ordered[int(0.95 * (len(ordered) - 1))], 2)}
+    draws = [random.Random(index) for index in range(clients)]  # client i's draws, seeded by i
+    plan = [[(draw.choice(refs), texts[step % len(texts)]) for step in range(requests)] for draw in draws]
+    return classify_clients(url, plan, PHASE_SECONDS)
 
 
 def adapter_loads(url: str) -> float:
@@ -93,7 +60,6 @@ def measure(store: Path, refs: list[str], args, texts: list[str]) -> dict:
     import adapterlab
     from adapterlab.ray_serve import RayServeOptions, build_app
 
-    serve_load = benchmark_module("serve_load")
     single, single_url = serve_load.start_server(store, True, store.parent / "single.log")
     warm(single_url, refs, texts)
     cores = os.cpu_count()
@@ -147,11 +113,13 @@ def main() -> None:
     parser.add_argument("--slot-share", type=float, default=0.625,
                         help="Adapter slots per replica as a share of the adapters, in the loads comparison.")
     args = parser.parse_args()
-    texts = benchmark_module("serve_load").TEXTS
+    texts = serve_load.TEXTS
     root = Path(tempfile.mkdtemp(prefix="adapterlab-ray-bench-"))
     try:
         store = root / "store"
-        refs = benchmark_module("engine").make_store(store, args.adapters)
+        import engine  # benchmarks/engine.py, beside this script
+
+        refs = engine.make_store(store, args.adapters)
         shutil.rmtree(store / "template")  # the trained template: served adapters are the random copies only
         figures = measure(store, refs, args, texts)
         cpu = cpu_capability()

@@ -32,6 +32,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from _common import append_jsonl, read_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RECIPE = ROOT / "recipes" / "sst2-lora-minilm.yaml"
@@ -247,7 +249,7 @@ def main(argv=None) -> int:
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     cells_file = out / "cells.jsonl"
-    done = [json.loads(line) for line in cells_file.read_text().splitlines()] if cells_file.exists() else []
+    done = read_jsonl(cells_file)
     todo = [cell for cell in grid(args) if key(cell) not in {key(row) for row in done}]
     cpu = cpu_capability()
     engine, pools = Engine("minilm"), {}
@@ -257,8 +259,7 @@ def main(argv=None) -> int:
         pool = pools[cell["dataset"]]
         metrics = zero_shot_cell(cell, pool) if cell["arm"] == "zero-shot" else train_cell(cell, pool, work)
         row = {**cell, **metrics, "cpu": cpu["cpu"], "fast_bf16": cpu["fast_bf16"], "load_average": os.getloadavg()[0]}
-        with open(cells_file, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_jsonl(cells_file, row)
         done.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "pool_indices"}), file=sys.stderr)
         write_report(same_settings(done, args), out, cpu, args)

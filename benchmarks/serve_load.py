@@ -8,7 +8,6 @@ benchmarks/engine.py): fine for speed, meaningless for accuracy.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -16,23 +15,16 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
+from _common import classify_clients
+
 TEXTS = ["the plot never finds its feet", "a warm, funny and generous film", "my card was declined twice",
          "rates rose again this quarter", "is there a fee for transfers abroad?", "what a dull, lifeless match"]
 PHASE_SECONDS = 120  # no phase runs longer, whatever the request counts
-
-
-def engine_benchmark():
-    """benchmarks/engine.py as a module (benchmarks/ is not a package), for its `make_store`."""
-    spec = importlib.util.spec_from_file_location("engine_benchmark", Path(__file__).with_name("engine.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def free_port() -> int:
@@ -60,34 +52,9 @@ def start_server(store: Path, batching: bool, log: Path, *options: str) -> tuple
 
 def run_clients(url: str, refs: list[str], clients: int, requests: int) -> dict:
     """`clients` threads, each sending `requests` one-text requests in turn; latencies and throughput."""
-    latencies: list[float] = []
-    failures = []
-    deadline = time.monotonic() + PHASE_SECONDS
-
-    def client(index: int) -> None:
-        with httpx.Client(base_url=url, timeout=60) as http:
-            for step in range(requests):
-                if time.monotonic() > deadline:
-                    break
-                n = index * requests + step
-                started = time.perf_counter()
-                response = http.post("/v1/classify", json={"adapter": refs[n % len(refs)],
-                                                           "inputs": [TEXTS[n % len(TEXTS)]]})
-                latencies.append(time.perf_counter() - started)  # list.append is atomic
-                if response.status_code != 200:
-                    failures.append(response.status_code)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    ordered = sorted(latencies)
-    return {"requests": len(ordered), "failures": len(failures), "requests_per_s": round(len(ordered) / elapsed, 1),
-            "p50_ms": round(1e3 * ordered[len(ordered) // 2], 2),
-            "p95_ms": round(1e3 * ordered[int(0.95 * (len(ordered) - 1))], 2)}
+    plan = [[(refs[n % len(refs)], TEXTS[n % len(TEXTS)]) for n in range(index * requests, (index + 1) * requests)]
+            for index in range(clients)]
+    return classify_clients(url, plan, PHASE_SECONDS)
 
 
 def measure(store: Path, refs: list[str], args) -> dict:
@@ -118,8 +85,10 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="adapterlab-serve-bench-"))
     try:
+        import engine  # benchmarks/engine.py, beside this script
+
         store = root / "store"
-        refs = engine_benchmark().make_store(store, args.adapters)
+        refs = engine.make_store(store, args.adapters)
         shutil.rmtree(store / "template")  # the trained template: served adapters are the random copies only
         figures = measure(store, refs, args)
         batched, unbatched = figures["batching"], figures["no_batching"]

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from _common import append_jsonl, read_jsonl, wait_for_quiet
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sst2-lora-minilm-tied.yaml"
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -117,7 +119,7 @@ def plain_adapter(recipe):
 
 def setfit_cell(dataset: str, seed: int, k: int, test_limit: int) -> dict | None:
     """SetFit's finished cell of the few-shot report on the same k-shot and test rows, if it ran."""
-    for cell in read_cells(SETFIT_CELLS):
+    for cell in read_jsonl(SETFIT_CELLS):
         if (cell["dataset"], cell["seed"], cell["k"], cell["test_limit"], cell["status"]) == (dataset, seed, k, test_limit, "ok"):
             return cell
     return None
@@ -130,10 +132,6 @@ def report_accuracy(cell: dict) -> float | None:
         return None
     per_seed = report["datasets"].get(cell["dataset"], {}).get("adapterlab", {}).get("per_seed", {})
     return per_seed.get(str(cell["seed"]), {}).get("accuracy")
-
-
-def read_cells(file: Path) -> list[dict]:
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()] if file.is_file() else []
 
 
 def by_dataset(cells: list[dict]) -> dict[str, list[dict]]:
@@ -218,11 +216,6 @@ def plot(cells: list[dict], file: Path) -> None:
     plt.close(fig)
 
 
-def wait_for_quiet() -> None:
-    while Path("/tmp/quiet").exists():
-        time.sleep(20)
-
-
 def main(argv=None) -> dict:
     from adapterlab.precision import cpu_capability
 
@@ -233,16 +226,15 @@ def main(argv=None) -> dict:
     skipped = {d: SKIPPED[d] for d in args.datasets if d in SKIPPED}
     for seed in args.seeds:  # every dataset's first seed before any second: a partial run covers the datasets
         for dataset in (d for d in args.datasets if d not in SKIPPED):
-            done = {key(c) for c in read_cells(file)}
+            done = {key(c) for c in read_jsonl(file)}
             if (dataset, seed, args.k, args.unlabeled, args.test_limit, args.self_train) in done:
                 continue
             wait_for_quiet()
             cell = run_cell(dataset, seed, args)
-            with open(file, "a") as handle:
-                handle.write(json.dumps(cell) + "\n")
+            append_jsonl(file, cell)
             print(json.dumps(cell), file=sys.stderr)
     setting = (args.k, args.unlabeled, args.test_limit, args.self_train)  # other settings' cells stay in the file
-    cells, cpu = [c for c in read_cells(file) if key(c)[2:] == setting], cpu_capability()
+    cells, cpu = [c for c in read_jsonl(file) if key(c)[2:] == setting], cpu_capability()
     if cells:
         (args.out / "unlabeled.md").write_text(markdown(cells, cpu))
         plot(cells, args.out / "unlabeled.png")

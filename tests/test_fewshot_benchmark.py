@@ -4,6 +4,7 @@ getting exactly the rows the adapter trained on (a tiny random BERT on the demo 
 import importlib.util
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -14,6 +15,7 @@ import adapterlab.train
 from adapterlab.sweep import Sweep, run_sweep
 from conftest import ROOT, shared, tiny_recipe
 
+sys.path.append(str(ROOT / "benchmarks"))  # its `from _common import ...`, as when the script runs from there
 spec = importlib.util.spec_from_file_location("fewshot", ROOT / "benchmarks" / "fewshot.py")
 fewshot = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(fewshot)
