@@ -66,23 +66,25 @@ def tiny_llama(tmp_path_factory) -> str:
     return str(folder)
 
 
-def paired_counts(engine, reference: str, rows) -> tuple[int, int]:
+def paired_counts(engine, reference: str, rows) -> tuple[int, int, float]:
     """(rows only the adapter gets right, rows only the zero-shot classifier it started from gets right:
-    `Engine.baseline`), on the same rows."""
+    `Engine.baseline`, the adapter's accuracy), on the same rows."""
     labels = engine.card(reference).labels
     truth = [labels[i] for i in rows.labels]
     adapter = [p.label for p in engine.predict(reference, rows.texts, rows.text_pairs)]
     start = [p.label for p in engine.classify(engine.baseline(reference), rows.texts, rows.text_pairs)]
     return (sum(a == t != s for a, s, t in zip(adapter, start, truth)),
-            sum(s == t != a for a, s, t in zip(adapter, start, truth)))
+            sum(s == t != a for a, s, t in zip(adapter, start, truth)),
+            sum(a == t for a, t in zip(adapter, truth)) / len(truth))
 
 
-def assert_beats_its_start(engine, reference: str, rows) -> None:
+def assert_beats_its_start(engine, reference: str, rows) -> float:
     """A paired sign test (McNemar) against the zero-shot classifier the adapter started from: the rows
     only one of them gets right must favour the adapter by two standard deviations of their count, so
-    the margin grows with the rows that tell them apart."""
-    wins, losses = paired_counts(engine, reference, rows)
+    the margin grows with the rows that tell them apart. Returns the adapter's accuracy on the rows."""
+    wins, losses, accuracy = paired_counts(engine, reference, rows)
     assert wins - losses >= max(1.0, 2 * math.sqrt(wins + losses)), (reference, wins, losses)
+    return accuracy
 
 
 def tiny_recipe(backbone: str, store, **sections) -> dict:

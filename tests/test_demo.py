@@ -27,7 +27,7 @@ def test_demo_trains_every_task_and_answers(tmp_path):
     tally = [0, 0]
     for card in cards.values():
         rows = load_task(DataConfig.model_validate({**card.recipe["data"], "k": None})).test
-        wins, losses = paired_counts(engine, f"{card.task}/{card.name}", rows)
+        wins, losses, _ = paired_counts(engine, f"{card.task}/{card.name}", rows)
         assert wins >= losses, (card.task, wins, losses)
         tally = [tally[0] + wins, tally[1] + losses]
     assert tally[0] > tally[1], tally

@@ -163,7 +163,7 @@ def test_minilm_self_trained_on_real_unlabeled_rows_beats_zero_shot(tmp_path, ca
 
     engine = Engine("minilm", tmp_path, dtype="float32")
     test = load_task(recipe.data).test
-    wins, losses = paired_counts(engine, "mpqa/st", test)
+    wins, losses, _ = paired_counts(engine, "mpqa/st", test)
     with capsys.disabled():
         print(f"\nmpqa k=8 + 300 unlabeled: test {result.metrics['accuracy']:.3f}, kept {kept}, "
               f"{wins} rows won and {losses} lost against zero-shot, {result.train_seconds:.0f} s")

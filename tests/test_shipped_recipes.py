@@ -18,15 +18,15 @@ from conftest import ROOT, assert_beats_its_start, shared
 
 AGNEWS_LLM = ["head.template=Classify the topic of this news article as world, sports, business or science."
               "\n\nArticle: {text}", "head.label_words={Sci/Tech: Science}"]
-# The LLM runs are kept short (k=8, 5 epochs, 100 test rows): a 135M model trains slowly on 2 cores.
+# The LLM runs are kept short (k=8, 3 epochs, 100 test rows): a 135M model trains slowly on 2 cores.
 CASES = {
     # recipe: (overrides, k, test rows)
     "sst2-lora-minilm.yaml": ([], 16, 200),
     "sst2-lora-minilm-all-layers.yaml": ([], 8, 200),
     "sst2-lora-minilm-tied.yaml": ([], 8, 200),
     "sst2-prefix-minilm.yaml": ([], 16, 200),
-    "sst2-lora-smollm2.yaml": (AGNEWS_LLM + ["training.epochs=5"], 8, 100),
-    "sst2-prefix-smollm2.yaml": (AGNEWS_LLM + ["training.epochs=5"], 8, 100),
+    "sst2-lora-smollm2.yaml": (AGNEWS_LLM + ["training.epochs=3"], 8, 100),
+    "sst2-prefix-smollm2.yaml": (AGNEWS_LLM + ["training.epochs=3"], 8, 100),
 }
 OTHER = {"minilm": "smollm2-135m", "smollm2-135m": "minilm"}
 
@@ -66,8 +66,7 @@ def test_shipped_recipe_learns_saves_and_reloads(name, tmp_path):
     engine = Engine(recipe.backbone, tmp_path, dtype="float32")  # a fresh backbone, as another process loads it
     reloaded = torch.tensor([list(p.scores.values()) for p in engine.predict(str(folder), texts)])
     assert torch.allclose(reloaded, expected, atol=1e-5)
-    assert engine.evaluate(str(folder), shared("agnews"), limit=test_rows)["accuracy"] == metrics["accuracy"]
-    assert_beats_its_start(engine, str(folder), task.test)
+    assert assert_beats_its_start(engine, str(folder), task.test) == metrics["accuracy"]  # the engine's answers
 
     with pytest.raises(StoreError, match=f"trained on backbone '{recipe.backbone}'"):
         load_adapter(folder, load_backbone(OTHER[recipe.backbone]))

@@ -49,7 +49,7 @@ def test_sweep_writes_table_and_plots_then_resumes(sweep_file, monkeypatch):
         raise AssertionError("a finished cell ran again")
 
     monkeypatch.setattr("adapterlab.train.train", must_not_train)
-    monkeypatch.setattr(sweep_module, "_zero_shot", must_not_train)
+    monkeypatch.setattr(sweep_module, "_prompting", must_not_train)
     run_sweep(load_sweep(sweep_file), show_progress=False)
     assert len(list(csv.DictReader(open(folder / "results.csv")))) == len(rows)
 
@@ -80,7 +80,7 @@ def test_cells_of_a_changed_recipe_run_again(sweep_file, monkeypatch):
     trained = []
     real_train = sweep_module._train
     monkeypatch.setattr(sweep_module, "_train", lambda *args: trained.append(args[1]["dataset"]) or real_train(*args))
-    monkeypatch.setattr(sweep_module, "_zero_shot", lambda *args: pytest.fail("zero-shot did not change"))
+    monkeypatch.setattr(sweep_module, "_prompting", lambda *args: pytest.fail("zero-shot did not change"))
     run_sweep(sweep.model_copy(update={"k": [2], "seeds": [0]}), show_progress=False)
     assert sorted(trained) == ["sentiment", "topic"]
     rows = sweep_module.read_results(folder / "results.jsonl")
@@ -88,6 +88,20 @@ def test_cells_of_a_changed_recipe_run_again(sweep_file, monkeypatch):
     reported = list(csv.DictReader(open(folder / "results.csv")))
     assert len(reported) == len(first)  # ... and out of the report
     assert {r["settings"] for r in reported if r["method"] == "lora"} == {r["settings"] for r in rows[-2:]}
+
+
+def test_recipes_that_differ_only_in_their_method_digest_apart(sweep_file, tmp_path):
+    """Each method's section at its defaults dumps empty: the method's name must still tell the cells apart."""
+    sweep = load_sweep(sweep_file)
+    files = {}
+    for name in ("lora", "prefix_tuning"):
+        raw = yaml.safe_load(open(sweep.methods["lora"]))
+        files[name] = tmp_path / f"{name}.yaml"
+        files[name].write_text(yaml.safe_dump({**raw, "method": {"name": name}}))
+    grid = sweep_module.cells(sweep.model_copy(update={"methods": {name: str(f) for name, f in files.items()}}))
+    digests = {cell["method"]: cell["settings"] for cell in grid if cell["dataset"] == "sentiment" and cell["k"] == 2
+               and cell["seed"] == 0}
+    assert digests["lora"] != digests["prefix_tuning"]
 
 
 @pytest.mark.parametrize("edit, fragment", [

@@ -143,6 +143,8 @@ def _settings_digest(sweep: Sweep, cell: dict) -> str:
     else:
         recipe = cell_recipe(sweep, cell, Path(sweep.output))
         settings = recipe.model_dump(mode="json", exclude={"output"}, exclude_defaults=True)
+        # a method's name is its section's default: without it LoRA and prefix-tuning at their defaults digest alike
+        settings["method"] = {**settings.get("method", {}), "name": recipe.method.name}
     settings["data"] = {key: value for key, value in settings["data"].items() if key != "path"}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
