@@ -1,8 +1,10 @@
 """Ensembles (training.ensemble): N members on the same k-shot rows stored as one adapter; the engine's
 answer is the mean of the members' probabilities, alone or in mixed batches; bad uses are refused."""
 
+import io
 import json
 import shutil
+import zipfile
 
 import pytest
 import torch
@@ -90,6 +92,38 @@ def test_the_http_server_serves_an_ensemble_as_the_engine_does(store, tiny_bert)
         assert answer["label"] == prediction.label
         assert max(abs(scores[label] - prediction.scores[label]) for label in scores) < 1e-5
     assert "sentiment/lora" in json.dumps(listed)
+
+
+def test_an_uploaded_ensemble_archive_serves_as_the_stored_one(store, tiny_bert, tmp_path):
+    """POST /v1/adapters with a .zip of an ensemble folder (its card, members/<i>/ each a whole adapter)."""
+    from fastapi.testclient import TestClient
+
+    from adapterlab.server import Settings, create_app
+
+    folder = store / "sentiment" / "prefix"
+    files = {f"prefix/{path.relative_to(folder).as_posix()}": path.read_bytes()
+             for path in folder.rglob("*") if path.is_file()}
+    assert any(name.startswith("prefix/members/2/") for name in files)
+    expected = Engine(tiny_bert, store, dtype="float32").predict("sentiment/prefix", TEXTS)
+    (tmp_path / "served").mkdir()
+    settings = Settings(dtype="float32", admin_token="admin")
+    with TestClient(create_app(tmp_path / "served", tiny_bert, settings), headers={"Authorization": "Bearer admin"}) as client:
+        stray = {**files, "prefix/members/x/head.safetensors": files["prefix/members/0/head.safetensors"]}
+        refused = client.post("/v1/adapters", files={"file": ("e.zip", zip_of(stray))})
+        created = client.post("/v1/adapters", files={"file": ("e.zip", zip_of(files))})
+        response = client.post("/v1/classify", json={"adapter": "sentiment/prefix", "inputs": TEXTS})
+    assert refused.status_code == 400 and "members/<i>/" in refused.json()["error"]
+    assert created.status_code == 201, created.text
+    assert [answer["label"] for answer in response.json()["predictions"]] == [p.label for p in expected]
+    assert verify(tmp_path / "served" / "sentiment" / "prefix") == []
+
+
+def zip_of(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as packed:
+        for name, data in files.items():
+            packed.writestr(name, data)
+    return buffer.getvalue()
 
 
 def test_a_damaged_member_is_named(store, tiny_bert, tmp_path):

@@ -1,4 +1,5 @@
-"""Unpacking an uploaded adapter archive (.zip or .tar), checked in full before anything is written."""
+"""Unpacking an uploaded adapter archive (.zip or .tar; an ensemble with its members), checked in full before
+anything is written."""
 
 import shutil
 import stat
@@ -8,6 +9,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, NamedTuple
 
 from adapterlab.server.errors import ApiError
+from adapterlab.store import MEMBERS
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "head.safetensors", "card.json", "README.md"}
 PICKLED = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -50,14 +52,33 @@ def _write_entries(entries: list[Entry], target: Path, max_bytes: int) -> None:
             raise ApiError(400, f"archive entry {entry.name!r} is a link or a device: plain files only")
         if not entry.is_dir and entry.name.lower().endswith(PICKLED):
             raise ApiError(415, f"archive entry {entry.name!r} holds pickled weights: adapterlab reads safetensors only")
-        if not entry.is_dir and path.name not in ADAPTER_FILES:
-            raise ApiError(400, f"archive entry {entry.name!r}: an adapter folder holds only "
-                                f"{', '.join(sorted(ADAPTER_FILES))}")
-    names = [PurePosixPath(entry.name).name for entry in files]
-    if len({PurePosixPath(entry.name).parent for entry in files}) > 1 or len(set(names)) < len(names):
-        raise ApiError(400, "the archive must hold one adapter folder (its files at the top or in one folder)")
+    places = _places(files)
     if sum(entry.size for entry in files) > max_bytes:
         raise ApiError(413, f"the archive unpacks to more than {max_bytes:,} bytes")
-    for entry, name in zip(files, names):
-        with entry.open() as source, open(target / name, "xb") as destination:
+    for entry, place in zip(files, places):
+        (target / place).parent.mkdir(parents=True, exist_ok=True)
+        with entry.open() as source, open(target / place, "xb") as destination:
             shutil.copyfileobj(source, destination)
+
+
+def _places(files: list[Entry]) -> list[PurePosixPath]:
+    """Where each file goes inside the adapter folder. The archive holds one adapter folder (its files at
+    the top or in one folder: the one with the outermost card.json); an ensemble's members lie in it as
+    members/<i>/, each a whole adapter folder."""
+    paths = [PurePosixPath(entry.name) for entry in files]
+    cards = sorted((path.parent for path in paths if path.name == "card.json"), key=lambda folder: len(folder.parts))
+    folders = {path.parent for path in paths}
+    root = cards[0] if cards else next(iter(folders)) if len(folders) == 1 else None
+    places = []
+    for entry, path in zip(files, paths):
+        if root is None or not path.is_relative_to(root):
+            raise ApiError(400, "the archive must hold one adapter folder (its files at the top or in one folder)")
+        place = path.relative_to(root)
+        member = len(place.parts) == 3 and place.parts[0] == MEMBERS and place.parts[1].isdigit()
+        if place.name not in ADAPTER_FILES or not (len(place.parts) == 1 or member):
+            raise ApiError(400, f"archive entry {entry.name!r}: an adapter folder holds only "
+                                f"{', '.join(sorted(ADAPTER_FILES))} (an ensemble's members in {MEMBERS}/<i>/)")
+        places.append(place)
+    if len(set(places)) < len(places):
+        raise ApiError(400, "the archive must hold one adapter folder (its files at the top or in one folder)")
+    return places
