@@ -296,12 +296,18 @@ def verify(folder: str | Path, backbone: Backbone | None = None) -> list[str]:
             read_card(folder)
         except StoreError as error:
             problems.append(str(error))
-    if backbone is not None and not problems:
-        try:
-            read_adapter(folder, backbone)
-        except StoreError as error:
-            problems.append(str(error))
-    return problems
+    return problems or _refusal(read_adapter, folder, backbone)
+
+
+def _refusal(reader: Callable, folder: Path, backbone: Backbone | None) -> list[str]:
+    """Why `reader` (read_adapter, read_ensemble) refuses a folder whose files are sound, given a backbone."""
+    if backbone is None:
+        return []
+    try:
+        reader(folder, backbone)
+    except StoreError as error:
+        return [str(error)]
+    return []
 
 
 def _card_if_readable(folder: Path) -> AdapterCard | None:
@@ -316,12 +322,7 @@ def _ensemble_problems(folder: Path, card: AdapterCard, backbone: Backbone | Non
                 for member in member_folders(folder, card) for problem in verify(member)]
     if not card.members:
         problems.append("an ensemble card that lists no members")
-    if backbone is not None and not problems:
-        try:
-            read_ensemble(folder, backbone)
-        except StoreError as error:
-            problems.append(str(error))
-    return problems
+    return problems or _refusal(read_ensemble, folder, backbone)
 
 
 def member_folders(folder: str | Path, card: AdapterCard) -> list[Path]:
