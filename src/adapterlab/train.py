@@ -215,7 +215,7 @@ def select_settings(recipe: Recipe, task: TaskData, accelerator: Accelerator, sh
                 stems[reading] = _stem_states(model, rows, fold.training)
             stem = stems[reading]
             fit(model, rows.select(kept), fold, accelerator, show_progress=False,
-                stem=[stem[i] for i in kept] if stem else None)
+                stem=[stem[i] for i in kept] if stem else None, settle=False)
             if model.tied:  # each prototype weight settles the same trained label vectors anew
                 weights = [result.settings.get(PROTOTYPE_WEIGHT, fold.head.prototype_weight) for result in group]
                 right = _right_per_prototype_weight(model, rows.select(kept), rows.select(held_out), weights)
@@ -279,10 +279,11 @@ def _right_per_prototype_weight(model: AdapterModel, kept: Split, held_out: Spli
 
 
 def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerator, show_progress: bool,
-        resume: bool = False, stem: list[torch.Tensor] | None = None) -> None:
+        resume: bool = False, stem: list[torch.Tensor] | None = None, settle: bool = True) -> None:
     """Cross-entropy on the k-shot rows; only adapter and head parameters get gradients. With
     `training.checkpoint_every` the main process checkpoints the run; `resume` continues its checkpoint.
-    `stem`: the rows' stem states (`_stem_states`) when already computed, else they are computed here."""
+    `stem`: the rows' stem states (`_stem_states`) when already computed, else they are computed here.
+    `settle`: a tied head's rows are written at the end (cross-validation writes them per prototype weight)."""
     config = recipe.training
     steps, order = _schedule(len(rows), config, accelerator.num_processes)
     # A fixed stream of row indices, cut into consecutive batches that Accelerate deals out to the
@@ -317,7 +318,7 @@ def fit(model: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerat
             if config.checkpoint_every and step % config.checkpoint_every == 0 and accelerator.is_main_process:
                 save_checkpoint(checkpoint_folder(recipe), step, model, optimizer, scheduler, identity)
     progress.close()
-    if model.tied:
+    if model.tied and settle:
         model.settle_label_vectors(rows, recipe.head.prototype_weight)
     prepared.eval()
     accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)  # drops autocast: evaluated as the engine serves
