@@ -13,6 +13,7 @@ from adapterlab.store import MEMBERS
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "head.safetensors", "card.json", "README.md"}
 PICKLED = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+ONE_FOLDER = "the archive must hold one adapter folder (its files at the top or in one folder)"
 
 
 class Entry(NamedTuple):
@@ -72,7 +73,7 @@ def _places(files: list[Entry]) -> list[PurePosixPath]:
     places = []
     for entry, path in zip(files, paths):
         if root is None or not path.is_relative_to(root):
-            raise ApiError(400, "the archive must hold one adapter folder (its files at the top or in one folder)")
+            raise ApiError(400, ONE_FOLDER)
         place = path.relative_to(root)
         member = len(place.parts) == 3 and place.parts[0] == MEMBERS and place.parts[1].isdigit()
         if place.name not in ADAPTER_FILES or not (len(place.parts) == 1 or member):
@@ -80,5 +81,5 @@ def _places(files: list[Entry]) -> list[PurePosixPath]:
                                 f"{', '.join(sorted(ADAPTER_FILES))} (an ensemble's members in {MEMBERS}/<i>/)")
         places.append(place)
     if len(set(places)) < len(places):
-        raise ApiError(400, "the archive must hold one adapter folder (its files at the top or in one folder)")
+        raise ApiError(400, ONE_FOLDER)
     return places
