@@ -25,6 +25,17 @@ def wait_for_quiet() -> None:
         time.sleep(20)
 
 
+def describe_cpu(cpu: dict) -> str:
+    """A report's CPU in words (from adapterlab.precision.cpu_capability): its name and whether bf16 is fast
+    there, naming an AVX2-only CPU emulated by holding oneDNN below the bf16 instructions it has."""
+    if cpu["fast_bf16"]:
+        return f"{cpu['cpu']} (fast bf16)"
+    if cpu["avx512_bf16"] or cpu["amx"]:
+        return (f"{cpu['cpu']} held to AVX2 (ONEDNN_MAX_CPU_ISA, MKL, ATen: an AVX2-only CPU emulated; "
+                "bf16 slow, `auto` trains in float32)")
+    return f"{cpu['cpu']} (no fast bf16: `auto` trains in float32)"
+
+
 def plot_accuracy_bars(file: Path, datasets: list[str], bars: list[tuple[str, list, list]], k: int) -> None:
     """Grouped bars of test accuracy per dataset: one bar per (label, means, stds), with ±std error bars."""
     import matplotlib

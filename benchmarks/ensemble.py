@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from _common import append_jsonl, plot_accuracy_bars, read_jsonl, wait_for_quiet
+from _common import append_jsonl, describe_cpu, plot_accuracy_bars, read_jsonl, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sst2-lora-minilm-tied.yaml"
@@ -175,8 +175,7 @@ def markdown(report: dict) -> str:
     pct = lambda s: "-" if s is None else f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} (n={s['n']})"  # noqa: E731
     secs = lambda s: "-" if s is None else f"{s['mean']:.0f}"  # noqa: E731
     lines = [f"Ensembles on MiniLM, recipe {RECIPE.name}, k={report['k']}, {report['members']} members, first "
-             f"{report['test_limit']} test rows; accuracy % mean ± std over seeds. CPU: {report['cpu']['cpu']} "
-             f"(fast bf16: {report['cpu']['fast_bf16']}).", "",
+             f"{report['test_limit']} test rows; accuracy % mean ± std over seeds. CPU: {describe_cpu(report['cpu'])}.", "",
              "| dataset | single | ensemble | single, equal time | member spread (std) | train s single / ens / long |",
              "|---|---|---|---|---|---|"]
     for dataset, entry in report["datasets"].items():

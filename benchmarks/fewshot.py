@@ -38,7 +38,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from _common import append_jsonl, plot_accuracy_bars, read_jsonl
+from _common import append_jsonl, describe_cpu, plot_accuracy_bars, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILE = ROOT / "recipes" / "sweeps" / "minilm-single-text.yaml"
@@ -558,7 +558,9 @@ def main(argv=None) -> dict:
               "adapter_recipe": str(Path(sweep.methods[ADAPTER_METHOD]).relative_to(ROOT)),
               "cv_recipe": str(CV_RECIPE.relative_to(ROOT)), "cpu": cpu_capability(), "cpu_count": os.cpu_count()}
     (options.out / "fewshot.json").write_text(json.dumps(result, indent=2))
-    (options.out / "fewshot.md").write_text(markdown(report))
+    heading = (f"k={options.k}, seeds {options.seeds}, {test_limit or 'all'} test rows; "
+               f"CPU: {describe_cpu(result['cpu'])}.\n\n")
+    (options.out / "fewshot.md").write_text(heading + markdown(report))
     plot(report, options.out / "fewshot.png", options.k)
     return result
 

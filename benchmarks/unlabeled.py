@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from _common import append_jsonl, read_jsonl, wait_for_quiet
+from _common import append_jsonl, describe_cpu, read_jsonl, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sst2-lora-minilm-tied.yaml"
@@ -170,7 +170,7 @@ def markdown(cells: list[dict], cpu: dict) -> str:
     losses = sum(c["self_trained_accuracy"] < c["plain_accuracy"] for c in cells)
     lines.append(f"{len(cells)} cells: self-training better than the plain adapter in {wins}, worse in {losses}. "
                  f"Accuracy on the first {cells[0]['test_limit']} test rows (mean over the seeds listed); SetFit's "
-                 f"cells come from the few-shot report (same k-shot and test rows). CPU: {cpu['cpu']} "
+                 f"cells come from the few-shot report (same k-shot and test rows). CPU: {describe_cpu(cpu)} "
                  f"({os.cpu_count()} cores visible, shared with other jobs: see each cell's load_average). Seconds: "
                  "plain and self-trained ran here side by side (self-trained: the plain run that labels, then the "
                  "pseudo-labelling and retraining); SetFit's are the few-shot report's, from another run and load: "
