@@ -330,7 +330,7 @@ def test_a_cell_whose_worker_dies_is_run_again_and_finishes(cluster, sweep_file,
     """The process training a cell is killed (SIGKILL) halfway: Ray runs the task again in another
     worker, and the sweep ends with the cell's row and no failure."""
     recipe = tmp_path / "long.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_bert, tmp_path / "unused", training={"max_steps": 100})))
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_bert, tmp_path / "unused", training={"max_steps": 500})))
     sweep = load_sweep(sweep_file).model_copy(update={
         "output": str(tmp_path / "retried"), "methods": {"lora": str(recipe)}, "seeds": [0],
         "datasets": {"sentiment": {"path": "demo:sentiment"}}})
@@ -341,7 +341,7 @@ def test_a_cell_whose_worker_dies_is_run_again_and_finishes(cluster, sweep_file,
         while not killed and time.monotonic() < deadline:
             training = cell_processes()
             if training:
-                time.sleep(1)  # into its training
+                time.sleep(0.5)  # into its training (a tiny model's 500 steps last seconds)
                 if training[0] in cell_processes():
                     os.kill(training[0], signal.SIGKILL)
                     killed.append(training[0])
