@@ -175,7 +175,8 @@ def markdown(report: dict) -> str:
     pct = lambda s: "-" if s is None else f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} (n={s['n']})"  # noqa: E731
     secs = lambda s: "-" if s is None else f"{s['mean']:.0f}"  # noqa: E731
     lines = [f"Ensembles on MiniLM, recipe {RECIPE.name}, k={report['k']}, {report['members']} members, first "
-             f"{report['test_limit']} test rows; accuracy % mean ± std over seeds. CPU: {describe_cpu(report['cpu'])}.", "",
+             f"{report['test_limit']} test rows; accuracy % mean ± std over seeds. "
+             f"CPU: {describe_cpu(report['cpu'])}.", "",
              "| dataset | single | ensemble | single, equal time | member spread (std) | train s single / ens / long |",
              "|---|---|---|---|---|---|"]
     for dataset, entry in report["datasets"].items():

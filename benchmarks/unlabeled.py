@@ -171,7 +171,7 @@ def markdown(cells: list[dict], cpu: dict) -> str:
     lines.append(f"{len(cells)} cells: self-training better than the plain adapter in {wins}, worse in {losses}. "
                  f"Accuracy on the first {cells[0]['test_limit']} test rows (mean over the seeds listed); SetFit's "
                  f"cells come from the few-shot report (same k-shot and test rows). CPU: {describe_cpu(cpu)} "
-                 f"({os.cpu_count()} cores visible, shared with other jobs: see each cell's load_average). Seconds: "
+                 f"({os.cpu_count()} cores visible; each cell's load_average says whether other jobs shared them). Seconds: "
                  "plain and self-trained ran here side by side (self-trained: the plain run that labels, then the "
                  "pseudo-labelling and retraining); SetFit's are the few-shot report's, from another run and load: "
                  "compare plain with self-trained, not with SetFit.\n"
