@@ -1,8 +1,8 @@
 """Which rows to label: training on the rows `adapterlab select` picks against random rows of the same count.
 
-For each shared classification dataset × seed, with MiniLM and recipes/sst2-lora-minilm.yaml (data.path,
-k, seeds and test rows set per cell), every arm trains on k × labels rows and is scored on the same first
---test-limit test rows:
+For each shared classification dataset × seed, with MiniLM and --recipe (the recommended
+recipes/sst2-lora-minilm-tied.yaml unless told; data.path, k, seeds and test rows set per cell), every arm
+trains on k × labels rows and is scored on the same first --test-limit test rows:
   - selected: `adapterlab select`'s picks from the pool (the first --pool train rows; embeddings and
     zero-shot guesses once per dataset, k-means seeded by the cell's seed), written to the file a person
     labels, labelled from the data, trained on as that file;
@@ -16,7 +16,7 @@ Every finished cell is appended to OUT/cells.jsonl (pool indices, never texts), 
 selection.json, selection.md and selection.png are rebuilt after each cell. Files to label and adapters
 go to --work (outside the repository: they hold the data's texts). Progress to stderr, summary to stdout.
 
-    .venv/bin/python benchmarks/selection.py                          # 9 datasets × seeds 0 1 2, k=8
+    .venv/bin/python benchmarks/selection.py                          # 9 datasets × seeds 0 1 2, k=16
     .venv/bin/python benchmarks/selection.py --datasets sst2 --seeds 0 --test-limit 100 --out /tmp/selection
 """
 
@@ -32,11 +32,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from _common import append_jsonl, read_jsonl
+from _common import append_jsonl, describe_cpu, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-RECIPE = ROOT / "recipes" / "sst2-lora-minilm.yaml"
+RECIPE = "recipes/sst2-lora-minilm-tied.yaml"
+# Cells written before --recipe existed trained the default recipe.
+FORMER_RECIPE = "recipes/sst2-lora-minilm.yaml"
 DATASETS = {"sst2": None, "sst5": None, "imdb": None, "mpqa": None, "agnews": None, "emotion": None,
             "banking77": None, "rte": "text_pair", "cb": "text_pair"}  # name → text pair column
 ARMS = ("zero-shot", "random k-shot", "random pool draw", "selected")
@@ -46,8 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--k", type=int, default=8, help="rows per label (every arm trains on k × labels rows)")
-    parser.add_argument("--pool", type=int, default=1000, help="first N train rows: the unlabelled pool")
+    parser.add_argument("--recipe", default=RECIPE, help="the recipe every arm trains, relative to the repository")
+    parser.add_argument("--k", type=int, default=16, help="rows per label (every arm trains on k × labels rows)")
+    parser.add_argument("--pool", type=int, default=2000, help="first N train rows: the unlabelled pool")
     parser.add_argument("--test-limit", type=int, default=300)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "selection"))
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "adapterlab-selection"))
@@ -58,16 +61,20 @@ def grid(args) -> list[dict]:
     """Seed by seed (a partial run covers every dataset), zero-shot first."""
     cells = [{"dataset": d, "arm": "zero-shot", "seed": 0} for d in args.datasets]
     cells += [{"dataset": d, "arm": arm, "seed": s} for s in args.seeds for d in args.datasets for arm in ARMS[1:]]
-    return [{**cell, "k": args.k, "pool": args.pool, "test_limit": args.test_limit} for cell in cells]
+    return [{**cell, "recipe": args.recipe, "k": args.k, "pool": args.pool, "test_limit": args.test_limit}
+            for cell in cells]
 
 
 def same_settings(rows: list[dict], args) -> list[dict]:
-    """Finished cells of this k, pool and test size: the report keeps those of other datasets and seeds."""
-    return [row for row in rows if (row["k"], row["pool"], row["test_limit"]) == (args.k, args.pool, args.test_limit)]
+    """Finished cells of this recipe, k, pool and test size: the report keeps those of other datasets and seeds
+    (zero-shot cells train nothing, so any recipe's serve)."""
+    return [row for row in rows if (row["k"], row["pool"], row["test_limit"]) == (args.k, args.pool, args.test_limit)
+            and (row["arm"] == "zero-shot" or row.get("recipe", FORMER_RECIPE) == args.recipe)]
 
 
 def key(cell: dict) -> tuple:
-    return tuple(cell[name] for name in ("dataset", "arm", "seed", "k", "pool", "test_limit"))
+    recipe = "-" if cell["arm"] == "zero-shot" else cell.get("recipe", FORMER_RECIPE)
+    return (recipe, *(cell[name] for name in ("dataset", "arm", "seed", "k", "pool", "test_limit")))
 
 
 class PoolOfDataset:
@@ -133,7 +140,7 @@ def train_cell(cell: dict, pool: PoolOfDataset, work: Path) -> dict:
         counts = Counter(pool.truth[i] for i in chosen)
         extra = {"pool_indices": chosen, "classes_covered": len(counts), "smallest_class_rows":
                  min(counts.get(label, 0) for label in range(len(pool.rows.label_names)))}
-    result = train(load_recipe(RECIPE, overrides), show_progress=False)
+    result = train(load_recipe(ROOT / cell["recipe"], overrides), show_progress=False)
     return {"accuracy": result.metrics["accuracy"], "macro_f1": result.metrics["macro_f1"],
             "train_seconds": round(result.train_seconds, 1), **extra}
 
@@ -174,11 +181,12 @@ def paired_gains(rows: list[dict], arm: str, against: str) -> list[float]:
 def write_report(rows: list[dict], out: Path, cpu: dict, args) -> dict:
     table = summarize(rows)
     versus_pool, versus_kshot = paired_gains(rows, "selected", "random pool draw"), paired_gains(rows, "selected", "random k-shot")
-    report = {"benchmark": "selection", "backbone": "minilm", "recipe": str(RECIPE.relative_to(ROOT)), "k": args.k,
+    report = {"benchmark": "selection", "backbone": "minilm", "recipe": args.recipe, "k": args.k,
               "pool": args.pool, "test_limit": args.test_limit, "cpu": cpu, "table": table,
               "selected_minus_random_pool_draw": _gain(versus_pool), "selected_minus_random_k_shot": _gain(versus_kshot)}
     (out / "selection.json").write_text(json.dumps(report, indent=2))
-    lines = [f"k={args.k} rows per label, pool: first {args.pool} train rows, first {args.test_limit} test rows; "
+    lines = [f"{args.recipe}, k={args.k} rows per label, pool: first {args.pool} train rows, first {args.test_limit} "
+             f"test rows; CPU: {describe_cpu(cpu)}; "
              "accuracy, mean ± std over seeds (seeds); selected picks: classes covered by true labels, fewest rows of a class.",
              "", "| dataset | zero-shot | random k-shot (balanced by true labels) | random pool draw | selected "
              "| selected − pool draw | selected picks: classes, fewest |", "|---|---|---|---|---|---|---|"]

@@ -218,3 +218,14 @@ def test_the_whole_setting_counts_its_own_datasets_when_more_are_measured():
     assert targets["cv"]["complete"] and targets["cv"]["meets_targets"]
     seven = fewshot.build_report(zero, adapter, setfit, DATASETS, [0, 1, 2], 16, cv[:-3])["targets"]
     assert seven["complete"] and not seven["cv"]["complete"]
+
+
+@pytest.mark.parametrize("cpu, words", [
+    ({"cpu": "EPYC", "fast_bf16": True, "avx512_bf16": True, "amx": False}, "EPYC (fast bf16)"),
+    ({"cpu": "EPYC", "fast_bf16": False, "avx512_bf16": True, "amx": False}, "EPYC held to AVX2"),
+    ({"cpu": "Xeon", "fast_bf16": False, "avx512_bf16": False, "amx": False}, "Xeon (no fast bf16"),
+])
+def test_reports_name_their_cpu_and_an_emulated_avx2_one(cpu, words):
+    from _common import describe_cpu
+
+    assert describe_cpu(cpu).startswith(words)

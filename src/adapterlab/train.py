@@ -239,6 +239,7 @@ def _fold_recipe(trial: Recipe, kept: int, rows: int) -> Recipe:
         return trial
     return trial.with_settings({"training.max_steps": max(1, round(trial.training.max_steps * kept / rows))})
 
+
 def _self_train(model: AdapterModel, task: TaskData, recipe: Recipe, accelerator: Accelerator, show_progress: bool,
                 first_train_seconds: float):
     """`training.self_train` after the k-shot run (self_training.py): each round's fresh adapter trains
