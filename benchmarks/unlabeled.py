@@ -33,9 +33,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 SETFIT_CELLS = ROOT / "benchmarks" / "results" / "fewshot-setfit.jsonl"
 SELF_TRAIN = "{rounds: 1, threshold: 0.0, keep_fraction: 0.2, balance: true, labelled_share: 0.5, steps: 1.0}"
 CELLS = "unlabeled.jsonl"
-# Pairs of texts: the few-shot report (and so SetFit's cells) covers single-text datasets only.
-SKIPPED = {"rte": "text pairs: no SetFit cell in the few-shot report", "cb": "text pairs: no SetFit cell in the "
-           "few-shot report", "e2e": "a generation task: self-training keeps pseudo-labels by class probability"}
+PAIRS = {"rte": "text_pair", "cb": "text_pair"}  # datasets of text pairs → the second text's column
+SKIPPED = {"e2e": "a generation task: self-training keeps pseudo-labels by class probability"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +57,8 @@ def run_cell(dataset: str, seed: int, args) -> dict:
     common = [f"task={dataset}", f"data.path={SHARED_DATA / dataset}", f"data.k={args.k}", f"data.seed={seed}",
               f"training.seed={seed}", f"data.test_limit={args.test_limit}",
               f"output.store={args.out / 'unlabeled-adapters'}"]
+    if dataset in PAIRS:
+        common.append(f"data.text_pair_field={PAIRS[dataset]}")
     plain = plain_adapter(load_recipe(RECIPE, [*common, f"output.name=plain-k{args.k}-s{seed}"]))
     # the plain adapter labels the unlabeled rows (a teacher): the self-trained run repeats no k-shot run
     teacher = {**yaml.safe_load(args.self_train), "teachers": [f"{dataset}/plain-k{args.k}-s{seed}"]}
@@ -91,11 +92,11 @@ def pseudo_label_quality(recipe) -> tuple[float, float]:
     from adapterlab.self_training import pseudo_labels, teacher_scores
 
     every = load_task(recipe.data.model_copy(update={"k": None, "test_limit": 1}))
-    truth = {}
-    for text, label in zip(every.train.texts, every.train.labels):
-        truth.setdefault(text, label)
+    truth = {}  # by the text and its pair: a premise can come with several hypotheses
+    for row, label in zip(zip(every.train.texts, every.train.text_pairs or every.train.texts), every.train.labels):
+        truth.setdefault(row, label)
     pool = read_unlabeled(recipe.data)
-    labels = [truth[text] for text in pool.texts]
+    labels = [truth[row] for row in zip(pool.texts, pool.text_pairs or pool.texts)]
     probabilities = teacher_scores(recipe, pool, every.label_names, show_progress=False)
     kept = pseudo_labels(probabilities, recipe.training.self_train)
     teacher = sum(int(p) == y for p, y in zip(probabilities.argmax(-1), labels)) / len(labels)
