@@ -25,6 +25,10 @@ def wait_for_quiet() -> None:
         time.sleep(20)
 
 
+# The shared datasets of text pairs → the column of each row's second text.
+PAIR_FIELDS = {"rte": "text_pair", "cb": "text_pair"}
+
+
 def describe_cpu(cpu: dict) -> str:
     """A report's CPU in words (from adapterlab.precision.cpu_capability): its name and whether bf16 is fast
     there, naming an AVX2-only CPU emulated by holding oneDNN below the bf16 instructions it has."""

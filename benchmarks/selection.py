@@ -32,15 +32,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from _common import append_jsonl, describe_cpu, read_jsonl
+from _common import PAIR_FIELDS, append_jsonl, describe_cpu, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RECIPE = "recipes/sst2-lora-minilm-tied.yaml"
 # Cells written before --recipe existed trained the default recipe.
 FORMER_RECIPE = "recipes/sst2-lora-minilm.yaml"
-DATASETS = {"sst2": None, "sst5": None, "imdb": None, "mpqa": None, "agnews": None, "emotion": None,
-            "banking77": None, "rte": "text_pair", "cb": "text_pair"}  # name → text pair column
+DATASETS = {name: PAIR_FIELDS.get(name) for name in  # name → text pair column
+            ("sst2", "sst5", "imdb", "mpqa", "agnews", "emotion", "banking77", "rte", "cb")}
 ARMS = ("zero-shot", "random k-shot", "random pool draw", "selected")
 
 
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--recipe", default=RECIPE, help="the recipe every arm trains, relative to the repository")
     parser.add_argument("--k", type=int, default=16, help="rows per label (every arm trains on k × labels rows)")
     parser.add_argument("--pool", type=int, default=2000, help="first N train rows: the unlabelled pool")
-    parser.add_argument("--test-limit", type=int, default=300)
+    parser.add_argument("--test-limit", type=int, default=1000)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "selection"))
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "adapterlab-selection"))
     return parser.parse_args(argv)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from _common import append_jsonl, describe_cpu, read_jsonl, wait_for_quiet
+from _common import PAIR_FIELDS, append_jsonl, describe_cpu, read_jsonl, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sst2-lora-minilm-tied.yaml"
@@ -33,7 +33,6 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 SETFIT_CELLS = ROOT / "benchmarks" / "results" / "fewshot-setfit.jsonl"
 SELF_TRAIN = "{rounds: 1, threshold: 0.0, keep_fraction: 0.2, balance: true, labelled_share: 0.5, steps: 1.0}"
 CELLS = "unlabeled.jsonl"
-PAIRS = {"rte": "text_pair", "cb": "text_pair"}  # datasets of text pairs → the second text's column
 SKIPPED = {"e2e": "a generation task: self-training keeps pseudo-labels by class probability"}
 
 
@@ -57,8 +56,8 @@ def run_cell(dataset: str, seed: int, args) -> dict:
     common = [f"task={dataset}", f"data.path={SHARED_DATA / dataset}", f"data.k={args.k}", f"data.seed={seed}",
               f"training.seed={seed}", f"data.test_limit={args.test_limit}",
               f"output.store={args.out / 'unlabeled-adapters'}"]
-    if dataset in PAIRS:
-        common.append(f"data.text_pair_field={PAIRS[dataset]}")
+    if dataset in PAIR_FIELDS:
+        common.append(f"data.text_pair_field={PAIR_FIELDS[dataset]}")
     plain = plain_adapter(load_recipe(RECIPE, [*common, f"output.name=plain-k{args.k}-s{seed}"]))
     # the plain adapter labels the unlabeled rows (a teacher): the self-trained run repeats no k-shot run
     teacher = {**yaml.safe_load(args.self_train), "teachers": [f"{dataset}/plain-k{args.k}-s{seed}"]}
