@@ -28,17 +28,26 @@ from pathlib import Path
 
 import yaml
 
-from _common import append_jsonl, describe_cpu, plot_accuracy_bars, read_jsonl, wait_for_quiet
+from _common import PAIR_FIELDS, append_jsonl, describe_cpu, plot_accuracy_bars, read_jsonl, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sst2-lora-minilm-tied.yaml"
 SWEEP_FILE = ROOT / "recipes" / "sweeps" / "minilm-single-text.yaml"  # the shared datasets and their settings
+SHARED_DATA = ROOT.parent / "shared" / "data"
 CELLS = "ensemble.jsonl"
 KINDS = ("ensemble", "long")
 
 
+def dataset_settings(dataset: str) -> dict:
+    """A shared dataset's data settings: the sweep's for single-text tasks, the pair column for pair tasks."""
+    if dataset in PAIR_FIELDS:
+        return {"path": str(SHARED_DATA / dataset), "text_pair_field": PAIR_FIELDS[dataset]}
+    settings = dict(yaml.safe_load(SWEEP_FILE.read_text())["datasets"][dataset])
+    return {**settings, "path": str((ROOT / settings["path"]).resolve())}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    datasets = list(yaml.safe_load(SWEEP_FILE.read_text())["datasets"])
+    datasets = [*yaml.safe_load(SWEEP_FILE.read_text())["datasets"], *PAIR_FIELDS]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["sst2", "mpqa", "emotion"], choices=datasets)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="k-shot draw and training seeds")
@@ -54,8 +63,8 @@ def cell_recipe(options, dataset: str, seed: int, kind: str):
     from adapterlab.recipe import load_recipe
 
     base = load_recipe(RECIPE)
-    data = yaml.safe_load(SWEEP_FILE.read_text())["datasets"][dataset]
-    overrides = [f"task={dataset}", f"data.path={(ROOT / data.pop('path')).resolve()}", f"data.k={options.k}",
+    data = dataset_settings(dataset)
+    overrides = [f"task={dataset}", f"data.path={data.pop('path')}", f"data.k={options.k}",
                  f"data.seed={seed}", f"training.seed={seed}", f"output.store={options.out / 'ensemble-adapters'}",
                  f"output.name={kind}-k{options.k}-s{seed}-m{options.members}"]
     overrides += [f"data.{key}={value}" for key, value in data.items()]
@@ -112,13 +121,15 @@ def run_cells(options) -> list[dict]:
 
 
 def serving_cost(options, rows: list[dict]) -> dict | None:
-    """Engine rows/s of an ensemble and of its member 0 alone (same settings), on the same test texts."""
+    """Engine rows/s of an ensemble and of its member 0 alone (same settings), on the same test texts; timed on
+    this machine at each report."""
     from adapterlab.data import load_task
     from adapterlab.engine import Engine
     from adapterlab.recipe import DataConfig
     from adapterlab.store import read_card
 
-    ensemble = next((row for row in rows if row["kind"] == "ensemble"), None)
+    # the first ensemble still in the store (a fresh checkout has the cells, not the adapters)
+    ensemble = next((row for row in rows if row["kind"] == "ensemble" and Path(row["adapter"]).exists()), None)
     if ensemble is None:
         return None
     folder = Path(ensemble["adapter"])
@@ -160,6 +171,8 @@ def summarize(rows: list[dict], datasets: list[str]) -> dict:
         singles = [r["member_cells"][0] for r in ensembles]
         table[dataset] = {
             "seeds": [r["seed"] for r in ensembles],
+            # the CPUs its cells ran on: a dataset's times compare within its own cells
+            "cpus": sorted({f"{r['cpu']} ({'fast' if r['fast_bf16'] else 'no fast'} bf16)" for r in ensembles + longs}),
             "single": stats([m["metrics"]["accuracy"] for m in singles]),
             "ensemble": stats([r["accuracy"] for r in ensembles]),
             "long": stats([r["accuracy"] for r in longs]),
@@ -175,18 +188,20 @@ def markdown(report: dict) -> str:
     pct = lambda s: "-" if s is None else f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} (n={s['n']})"  # noqa: E731
     secs = lambda s: "-" if s is None else f"{s['mean']:.0f}"  # noqa: E731
     lines = [f"Ensembles on MiniLM, recipe {RECIPE.name}, k={report['k']}, {report['members']} members, first "
-             f"{report['test_limit']} test rows; accuracy % mean ± std over seeds. "
-             f"CPU: {describe_cpu(report['cpu'])}.", "",
-             "| dataset | single | ensemble | single, equal time | member spread (std) | train s single / ens / long |",
-             "|---|---|---|---|---|---|"]
+             f"{report['test_limit']} test rows; accuracy % mean ± std over seeds. Each dataset's cells ran on one "
+             "CPU (its last column), one cell at a time.", "",
+             "| dataset | single | ensemble | single, equal time | member spread (std) | train s single / ens / long | CPU |",
+             "|---|---|---|---|---|---|---|"]
     for dataset, entry in report["datasets"].items():
         spread, seconds = entry["member_spread"], entry["train_seconds"]
         member_std = "-" if spread is None else f"{100 * spread['mean']:.1f}"
         lines.append(f"| {dataset} | {pct(entry['single'])} | {pct(entry['ensemble'])} | {pct(entry['long'])} | "
-                     f"{member_std} | {secs(seconds['single'])} / {secs(seconds['ensemble'])} / {secs(seconds['long'])} |")
+                     f"{member_std} | {secs(seconds['single'])} / {secs(seconds['ensemble'])} / {secs(seconds['long'])} | "
+                     f"{', '.join(entry['cpus'])} |")
     serving = report.get("serving")
     if serving:
         lines += ["", f"Serving ({serving['dataset']}, {serving['rows']} test rows, engine {serving['engine_dtype']}, "
+                      f"{describe_cpu(report['cpu'])}, "
                       f"batch {serving['batch_size']}): single {serving['single_rows_per_s']} rows/s, ensemble "
                       f"{serving['ensemble_rows_per_s']} rows/s ({serving['cost_ratio']}x the cost per row)."]
     return "\n".join(lines) + "\n"
