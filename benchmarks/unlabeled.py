@@ -9,8 +9,8 @@ here (load_task with the dataset folder, k and seed) is the one SetFit trained o
 --test-limit test rows are the ones it was scored on. The plain adapter is the self-training's teacher
 (`self_train.teachers`): it labels the unlabeled rows, so the k-shot run is not repeated. Train seconds:
 the plain run's `fit`; for self-training, that plus the pseudo-labelling and the retraining. Each finished cell is appended to
---out/unlabeled.jsonl and skipped on a rerun (remove a line to redo it); unlabeled.md and unlabeled.png
-hold all cells. Prints one JSON object (last line). Waits while /tmp/quiet exists (someone is timing).
+--out/unlabeled.jsonl and skipped on a rerun (remove a line to redo it); unlabeled.md holds every setting's
+cells (a table each), unlabeled.png this run's setting. Prints one JSON object (last line). Waits while /tmp/quiet exists (someone is timing).
 
     .venv/bin/python benchmarks/unlabeled.py --datasets sst2 mpqa agnews emotion --seeds 0 1 2
 """
@@ -49,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_cell(dataset: str, seed: int, args) -> dict:
+    from adapterlab.precision import cpu_capability
     from adapterlab.recipe import load_recipe
     from adapterlab.store import read_card
     from adapterlab.train import train
@@ -81,7 +82,8 @@ def run_cell(dataset: str, seed: int, args) -> dict:
             "mean_confidence": [r["mean_confidence"] for r in record["rounds"]],
             "retrain_steps": [r["steps"] for r in record["rounds"]],
             "score_seconds": [r["score_seconds"] for r in record["rounds"]],
-            "load_average": round(os.getloadavg()[0], 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "load_average": round(os.getloadavg()[0], 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "cpu": cpu_capability()}
 
 
 def pseudo_label_quality(recipe) -> tuple[float, float]:
@@ -150,8 +152,17 @@ def _pct(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.1f}"
 
 
-def markdown(cells: list[dict], cpu: dict) -> str:
-    lines = ["| dataset | seeds | setting | plain adapter | k + N self-trained | difference (points) | SetFit (k only) "
+def markdown(cells: list[dict]) -> str:
+    """One table per setting (N unlabeled rows and the self_train section), each with its own tally."""
+    settings: dict[tuple, list[dict]] = {}
+    for cell in cells:
+        settings.setdefault((cell["unlabeled"], cell["self_train"]), []).append(cell)
+    return "\n".join(_setting_table(group) for group in settings.values())
+
+
+def _setting_table(cells: list[dict]) -> str:
+    lines = [f"### k={cells[0]['k']} + {cells[0]['unlabeled']} unlabeled, self_train {cells[0]['self_train']}", "",
+             "| dataset | seeds | setting | plain adapter | k + N self-trained | difference (points) | SetFit (k only) "
              "| plain s | self-trained s | SetFit s | pseudo-labels kept per class | teacher on the N / kept pseudo-labels right |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for dataset, group in by_dataset(cells).items():
@@ -168,14 +179,14 @@ def markdown(cells: list[dict], cpu: dict) -> str:
                  "k-shot and test rows.")
     wins = sum(c["self_trained_accuracy"] > c["plain_accuracy"] for c in cells)
     losses = sum(c["self_trained_accuracy"] < c["plain_accuracy"] for c in cells)
+    cpus = sorted({describe_cpu(c["cpu"]) for c in cells})
     lines.append(f"{len(cells)} cells: self-training better than the plain adapter in {wins}, worse in {losses}. "
                  f"Accuracy on the first {cells[0]['test_limit']} test rows (mean over the seeds listed); SetFit's "
-                 f"cells come from the few-shot report (same k-shot and test rows). CPU: {describe_cpu(cpu)} "
-                 f"({os.cpu_count()} cores visible; each cell's load_average says whether other jobs shared them). Seconds: "
+                 f"cells come from the few-shot report (same k-shot and test rows). CPU: {'; '.join(cpus)} "
+                 "(each cell's load_average says whether other jobs shared it). Seconds: "
                  "plain and self-trained ran here side by side (self-trained: the plain run that labels, then the "
                  "pseudo-labelling and retraining); SetFit's are the few-shot report's, from another run and load: "
-                 "compare plain with self-trained, not with SetFit.\n"
-                 f"Self-training settings: {cells[0]['self_train']}.")
+                 "compare plain with self-trained, not with SetFit.")
     return "\n".join(lines) + "\n"
 
 
@@ -233,10 +244,11 @@ def main(argv=None) -> dict:
             cell = run_cell(dataset, seed, args)
             append_jsonl(file, cell)
             print(json.dumps(cell), file=sys.stderr)
-    setting = (args.k, args.unlabeled, args.test_limit, args.self_train)  # other settings' cells stay in the file
-    cells, cpu = [c for c in read_jsonl(file) if key(c)[2:] == setting], cpu_capability()
-    if cells:
-        (args.out / "unlabeled.md").write_text(markdown(cells, cpu))
+    setting = (args.k, args.unlabeled, args.test_limit, args.self_train)
+    every = [c for c in read_jsonl(file) if (c["k"], c["test_limit"]) == (args.k, args.test_limit)]
+    cells, cpu = [c for c in every if key(c)[2:] == setting], cpu_capability()
+    if cells:  # the table holds every setting's cells; the plot and the summary this run's
+        (args.out / "unlabeled.md").write_text(markdown(every))
         plot(cells, args.out / "unlabeled.png")
     summary = {"benchmark": "unlabeled", "cells": len(cells), "cpu": cpu, "skipped": skipped,
                "datasets": {d: {"seeds": [c["seed"] for c in g], "plain": _mean(g, "plain_accuracy"),
