@@ -18,11 +18,16 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def pytest_report_header(config):
-    """Which kind of CPU ran the tests: bf16 is fast on some (AVX512-BF16, AMX), ~30x slower on AVX2 alone."""
+def pytest_sessionstart(session):
+    """Which kind of CPU ran the tests: bf16 is fast on some (AVX512-BF16, AMX), ~30x slower on AVX2 alone.
+    Written as a line of its own: `make test` runs pytest -q, which hides the report header."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")  # none under -p no:terminal
+    if reporter is None:
+        return
     cpu = cpu_capability()
-    return (f"cpu: {cpu['cpu']} ({cpu['isa']}); avx512_bf16: {cpu['avx512_bf16']}, amx: {cpu['amx']}; "
-            f"oneDNN bf16: {cpu['onednn_bf16']}; fast bf16: {cpu['fast_bf16']}")
+    reporter.write_line(
+        f"cpu: {cpu['cpu']} ({cpu['isa']}); avx512_bf16: {cpu['avx512_bf16']}, amx: {cpu['amx']}; "
+        f"oneDNN bf16: {cpu['onednn_bf16']}; fast bf16: {cpu['fast_bf16']}")
 
 
 def shared(name: str) -> str:
