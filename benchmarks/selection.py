@@ -178,6 +178,16 @@ def paired_gains(rows: list[dict], arm: str, against: str) -> list[float]:
             if r["arm"] == arm and (r["dataset"], r["seed"]) in other]
 
 
+def cells_cpus(rows: list[dict]) -> str:
+    """The CPUs the cells ran on, each with its datasets: a report can gather cells of several sessions."""
+    datasets: dict[str, list[str]] = {}
+    for row in rows:
+        cpu = describe_cpu({"cpu": row["cpu"], "fast_bf16": row["fast_bf16"], "avx512_bf16": False, "amx": False})
+        if row["dataset"] not in datasets.setdefault(cpu, []):
+            datasets[cpu].append(row["dataset"])
+    return "; ".join(f"{cpu} for {', '.join(names)}" for cpu, names in datasets.items())
+
+
 def write_report(rows: list[dict], out: Path, cpu: dict, args) -> dict:
     table = summarize(rows)
     versus_pool, versus_kshot = paired_gains(rows, "selected", "random pool draw"), paired_gains(rows, "selected", "random k-shot")
@@ -186,7 +196,7 @@ def write_report(rows: list[dict], out: Path, cpu: dict, args) -> dict:
               "selected_minus_random_pool_draw": _gain(versus_pool), "selected_minus_random_k_shot": _gain(versus_kshot)}
     (out / "selection.json").write_text(json.dumps(report, indent=2))
     lines = [f"{args.recipe}, k={args.k} rows per label, pool: first {args.pool} train rows, first {args.test_limit} "
-             f"test rows; CPU: {describe_cpu(cpu)}; "
+             f"test rows; CPU: {cells_cpus(rows)}; "
              "accuracy, mean ± std over seeds (seeds); selected picks: classes covered by true labels, fewest rows of a class.",
              "", "| dataset | zero-shot | random k-shot (balanced by true labels) | random pool draw | selected "
              "| selected − pool draw | selected picks: classes, fewest |", "|---|---|---|---|---|---|---|"]
