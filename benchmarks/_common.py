@@ -40,6 +40,11 @@ def describe_cpu(cpu: dict) -> str:
     return f"{cpu['cpu']} (no fast bf16: `auto` trains in float32)"
 
 
+def describe_cell_cpu(cell: dict) -> str:
+    """The CPU a benchmark cell recorded (its name and whether bf16 is fast there), in words."""
+    return f"{cell['cpu']} ({'fast' if cell['fast_bf16'] else 'no fast'} bf16)"
+
+
 def plot_accuracy_bars(file: Path, datasets: list[str], bars: list[tuple[str, list, list]], k: int) -> None:
     """Grouped bars of test accuracy per dataset: one bar per (label, means, stds), with ±std error bars."""
     import matplotlib

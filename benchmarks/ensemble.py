@@ -28,7 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from _common import PAIR_FIELDS, append_jsonl, describe_cpu, plot_accuracy_bars, read_jsonl, wait_for_quiet
+from _common import (PAIR_FIELDS, append_jsonl, describe_cell_cpu, describe_cpu, plot_accuracy_bars, read_jsonl,
+                     wait_for_quiet)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sst2-lora-minilm-tied.yaml"
@@ -172,7 +173,7 @@ def summarize(rows: list[dict], datasets: list[str]) -> dict:
         table[dataset] = {
             "seeds": [r["seed"] for r in ensembles],
             # the CPUs its cells ran on: a dataset's times compare within its own cells
-            "cpus": sorted({f"{r['cpu']} ({'fast' if r['fast_bf16'] else 'no fast'} bf16)" for r in ensembles + longs}),
+            "cpus": sorted({describe_cell_cpu(r) for r in ensembles + longs}),
             "single": stats([m["metrics"]["accuracy"] for m in singles]),
             "ensemble": stats([r["accuracy"] for r in ensembles]),
             "long": stats([r["accuracy"] for r in longs]),

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from _common import PAIR_FIELDS, append_jsonl, describe_cpu, read_jsonl
+from _common import PAIR_FIELDS, append_jsonl, describe_cell_cpu, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -182,7 +182,7 @@ def cells_cpus(rows: list[dict]) -> str:
     """The CPUs the cells ran on, each with its datasets: a report can gather cells of several sessions."""
     datasets: dict[str, list[str]] = {}
     for row in rows:
-        cpu = describe_cpu({"cpu": row["cpu"], "fast_bf16": row["fast_bf16"], "avx512_bf16": False, "amx": False})
+        cpu = describe_cell_cpu(row)
         if row["dataset"] not in datasets.setdefault(cpu, []):
             datasets[cpu].append(row["dataset"])
     return "; ".join(f"{cpu} for {', '.join(names)}" for cpu, names in datasets.items())

@@ -10,7 +10,8 @@ here (load_task with the dataset folder, k and seed) is the one SetFit trained o
 (`self_train.teachers`): it labels the unlabeled rows, so the k-shot run is not repeated. Train seconds:
 the plain run's `fit`; for self-training, that plus the pseudo-labelling and the retraining. Each finished cell is appended to
 --out/unlabeled.jsonl and skipped on a rerun (remove a line to redo it); unlabeled.md holds every setting's
-cells (a table each), unlabeled.png this run's setting. Prints one JSON object (last line). Waits while /tmp/quiet exists (someone is timing).
+cells (a table each), unlabeled.png this run's setting. Prints one JSON object (last line). Waits while
+/tmp/quiet exists (someone is timing).
 
     .venv/bin/python benchmarks/unlabeled.py --datasets sst2 mpqa agnews emotion --seeds 0 1 2
 """
