@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-fast test-as-avx2 bench clean
+.PHONY: setup demo test test-fast test-as-avx2 bench fewshot-report clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -37,5 +37,18 @@ bench: setup
 	$(PY) benchmarks/scaling.py
 	$(PY) benchmarks/quantized.py
 
+# The few-shot report against SetFit (benchmarks/fewshot.py; README, Figures), on this machine's CPU kind.
+# SetFit (the `compare` extra) gets a venv of its own, so that .venv stays what `make test` checks.
+# Narrow it with ARGS, e.g. make fewshot-report ARGS="--datasets sst2 mpqa sst5 agnews --seeds 0 1 2"
+COMPARE_VENV ?= .venv-compare
+$(COMPARE_VENV)/.installed-stamp: pyproject.toml Makefile
+	python3 -m venv $(COMPARE_VENV)
+	$(COMPARE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(COMPARE_VENV)/bin/python -m pip install -q -e ".[compare]"
+	touch $@
+
+fewshot-report: $(COMPARE_VENV)/.installed-stamp
+	$(COMPARE_VENV)/bin/python benchmarks/fewshot.py --methods zeroshot adapterlab setfit $(ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(COMPARE_VENV) .pytest_cache

@@ -25,6 +25,9 @@ def wait_for_quiet() -> None:
         time.sleep(20)
 
 
+# The shared datasets (../shared/data beside the project): read there, never copied into it.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
 # The shared datasets of text pairs → the column of each row's second text.
 PAIR_FIELDS = {"rte": "text_pair", "cb": "text_pair"}
 

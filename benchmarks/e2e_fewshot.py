@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from _common import append_jsonl, read_jsonl
+from _common import SHARED_DATA, append_jsonl, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 DIRECTIONS = {"generate": (ROOT / "recipes" / "e2e-lora-smollm2.yaml", "bleu"),
@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--test-limit", type=int, default=100)
     parser.add_argument("--shots", type=int, default=4, help="Demonstrations in the in-context prompt.")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "e2e"))
+    parser.add_argument("--data", default=str(SHARED_DATA / "e2e"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "e2e"))
     return parser.parse_args(argv)
 

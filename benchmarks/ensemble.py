@@ -28,13 +28,12 @@ from pathlib import Path
 
 import yaml
 
-from _common import (PAIR_FIELDS, append_jsonl, describe_cell_cpu, describe_cpu, plot_accuracy_bars, read_jsonl,
+from _common import (PAIR_FIELDS, SHARED_DATA, append_jsonl, describe_cell_cpu, describe_cpu, plot_accuracy_bars, read_jsonl,
                      wait_for_quiet)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sst2-lora-minilm-tied.yaml"
 SWEEP_FILE = ROOT / "recipes" / "sweeps" / "minilm-single-text.yaml"  # the shared datasets and their settings
-SHARED_DATA = ROOT.parent / "shared" / "data"
 CELLS = "ensemble.jsonl"
 KINDS = ("ensemble", "long")
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from _common import PAIR_FIELDS, append_jsonl, describe_cpu, plot_accuracy_bars, read_jsonl
+from _common import PAIR_FIELDS, SHARED_DATA, append_jsonl, describe_cpu, plot_accuracy_bars, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILE = ROOT / "recipes" / "sweeps" / "minilm-single-text.yaml"
@@ -47,9 +47,9 @@ CV_METHOD, CV_RECIPE = "lora-cv", ROOT / "recipes" / "sst2-lora-minilm-tied-cv.y
 SETFIT_CELLS = "fewshot-setfit.jsonl"
 METHODS = ("zeroshot", "adapterlab", "adapterlab-cv", "setfit")
 SWEEP_METHODS = {"zeroshot": "zeroshot", "adapterlab": ADAPTER_METHOD, "adapterlab-cv": CV_METHOD}
-# The pair tasks of ../shared/data beside the shipped sweep's single-text ones (SetFit reads a pair as one
+# The pair tasks of the shared data beside the shipped sweep's single-text ones (SetFit reads a pair as one
 # text: the two joined by its tokenizer's separator).
-PAIR_DATASETS = {name: {"path": f"../shared/data/{name}", "text_pair_field": field} for name, field in PAIR_FIELDS.items()}
+PAIR_DATASETS = {name: {"path": str(SHARED_DATA / name), "text_pair_field": field} for name, field in PAIR_FIELDS.items()}
 TARGETS = {"backbone": "minilm", "k": 16, "seeds": [0, 1, 2],
            "datasets": ["sst2", "sst5", "imdb", "mpqa", "agnews", "emotion", "banking77"],
            "cv_datasets": ["sst2", "sst5", "imdb", "mpqa", "agnews", "emotion", "banking77", "rte", "cb"],

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import serve_load  # benchmarks/serve_load.py, beside this script
-from _common import run_threads
+from _common import SHARED_DATA, run_threads
 
 PROMPTS = ["Write one sentence about a restaurant: name[The Eagle], food[French], area[riverside]",
            "Describe a coffee shop near the river in a few words.",
@@ -50,7 +50,7 @@ def make_store(root: Path, count: int) -> tuple[list[str], str]:
     from adapterlab.recipe import validate_recipe
     from adapterlab.train import train
 
-    data = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e")
+    data = str(SHARED_DATA / "e2e")
     common = {"backbone": "smollm2-135m", "method": {"name": "lora", "r": 8}, "training": {"max_steps": 1},
               "output": {"store": str(root), "name": "t"}}
     template = train(validate_recipe({**common, "task": "template",

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from _common import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "sst2"
+DATA = SHARED_DATA / "sst2"
 RUNS = {  # backbone: (recipe, overrides that keep the run short)
     "minilm": ("sst2-lora-minilm-tied.yaml", []),
     "smollm2-135m": ("sst2-lora-smollm2.yaml", ["training.epochs=3"]),

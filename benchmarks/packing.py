@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+from _common import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sst2-lora-minilm-tied.yaml"
-SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -34,6 +34,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from _common import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sst2-lora-smollm2.yaml"
 QUANTIZATION = {"fp32": "none", "8bit": "8bit", "4bit": "4bit"}  # 4bit: the recipe schema's default nf4
@@ -65,7 +67,7 @@ def measure(mode: str, seed: int, k: int, epochs: int | None, test_limit: int, s
     from adapterlab.recipe import load_recipe
     from adapterlab.train import _schedule, evaluate, fit, setup
 
-    overrides = [f"quantization.mode={QUANTIZATION[mode]}", f"data.path={ROOT.parent / 'shared/data/sst2'}",
+    overrides = [f"quantization.mode={QUANTIZATION[mode]}", f"data.path={SHARED_DATA / 'sst2'}",
                  f"data.k={k}", f"data.seed={seed}", f"training.seed={seed}", f"output.store={store}"] + ([f"data.test_limit={test_limit}"] if test_limit else [])
     recipe = load_recipe(RECIPE, overrides + ([f"training.epochs={epochs}"] if epochs else []))
     accelerator, task, model = setup(recipe)

@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _common import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sst2-lora-minilm.yaml"
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -40,7 +42,7 @@ def threads(processes: int, options) -> int:
 
 def launch(config: str, processes: int, batch_size: int, options, store: str) -> float:
     """One training run; its train_seconds."""
-    overrides = [f"data.path={ROOT.parent / 'shared/data/sst2'}", f"data.k={options.k}", "data.test_limit=1",
+    overrides = [f"data.path={SHARED_DATA / 'sst2'}", f"data.k={options.k}", "data.test_limit=1",
                  f"training.max_steps={options.steps}", f"training.batch_size={batch_size}", f"output.store={store}"]
     command = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs" / config),
                "--num_cpu_threads_per_process", str(threads(processes, options)),

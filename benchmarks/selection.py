@@ -32,10 +32,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from _common import PAIR_FIELDS, append_jsonl, describe_cell_cpu, read_jsonl
+from _common import PAIR_FIELDS, SHARED_DATA, append_jsonl, describe_cell_cpu, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 RECIPE = "recipes/sst2-lora-minilm-tied.yaml"
 # Cells written before --recipe existed trained the default recipe.
 FORMER_RECIPE = "recipes/sst2-lora-minilm.yaml"
@@ -84,7 +83,7 @@ class PoolOfDataset:
         from adapterlab.data import read_pool
         from adapterlab.zeroshot import zero_shot_servable
 
-        self.folder, self.pair_field, self.engine = DATA / dataset, DATASETS[dataset], engine
+        self.folder, self.pair_field, self.engine = SHARED_DATA / dataset, DATASETS[dataset], engine
         self.rows = read_pool(self.folder, text_pair_field=self.pair_field, limit=size)
         self.truth = [json.loads(line)["label"] for line in (self.folder / "train.jsonl").open()][:size]
         self.classifier = zero_shot_servable(engine.backbone, self.rows.label_names, self.rows.label_descriptions)
