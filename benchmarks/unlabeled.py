@@ -26,11 +26,10 @@ from pathlib import Path
 
 import yaml
 
-from _common import PAIR_FIELDS, append_jsonl, describe_cpu, read_jsonl, wait_for_quiet
+from _common import PAIR_FIELDS, SHARED_DATA, append_jsonl, describe_cpu, read_jsonl, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sst2-lora-minilm-tied.yaml"
-SHARED_DATA = ROOT.parent / "shared" / "data"
 SETFIT_CELLS = ROOT / "benchmarks" / "results" / "fewshot-setfit.jsonl"
 SELF_TRAIN = "{rounds: 1, threshold: 0.0, keep_fraction: 0.2, balance: true, labelled_share: 0.5, steps: 1.0}"
 CELLS = "unlabeled.jsonl"
@@ -168,7 +167,7 @@ def _setting_table(cells: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for dataset, group in by_dataset(cells).items():
         gain = _mean(group, "self_trained_accuracy") - _mean(group, "plain_accuracy")
-        kept = "; ".join(", ".join(f"{n}" for n in c["kept_per_class"][0].values()) for c in group)
+        kept = "; ".join(_kept(c["kept_per_class"][0]) for c in group)
         lines.append(f"| {dataset} | {', '.join(str(c['seed']) for c in group)} | {group[0]['setting'].split(' + ')[1]} "
                      f"| {_pct(_mean(group, 'plain_accuracy'))} | {_pct(_mean(group, 'self_trained_accuracy'))} "
                      f"| {100 * gain:+.1f} | {_pct(_mean(group, 'setfit_accuracy'))} "
@@ -189,6 +188,14 @@ def _setting_table(cells: list[dict]) -> str:
                  "pseudo-labelling and retraining); SetFit's are the few-shot report's, from another run and load: "
                  "compare plain with self-trained, not with SetFit.")
     return "\n".join(lines) + "\n"
+
+
+def _kept(per_class: dict) -> str:
+    """A seed's pseudo-labels kept per class: every count for a few classes, "77 × 5" for many equal ones."""
+    counts = list(per_class.values())
+    if len(counts) <= 6:
+        return ", ".join(str(n) for n in counts)
+    return f"{len(counts)} × {counts[0]}" if len(set(counts)) == 1 else f"{min(counts)}–{max(counts)} over {len(counts)}"
 
 
 def _quality(cells: list[dict]) -> str:
