@@ -152,7 +152,7 @@ def test_a_generation_sweep_reports_bleu_with_zero_shot_prompting(generation_swe
         assert card["kind"] == "generate" and card["k"] == 4 and card["seed"] == seed
     zero = next(row for row in rows if row["method"] == "zeroshot")
     recipe = sweep_module.cell_recipe(sweep, {"dataset": "e2e", "method": "zeroshot", "k": 0, "seed": 0}, folder)
-    assert zero["bleu"] == pytest.approx(evaluate_prompting(Engine(tiny_llama), recipe)["bleu"])
+    assert zero["bleu"] == pytest.approx(evaluate_prompting(Engine(tiny_llama, dtype="float32"), recipe)["bleu"])
     summary = json.loads((folder / "summary.json").read_text())
     assert {s["metric"] for s in summary} == {"bleu"}
     lora = next(s for s in summary if s["method"] == "lora")
@@ -168,7 +168,7 @@ def test_in_context_cells_show_each_cell_its_own_k_shot_rows(generation_sweep, t
     """`incontext` cells run per k and seed, unprompted by any training: the bare backbone shown the first
     `shots` of the rows that cell's adapters train on (per class when classifying), scored as
     `evaluate_zero_shot` / `evaluate_prompting` score those prompts."""
-    engine = Engine(tiny_llama)
+    engine = Engine(tiny_llama, dtype="float32")
     classify = {"name": "sst2", "backbone": tiny_llama, "output": str(tmp_path / "out"), "test_limit": 6, "shots": 3,
                 "datasets": {"sst2": {"path": shared("sst2")}}, "methods": {"incontext": "incontext"},
                 "k": [2, 4], "seeds": [0, 1]}
@@ -232,6 +232,10 @@ def test_sweep_on_minilm_and_real_data(tmp_path):
     rows = load_task(DataConfig(path=shared("agnews"), k=None, test_limit=200)).test
     for seed in (0, 1):
         assert_beats_its_start(engine, f"agnews/lora-k8-s{seed}", rows)
+    # the zero-shot cell is scored in float32, as the LoRA cells are, whatever this CPU computes fast
+    zero = next(row for row in sweep_module.read_results(folder / "results.jsonl") if row["method"] == "zeroshot")
+    assert zero["dtype"] == "float32"
+    assert zero["accuracy"] == evaluate_zero_shot(engine, DataConfig(path=shared("agnews"), k=None), limit=200)["accuracy"]
 
 
 def test_the_factory_refuses_what_it_cannot_train(tiny_bert, tmp_path):
