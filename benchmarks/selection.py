@@ -144,13 +144,15 @@ def train_cell(cell: dict, pool: PoolOfDataset, work: Path) -> dict:
             "train_seconds": round(result.train_seconds, 1), **extra}
 
 
-def zero_shot_cell(cell: dict, pool: PoolOfDataset) -> dict:
+def zero_shot_cell(cell: dict, pool: PoolOfDataset, scorer) -> dict:
+    """The zero-shot classifier's test metrics, from `scorer`: an engine in float32, as the trained cells are
+    scored (the pool's engine may run in bf16, which moves a baseline by rounding alone)."""
     from adapterlab.recipe import DataConfig
     from adapterlab.zeroshot import evaluate_zero_shot
 
     data = DataConfig(path=str(pool.folder), text_pair_field=pool.pair_field, k=None)
-    metrics = evaluate_zero_shot(pool.engine, data, limit=cell["test_limit"])
-    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+    metrics = evaluate_zero_shot(scorer, data, limit=cell["test_limit"])
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "dtype": "float32"}
 
 
 def summarize(rows: list[dict]) -> dict[str, dict[str, dict]]:
@@ -270,11 +272,12 @@ def main(argv=None) -> int:
     todo = [cell for cell in grid(args) if key(cell) not in {key(row) for row in done}]
     cpu = cpu_capability()
     engine, pools = Engine("minilm"), {}
+    scorer = Engine("minilm", dtype="float32") if any(cell["arm"] == "zero-shot" for cell in todo) else None
     for cell in tqdm(todo, desc="selection cells"):
         if cell["dataset"] not in pools:
             pools[cell["dataset"]] = PoolOfDataset(cell["dataset"], args.pool, engine)
         pool = pools[cell["dataset"]]
-        metrics = zero_shot_cell(cell, pool) if cell["arm"] == "zero-shot" else train_cell(cell, pool, work)
+        metrics = zero_shot_cell(cell, pool, scorer) if cell["arm"] == "zero-shot" else train_cell(cell, pool, work)
         row = {**cell, **metrics, "cpu": cpu["cpu"], "fast_bf16": cpu["fast_bf16"], "load_average": os.getloadavg()[0]}
         append_jsonl(cells_file, row)
         done.append(row)
