@@ -152,7 +152,8 @@ def zero_shot_cell(cell: dict, pool: PoolOfDataset, scorer) -> dict:
 
     data = DataConfig(path=str(pool.folder), text_pair_field=pool.pair_field, k=None)
     metrics = evaluate_zero_shot(scorer, data, limit=cell["test_limit"])
-    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "dtype": "float32"}
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+            "dtype": str(scorer.backbone.dtype).removeprefix("torch.")}
 
 
 def summarize(rows: list[dict]) -> dict[str, dict[str, dict]]:
