@@ -42,7 +42,7 @@ bench: setup
 	$(PY) benchmarks/scaling.py
 	$(PY) benchmarks/quantized.py
 
-# The few-shot report against SetFit (benchmarks/fewshot.py; README, Figures), on this machine's CPU kind.
+# The few-shot report against SetFit (benchmarks/fewshot.py; docs/benchmarks.md), on this machine's CPU kind.
 # SetFit (the `compare` extra) gets a venv of its own, so that .venv stays what `make test` checks.
 # Narrow it with ARGS, e.g. make fewshot-report ARGS="--datasets sst2 mpqa sst5 agnews --seeds 0 1 2"
 COMPARE_VENV ?= .venv-compare

@@ -5,10 +5,10 @@ import json
 import types
 from typing import Literal, Union, get_args, get_origin
 
+import yaml
 from annotated_types import Ge, Gt, Le, Lt, MinLen
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
-import yaml
 
 from adapterlab.recipe import Recipe
 
