@@ -9,7 +9,8 @@ from adapterlab.engine import Engine, Request
 from adapterlab.errors import AdapterlabError
 from adapterlab.precision import resolve_device, resolve_dtype
 from adapterlab.recipe import validate_recipe
-from adapterlab.store import StoreError, load_adapter
+from adapterlab.loading import load_adapter
+from adapterlab.store import StoreError
 from adapterlab.train import train
 from conftest import tiny_recipe
 

@@ -16,7 +16,8 @@ from adapterlab.data import load_task
 from adapterlab.engine import Engine, Request
 from adapterlab.merge import combine_adapters, merge_adapter
 from adapterlab.recipe import DataConfig, RecipeError, load_recipe, validate_recipe
-from adapterlab.store import StoreError, load_adapter, read_card, verify
+from adapterlab.loading import load_adapter
+from adapterlab.store import StoreError, read_card, verify
 from adapterlab.train import train
 from conftest import ROOT, assert_beats_its_start, shared, tiny_recipe
 

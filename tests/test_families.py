@@ -18,7 +18,7 @@ from adapterlab.errors import AdapterlabError
 from adapterlab.merge import load_merged, merge_adapter
 from adapterlab.model import AdapterModel, build_adapter_model
 from adapterlab.recipe import Recipe, TrainingConfig, validate_recipe
-from adapterlab.store import load_adapter
+from adapterlab.loading import load_adapter
 from adapterlab.train import _stem_states, train
 from conftest import tiny_recipe
 

@@ -16,7 +16,8 @@ from adapterlab.errors import AdapterlabError
 from adapterlab.heads import label_embeddings
 from adapterlab.model import build_adapter_model
 from adapterlab.recipe import validate_recipe
-from adapterlab.store import load_adapter, read_card
+from adapterlab.loading import load_adapter
+from adapterlab.store import read_card
 from adapterlab.train import train
 from conftest import tiny_recipe
 
