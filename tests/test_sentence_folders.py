@@ -14,9 +14,9 @@ from adapterlab.data import load_task
 from adapterlab.engine import Engine, Request
 from adapterlab.errors import AdapterlabError
 from adapterlab.heads import label_embeddings
+from adapterlab.loading import load_adapter
 from adapterlab.model import build_adapter_model
 from adapterlab.recipe import validate_recipe
-from adapterlab.loading import load_adapter
 from adapterlab.store import read_card
 from adapterlab.train import train
 from conftest import tiny_recipe

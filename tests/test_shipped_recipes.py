@@ -10,8 +10,8 @@ import torch
 
 from adapterlab.backbones import load_backbone
 from adapterlab.engine import Engine
-from adapterlab.recipe import load_recipe
 from adapterlab.loading import load_adapter
+from adapterlab.recipe import load_recipe
 from adapterlab.store import StoreError, save_adapter
 from adapterlab.train import evaluate, fit, make_card, setup
 from adapterlab.model import parameter_counts

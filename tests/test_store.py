@@ -19,9 +19,9 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from adapterlab.errors import AdapterlabError
+from adapterlab.loading import load_adapter
 from adapterlab.merge import combine_adapters
 from adapterlab.names import name_problem
-from adapterlab.loading import load_adapter
 from adapterlab.store import AdapterCard, StoreError, list_adapters, read_card, resolve, save_adapter, verify
 from adapterlab.train import train
 from conftest import tiny_recipe
