@@ -83,7 +83,7 @@ def run_adapter(cell: dict, args, store: Path) -> dict:
 def run_prompting(cell: dict, args, engines: dict) -> dict:
     """Zero-shot or in-context: the bare backbone on the recipe's template, through the engine."""
     from adapterlab.engine import Engine
-    from adapterlab.generative import evaluate_prompting
+    from adapterlab.baselines import evaluate_prompting
 
     recipe = recipe_for(cell, args, Path(args.out) / "adapters")
     if recipe.backbone not in engines:

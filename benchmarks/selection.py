@@ -273,7 +273,7 @@ def main(argv=None) -> int:
     todo = [cell for cell in grid(args) if key(cell) not in {key(row) for row in done}]
     cpu = cpu_capability()
     engine, pools = Engine("minilm"), {}
-    scorer = Engine("minilm", dtype="float32") if any(cell["arm"] == "zero-shot" for cell in todo) else None
+    scorer = Engine.for_comparison("minilm") if any(cell["arm"] == "zero-shot" for cell in todo) else None
     for cell in tqdm(todo, desc="selection cells"):
         if cell["dataset"] not in pools:
             pools[cell["dataset"]] = PoolOfDataset(cell["dataset"], args.pool, engine)

@@ -7,9 +7,10 @@ import torch
 from adapterlab.backbones import load_backbone
 from adapterlab.engine import Engine, Request
 from adapterlab.errors import AdapterlabError
+from adapterlab.loading import load_adapter
 from adapterlab.precision import resolve_device, resolve_dtype
 from adapterlab.recipe import validate_recipe
-from adapterlab.store import StoreError, load_adapter
+from adapterlab.store import StoreError
 from adapterlab.train import train
 from conftest import tiny_recipe
 
@@ -43,6 +44,23 @@ def test_engine_equals_the_peft_model(store, tiny_bert, reference, device):
     engine = Engine(tiny_bert, store, device=device, dtype="float32")
     model, card = load_adapter(store / reference, load_backbone(tiny_bert))
     assert torch.allclose(scores(engine.predict(reference, TEXTS)), model.scores(TEXTS), atol=1e-5)
+
+
+@pytest.mark.parametrize("reference", ADAPTERS)
+def test_loading_builds_the_peft_model_peft_reads_from_the_folder(store, tiny_bert, reference):
+    """`loading` builds its peft model from the config and tensors the store read and checked: the model
+    peft's own loader reads from the folder, weight for weight and state for state, in eval mode."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    model, _ = load_adapter(store / reference, load_backbone(tiny_bert))
+    peft_read = PeftModel.from_pretrained(load_backbone(tiny_bert).model, str(store / reference))
+    ours, theirs = get_peft_model_state_dict(model.peft_model), get_peft_model_state_dict(peft_read)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert model.peft_model.peft_config["default"].to_dict() == peft_read.peft_config["default"].to_dict()
+    trainable = lambda peft_model: [name for name, p in peft_model.named_parameters() if p.requires_grad]  # noqa: E731
+    assert not model.peft_model.training and trainable(model.peft_model) == trainable(peft_read)
+    inputs = model.tokenize(TEXTS)
+    assert torch.equal(model.peft_model(**inputs).last_hidden_state, peft_read(**inputs).last_hidden_state)
 
 
 def test_mixed_batch_equals_separate_runs(store, tiny_bert, device):

@@ -14,9 +14,10 @@ from adapterlab.backbones import load_backbone
 from adapterlab.cli import app
 from adapterlab.data import load_task
 from adapterlab.engine import Engine, Request
+from adapterlab.loading import load_adapter
 from adapterlab.merge import combine_adapters, merge_adapter
 from adapterlab.recipe import DataConfig, RecipeError, load_recipe, validate_recipe
-from adapterlab.store import StoreError, load_adapter, read_card, verify
+from adapterlab.store import StoreError, read_card, verify
 from adapterlab.train import train
 from conftest import ROOT, assert_beats_its_start, shared, tiny_recipe
 

@@ -15,10 +15,10 @@ from adapterlab.backbones.packing import can_pack, pack
 from adapterlab.engine import Engine, Request
 from adapterlab.data import load_task
 from adapterlab.errors import AdapterlabError
+from adapterlab.loading import load_adapter
 from adapterlab.merge import load_merged, merge_adapter
 from adapterlab.model import AdapterModel, build_adapter_model
 from adapterlab.recipe import Recipe, TrainingConfig, validate_recipe
-from adapterlab.store import load_adapter
 from adapterlab.train import _stem_states, train
 from conftest import tiny_recipe
 

@@ -11,8 +11,9 @@ from adapterlab.backbones import load_backbone, resolve_path
 from adapterlab.engine import Engine, GenerationRequest
 from adapterlab.errors import AdapterlabError
 from adapterlab.generation import Decoder, Sampling
+from adapterlab.loading import load_adapter
 from adapterlab.recipe import validate_recipe
-from adapterlab.store import StoreError, load_adapter, read_card
+from adapterlab.store import StoreError, read_card
 from adapterlab.train import setup, train
 from conftest import shared, tiny_recipe
 

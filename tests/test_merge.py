@@ -35,6 +35,20 @@ def test_merged_model_equals_the_adapter(store, tiny_bert, tmp_path):
     assert read_card(exported).merged_from == "sent/a"
 
 
+def test_a_merged_folder_is_read_through_the_stores_checks(store, tmp_path):
+    """`load_merged` reads a merged folder's card and head as the store reads an adapter's: a head that
+    lost a label is refused by name, and an adapter folder is not taken for a merged model."""
+    from safetensors.torch import load_file, save_file
+
+    exported = merge_adapter(store, "sent/b", tmp_path / "merged")
+    head = load_file(exported / "head.safetensors")
+    save_file({key: value[:1].contiguous() for key, value in head.items()}, exported / "head.safetensors")
+    with pytest.raises(StoreError, match="head.safetensors holds"):
+        load_merged(exported)
+    with pytest.raises(StoreError, match="not a merged model"):
+        load_merged(store / "sent" / "a")
+
+
 def test_prefix_adapters_cannot_be_merged(store, tmp_path):
     with pytest.raises(StoreError, match="adds no weight updates and cannot be merged"):
         merge_adapter(store, "sent/prefix", tmp_path / "nope")

@@ -41,7 +41,7 @@ def test_a_generative_adapter_learns_on_an_8bit_llm(tiny_llama, tmp_path):
     import torch
 
     from adapterlab.recipe import validate_recipe
-    from adapterlab.store import load_adapter
+    from adapterlab.loading import load_adapter
     from adapterlab.train import setup
     from conftest import tiny_recipe
 

@@ -14,9 +14,10 @@ from adapterlab.data import load_task
 from adapterlab.engine import Engine, Request
 from adapterlab.errors import AdapterlabError
 from adapterlab.heads import label_embeddings
+from adapterlab.loading import load_adapter
 from adapterlab.model import build_adapter_model
 from adapterlab.recipe import validate_recipe
-from adapterlab.store import load_adapter, read_card
+from adapterlab.store import read_card
 from adapterlab.train import train
 from conftest import tiny_recipe
 

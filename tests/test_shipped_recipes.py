@@ -10,8 +10,9 @@ import torch
 
 from adapterlab.backbones import load_backbone
 from adapterlab.engine import Engine
+from adapterlab.loading import load_adapter
 from adapterlab.recipe import load_recipe
-from adapterlab.store import StoreError, load_adapter, save_adapter
+from adapterlab.store import StoreError, save_adapter
 from adapterlab.train import evaluate, fit, make_card, setup
 from adapterlab.model import parameter_counts
 from conftest import ROOT, assert_beats_its_start, shared

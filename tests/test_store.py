@@ -19,10 +19,10 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from adapterlab.errors import AdapterlabError
+from adapterlab.loading import load_adapter
 from adapterlab.merge import combine_adapters
 from adapterlab.names import name_problem
-from adapterlab.store import (AdapterCard, StoreError, list_adapters, load_adapter, read_card, resolve, save_adapter,
-                              verify)
+from adapterlab.store import AdapterCard, StoreError, list_adapters, read_card, resolve, save_adapter, verify
 from adapterlab.train import train
 from conftest import tiny_recipe
 

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 import adapterlab.sweep as sweep_module
+from adapterlab.baselines import evaluate_prompting
 from adapterlab.data import load_task
 from adapterlab.engine import Engine
-from adapterlab.generative import evaluate_prompting
 from adapterlab.recipe import DataConfig
 from adapterlab.sweep import SweepError, factory_sweep, load_sweep, run_sweep
 from adapterlab.zeroshot import ZeroShotConfig, demonstration_indices, evaluate_zero_shot

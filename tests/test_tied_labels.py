@@ -7,9 +7,10 @@ import torch
 from adapterlab.backbones import load_backbone
 from adapterlab.data import load_task
 from adapterlab.engine import Engine
+from adapterlab.loading import load_adapter
 from adapterlab.model import _step_labels, build_adapter_model, parameter_counts
 from adapterlab.recipe import RecipeError, validate_recipe
-from adapterlab.store import load_adapter, save_adapter
+from adapterlab.store import save_adapter
 from adapterlab.train import fit, make_card, setup, train
 from conftest import tiny_recipe
 

@@ -15,16 +15,16 @@ from adapterlab.backbones import Backbone, load_backbone
 from adapterlab.data import DataError, load_pairs, load_task
 from adapterlab.errors import AdapterlabError
 from adapterlab.generation import Decoder, Sampling, Sequence
-from adapterlab.generative import prompt_ids
-from adapterlab.heads import build_head, text_prompt_of, uses_chat
+from adapterlab.heads import build_head
 from adapterlab.methods import method_module
 from adapterlab.methods.base import AdapterWeights
 from adapterlab.metrics import classification_metrics, generation_metrics
-from adapterlab.mixed_batch import PromptSettings, Row, Servable, forward_mixed
-from adapterlab.precision import resolve_device, resolve_dtype
+from adapterlab.mixed_batch import Row, Servable, forward_mixed
+from adapterlab.precision import COMPARISON_DTYPE, resolve_device, resolve_dtype
+from adapterlab.prompts import has_chat_template, prompt_ids, prompt_settings, request_ids
 from adapterlab.recipe import DataConfig, Recipe
-from adapterlab.store import (AdapterCard, StoredAdapter, StoreError, read_adapter, read_card, read_ensemble, resolve,
-                              verify)
+from adapterlab.store import (AdapterCard, StoredAdapter, StoreError, check_folder, read_adapter, read_card,
+                              read_ensemble, resolve)
 from adapterlab.zeroshot import zero_shot_servable
 
 
@@ -84,10 +84,14 @@ class Engine:
     def for_adapter(cls, reference: str, store: str | Path = "adapters", **options) -> "Engine":
         """An engine on the backbone that adapter `reference` was trained on."""
         folder = resolve(store, reference)
-        problems = verify(folder)  # before the backbone loads: a broken adapter fails fast
-        if problems:
-            raise StoreError(f"adapter {folder} is unusable: {'; '.join(problems)}")
+        check_folder(folder)  # before the backbone loads: a broken adapter fails fast
         return cls(read_card(folder).backbone, store, **options)
+
+    @classmethod
+    def for_comparison(cls, backbone: Backbone | str, store: str | Path = "adapters", **options) -> "Engine":
+        """An engine whose scores are set beside others' (baselines, parents, teachers): in the dtype
+        `precision.COMPARISON_DTYPE` names, whatever the hardware computes fastest."""
+        return cls(backbone, store, dtype=COMPARISON_DTYPE, **options)
 
     # --- the cache -------------------------------------------------------------------------------
     def servable(self, reference: str) -> Servable:
@@ -132,9 +136,7 @@ class Engine:
         card, recipe = stored.card, stored.recipe
         weights = method_module(card.method).inference_weights(stored.tensors, stored.adapter_config)
         weights = weights.to(self.backbone.device, self.backbone.dtype)
-        prompt = PromptSettings(recipe.head.template, uses_chat(recipe.head, self.backbone),
-                                recipe.training.inference_max_length,
-                                text_prompt=text_prompt_of(recipe.head, self.backbone))
+        prompt = prompt_settings(recipe.head, self.backbone, recipe.training.inference_max_length)
         return Servable(f"{card.task}/{card.name}", card.labels, weights, stored.head, prompt, stored.nbytes, card.kind)
 
     def _evict(self) -> None:
@@ -151,9 +153,7 @@ class Engine:
         card = self.card(reference)
         recipe = Recipe.model_validate(card.recipe)
         head = build_head(recipe.head, self.backbone, card.labels, card.label_descriptions)
-        prompt = PromptSettings(recipe.head.template, uses_chat(recipe.head, self.backbone),
-                                recipe.training.inference_max_length,
-                                text_prompt=text_prompt_of(recipe.head, self.backbone))
+        prompt = prompt_settings(recipe.head, self.backbone, recipe.training.inference_max_length)
         return Servable(f"{card.task}/{card.name}@start", card.labels, AdapterWeights(), head.eval(), prompt, 0)
 
     def zero_shot(self, labels: tuple[str, ...], descriptions: tuple[str, ...] | None = None) -> Servable:
@@ -197,13 +197,10 @@ class Engine:
             if servable.kind != "generate":
                 raise AdapterlabError("a text is filled into a generative adapter's template: name one, or send "
                                       "a prompt or messages")
-            return prompt_ids(self.backbone, servable.prompt.template, servable.prompt.chat, request.text)
-        if request.messages is not None:
-            if not getattr(tokenizer, "chat_template", None):
-                raise AdapterlabError(f"backbone {self.backbone.name!r} has no chat template: send a prompt")
-            return list(tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True,
-                                                      return_dict=False))
-        return tokenizer(request.prompt).input_ids
+            return prompt_ids(tokenizer, servable.prompt.template, servable.prompt.chat, request.text)
+        if request.messages is not None and not has_chat_template(tokenizer):
+            raise AdapterlabError(f"backbone {self.backbone.name!r} has no chat template: send a prompt")
+        return request_ids(tokenizer, request.prompt, request.messages)
 
     # --- answering -------------------------------------------------------------------------------
     def predict(self, reference: str, texts: list[str], pairs: list[str] | None = None) -> list[Prediction]:

@@ -6,12 +6,11 @@ from peft import get_peft_model
 from torch import nn
 
 from adapterlab.backbones import Backbone, model_inputs
-from adapterlab.data import Pairs, load_pairs
+from adapterlab.data import Pairs
 from adapterlab.errors import AdapterlabError
-from adapterlab.generation import Sampling
-from adapterlab.heads import TextHead, uses_chat
+from adapterlab.heads import TextHead
 from adapterlab.methods import method_module
-from adapterlab.metrics import generation_metrics
+from adapterlab.prompts import prompt_ids, prompt_settings
 
 IGNORED = -100  # the label of tokens the loss does not read (cross_entropy's ignore_index)
 
@@ -28,12 +27,13 @@ class GenerativeModel(nn.Module):
         self.backbone = backbone  # a plain attribute: its model is already inside peft_model
         self.peft_model = peft_model
         self.head = TextHead()  # no weights: the store still writes an (empty) head file
-        self.template, self.chat = head_config.template, uses_chat(head_config, backbone)
+        self.prompt = prompt_settings(head_config, backbone, max_length)
+        self.template, self.chat = self.prompt.template, self.prompt.chat  # as training reads and records them
         self.text_prompt = ""  # an encoder's setting: none here
         self.max_length, self.max_new_tokens = max_length, head_config.max_new_tokens
 
     def prompt_ids(self, text: str) -> list[int]:
-        return prompt_ids(self.backbone, self.template, self.chat, text)
+        return prompt_ids(self.backbone.tokenizer, self.prompt.template, self.prompt.chat, text)
 
     def batch(self, rows: Pairs, indices: list[int], max_length: int, stem=None) -> dict[str, torch.Tensor]:
         """Prompt and completion ids of the chosen rows, right-padded; labels only on the completion
@@ -78,45 +78,6 @@ class GenerativeModel(nn.Module):
             texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         self.train(was_training)
         return texts
-
-
-def prompt_ids(backbone: Backbone, template: str, chat: bool, text: str,
-               demonstrations: tuple[tuple[str, str], ...] = ()) -> list[int]:
-    """An input's prompt: the filled template, as a user turn of the chat template when `chat`, after
-    any (input, completion) demonstrations (in-context examples: earlier turns, or earlier blocks)."""
-    request = prompt_request(template, chat, text, demonstrations)
-    if "prompt" in request:
-        return backbone.tokenizer(request["prompt"]).input_ids
-    return list(backbone.tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False))
-
-
-def prompt_request(template: str, chat: bool, text: str, demonstrations: tuple[tuple[str, str], ...] = ()) -> dict:
-    """{"messages": a chat} or {"prompt": a plain text}: the filled template after the demonstrations;
-    what a generation request carries (`engine.GenerationRequest(None, **prompt_request(...))` is the
-    zero-shot or in-context prompting baseline of an adapter's task)."""
-    if chat:
-        turns = [m for given, wanted in demonstrations for m in ({"role": "user", "content": template.format(text=given)},
-                                                                 {"role": "assistant", "content": wanted})]
-        return {"messages": turns + [{"role": "user", "content": template.format(text=text)}]}
-    shown = "".join(f"{template.format(text=given)}\n{wanted}\n\n" for given, wanted in demonstrations)
-    return {"prompt": shown + template.format(text=text) + ("\n" if demonstrations else "")}
-
-
-def evaluate_prompting(engine, recipe, shots: int = 0) -> dict:
-    """What prompting the bare backbone scores on a generation recipe's task, the baseline its adapter
-    is measured against: the recipe's template alone (zero-shot), or after `shots` of its k training
-    rows as demonstrations (in-context). Greedy, the recipe's max_new_tokens and metrics, its test rows."""
-    from adapterlab.engine import GenerationRequest  # the engine's store loads this module's models
-
-    task = load_pairs(recipe.data)
-    demonstrations = tuple(zip(task.train.inputs, task.train.targets))[:shots]
-    chat = uses_chat(recipe.head, engine.backbone)
-    sampling = Sampling(recipe.head.max_new_tokens)
-    requests = [GenerationRequest(None, **prompt_request(recipe.head.template, chat, text, demonstrations),
-                                  sampling=sampling) for text in task.test.inputs]
-    outputs = [sequence.text.strip() for sequence in engine.generate(requests)]
-    return generation_metrics(outputs, task.test.references, task.test.inputs, tuple(recipe.training.metrics))
 
 
 def build_generative_model(recipe, backbone: Backbone) -> GenerativeModel:

@@ -10,6 +10,7 @@ from torch import nn
 from adapterlab.backbones import Features, features, tokenize
 from adapterlab.backbones.sentence_folders import POOLING
 from adapterlab.errors import AdapterlabError
+from adapterlab.prompts import label_word_ids, text_prompt_of, uses_chat
 
 
 class ClassifierHead(nn.Module):
@@ -80,10 +81,30 @@ def pool(features: Features, pooling: str) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
 
 
-def build_head(config, backbone, label_names: list[str], label_descriptions: list[str]) -> nn.Module:
-    """The head a recipe's `head:` section asks for, sized for `label_names`, on the backbone's
-    device. Heads stay in float32 whatever the backbone's dtype: they are tiny, and they read pooled
-    vectors summed in float32, so a bfloat16 backbone rounds its states but not the answer's last step."""
+class HeadMismatch(AdapterlabError):
+    """Stored head tensors that do not fit the head their labels and backbone need."""
+
+
+def build_head(config, backbone, label_names: list[str], label_descriptions: list[str],
+               state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The head a recipe's `head:` section asks for, sized for `label_names`, on the backbone's device;
+    given `state` (a stored head's tensors), loaded with them once their shapes are checked (its rows
+    then start from them, not from the descriptions). Heads stay in float32 whatever the backbone's
+    dtype: they are tiny, and they read pooled vectors summed in float32, so a bfloat16 backbone rounds
+    its states but not the answer's last step."""
+    if state is not None:
+        config = config.model_copy(update={"init": "random"})
+    head = _new_head(config, backbone, label_names, label_descriptions)
+    if state is not None:
+        wanted = {key: tuple(value.shape) for key, value in head.state_dict().items()}
+        found = {key: tuple(value.shape) for key, value in state.items()}
+        if wanted != found:
+            raise HeadMismatch(f"holds {found}, but {len(label_names)} labels on this backbone need {wanted}")
+        head.load_state_dict(state)
+    return head
+
+
+def _new_head(config, backbone, label_names: list[str], label_descriptions: list[str]) -> nn.Module:
     kind = config.type if config.type != "auto" else ("classifier" if backbone.kind == "encoder" else "label_words")
     if kind == "generate":
         if backbone.kind != "decoder":
@@ -119,13 +140,6 @@ def pooling_of(config, backbone) -> str:
     return POOLING[backbone.sentence.pooling]
 
 
-def text_prompt_of(config, backbone) -> str:
-    """head.text_prompt, or for null the backbone folder's default prompt (e5's 'query: ')."""
-    if backbone.kind != "encoder":
-        return ""
-    return config.text_prompt if config.text_prompt is not None else backbone.sentence.prompt
-
-
 def label_embeddings(backbone, descriptions: list[str], templates: list[str], pooling: str = "mean",
                      text_prompt: str = "") -> torch.Tensor:
     """Each description through each template, embedded by the bare backbone, unit-normalised, averaged
@@ -142,25 +156,3 @@ def tokenize_label_texts(backbone, descriptions: list[str], templates: list[str]
     Names written as identifiers (card_arrival) are read as words."""
     texts = [t.format(label=d.replace("_", " ")) for t in templates for d in descriptions]
     return tokenize(backbone, texts, None, "{text}", max_length=128, chat=False, text_prompt=text_prompt)
-
-
-def uses_chat(config, backbone) -> bool:
-    """Whether LLM prompts go through the chat template (head.chat, or: the tokenizer has one)."""
-    if backbone.kind != "decoder":
-        return False
-    return config.chat if config.chat is not None else bool(getattr(backbone.tokenizer, "chat_template", None))
-
-
-def label_word_ids(tokenizer, label_names: list[str], label_words: dict[str, str], chat: bool) -> list[int]:
-    """First token of each label's word: ' word' after a plain prompt, 'Word' opening a chat answer.
-    Labels must start with different tokens."""
-    unknown = set(label_words) - set(label_names)
-    if unknown:
-        raise AdapterlabError(f"head.label_words names unknown labels: {', '.join(sorted(unknown))}")
-    default = (lambda name: name.replace("_", " ").capitalize()) if chat else (lambda name: name.replace("_", " "))
-    words = [label_words.get(name, default(name)).strip() for name in label_names]
-    ids = [tokenizer(word if chat else " " + word, add_special_tokens=False)["input_ids"][0] for word in words]
-    clashes = {w for w, i in zip(words, ids) if ids.count(i) > 1}
-    if clashes:
-        raise AdapterlabError(f"label words {sorted(clashes)} start with the same token; set head.label_words")
-    return ids

@@ -16,15 +16,7 @@ from torch import nn
 
 from adapterlab.backbones import Backbone, Features, Prefix, features, tokenize
 from adapterlab.methods.base import AdapterWeights
-
-
-@dataclass(frozen=True)
-class PromptSettings:
-    template: str
-    chat: bool
-    max_length: int
-    demonstrations: tuple[tuple[str, str], ...] = ()  # in-context (text, answer) pairs for LLMs
-    text_prompt: str = ""  # encoders: before every text (a sentence-transformers model's prompt)
+from adapterlab.prompts import PromptSettings
 
 
 @dataclass(eq=False)

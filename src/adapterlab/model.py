@@ -11,8 +11,9 @@ from torch import nn
 from adapterlab.backbones import Backbone, Features, Stem, features, stem_states, tokenize
 from adapterlab.data import Split
 from adapterlab.errors import AdapterlabError
-from adapterlab.heads import ClassifierHead, build_head, pool, text_prompt_of, tokenize_label_texts, uses_chat
+from adapterlab.heads import ClassifierHead, build_head, pool, tokenize_label_texts
 from adapterlab.methods import method_module
+from adapterlab.prompts import prompt_settings, text_prompt_of
 
 log = logging.getLogger("adapterlab")
 
@@ -31,9 +32,9 @@ class AdapterModel(nn.Module):
         self.peft_model = peft_model
         self.head = head
         self.label_names = label_names
-        self.template = head_config.template
-        self.chat = uses_chat(head_config, backbone)
-        self.text_prompt = text_prompt_of(head_config, backbone)
+        self.prompt = prompt_settings(head_config, backbone, max_length)
+        # the settings' parts as training reads and records them
+        self.template, self.chat, self.text_prompt = self.prompt.template, self.prompt.chat, self.prompt.text_prompt
         self.max_length = max_length
         self.tied = label_texts is not None
         self.labels_per_step = head_config.tie_labels_per_step
@@ -44,8 +45,9 @@ class AdapterModel(nn.Module):
     def tokenize(self, texts: list[str], pairs: list[str] | None = None,
                  max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Inputs as the model reads them: `max_length` tokens (default: its inference length)."""
-        return tokenize(self.backbone, texts, pairs, self.template, max_length or self.max_length, self.chat,
-                        text_prompt=self.text_prompt)
+        prompt = self.prompt
+        return tokenize(self.backbone, texts, pairs, prompt.template, max_length or prompt.max_length, prompt.chat,
+                        text_prompt=prompt.text_prompt)
 
     def forward(self, input_ids, attention_mask, stem_states: torch.Tensor | None = None,
                 label_ids: torch.Tensor | None = None, **extra) -> torch.Tensor:
@@ -255,14 +257,6 @@ def build_adapter_model(recipe, backbone: Backbone, label_names: list[str],
     method.start(peft_model, recipe.method, backbone, recipe.head, label_descriptions)
     return AdapterModel(backbone, peft_model, head, label_names, recipe.head, recipe.training.inference_max_length,
                         label_texts)
-
-
-def load_adapter_model(folder, recipe, backbone: Backbone, label_names: list[str], head: nn.Module) -> AdapterModel:
-    """A saved adapter on `backbone` under peft, in inference mode, with its loaded `head` (the store
-    reads and checks the files first)."""
-    peft_model = PeftModel.from_pretrained(backbone.model, str(folder), is_trainable=False)
-    model = AdapterModel(backbone, peft_model, head, label_names, recipe.head, recipe.training.inference_max_length)
-    return model.eval()
 
 
 def parameter_counts(model: AdapterModel) -> tuple[int, int]:

@@ -81,7 +81,7 @@ def teacher_scores(recipe, pool: Pool, label_names: list[str], show_progress: bo
     from adapterlab.engine import Engine  # the engine loads its own backbone: only when teachers are named
 
     teachers, batch_size = recipe.training.self_train.teachers, recipe.training.eval_batch_size
-    engine = Engine(recipe.backbone, recipe.output.store, batch_size=batch_size, dtype="float32")
+    engine = Engine.for_comparison(recipe.backbone, recipe.output.store, batch_size=batch_size)
     for teacher in teachers:
         labels = engine.card(teacher).labels
         if labels != label_names:

@@ -6,7 +6,12 @@ is written under a hidden temporary name and renamed into place, so a crash mid-
 half adapter that `list_adapters` shows. Only safetensors are read: nothing is ever unpickled.
 
 An ensemble's folder holds its card.json and README.md, and one such adapter folder per member in
-members/0, members/1, ... (the card's `members` lists them in that order).
+members/0, members/1, ... (the card's `members` lists them in that order). A merged model's folder
+(`save_merged`) holds a transformers model with the adapter folded in, its head and its card.
+
+Everything that uses an adapter reads it through `read_adapter` (ensembles through `read_ensemble`,
+merged models through `read_merged`), which checks it for the backbone; only `_read_files` opens the
+files, and models are built from what it read (`loading` puts an adapter under peft).
 """
 
 import ctypes
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from peft import PeftModel
@@ -34,10 +39,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 
 from adapterlab.backbones import Backbone, load_backbone
-from adapterlab.generative import GenerativeModel
-from adapterlab.heads import build_head
+from adapterlab.heads import HeadMismatch, build_head
 from adapterlab.methods import METHODS, method_module
-from adapterlab.model import AdapterModel, load_adapter_model
 from adapterlab.recipe import Recipe, describe_errors
 from adapterlab.errors import AdapterlabError
 from adapterlab.names import check_name, name_problem
@@ -91,13 +94,20 @@ class AdapterCard(BaseModel):
         return value
 
 
-def save_adapter(model: AdapterModel, card: AdapterCard, store: str | Path) -> tuple[Path, AdapterCard]:
+class Trained(Protocol):
+    """What the store saves of a trained model (model.AdapterModel, generative.GenerativeModel)."""
+
+    peft_model: PeftModel
+    head: nn.Module
+
+
+def save_adapter(model: Trained, card: AdapterCard, store: str | Path) -> tuple[Path, AdapterCard]:
     """Write the adapter to STORE/TASK/NAME atomically (replacing one of the same name); returns
     its folder and its completed card."""
     return _save_atomically(card, store, lambda staging: _write_adapter(model, card, staging))
 
 
-def save_ensemble(members: list[tuple[AdapterModel, AdapterCard]], card: AdapterCard, store: str | Path
+def save_ensemble(members: list[tuple[Trained, AdapterCard]], card: AdapterCard, store: str | Path
                   ) -> tuple[Path, AdapterCard]:
     """Write an ensemble to STORE/TASK/NAME atomically, as one adapter: each member a complete adapter
     folder in members/<i>, beside the ensemble's card (which lists them)."""
@@ -129,12 +139,34 @@ def _save_atomically(card: AdapterCard, store: str | Path, write: Callable[[Path
     return target, card
 
 
-def _write_adapter(model: AdapterModel, card: AdapterCard, folder: Path) -> AdapterCard:
+def _write_adapter(model: Trained, card: AdapterCard, folder: Path) -> AdapterCard:
     """The standard PEFT files, the head, card.json and README.md, into `folder`."""
     model.peft_model.save_pretrained(folder, safe_serialization=True, selected_adapters=[model.peft_model.active_adapter])
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, folder / "head.safetensors")
+    _write_head(model.head, folder)
     return _write_card(card.model_copy(update={"adapter_bytes": sum((folder / f).stat().st_size for f in WEIGHT_FILES)}),
                        folder)
+
+
+def save_merged(model, tokenizer, head: nn.Module, card: AdapterCard, output: str | Path) -> Path:
+    """A merged model (`merge.merge_adapter`: a transformers model with the adapter folded into its
+    weights) in the new folder `output`: its files and its tokenizer's, head.safetensors and card.json,
+    written under a hidden name and renamed into place; `read_merged` reads it back."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.saving-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        _write_head(head, staging)
+        (staging / "card.json").write_text(card.model_dump_json(indent=2))
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output
+
+
+def _write_head(head: nn.Module, folder: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, folder / "head.safetensors")
 
 
 def _write_card(card: AdapterCard, folder: Path) -> AdapterCard:
@@ -379,42 +411,72 @@ class StoredAdapter:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def check_folder(folder: str | Path) -> None:
+    """Refuse a folder whose files `verify` finds incomplete or unreadable, naming every problem (a
+    check that needs no backbone: done before one loads)."""
+    problems = verify(folder)
+    if problems:
+        raise StoreError(f"adapter {folder} is unusable: {'; '.join(problems)}")
+
+
 def read_adapter(folder: str | Path, backbone: Backbone) -> StoredAdapter:
-    """The one way an adapter reaches a model (engine, merge, combine, server): each file read once,
-    safetensors only, and everything checked before anything serves it: the card and its recipe, the
-    backbone's fingerprint, the method's tensors against the backbone's modules and the recipe's
+    """The one way an adapter reaches a model (engine, merge, combine, server, peft): each file read
+    once, safetensors only, and everything checked before anything serves it: the card and its recipe,
+    the backbone's fingerprint, the method's tensors against the backbone's modules and the recipe's
     rank, finite weights, the head's shape against the labels. Every problem is named in one line."""
     folder = Path(folder)
     card = read_card(folder)
-    name = f"{card.task}/{card.name}"
     _check_backbone(card, backbone)
     if card.members is not None:
-        raise StoreError(f"adapter {name} is an ensemble of {len(card.members)} members: the engine serves it; "
-                         "merging, combining and loading into peft take a single adapter")
+        raise StoreError(f"adapter {card.task}/{card.name} is an ensemble of {len(card.members)} members: the engine "
+                         "serves it; merging, combining and loading into peft take a single adapter")
+    return _read_checked(folder, card, backbone, merged=False)
+
+
+def read_merged(folder: str | Path) -> tuple[Backbone, StoredAdapter]:
+    """A merged model's folder (`save_merged`): the folder loaded as the backbone, its adapter folded
+    into the weights, and its card and head read and checked as `read_adapter` checks them."""
+    folder = Path(folder)
+    card = read_card(folder)
+    if "merged_from" not in (card.model_extra or {}):
+        raise StoreError(f"{folder}: not a merged model (its card names no merged_from; adapters load with "
+                         "their backbone)")
+    backbone = load_backbone(str(folder))
+    return backbone, _read_checked(folder, card, backbone, merged=True)
+
+
+def _read_checked(folder: Path, card: AdapterCard, backbone: Backbone, merged: bool) -> StoredAdapter:
+    name = f"{card.task}/{card.name}"
     try:
         recipe = Recipe.model_validate(card.recipe)
     except ValidationError as error:
         raise StoreError(f"adapter {name} cannot be served on {backbone.name!r}: the recipe in its card.json "
                          f"does not validate ({describe_errors(error)})") from None
-    try:
-        adapter_config = json.loads((folder / "adapter_config.json").read_text())
-        tensors = load((folder / "adapter_model.safetensors").read_bytes())  # one read, then parsed in memory
-        head_tensors = load((folder / "head.safetensors").read_bytes())
-    except (SafetensorError, OSError, ValueError) as error:
-        raise StoreError(f"adapter {name} is unusable: {type(error).__name__}: {error}") from None
-    problems = _fit_problems(card, recipe, adapter_config, tensors, head_tensors, backbone)
+    adapter_config, tensors, head_tensors = _read_files(folder, name, merged)
+    problems = (_weight_problems(card, head_tensors) if merged
+                else _fit_problems(card, recipe, adapter_config, tensors, head_tensors, backbone))
     head = None
     if not problems:
         try:
-            head = build_head(recipe.head.model_copy(update={"init": "random"}), backbone, card.labels, card.labels)
+            head = build_head(recipe.head, backbone, card.labels, card.labels, head_tensors)
+        except HeadMismatch as error:
+            problems.append(f"head.safetensors {error}")
         except AdapterlabError as error:
             problems.append(str(error))
-    if head is not None and not problems:
-        problems = _head_problems(head, head_tensors, card)
     if problems:
         raise StoreError(f"adapter {name} cannot be served on {backbone.name!r}: {'; '.join(problems)}")
-    head.load_state_dict(head_tensors)
     return StoredAdapter(folder, card, recipe, adapter_config, tensors, head.eval())
+
+
+def _read_files(folder: Path, name: str, merged: bool) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The only reader of an adapter's files: adapter_config.json, adapter_model.safetensors and
+    head.safetensors, each read once and parsed in memory (a merged model's folder: its head alone)."""
+    try:
+        adapter_config = {} if merged else json.loads((folder / "adapter_config.json").read_text())
+        tensors = {} if merged else load((folder / "adapter_model.safetensors").read_bytes())
+        return adapter_config, tensors, load((folder / "head.safetensors").read_bytes())
+    except (SafetensorError, OSError, ValueError) as error:
+        raise StoreError(f"adapter {name} is unusable: {type(error).__name__}: {error}") from None
 
 
 def read_ensemble(folder: str | Path, backbone: Backbone) -> list[StoredAdapter]:
@@ -455,7 +517,13 @@ def _fit_problems(card, recipe, adapter_config, tensors, head_tensors, backbone)
     if recipe.method.name != card.method:
         return [f"card.json names method {card.method!r}, its recipe {recipe.method.name!r}"]
     problems = method_module(card.method).fit_problems(tensors, adapter_config, recipe.method, backbone)
-    broken = _not_finite({**tensors, **head_tensors})
+    return problems + _weight_problems(card, {**tensors, **head_tensors})
+
+
+def _weight_problems(card: AdapterCard, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Weights that are not finite, and labels without their descriptions."""
+    problems = []
+    broken = _not_finite(tensors)
     if broken:
         problems.append(f"weights that are not finite (NaN or inf): {', '.join(sorted(broken)[:3])}")
     if len(card.label_descriptions) != len(card.labels):
@@ -470,30 +538,6 @@ def _not_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     if not floats or torch.stack([t.float().sum() for t in floats.values()]).isfinite().all():
         return []
     return [key for key, t in floats.items() if not t.isfinite().all()]  # (a sum can overflow: look closer)
-
-
-def _head_problems(head: nn.Module, head_tensors: dict[str, torch.Tensor], card: AdapterCard) -> list[str]:
-    """head.safetensors against the head its card and recipe describe on this backbone."""
-    wanted = {key: tuple(value.shape) for key, value in head.state_dict().items()}
-    found = {key: tuple(value.shape) for key, value in head_tensors.items()}
-    if wanted == found:
-        return []
-    return [f"head.safetensors holds {found}, but {len(card.labels)} labels on this backbone need {wanted}"]
-
-
-def load_adapter(folder: str | Path, backbone: Backbone) -> tuple[AdapterModel | GenerativeModel, AdapterCard]:
-    """Load an adapter onto `backbone` through peft (for merging and exporting; serving goes through
-    `read_adapter` and the engine's own batching), after the same checks."""
-    folder = Path(folder)
-    problems = verify(folder)
-    if problems:
-        raise StoreError(f"adapter {folder} is unusable: {'; '.join(problems)}")
-    stored = read_adapter(folder, backbone)
-    if stored.card.kind == "generate":
-        peft_model = PeftModel.from_pretrained(backbone.model, str(folder), is_trainable=False)
-        return GenerativeModel(backbone, peft_model, stored.recipe.head,
-                               stored.recipe.training.inference_max_length).eval(), stored.card
-    return load_adapter_model(folder, stored.recipe, backbone, stored.card.labels, stored.head), stored.card
 
 
 def _readme(card: AdapterCard) -> str:

@@ -232,16 +232,15 @@ def read_results(file: Path) -> list[dict]:
 
 @functools.lru_cache(maxsize=1)  # the prompting cells of a sweep share one backbone
 def _engine(backbone: str):
-    """In float32, as the trained cells are scored (train.evaluate): in bf16, where the CPU computes it fast,
-    a baseline would differ from them by rounding alone (SST-2 zero-shot: 67.4 in bf16, 67.9 in float32)."""
+    """Scoring as the trained cells are scored (`Engine.for_comparison`)."""
     from adapterlab.engine import Engine
 
-    return Engine(backbone, dtype="float32")
+    return Engine.for_comparison(backbone)
 
 
 def _prompting(engine, sweep: Sweep, cell: dict, folder: Path) -> dict:
     """A zero-shot or in-context cell's metrics (in-context: shown the first `shots` of the k-shot rows)."""
-    from adapterlab.generative import evaluate_prompting
+    from adapterlab.baselines import evaluate_prompting
     from adapterlab.zeroshot import ZeroShotConfig, evaluate_zero_shot
 
     shots = min(sweep.shots, cell["k"]) if sweep.methods[cell["method"]] == IN_CONTEXT else 0

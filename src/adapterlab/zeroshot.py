@@ -12,11 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from adapterlab.backbones import Backbone
 from adapterlab.data import k_shot_indices, load_task
-from adapterlab.heads import (ClassifierHead, LabelWordHead, label_embeddings, label_word_ids, pooling_of,
-                             text_prompt_of)
+from adapterlab.heads import build_head
 from adapterlab.methods.base import AdapterWeights
 from adapterlab.metrics import classification_metrics
-from adapterlab.mixed_batch import PromptSettings, Servable
+from adapterlab.mixed_batch import Servable
+from adapterlab.prompts import Demonstrations, label_word, prompt_settings, uses_chat
 from adapterlab.recipe import HeadConfig
 
 
@@ -37,23 +37,22 @@ class ZeroShotConfig(BaseModel):
 
 
 def zero_shot_servable(backbone: Backbone, labels: list[str], descriptions: list[str],
-                       config: ZeroShotConfig = ZeroShotConfig(),
-                       demonstrations: tuple[tuple[str, str], ...] = ()) -> Servable:
+                       config: ZeroShotConfig = ZeroShotConfig(), demonstrations: Demonstrations = ()) -> Servable:
     """A classifier over `labels` that the engine serves like an adapter with no weights."""
-    if backbone.kind == "encoder":
-        defaults = HeadConfig()  # the backbone's own pooling and prompt (sentence-transformers settings)
-        pooling, text_prompt = pooling_of(defaults, backbone), text_prompt_of(defaults, backbone)
-        head = ClassifierHead(backbone.hidden_size, len(labels), pooling, 0.0, config.scale)
-        head.to(backbone.device).init_from(
-            label_embeddings(backbone, descriptions, config.templates, pooling, text_prompt))
-        prompt = PromptSettings("", False, config.max_length, text_prompt=text_prompt)
-    else:
-        chat = config.chat if config.chat is not None else bool(getattr(backbone.tokenizer, "chat_template", None))
-        words = [label.replace("_", " ") for label in labels]
-        head = LabelWordHead(label_word_ids(backbone.tokenizer, labels, {}, chat)).to(backbone.device)
-        template = config.prompt.replace("{labels}", ", ".join(words))
-        prompt = PromptSettings(template, chat, config.max_length, demonstrations)
+    head_config = _head_config(backbone, labels, config)
+    head = build_head(head_config, backbone, list(labels), descriptions)
+    prompt = prompt_settings(head_config, backbone, config.max_length, demonstrations)
     return Servable("base", list(labels), AdapterWeights(), head.eval(), prompt, 0)
+
+
+def _head_config(backbone: Backbone, labels: list[str], config: ZeroShotConfig) -> HeadConfig:
+    """The head section of a zero-shot classifier. Encoders: a cosine classifier on the label
+    descriptions, the backbone's own pooling and prompt (its sentence-transformers settings). LLMs: the
+    label words after a prompt listing them."""
+    if backbone.kind == "encoder":
+        return HeadConfig(type="classifier", dropout=0.0, cosine_scale=config.scale, label_templates=config.templates)
+    template = config.prompt.replace("{labels}", ", ".join(label_word(label, chat=False) for label in labels))
+    return HeadConfig(type="label_words", template=template, chat=config.chat)
 
 
 def evaluate_zero_shot(engine, data_config, config: ZeroShotConfig = ZeroShotConfig(), split: str = "test",
@@ -93,6 +92,4 @@ def demonstration_indices(labels: list[int], names: list[str], config: ZeroShotC
 
 def label_word_for(name: str, engine, config: ZeroShotConfig) -> str:
     """The answer a demonstration shows: the word the label-word head scores."""
-    chat = config.chat if config.chat is not None else bool(getattr(engine.backbone.tokenizer, "chat_template", None))
-    word = name.replace("_", " ")
-    return word.capitalize() if chat else word
+    return label_word(name, uses_chat(config, engine.backbone))

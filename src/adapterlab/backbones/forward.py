@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from adapterlab.backbones.loading import Backbone
 from adapterlab.backbones.packing import can_pack, pack
+from adapterlab.prompts import Demonstrations, prompt_format
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Stem:
 
 
 def tokenize(backbone: Backbone, texts: list[str], pairs: list[str] | None, template: str,
-             max_length: int, chat: bool = False, demonstrations: tuple[tuple[str, str], ...] = (),
+             max_length: int, chat: bool = False, demonstrations: Demonstrations = (),
              text_prompt: str = "", report_truncation: bool = False):
     """Encoders take (text, pair) natively, after `text_prompt` (a sentence-transformers model's
     'query: '). LLMs read the filled template (as a chat turn when `chat`), after any (text, answer)
@@ -57,7 +58,8 @@ def tokenize(backbone: Backbone, texts: list[str], pairs: list[str] | None, temp
             return batch
         full = tokenizer(texts, pairs, truncation=False, verbose=False)["input_ids"]
         return batch, [len(ids) > max_length for ids in full]
-    prompt = _prompt_format(tokenizer, template, chat, demonstrations)
+    shown = tuple((_cut(tokenizer, text, 64), answer) for text, answer in demonstrations)
+    prompt = prompt_format(tokenizer, template, chat, shown)
     budget = max(8, max_length - len(tokenizer(prompt.format(text="", text_pair=""), add_special_tokens=False).input_ids))
     pairs = pairs or [""] * len(texts)
     cut = [(_cut(tokenizer, text, budget // (2 if pair else 1)), _cut(tokenizer, pair, budget // 2))
@@ -68,24 +70,6 @@ def tokenize(backbone: Backbone, texts: list[str], pairs: list[str] | None, temp
     if not report_truncation:
         return batch
     return batch, [(text, pair) != kept for text, pair, kept in zip(texts, pairs, cut)]
-
-
-def _prompt_format(tokenizer, template: str, chat: bool, demonstrations: tuple[tuple[str, str], ...]) -> str:
-    """A format string with {text} and {text_pair} left open; demonstrations come first, as earlier
-    chat turns or as filled-in examples."""
-    shown = [(template.format(text=_cut(tokenizer, text, 64), text_pair=""), answer) for text, answer in demonstrations]
-    if not chat:
-        return "".join(_escape(f"{turn} {answer}\n\n") for turn, answer in shown) + template
-    marker = "\x00TEMPLATE\x00"  # the chat template wraps the template, placeholders intact
-    messages = [m for turn, answer in shown for m in ({"role": "user", "content": turn},
-                                                      {"role": "assistant", "content": answer})]
-    wrapped = tokenizer.apply_chat_template(messages + [{"role": "user", "content": marker}],
-                                            add_generation_prompt=True, tokenize=False)
-    return _escape(wrapped).replace(marker, template)
-
-
-def _escape(text: str) -> str:
-    return text.replace("{", "{{").replace("}", "}}")
 
 
 def _cut(tokenizer, text: str, budget: int) -> str:

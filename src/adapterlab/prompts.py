@@ -1,0 +1,120 @@
+"""Prompts: how a task's texts are put to a backbone. An LLM reads a text filled into a template, as a
+user turn of its chat template or as plain text, after any in-context demonstrations, and answers with
+a label word or a completion; an encoder reads the text after its folder's prompt (e5's 'query: ').
+One `PromptSettings` holds these for an adapter, a baseline or a zero-shot classifier, whoever runs it:
+training's models, the engine, the prompting baselines.
+"""
+
+from dataclasses import dataclass
+
+from adapterlab.errors import AdapterlabError
+
+Demonstrations = tuple[tuple[str, str], ...]  # in-context (text, answer) pairs
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    template: str
+    chat: bool
+    max_length: int
+    demonstrations: Demonstrations = ()  # for LLMs
+    text_prompt: str = ""  # encoders: before every text (a sentence-transformers model's prompt)
+
+
+def prompt_settings(head_config, backbone, max_length: int, demonstrations: Demonstrations = ()) -> PromptSettings:
+    """The settings a head config (a recipe's `head:` section) gives on `backbone`."""
+    return PromptSettings(head_config.template, uses_chat(head_config, backbone), max_length, demonstrations,
+                          text_prompt_of(head_config, backbone))
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def uses_chat(config, backbone) -> bool:
+    """Whether LLM prompts go through the chat template (config.chat, or: the tokenizer has one)."""
+    if backbone.kind != "decoder":
+        return False
+    return config.chat if config.chat is not None else has_chat_template(backbone.tokenizer)
+
+
+def text_prompt_of(config, backbone) -> str:
+    """head.text_prompt, or for null the backbone folder's default prompt (e5's 'query: ')."""
+    if backbone.kind != "encoder":
+        return ""
+    return config.text_prompt if config.text_prompt is not None else backbone.sentence.prompt
+
+
+def chat_text(tokenizer, messages: list[dict]) -> str:
+    """`messages` through the tokenizer's chat template, ending where the assistant's answer starts."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def demonstration_messages(shown: Demonstrations) -> list[dict]:
+    """Filled-in (turn, answer) pairs as earlier turns of a chat."""
+    return [message for turn, answer in shown
+            for message in ({"role": "user", "content": turn}, {"role": "assistant", "content": answer})]
+
+
+def demonstration_text(shown: Demonstrations) -> str:
+    """Filled-in (turn, answer) pairs as earlier blocks of a plain prompt: each answer after its turn and
+    a space, where a label word is scored (' word', `label_word_ids`), a blank line after each."""
+    return "".join(f"{turn} {answer}\n\n" for turn, answer in shown)
+
+
+def prompt_request(template: str, chat: bool, text: str, demonstrations: Demonstrations = ()) -> dict:
+    """{"messages": a chat} or {"prompt": a plain text}: the filled template after the demonstrations;
+    what a generation request carries (`engine.GenerationRequest(None, **prompt_request(...))` is the
+    zero-shot or in-context prompting baseline of an adapter's task)."""
+    shown = tuple((template.format(text=given, text_pair=""), answer) for given, answer in demonstrations)
+    turn = template.format(text=text, text_pair="")
+    if chat:
+        return {"messages": demonstration_messages(shown) + [{"role": "user", "content": turn}]}
+    return {"prompt": demonstration_text(shown) + turn}
+
+
+def request_ids(tokenizer, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+    """The token ids of a plain prompt, read as is, or of a chat through the chat template."""
+    if messages is not None:
+        return tokenizer(chat_text(tokenizer, messages), add_special_tokens=False).input_ids
+    return tokenizer(prompt).input_ids
+
+
+def prompt_ids(tokenizer, template: str, chat: bool, text: str, demonstrations: Demonstrations = ()) -> list[int]:
+    """An input's prompt as token ids: `prompt_request` tokenized."""
+    return request_ids(tokenizer, **prompt_request(template, chat, text, demonstrations))
+
+
+def prompt_format(tokenizer, template: str, chat: bool, demonstrations: Demonstrations) -> str:
+    """A format string with {text} and {text_pair} left open, for texts tokenized in batches: the
+    demonstrations first, as earlier chat turns or as filled-in examples."""
+    shown = tuple((template.format(text=text, text_pair=""), answer) for text, answer in demonstrations)
+    if not chat:
+        return _escape(demonstration_text(shown)) + template
+    marker = "\x00TEMPLATE\x00"  # the chat template wraps the template, placeholders intact
+    wrapped = chat_text(tokenizer, demonstration_messages(shown) + [{"role": "user", "content": marker}])
+    return _escape(wrapped).replace(marker, template)
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def label_word(name: str, chat: bool) -> str:
+    """A label's default word: its name, '_' read as a space, capitalised when it opens a chat answer."""
+    word = name.replace("_", " ")
+    return word.capitalize() if chat else word
+
+
+def label_word_ids(tokenizer, label_names: list[str], label_words: dict[str, str], chat: bool) -> list[int]:
+    """First token of each label's word: ' word' after a plain prompt, 'Word' opening a chat answer.
+    Labels must start with different tokens."""
+    unknown = set(label_words) - set(label_names)
+    if unknown:
+        raise AdapterlabError(f"head.label_words names unknown labels: {', '.join(sorted(unknown))}")
+    words = [label_words.get(name, label_word(name, chat)).strip() for name in label_names]
+    ids = [tokenizer(word if chat else " " + word, add_special_tokens=False)["input_ids"][0] for word in words]
+    clashes = {w for w, i in zip(words, ids) if ids.count(i) > 1}
+    if clashes:
+        raise AdapterlabError(f"label words {sorted(clashes)} start with the same token; set head.label_words")
+    return ids

@@ -1,0 +1,31 @@
+"""Prompts: one format of in-context demonstrations and one application of the chat template, for the
+texts a classifier scores in batches and the prompts a generation request carries alike."""
+
+from transformers import AutoTokenizer
+
+from adapterlab.prompts import chat_text, prompt_format, prompt_ids, prompt_request, request_ids
+
+TEMPLATE = "Review: {text}\nLabel:"
+SHOWN = (("tasty soup", "positive"), ("cold and late", "negative"))
+
+
+def test_plain_demonstrations_read_alike_for_label_words_and_completions():
+    """Without a chat template a demonstration is its filled template, a space and its answer (where a
+    label word is scored: ' word'), then a blank line; the text to answer ends the prompt."""
+    request = prompt_request(TEMPLATE, False, "fine", SHOWN)
+    assert request == {"prompt": "Review: tasty soup\nLabel: positive\n\nReview: cold and late\nLabel: negative\n\n"
+                                 "Review: fine\nLabel:"}
+    assert prompt_format(None, TEMPLATE, False, SHOWN).format(text="fine", text_pair="") == request["prompt"]
+
+
+def test_chat_demonstrations_are_earlier_turns_through_one_chat_template(tiny_llama):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    messages = prompt_request(TEMPLATE, True, "fine", SHOWN)["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
+    assert messages[1] == {"role": "assistant", "content": "positive"}
+    assert prompt_format(tokenizer, TEMPLATE, True, SHOWN).format(text="fine", text_pair="") == chat_text(tokenizer,
+                                                                                                         messages)
+    ids = prompt_ids(tokenizer, TEMPLATE, True, "fine", SHOWN)
+    assert ids == list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False))
+    assert request_ids(tokenizer, prompt="Review: fine") == tokenizer("Review: fine").input_ids
