@@ -57,9 +57,9 @@ class HeadConfig(_Section):
     pooling: Literal["auto", "mean", "cls", "last"] = Field(
         "auto", description="How a classifier pools token states. auto: as a sentence-transformers backbone "
         "folder says (1_Pooling: bge pools by CLS), else mean for encoders, last for LLMs.")
-    normalize: bool | None = Field(
-        None, description="A plain linear classifier (cosine_scale null) reads unit vectors; null: when the "
-        "sentence-transformers folder ends in a Normalize module. Cosine classifiers always do.")
+    normalize: bool | None = Field(None, description="A plain linear classifier (cosine_scale null) reads unit "
+                                   "vectors; null: when the sentence-transformers folder ends in a Normalize module. "
+                                   "Cosine classifiers always do.")
     text_prompt: str | None = Field(
         None, description="Encoders: prepended to every text and label description (e5: 'query: '); null: the "
         "sentence-transformers folder's default prompt, if it names one.")
