@@ -1,8 +1,14 @@
-"""Helpers that several benchmark scripts share. A script imports them as `from _common import ...`: run as
-`python benchmarks/X.py`, the script's own folder is first on sys.path (benchmarks/ is not a package)."""
+"""Helpers that several benchmark scripts share (scripts never import each other). A script imports them as
+`from _common import ...`: run as `python benchmarks/X.py`, the script's own folder is first on sys.path
+(benchmarks/ is not a package)."""
 
 import json
 import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -43,19 +49,50 @@ def describe_cpu(cpu: dict) -> str:
     return f"{cpu['cpu']} (no fast bf16: `auto` trains in float32)"
 
 
+def cell_cpu(cpu: dict) -> dict:
+    """What a benchmark cell records of the CPU it ran on (from adapterlab.precision.cpu_capability)."""
+    return {"cpu": cpu["cpu"], "fast_bf16": cpu["fast_bf16"]}
+
+
 def describe_cell_cpu(cell: dict) -> str:
     """The CPU a benchmark cell recorded (its name and whether bf16 is fast there), in words."""
     return f"{cell['cpu']} ({'fast' if cell['fast_bf16'] else 'no fast'} bf16)"
 
 
-def plot_accuracy_bars(file: Path, datasets: list[str], bars: list[tuple[str, list, list]], k: int) -> None:
-    """Grouped bars of test accuracy per dataset: one bar per (label, means, stds), with ±std error bars."""
+def sample_std(values) -> float:
+    """The sample standard deviation; 0 for a single value."""
+    values = list(values)
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def percentiles(samples: list[float], unit: str = "ms", digits: int = 3) -> dict:
+    """p50 (the median) and p95 of durations in seconds, given in `unit` ("ms" or "s")."""
+    scale = {"ms": 1e3, "s": 1.0}[unit]
+    ordered = sorted(samples)
+    return {f"p50_{unit}": round(scale * statistics.median(ordered), digits),
+            f"p95_{unit}": round(scale * ordered[int(0.95 * (len(ordered) - 1))], digits)}
+
+
+def pyplot():
+    """matplotlib's pyplot drawing into files only (no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(3 + 1.3 * len(datasets), 3.8))
+    return plt
+
+
+def save_figure(figure, file: Path, dpi: int = 110) -> None:
+    """Lay the figure out, write it to `file` and free it."""
+    figure.tight_layout()
+    figure.savefig(file, dpi=dpi)
+    pyplot().close(figure)
+
+
+def plot_accuracy_bars(file: Path, datasets: list[str], bars: list[tuple[str, list, list]], k: int) -> None:
+    """Grouped bars of test accuracy per dataset: one bar per (label, means, stds), with ±std error bars."""
+    figure, axis = pyplot().subplots(figsize=(3 + 1.3 * len(datasets), 3.8))
     width = 0.8 / len(bars)
     for i, (label, means, stds) in enumerate(bars):
         axis.bar([j + (i - (len(bars) - 1) / 2) * width for j in range(len(datasets))], means, width,
@@ -63,9 +100,7 @@ def plot_accuracy_bars(file: Path, datasets: list[str], bars: list[tuple[str, li
     axis.set_xticks(range(len(datasets)), labels=datasets)
     axis.set(ylabel="test accuracy", ylim=(0, 1), title=f"k={k}: mean ± std over seeds")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(file, dpi=110)
-    plt.close(figure)
+    save_figure(figure, file)
 
 
 def run_threads(target, count: int) -> float:
@@ -99,7 +134,93 @@ def classify_clients(url: str, plan: list[list[tuple[str, str]]], seconds: float
                     failures.append(response.status_code)
 
     elapsed = run_threads(client, len(plan))
-    ordered = sorted(latencies)
-    return {"requests": len(ordered), "failures": len(failures), "requests_per_s": round(len(ordered) / elapsed, 1),
-            "p50_ms": round(1e3 * ordered[len(ordered) // 2], 2),
-            "p95_ms": round(1e3 * ordered[int(0.95 * (len(ordered) - 1))], 2)}
+    return {"requests": len(latencies), "failures": len(failures), "requests_per_s": round(len(latencies) / elapsed, 1),
+            **percentiles(latencies, digits=2)}
+
+
+# Short texts of several tasks, for speed figures (the adapters are random: their answers mean nothing).
+SERVE_TEXTS = ["the plot never finds its feet", "a warm, funny and generous film", "my card was declined twice",
+               "rates rose again this quarter", "is there a fee for transfers abroad?", "what a dull, lifeless match"]
+
+
+def random_copies(template: Path, folder: Path, count: int) -> list[str]:
+    """`count` copies of a trained adapter under folder/a0000 ... with random LoRA weights of the same shapes
+    (fine for speed and memory, meaningless for accuracy); their store references (folder's name/a0000 ...)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(template / "adapter_model.safetensors")
+    card = json.loads((template / "card.json").read_text())
+    refs = []
+    for i in range(count):
+        copy = folder / f"a{i:04d}"
+        shutil.copytree(template, copy)
+        save_file({k: torch.randn_like(v) * 0.02 for k, v in tensors.items()}, copy / "adapter_model.safetensors")
+        (copy / "card.json").write_text(json.dumps({**card, "task": folder.name, "name": copy.name}))
+        refs.append(f"{folder.name}/{copy.name}")
+    return refs
+
+
+def random_adapter_store(root: Path, count: int) -> list[str]:
+    """A store of `count` MiniLM LoRA adapters (r=8 on query/value), random copies of one trained in a step."""
+    from adapterlab.recipe import validate_recipe
+    from adapterlab.train import train
+
+    recipe = validate_recipe({"task": "template", "backbone": "minilm", "method": {"name": "lora", "r": 8},
+                              "data": {"path": "demo:sentiment", "k": 2}, "training": {"max_steps": 1},
+                              "output": {"store": str(root), "name": "t"}})
+    template = train(recipe, show_progress=False).adapter_path
+    refs = random_copies(template, root / "bench", count)
+    shutil.rmtree(template.parent)  # the store holds the random copies only
+    return refs
+
+
+def cold_and_warm(engine, refs: list[str], checkpoints: list[int]) -> dict:
+    """Cold load+activate of fresh adapters once 1, 100, ... are resident in an adapterlab Engine; warm switch
+    between resident ones."""
+    figures, loaded = {}, 0
+    for checkpoint in checkpoints:
+        while loaded < checkpoint - 1:
+            engine.servable(refs[loaded])
+            loaded += 1
+        samples = []
+        for ref in refs[loaded:loaded + 20]:
+            started = time.perf_counter()
+            engine.servable(ref)
+            samples.append(time.perf_counter() - started)
+        loaded += 20
+        figures[f"cold_load_at_{checkpoint}_resident"] = percentiles(samples)
+    warm = []
+    for i in range(200):
+        started = time.perf_counter()
+        engine.servable(refs[i % 50])
+        warm.append(time.perf_counter() - started)
+    figures["warm_switch"] = percentiles(warm)
+    return figures
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(store: Path, batching: bool, log: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """`adapterlab serve` on a free loopback port, its stderr in `log`; the process and its URL once healthy."""
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", "adapterlab", "serve", "--store", str(store), "--port", str(port), *options]
+    process = subprocess.Popen(command + ([] if batching else ["--no-batching"]), stdout=subprocess.DEVNULL,
+                               stderr=log.open("w"), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"the server did not start:\n{log.read_text()[-2000:]}")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from _common import SHARED_DATA, append_jsonl, read_jsonl
+from _common import SHARED_DATA, append_jsonl, cell_cpu, pyplot, read_jsonl, sample_std, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 DIRECTIONS = {"generate": (ROOT / "recipes" / "e2e-lora-smollm2.yaml", "bleu"),
@@ -121,7 +121,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         metric = DIRECTIONS[direction][1]
         values = [row[metric] for row in group]
         summary.append({"direction": direction, "system": system, "k": k, "metric": metric, "seeds": len(group),
-                        "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                        "mean": statistics.fmean(values), "std": sample_std(values),
                         "min": min(values)})
     return summary
 
@@ -171,13 +171,8 @@ def _shown(summary: dict | None) -> str:
 
 def plot(summary: list[dict], out: Path) -> None:
     """A panel per direction: the adapter and in-context against k (mean ± std over seeds), zero-shot dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     directions = [d for d in DIRECTIONS if any(s["direction"] == d for s in summary)]
-    figure, axes = plt.subplots(1, len(directions), figsize=(5 * len(directions), 3.8), squeeze=False)
+    figure, axes = pyplot().subplots(1, len(directions), figsize=(5 * len(directions), 3.8), squeeze=False)
     for axis, direction in zip(axes[0], directions):
         metric = DIRECTIONS[direction][1]
         for system in ("adapter", "in-context"):
@@ -191,9 +186,7 @@ def plot(summary: list[dict], out: Path) -> None:
                 axis.axhline(s["mean"], linestyle="--", color="grey", label="zero-shot")
         axis.set(title=f"E2E {direction}", xlabel="k (training rows)", ylabel=metric, xscale="log")
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out / "e2e.png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, out / "e2e.png")
 
 
 def main(argv=None) -> int:
@@ -213,7 +206,7 @@ def main(argv=None) -> int:
             metrics = run_adapter(cell, args, out / "adapters")
         else:
             metrics = same_prompts(cell, done, args) or run_prompting(cell, args, engines)
-        row = {**cell, **metrics, "cpu": cpu["cpu"], "fast_bf16": cpu["fast_bf16"]}
+        row = {**cell, **metrics, **cell_cpu(cpu)}
         append_jsonl(cells_file, row)
         done.append(row)
         print(json.dumps(row), file=sys.stderr)

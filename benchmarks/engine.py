@@ -9,8 +9,6 @@ and memory, meaningless for accuracy.
 import argparse
 import json
 import os
-import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -18,63 +16,12 @@ from pathlib import Path
 
 import psutil
 import torch
-from safetensors.torch import save_file
 
+from _common import SERVE_TEXTS, cold_and_warm, random_adapter_store
 from adapterlab.backbones import load_backbone
 from adapterlab.engine import Engine, Request
-from adapterlab.recipe import validate_recipe
-from adapterlab.train import train
 
-TEXTS = ["the plot never finds its feet", "a warm, funny and generous film", "my card was declined twice",
-         "rates rose again this quarter"]
-
-
-def make_store(root: Path, count: int) -> list[str]:
-    """One trained template adapter, then `count` copies with random LoRA weights of the same shapes."""
-    recipe = validate_recipe({"task": "template", "backbone": "minilm", "method": {"name": "lora", "r": 8},
-                              "data": {"path": "demo:sentiment", "k": 2}, "training": {"max_steps": 1},
-                              "output": {"store": str(root), "name": "t"}})
-    template = train(recipe, show_progress=False).adapter_path
-    from safetensors.torch import load_file
-    tensors = load_file(template / "adapter_model.safetensors")
-    card = json.loads((template / "card.json").read_text())
-    refs = []
-    for i in range(count):
-        folder = root / "bench" / f"a{i:04d}"
-        shutil.copytree(template, folder)
-        save_file({k: torch.randn_like(v) * 0.02 for k, v in tensors.items()}, folder / "adapter_model.safetensors")
-        (folder / "card.json").write_text(json.dumps({**card, "task": "bench", "name": f"a{i:04d}"}))
-        refs.append(f"bench/a{i:04d}")
-    return refs
-
-
-def percentiles(samples: list[float]) -> dict:
-    ordered = sorted(samples)
-    return {"p50_ms": round(1e3 * statistics.median(ordered), 3),
-            "p95_ms": round(1e3 * ordered[int(0.95 * (len(ordered) - 1))], 3)}
-
-
-def cold_and_warm(engine: Engine, refs: list[str], checkpoints: list[int]) -> dict:
-    """Cold load+activate of fresh adapters once 1, 100, ... are resident; warm switch between resident ones."""
-    figures, loaded = {}, 0
-    for checkpoint in checkpoints:
-        while loaded < checkpoint - 1:
-            engine.servable(refs[loaded])
-            loaded += 1
-        samples = []
-        for ref in refs[loaded:loaded + 20]:
-            started = time.perf_counter()
-            engine.servable(ref)
-            samples.append(time.perf_counter() - started)
-        loaded += 20
-        figures[f"cold_load_at_{checkpoint}_resident"] = percentiles(samples)
-    warm = []
-    for i in range(200):
-        started = time.perf_counter()
-        engine.servable(refs[i % 50])
-        warm.append(time.perf_counter() - started)
-    figures["warm_switch"] = percentiles(warm)
-    return figures
+TEXTS = SERVE_TEXTS[:4]  # the engine's figures are measured on these four
 
 
 def rows_per_second(run, rows: int, repeats: int = 3) -> float:
@@ -154,9 +101,9 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=1000)
     parser.add_argument("--rows", type=int, default=64)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="adapterlab-bench-"))
-    try:
-        refs = make_store(root, args.adapters + 60)
+    with tempfile.TemporaryDirectory(prefix="adapterlab-bench-", ignore_cleanup_errors=True) as folder:
+        root = Path(folder)
+        refs = random_adapter_store(root, args.adapters + 60)
         engine = Engine("minilm", root, max_adapters=None)
         checkpoints = [c for c in (1, 100, 1000) if c + 20 <= len(refs)]
         result = {"benchmark": "engine", "backbone": "minilm", "torch_threads": torch.get_num_threads(),
@@ -166,8 +113,6 @@ def main() -> None:
                   "targets": {"cold_load_p50_ms_max": 5, "warm_switch_p50_ms_max": 0.5, "ratio_mixed_min": 0.8,
                               "speedup_vs_naive_min": 5, "rss_growth_over_adapter_bytes_max": 1.2}}
         print(json.dumps(result))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from _common import (PAIR_FIELDS, SHARED_DATA, append_jsonl, describe_cell_cpu, describe_cpu, plot_accuracy_bars, read_jsonl,
-                     wait_for_quiet)
+from _common import (PAIR_FIELDS, SHARED_DATA, append_jsonl, cell_cpu, describe_cell_cpu, describe_cpu, plot_accuracy_bars,
+                     read_jsonl, sample_std, wait_for_quiet)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sst2-lora-minilm-tied.yaml"
@@ -97,7 +97,7 @@ def run_cell(options, dataset: str, seed: int, kind: str) -> dict:
             "train_seconds": card.train_seconds, "wall_seconds": round(time.perf_counter() - started, 1),
             "epochs": card.recipe["training"]["epochs"], "mixed_precision": card.recipe["training"]["mixed_precision"],
             "member_cells": card.members, "load_average_at_start": round(load, 2),
-            "cpu": cpu["cpu"], "fast_bf16": cpu["fast_bf16"]}
+            **cell_cpu(cpu)}
 
 
 def run_cells(options) -> list[dict]:
@@ -156,7 +156,7 @@ def serving_cost(options, rows: list[dict]) -> dict | None:
 def stats(values: list[float]) -> dict | None:
     if not values:
         return None
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+    return {"mean": statistics.mean(values), "std": sample_std(values),
             "min": min(values), "max": max(values), "n": len(values)}
 
 

@@ -38,7 +38,8 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from _common import PAIR_FIELDS, SHARED_DATA, append_jsonl, describe_cpu, plot_accuracy_bars, read_jsonl
+from _common import (PAIR_FIELDS, SHARED_DATA, append_jsonl, cell_cpu, describe_cpu, plot_accuracy_bars, read_jsonl,
+                     sample_std)
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILE = ROOT / "recipes" / "sweeps" / "minilm-single-text.yaml"
@@ -232,7 +233,7 @@ def _machine() -> dict:
     from adapterlab.precision import cpu_capability
 
     cpu = cpu_capability()
-    return {"cpu": cpu["cpu"], "fast_bf16": cpu["fast_bf16"], "isa": cpu["isa"], "onednn_bf16": cpu["onednn_bf16"]}
+    return {**cell_cpu(cpu), "isa": cpu["isa"], "onednn_bf16": cpu["onednn_bf16"]}
 
 
 def run_setfit(sweep, out: Path, time_limit: float, num_iterations: int | None = None) -> None:
@@ -315,7 +316,7 @@ def method_stats(rows: list[dict]) -> dict | None:
     rows = sorted(rows, key=lambda r: r["seed"])
     accuracies, seconds = [r["accuracy"] for r in rows], [r["train_seconds"] for r in rows]
     return {"accuracy_mean": round(statistics.fmean(accuracies), 4),
-            "accuracy_std": round(statistics.stdev(accuracies), 4) if len(rows) > 1 else 0.0,
+            "accuracy_std": round(sample_std(accuracies), 4),
             "train_seconds_mean": round(statistics.fmean(seconds), 3),
             "per_seed": {str(r["seed"]): {"accuracy": round(r["accuracy"], 4),
                                           "train_seconds": round(r["train_seconds"], 3)} for r in rows}}

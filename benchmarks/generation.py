@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -32,10 +31,8 @@ from pathlib import Path
 
 import httpx
 import torch
-from safetensors.torch import load_file, save_file
 
-import serve_load  # benchmarks/serve_load.py, beside this script
-from _common import SHARED_DATA, run_threads
+from _common import SHARED_DATA, cold_and_warm, percentiles, random_copies, run_threads, start_server
 
 PROMPTS = ["Write one sentence about a restaurant: name[The Eagle], food[French], area[riverside]",
            "Describe a coffee shop near the river in a few words.",
@@ -59,26 +56,13 @@ def make_store(root: Path, count: int) -> tuple[list[str], str]:
                                                "test_limit": 1}}), show_progress=False).adapter_path
     classifier = train(validate_recipe({**common, "task": "sentiment", "data": {"path": "demo:sentiment", "k": 2}}),
                        show_progress=False).adapter_path
-    tensors = load_file(template / "adapter_model.safetensors")
-    card = json.loads((template / "card.json").read_text())
-    refs = []
-    for i in range(count):
-        folder = root / "gen" / f"a{i:04d}"
-        shutil.copytree(template, folder)
-        save_file({k: torch.randn_like(v) * 0.02 for k, v in tensors.items()}, folder / "adapter_model.safetensors")
-        (folder / "card.json").write_text(json.dumps({**card, "task": "gen", "name": f"a{i:04d}"}))
-        refs.append(f"gen/a{i:04d}")
+    refs = random_copies(template, root / "gen", count)
     shutil.rmtree(template)
     return refs, f"sentiment/{classifier.name}"
 
 
 def progress(message: str) -> None:
     print(f"[generation benchmark] {message}", file=sys.stderr, flush=True)
-
-
-def percentiles(samples: list[float]) -> dict:
-    ordered = sorted(samples)
-    return {"p50_s": round(statistics.median(ordered), 3), "p95_s": round(ordered[int(0.95 * (len(ordered) - 1))], 3)}
 
 
 def run_clients(send, refs: list[str], clients: int, requests: int) -> dict:
@@ -102,7 +86,7 @@ def run_clients(send, refs: list[str], clients: int, requests: int) -> dict:
     elapsed = run_threads(client, clients)
     return {"clients": clients, "requests": len(latencies), "failures": len(failures),
             "tokens_per_request": round(sum(tokens) / max(len(tokens), 1), 1),
-            "tokens_per_s": round(sum(tokens) / elapsed, 1), **percentiles(latencies)}
+            "tokens_per_s": round(sum(tokens) / elapsed, 1), **percentiles(latencies, "s")}
 
 
 def served(url: str, max_tokens: int):
@@ -166,7 +150,7 @@ def time_to_first_token(url: str, refs: list[str], max_tokens: int, repeats: int
     stop.set()
     for thread in others:
         thread.join()
-    return {"alone": percentiles(alone), "beside_15_adapters": percentiles(beside)}
+    return {"alone": percentiles(alone, "s"), "beside_15_adapters": percentiles(beside, "s")}
 
 
 def classification_latency(url: str, classifier: str, refs: list[str], max_tokens: int, requests: int = 40) -> dict:
@@ -196,17 +180,16 @@ def classification_latency(url: str, classifier: str, refs: list[str], max_token
     stop.set()
     for thread in load:
         thread.join()
-    ratio = percentiles(loaded)["p95_s"] / percentiles(idle)["p95_s"]
-    return {"idle": percentiles(idle), "under_8_generating_clients": percentiles(loaded), "p95_ratio": round(ratio, 2)}
+    figures = {"idle": percentiles(idle, "s"), "under_8_generating_clients": percentiles(loaded, "s")}
+    ratio = figures["under_8_generating_clients"]["p95_s"] / figures["idle"]["p95_s"]
+    return {**figures, "p95_ratio": round(ratio, 2)}
 
 
 def cold_loads(store: Path, refs: list[str], resident: int) -> dict:
     from adapterlab.engine import Engine
 
-    import engine as engine_benchmark  # benchmarks/engine.py, beside this script
-
     engine = Engine("smollm2-135m", store=store, max_adapters=resident + 50)
-    return engine_benchmark.cold_and_warm(engine, refs, [1, resident])
+    return cold_and_warm(engine, refs, [1, resident])
 
 
 def main() -> int:
@@ -217,8 +200,8 @@ def main() -> int:
     parser.add_argument("--resident", type=int, default=1000, help="Adapters resident for the cold-load figure.")
     parser.add_argument("--requests", type=int, default=2, help="Per client, at 8 and 32 clients (1 client: 8).")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="adapterlab-generation-bench-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="adapterlab-generation-bench-", ignore_cleanup_errors=True) as folder:
+        root = Path(folder)
         store = root / "store"
         progress(f"writing {args.resident + 20} adapters")
         refs, classifier = make_store(store, args.resident + 20)
@@ -226,7 +209,7 @@ def main() -> int:
         figures: dict = {"benchmark": "generation", "backbone": "smollm2-135m", "adapters": 16,
                          "max_tokens": args.max_tokens, "cpu": cpu_capability(), "cpu_cores": os.cpu_count()}
         # Room for every client's generation: the default queue bound (16) would answer the 32 clients' rest with 503.
-        process, url = serve_load.start_server(store, True, root / "server.log", "--max-queued-generations", "64")
+        process, url = start_server(store, True, root / "server.log", "--max-queued-generations", "64")
         try:
             send = served(url, args.max_tokens)
             run_clients(send, served_refs, 16, 1)  # warm-up: every adapter loaded once
@@ -259,8 +242,6 @@ def main() -> int:
                                   "classification_p95": figures["classification_latency"]["p95_ratio"] <= 2.0,
                                   "cold_load": cold <= 5.0}
         print(json.dumps(figures))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from _common import SHARED_DATA
+from _common import SHARED_DATA, sample_std
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sst2-lora-smollm2.yaml"
@@ -128,7 +128,7 @@ def summarize(per_seed: list[dict]) -> dict:
             **{key: max(r[key] for r in per_seed) for key in ("rss_loaded_mb", "peak_rss_train_mb", "max_rss_mb")},
             "steps": first["steps"], "step_seconds": round(statistics.fmean(r["step_seconds"] for r in per_seed), 3),
             "accuracy": round(statistics.fmean(accuracies), 4),
-            "accuracy_std": round(statistics.stdev(accuracies), 4) if len(accuracies) > 1 else 0.0,
+            "accuracy_std": round(sample_std(accuracies), 4),
             "accuracy_per_seed": accuracies, "train_rows": first["train_rows"], "test_rows": first["test_rows"]}
 
 

@@ -4,7 +4,7 @@ on a local Ray cluster of this machine's cores; and adapter loads per 1,000 requ
 multiplexed routing (requests go to a replica holding their adapter) against random routing, with
 fewer adapter slots per replica than adapters. Clients pick adapters at random (seeded). Each phase
 records the machine's 1-minute load average: other work on the machine slows every figure. Random LoRA
-weights on MiniLM (see benchmarks/engine.py): fine for speed, meaningless for accuracy.
+weights on MiniLM (random_adapter_store, benchmarks/_common.py): fine for speed, meaningless for accuracy.
 
 On a machine of 2 cores, Ray's own processes (proxy, controller, ingress) share the cores with the
 replicas, and 2 replicas split the cores a single process would use alone: the figures show Ray's
@@ -17,15 +17,13 @@ import argparse
 import json
 import os
 import random
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import httpx
 
-import serve_load  # benchmarks/serve_load.py, beside this script
-from _common import classify_clients
+from _common import SERVE_TEXTS, classify_clients, free_port, random_adapter_store, start_server
 
 PHASE_SECONDS = 120  # no phase runs longer, whatever the request counts
 
@@ -60,13 +58,13 @@ def measure(store: Path, refs: list[str], args, texts: list[str]) -> dict:
     import adapterlab
     from adapterlab.ray_serve import RayServeOptions, build_app
 
-    single, single_url = serve_load.start_server(store, True, store.parent / "single.log")
+    single, single_url = start_server(store, True, store.parent / "single.log")
     warm(single_url, refs, texts)
     cores = os.cpu_count()
     source = str(Path(adapterlab.__file__).parents[1])
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": source, "HF_HUB_OFFLINE": "1"}})
-    port = serve_load.free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
@@ -113,21 +111,14 @@ def main() -> None:
     parser.add_argument("--slot-share", type=float, default=0.625,
                         help="Adapter slots per replica as a share of the adapters, in the loads comparison.")
     args = parser.parse_args()
-    texts = serve_load.TEXTS
-    root = Path(tempfile.mkdtemp(prefix="adapterlab-ray-bench-"))
-    try:
-        store = root / "store"
-        import engine  # benchmarks/engine.py, beside this script
-
-        refs = engine.make_store(store, args.adapters)
-        shutil.rmtree(store / "template")  # the trained template: served adapters are the random copies only
-        figures = measure(store, refs, args, texts)
+    with tempfile.TemporaryDirectory(prefix="adapterlab-ray-bench-", ignore_cleanup_errors=True) as root:
+        store = Path(root) / "store"
+        refs = random_adapter_store(store, args.adapters)
+        figures = measure(store, refs, args, SERVE_TEXTS)
         cpu = cpu_capability()
         print(json.dumps({
             "benchmark": "ray_serve", "backbone": "minilm", "clients": args.clients, "adapters": args.adapters,
             "cpu": cpu["cpu"], "avx512_bf16": cpu["avx512_bf16"], "cpu_cores": os.cpu_count(), **figures}))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

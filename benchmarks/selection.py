@@ -32,7 +32,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from _common import PAIR_FIELDS, SHARED_DATA, append_jsonl, describe_cell_cpu, read_jsonl
+from _common import (PAIR_FIELDS, SHARED_DATA, append_jsonl, cell_cpu, describe_cell_cpu, pyplot, read_jsonl, sample_std,
+                     save_figure)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/sst2-lora-minilm-tied.yaml"
@@ -168,7 +169,7 @@ def summarize(rows: list[dict]) -> dict[str, dict[str, dict]]:
             values = [row[metric] for row in group if metric in row]
             if values:
                 stats[metric] = statistics.fmean(values)
-                stats[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+                stats[f"{metric}_std"] = sample_std(values)
         table.setdefault(dataset, {})[arm] = stats
     return table
 
@@ -237,13 +238,8 @@ def _signed(values: list[float]) -> str:
 
 def plot(table: dict, out: Path) -> None:
     """Accuracy per dataset: the three training arms as bars (mean ± std), zero-shot as a black tick."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     datasets = [d for d in DATASETS if d in table]
-    figure, axis = plt.subplots(figsize=(max(6, 1.3 * len(datasets)), 3.8))
+    figure, axis = pyplot().subplots(figsize=(max(6, 1.3 * len(datasets)), 3.8))
     width = 0.27
     for offset, arm in enumerate(ARMS[1:]):
         xs = [i + (offset - 1) * width for i, d in enumerate(datasets) if arm in table[d]]
@@ -256,9 +252,7 @@ def plot(table: dict, out: Path) -> None:
     axis.set_xticks(range(len(datasets)), datasets)
     axis.set(ylabel="accuracy", title="Training on the rows `adapterlab select` picks vs random rows (MiniLM, LoRA)")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out / "selection.png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, out / "selection.png")
 
 
 def main(argv=None) -> int:
@@ -279,7 +273,7 @@ def main(argv=None) -> int:
             pools[cell["dataset"]] = PoolOfDataset(cell["dataset"], args.pool, engine)
         pool = pools[cell["dataset"]]
         metrics = zero_shot_cell(cell, pool, scorer) if cell["arm"] == "zero-shot" else train_cell(cell, pool, work)
-        row = {**cell, **metrics, "cpu": cpu["cpu"], "fast_bf16": cpu["fast_bf16"], "load_average": os.getloadavg()[0]}
+        row = {**cell, **metrics, **cell_cpu(cpu), "load_average": os.getloadavg()[0]}
         append_jsonl(cells_file, row)
         done.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "pool_indices"}), file=sys.stderr)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from _common import PAIR_FIELDS, SHARED_DATA, append_jsonl, describe_cpu, read_jsonl, wait_for_quiet
+from _common import PAIR_FIELDS, SHARED_DATA, append_jsonl, describe_cpu, pyplot, read_jsonl, save_figure, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sst2-lora-minilm-tied.yaml"
@@ -211,16 +211,11 @@ def _seconds(value: float | None) -> str:
 
 
 def plot(cells: list[dict], file: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = by_dataset(cells)
     names = list(groups)
     series = [("plain adapter (k)", "plain_accuracy"), (f"self-trained (k + {cells[0]['unlabeled']} unlabeled)",
                                                        "self_trained_accuracy"), ("SetFit (k)", "setfit_accuracy")]
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 4))
+    fig, ax = pyplot().subplots(figsize=(1.8 + 1.6 * len(names), 4))
     width = 0.8 / len(series)
     for i, (label, key) in enumerate(series):
         values = [100 * (_mean(groups[n], key) or 0) for n in names]
@@ -230,9 +225,7 @@ def plot(cells: list[dict], file: Path) -> None:
     ax.set_ylabel(f"accuracy, first {cells[0]['test_limit']} test rows (%)")
     ax.set_title(f"MiniLM, k={cells[0]['k']}: unlabeled text through self-training")
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(file, dpi=120)
-    plt.close(fig)
+    save_figure(fig, file, dpi=120)
 
 
 def main(argv=None) -> dict:

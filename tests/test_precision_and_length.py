@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,6 +88,22 @@ def test_a_cpu_whose_onednn_is_held_to_avx2_trains_in_full_precision():
                                                    text=True, check=True).stdout.splitlines()[-1])
     assert capability["onednn_bf16"] is False and capability["fast_bf16"] is False
     assert chosen == "no"
+
+
+def test_without_torchs_private_checks_a_timed_product_decides(monkeypatch):
+    """torch answers bf16 support through private functions only: where a release drops them, the CPU's
+    flags and a timed bf16 matrix product give the same kind of answer (here, the same answer)."""
+    expected = cpu_capability()
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, name)
+    monkeypatch.setattr(torch.ops, "mkldnn", types.SimpleNamespace())  # no _is_mkldnn_bf16_supported
+    precision.bf16_matmul_is_fast.cache_clear()
+    probed = cpu_capability()
+    assert set(probed) == set(expected) and probed["cpu"] == expected["cpu"] and probed["isa"] == expected["isa"]
+    assert all(isinstance(probed[key], bool) for key in ("avx512_bf16", "amx", "onednn_bf16", "fast_bf16"))
+    assert probed["fast_bf16"] == precision.bf16_matmul_is_fast() == expected["fast_bf16"]
+    if Path("/proc/cpuinfo").is_file():  # the flags stand in for torch's checks
+        assert (probed["avx512_bf16"], probed["amx"]) == (expected["avx512_bf16"], expected["amx"])
 
 
 def test_yaml_no_is_read_as_no(tiny_bert, tmp_path):

@@ -1,11 +1,13 @@
 """benchmarks/quantized.py: a mode over its seeds, and the targets judged on the means (fabricated runs)."""
 
 import importlib.util
+import sys
 
 import pytest
 
 from conftest import ROOT
 
+sys.path.append(str(ROOT / "benchmarks"))  # its `from _common import ...`, as when the script runs from there
 spec = importlib.util.spec_from_file_location("quantized", ROOT / "benchmarks" / "quantized.py")
 quantized = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(quantized)

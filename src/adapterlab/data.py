@@ -2,12 +2,23 @@
 
 import csv
 import json
+import logging
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import datasets
+import pyarrow
+
 from adapterlab.errors import AdapterlabError
 
 DEMO_DIR = Path(__file__).parent / "demo"
+# Local files by suffix → the `datasets` builder that reads them; any other suffix is read as JSON lines.
+BUILDERS = {".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+SPLIT_SUFFIXES = (".jsonl", ".csv", ".parquet")
+# The builders log each error they raise; the reader reports it once, as a DataError naming the file.
+logging.getLogger("datasets.packaged_modules").setLevel(logging.CRITICAL)
 
 
 class DataError(AdapterlabError):
@@ -136,8 +147,8 @@ class Pool:
 
 def read_pool(path: str | Path, text_field: str = "text", text_pair_field: str | None = None,
               limit: int | None = None) -> Pool:
-    """The first `limit` rows (default: all) of a dataset folder's train split or of one .jsonl/.csv
-    file; any labels in them are ignored."""
+    """The first `limit` rows (default: all) of a dataset folder's train split or of one .jsonl, .csv or
+    .parquet file; any labels in them are ignored."""
     source = Path(path)
     if source.is_dir():
         rows, _, names, descriptions = _read_folder(source)
@@ -186,13 +197,8 @@ def _read_unlabeled_file(file: Path, config) -> Pool:
         return read_pool(file, config.text_field, config.text_pair_field)
     if config.text_pair_field:
         raise DataError(f"data.unlabeled {file}: a .txt file holds one text a line, no second texts of pairs "
-                        f"(data.text_pair_field {config.text_pair_field!r}): use .jsonl or .csv")
-    if not file.is_file():
-        raise DataError(f"data not found: {file}")
-    try:
-        texts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError as error:
-        raise DataError(f"{file}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+                        f"(data.text_pair_field {config.text_pair_field!r}): use .jsonl, .csv or .parquet")
+    texts = [row["text"].strip() for row in _read_rows(file) if row.get("text", "").strip()]
     return Pool(texts, None, [], [])
 
 
@@ -211,7 +217,7 @@ def _read_source(config):
     if local.is_file():
         test = _read_rows(Path(config.test_path)) if config.test_path else None
         return _read_rows(local), test, *_read_label_file(local.parent)
-    if local.suffix in (".jsonl", ".csv", ".json") or path.startswith((".", "/")) or path.count("/") != 1:
+    if local.suffix in (".json", *SPLIT_SUFFIXES) or path.startswith((".", "/")) or path.count("/") != 1:
         raise DataError(f"data not found: {path}")
     return _read_hub(path, config)
 
@@ -219,12 +225,12 @@ def _read_source(config):
 def _read_folder(folder: Path):
     train, test = _find_split(folder, "train"), _find_split(folder, "test")
     if train is None:
-        raise DataError(f"{folder}: no train.jsonl or train.csv")
+        raise DataError(f"{folder}: no train.jsonl, train.csv or train.parquet")
     return _read_rows(train), _read_rows(test) if test else None, *_read_label_file(folder)
 
 
 def _find_split(folder: Path, split: str) -> Path | None:
-    for suffix in (".jsonl", ".csv"):
+    for suffix in SPLIT_SUFFIXES:
         if (folder / f"{split}{suffix}").is_file():
             return folder / f"{split}{suffix}"
     return None
@@ -249,30 +255,48 @@ def read_labels(file: Path) -> tuple[list[str], list[str]]:
 
 
 def _read_rows(file: Path) -> list[dict]:
+    """The rows of a local file in file order, read by `datasets` as a stream (nothing is cached on disk):
+    JSON lines, CSV (every column as text, as written), Parquet, or text (a row a line, in `text`). A row
+    holds the columns it has a value for."""
     if not file.is_file():
         raise DataError(f"data not found: {file}")
+    builder = BUILDERS.get(file.suffix, "json")
     try:
-        if file.suffix == ".csv":
-            with open(file, newline="", encoding="utf-8") as handle:
-                return list(csv.DictReader(handle))
-        rows = []
-        with open(file, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise DataError(f"{file}:{number}: not a JSON object") from None
-        return rows
+        # CSV: cells as written ("" stays "", not missing); a row longer than the header is cut, not shifted.
+        options = ({"features": _csv_text_columns(file), "na_filter": False, "index_col": False}
+                   if builder == "csv" else {})
+        stream = datasets.load_dataset(builder, data_files=str(file), split="train", streaming=True, **options)
+        return [{key: value for key, value in row.items() if value is not None} for row in stream]
+    except StopIteration:  # the JSON reader finds no first row: an empty file
+        return []
     except UnicodeDecodeError as error:
         raise DataError(f"{file}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+    except (pyarrow.ArrowException, ValueError) as error:
+        raise DataError(f"{file}{_unreadable(error)}") from None
+
+
+def _csv_text_columns(file: Path) -> datasets.Features:
+    """Every column its header names, as text: pandas alone would read '007' as the number 7."""
+    with open(file, newline="", encoding="utf-8") as handle:
+        header = next(csv.reader(handle), [])
+    return datasets.Features({column: datasets.Value("string") for column in header})
+
+
+def _unreadable(error: Exception) -> str:
+    """What is wrong with a file its reader refused, to follow the file's name: pyarrow's reason where it
+    gave one (the JSON reader falls back on pandas, whose reason says less), with its row counted from 1."""
+    chain = [error]
+    while isinstance(chain[-1].__context__, Exception):
+        chain.append(chain[-1].__context__)
+    error = next((link for link in chain if isinstance(link, pyarrow.ArrowException)), error)
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    found = re.fullmatch(r"JSON parse error: (.*?)\.? in row (\d+)", reason)
+    if found:
+        return f" row {int(found[2]) + 1}: malformed JSON ({found[1]})"
+    return f": unreadable ({reason})"
 
 
 def _read_hub(dataset_id: str, config):
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{dataset_id!r} is not a local path; hub datasets need `pip install adapterlab[hub]`") from None
     try:
         loaded = datasets.load_dataset(dataset_id)
     except Exception as error:  # offline or unknown id

@@ -1,9 +1,11 @@
-"""Metrics computed here (no hub needed): accuracy and macro-F1 for classification; BLEU and chrF
+"""Metrics computed here (no hub needed): accuracy and macro-F1 (scikit-learn) for classification; BLEU and chrF
 (sacrebleu, multi-reference), ROUGE-L (rouge-score), exact match and slot scores of `key[value]`
 meaning representations (E2E) for generation. Other names go through `evaluate` (the hub)."""
 
 import re
 import statistics
+
+from sklearn.metrics import accuracy_score, f1_score
 
 from adapterlab.errors import AdapterlabError
 
@@ -19,13 +21,8 @@ def classification_metrics(predictions: list[int], references: list[int], num_la
     """accuracy and macro-F1 (mean F1 over every label, absent ones counting 0), plus hub metrics."""
     if not references:
         return {}
-    correct = sum(p == r for p, r in zip(predictions, references))
-    f1s = []
-    for label in range(num_labels):
-        tp = sum(p == label and r == label for p, r in zip(predictions, references))
-        predicted, actual = predictions.count(label), references.count(label)
-        f1s.append(2 * tp / (predicted + actual) if predicted + actual else 0.0)
-    results = {"accuracy": correct / len(references), "macro_f1": sum(f1s) / num_labels}
+    macro_f1 = f1_score(references, predictions, labels=list(range(num_labels)), average="macro", zero_division=0.0)
+    results = {"accuracy": float(accuracy_score(references, predictions)), "macro_f1": float(macro_f1)}
     for name in extra:
         if name not in BUILTIN:
             results.update(_hub_metric(name, predictions, references))

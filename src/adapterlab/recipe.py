@@ -57,9 +57,9 @@ class HeadConfig(_Section):
     pooling: Literal["auto", "mean", "cls", "last"] = Field(
         "auto", description="How a classifier pools token states. auto: as a sentence-transformers backbone "
         "folder says (1_Pooling: bge pools by CLS), else mean for encoders, last for LLMs.")
-    normalize: bool | None = Field(
-        None, description="A plain linear classifier (cosine_scale null) reads unit vectors; null: when the "
-        "sentence-transformers folder ends in a Normalize module. Cosine classifiers always do.")
+    normalize: bool | None = Field(None, description="A plain linear classifier (cosine_scale null) reads unit "
+                                   "vectors; null: when the sentence-transformers folder ends in a Normalize module. "
+                                   "Cosine classifiers always do.")
     text_prompt: str | None = Field(
         None, description="Encoders: prepended to every text and label description (e5: 'query: '); null: the "
         "sentence-transformers folder's default prompt, if it names one.")
@@ -116,7 +116,7 @@ class QuantizationConfig(_Section):
 
 class DataConfig(_Section):
     path: str = Field(
-        description="A folder with train/test .jsonl or .csv files (and labels.json), one such file, "
+        description="A folder with train/test .jsonl, .csv or .parquet files (and labels.json), one such file, "
         "'demo:NAME' for a dataset shipped with adapterlab, or a hub dataset id.")
     test_path: str | None = Field(None, description="Test file, when `path` names a single train file.")
     text_field: str = Field("text", description="Column holding the text.")
@@ -134,9 +134,9 @@ class DataConfig(_Section):
     seed: int = Field(0, description="Seed of the k-shot draw.")
     test_limit: int | None = Field(None, gt=0, description="Evaluate on the first N test rows only.")
     unlabeled: str | None = Field(
-        None, description="Texts without labels for training.self_train: a .jsonl or .csv file (text_field and "
-        "text_pair_field; any labels in it are ignored), a .txt file (one text a line), or `train`: the train "
-        "split's rows other than the k-shot rows, their labels dropped. Never the test split.")
+        None, description="Texts without labels for training.self_train: a .jsonl, .csv or .parquet file "
+        "(text_field and text_pair_field; any labels in it are ignored), a .txt file (one text a line), or `train`: "
+        "the train split's rows other than the k-shot rows, their labels dropped. Never the test split.")
     unlabeled_rows: int | None = Field(None, gt=0, description="Read at most N unlabeled rows, drawn with data.seed; "
                                        "null: all of them.")
 
