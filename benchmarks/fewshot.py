@@ -409,7 +409,7 @@ def _finished(table: dict, datasets: list[str], methods: tuple[str, ...], seeds:
 
 
 def _cv_targets(table: dict, cv: dict, complete: bool) -> dict:
-    """#19's targets for the recipe choosing its settings by CV: the margin and time ratio of the k-only
+    """The targets for the recipe choosing its settings by CV: the margin and time ratio of the k-only
     report, and every dataset's worst seed at or above zero-shot."""
     judged = [d for d, e in table.items() if e.get("adapterlab_cv") and e["zero_shot"] is not None]
     below = [d for d in judged if table[d]["adapterlab_cv"]["seeds_below_zero_shot"]]

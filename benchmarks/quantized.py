@@ -10,7 +10,7 @@ the mean over seeds, accuracy also per seed):
   - max_rss_mb: the process's peak over its whole life, loading and evaluation included (getrusage);
   - step_seconds: seconds in `fit` divided by its optimizer steps (backbone already loaded);
   - accuracy: on the test split (its first --test-limit rows when given).
-Targets (issue #5, for 8-bit): backbone weights at most half of fp32's, mean accuracy within 2 points
+Targets, for 8-bit: backbone weights at most half of fp32's, mean accuracy within 2 points
 of fp32's (above or below: a gain as large says the runs differ just as much); 4-bit's figures are
 reported beside them. One seed's accuracy moves by a few points with the rows drawn, hence the seeds.
 Prints one JSON object on stdout (last line); progress goes to stderr.

@@ -4,7 +4,7 @@ bfloat16 pays only where the device computes it natively: a CUDA GPU with bf16, 
 AVX512-BF16 or AMX. On a CPU with AVX2 alone a bf16 matrix product is ~30x slower than float32, so
 there, and on devices without a fast half type, everything runs in full precision. A CPU whose oneDNN is
 held to AVX2 (`ONEDNN_MAX_CPU_ISA=AVX2`) computes bf16 as slowly as an AVX2-only one and counts as one:
-that is also how a machine with fast bf16 shows what an AVX2-only CPU would do (README).
+that is also how a machine with fast bf16 shows what an AVX2-only CPU would do (docs/hardware.md).
 """
 
 import functools

@@ -74,14 +74,14 @@ class HeadConfig(_Section):
         "through the adapted backbone (the adapter learns both sides, as a bi-encoder); the last ones are "
         "saved as a plain classifier. Needs cosine_scale and init label_descriptions. auto: tie when every "
         "label fits in a step (at most tie_labels_per_step labels): with more, the sampled steps cost "
-        "several times as much and scored lower on banking77 (README, few-shot accuracy).")
+        "several times as much and scored lower on banking77 (docs/benchmarks.md).")
     tie_labels_per_step: int = Field(
         32, gt=1, description="With tie_labels and more labels than this, a step embeds its batch's labels "
         "plus randomly drawn others up to this many (a sampled softmax), so its cost stays flat.")
     prototype_weight: float = Field(
         0.5, ge=0, description="With tie_labels: when training ends, each label's row is its description "
         "vector plus this much of its prototype (the mean vector of its training texts), both unit length; "
-        "0: the description alone. 0.5 scored +0.3 on the few-shot report's datasets (README).")
+        "0: the description alone. 0.5 scored +0.3 on the few-shot report's datasets (docs/benchmarks.md).")
     label_templates: list[str] = Field(
         ["{label}", "This text is about {label}."], min_length=1,
         description="Each label description is embedded through these templates, then averaged.")
@@ -194,7 +194,7 @@ class SelfTrainingConfig(_Section):
     keep_fraction: float = Field(
         0.2, gt=0, le=1, description="At most this share of the unlabeled rows become pseudo-labels in a round, "
         "split evenly over the classes: each class keeps its most confident rows up to its share. Fewer are "
-        "righter: on MPQA (k=16) the top 20 % were 92 % right, the top 50 % 85 %, all of them 81 % (README).")
+        "righter: on MPQA (k=16) the top 20 % were 92 % right, the top 50 % 85 %, all of them 81 % (docs/self-training.md).")
     balance: bool = Field(True, description="Every class keeps as many pseudo-labels as the class with fewest, so "
                           "that the pseudo-labels cannot pile onto one class; false: each class up to its share.")
     labelled_share: float = Field(

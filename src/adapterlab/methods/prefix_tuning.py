@@ -28,7 +28,7 @@ class Config(BaseModel):
         "auto", description="Where the prefix starts. words: the keys and values the backbone computes for the "
         "task's own words (the prompt and the label names), as prefix-tuning's authors recommend; a random "
         "prefix would start an LLM below its zero-shot prompt. random: peft's. auto: words on LLMs, random on "
-        "encoders (whose random prefixes train well: README).")
+        "encoders (whose random prefixes train well: docs/benchmarks.md).")
 
 
 def peft_config(config: Config, backbone) -> PrefixTuningConfig:
