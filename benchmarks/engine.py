@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from adapterlab.backbones import load_backbone
 from adapterlab.engine import Engine, Request
 from adapterlab.recipe import validate_recipe
-from adapterlab.train import train
+from adapterlab.training import train
 
 TEXTS = ["the plot never finds its feet", "a warm, funny and generous film", "my card was declined twice",
          "rates rose again this quarter"]

@@ -10,7 +10,7 @@ from adapterlab.errors import AdapterlabError
 from adapterlab.precision import resolve_device, resolve_dtype
 from adapterlab.recipe import validate_recipe
 from adapterlab.store import StoreError, load_adapter
-from adapterlab.train import train
+from adapterlab.training import train
 from conftest import tiny_recipe
 
 TEXTS = ["the soup was cold", "what a match last night", "please cancel my order", "loved every minute",

@@ -13,7 +13,8 @@ from adapterlab.errors import AdapterlabError
 from adapterlab.generation import Decoder, Sampling
 from adapterlab.recipe import validate_recipe
 from adapterlab.store import StoreError, load_adapter, read_card
-from adapterlab.train import setup, train
+from adapterlab.training import train
+from adapterlab.training.builders import setup
 from conftest import shared, tiny_recipe
 
 PROMPTS = ["The film was", "Tell me about the weather in Paris today, please", "Once upon a time",

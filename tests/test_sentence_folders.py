@@ -17,7 +17,7 @@ from adapterlab.heads import label_embeddings
 from adapterlab.model import build_adapter_model
 from adapterlab.recipe import validate_recipe
 from adapterlab.store import load_adapter, read_card
-from adapterlab.train import train
+from adapterlab.training import train
 from conftest import tiny_recipe
 
 PROMPT = "query: "

@@ -12,7 +12,9 @@ from adapterlab.backbones import load_backbone
 from adapterlab.engine import Engine
 from adapterlab.recipe import load_recipe
 from adapterlab.store import StoreError, load_adapter, save_adapter
-from adapterlab.train import evaluate, fit, make_card, setup
+from adapterlab.training.builders import setup
+from adapterlab.training.loop import evaluate, fit
+from adapterlab.training.result import make_card
 from adapterlab.model import parameter_counts
 from conftest import ROOT, assert_beats_its_start, shared
 

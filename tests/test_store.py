@@ -23,7 +23,7 @@ from adapterlab.merge import combine_adapters
 from adapterlab.names import name_problem
 from adapterlab.store import (AdapterCard, StoreError, list_adapters, load_adapter, read_card, resolve, save_adapter,
                               verify)
-from adapterlab.train import train
+from adapterlab.training import train
 from conftest import tiny_recipe
 
 
