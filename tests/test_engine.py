@@ -10,8 +10,8 @@ from adapterlab.errors import AdapterlabError
 from adapterlab.loading import load_adapter
 from adapterlab.precision import resolve_device, resolve_dtype
 from adapterlab.recipe import validate_recipe
-from adapterlab.store import StoreError
-from adapterlab.train import train
+from adapterlab.store import StoreError, load_adapter
+from adapterlab.training import train
 from conftest import tiny_recipe
 
 TEXTS = ["the soup was cold", "what a match last night", "please cancel my order", "loved every minute",

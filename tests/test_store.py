@@ -22,8 +22,9 @@ from adapterlab.errors import AdapterlabError
 from adapterlab.loading import load_adapter
 from adapterlab.merge import combine_adapters
 from adapterlab.names import name_problem
-from adapterlab.store import AdapterCard, StoreError, list_adapters, read_card, resolve, save_adapter, verify
-from adapterlab.train import train
+from adapterlab.store import (AdapterCard, StoreError, list_adapters, read_card, resolve, save_adapter,
+                              verify)
+from adapterlab.training import train
 from conftest import tiny_recipe
 
 

@@ -81,7 +81,7 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML."),
                                                  "... and store them as one adapter (sets training.ensemble).")):
     """Train one few-shot adapter (also under `accelerate launch -m adapterlab train`)."""
     from adapterlab.recipe import load_recipe
-    from adapterlab.train import train as run_training
+    from adapterlab.training import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     overrides = [*set_, *([f"training.ensemble={ensemble}"] if ensemble is not None else [])]
