@@ -10,7 +10,7 @@ from adapterlab.errors import AdapterlabError
 from adapterlab.loading import load_adapter
 from adapterlab.precision import resolve_device, resolve_dtype
 from adapterlab.recipe import validate_recipe
-from adapterlab.store import StoreError, load_adapter
+from adapterlab.store import StoreError
 from adapterlab.training import train
 from conftest import tiny_recipe
 

@@ -8,7 +8,8 @@ from accelerate import Accelerator
 
 from adapterlab.data import TaskData
 from adapterlab.generative import GenerativeModel
-from adapterlab.heads import pooling_of, text_prompt_of
+from adapterlab.heads import pooling_of
+from adapterlab.prompts import text_prompt_of
 from adapterlab.model import AdapterModel
 from adapterlab.recipe import Recipe
 from adapterlab.store import AdapterCard, save_adapter
