@@ -29,6 +29,10 @@ DTYPE = typer.Option("auto", "--dtype", help="auto (bfloat16 where the device co
                      "bf16, a CPU with AVX512-BF16/AMX; float16 on other GPUs; else float32), float32, bfloat16 "
                      "or float16.")
 
+LABEL_MAP = typer.Option(None, "--label-map", help="Answer in another task's label names: a JSON object (or a "
+                         ".json file of one) from the adapter's labels to them, e.g. '{\"pos\": \"positive\"}'; "
+                         "labels mapped to one name add their probabilities.")
+
 
 @app.callback()
 def _quiet_libraries():
@@ -64,6 +68,20 @@ def _only_with_ray(**options) -> None:
     given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None]
     if given:
         raise AdapterlabError(f"{' and '.join(given)} {'go' if len(given) > 1 else 'goes'} with --ray")
+
+
+def _label_map(given: str | None) -> dict[str, str] | None:
+    """--label-map: JSON text, or the path of a JSON file; an object of label names to label names."""
+    if given is None:
+        return None
+    text = Path(given).read_text() if given.endswith(".json") else given
+    try:
+        mapping = json.loads(text)
+    except ValueError as error:
+        raise AdapterlabError(f"--label-map {given!r}: not JSON ({error})") from None
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise AdapterlabError(f"--label-map {given!r}: expected an object of label names to label names")
+    return mapping
 
 
 def _emit(payload: dict) -> None:
@@ -102,12 +120,13 @@ def eval_(adapter: str = typer.Argument(..., help="Adapter folder, or TASK/NAME 
           data: str = typer.Option(..., "--data", help="Dataset (folder, file, demo:NAME)."),
           split: str = typer.Option("test", "--split", help="train or test."),
           limit: Optional[int] = typer.Option(None, "--limit", help="First N rows only."),
+          label_map: Optional[str] = LABEL_MAP,
           store: Path = STORE, json_out: bool = JSON, device: str = DEVICE, dtype: str = DTYPE):
     """Accuracy and macro-F1 of a stored adapter on a dataset."""
     from adapterlab.engine import Engine
 
     engine = Engine.for_adapter(adapter, store, device=device, dtype=dtype)
-    metrics = engine.evaluate(adapter, data, split, limit)
+    metrics = engine.evaluate(adapter, data, split, limit, _label_map(label_map))
     if json_out:
         _emit({"adapter": adapter, "data": data, "split": split, **metrics})
     else:
@@ -122,9 +141,10 @@ def predict(args: Optional[list[str]] = typer.Argument(None, help="[ADAPTER] TEX
             batch: Optional[Path] = typer.Option(None, "--batch", help='JSONL of {"adapter", "text"} rows '
                                                  '("text_pair", and "labels" for zero-shot rows, optional).'),
             output: Optional[Path] = typer.Option(None, "--output", help="Write the --batch answers here (JSONL)."),
+            label_map: Optional[str] = LABEL_MAP,
             store: Path = STORE, json_out: bool = JSON, device: str = DEVICE, dtype: str = DTYPE):
     """Label texts with stored adapters; --batch serves many adapters in mixed batches."""
-    from adapterlab.engine import Engine, read_requests
+    from adapterlab.engine import Engine, check_label_map, read_requests, relabel
 
     if batch is not None:
         requests = read_requests(batch)
@@ -144,7 +164,12 @@ def predict(args: Optional[list[str]] = typer.Argument(None, help="[ADAPTER] TEX
         if len(texts) < 2:
             raise AdapterlabError("predict needs an adapter and at least one text (or --batch FILE)")
         adapter = texts.pop(0)
-    predictions = Engine.for_adapter(adapter, store, device=device, dtype=dtype).predict(adapter, texts)
+    engine = Engine.for_adapter(adapter, store, device=device, dtype=dtype)
+    predictions = engine.predict(adapter, texts)
+    if label_map is not None:
+        mapping = _label_map(label_map)
+        check_label_map(engine.card(adapter).labels, mapping)
+        predictions = [relabel(prediction, mapping) for prediction in predictions]
     if json_out:
         _emit({"adapter": adapter, "predictions": [
             {"text": t, "label": p.label, "score": p.score, "scores": p.scores, "truncated": p.truncated}

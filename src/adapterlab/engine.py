@@ -237,12 +237,16 @@ class Engine:
             raise StoreError("a row without an adapter needs its labels (zero-shot)")
         return self.zero_shot(tuple(request.labels))
 
-    def evaluate(self, reference: str, data: str, split: str = "test", limit: int | None = None) -> dict:
+    def evaluate(self, reference: str, data: str, split: str = "test", limit: int | None = None,
+                 label_map: dict[str, str] | None = None) -> dict:
         """Metrics of an adapter on a dataset read with the adapter's own data settings: accuracy and
-        macro-F1, or for a generative adapter its greedy completions scored against the references."""
+        macro-F1, or for a generative adapter its greedy completions scored against the references. With
+        `label_map` (the adapter's label -> the dataset's), a classifier answers a task of other label names
+        (`relabel`), whose names come from the dataset (its labels.json)."""
         card = self.card(reference)
+        labels = None if label_map is not None else card.labels or None
         config = DataConfig.model_validate({**card.recipe["data"], "path": data, "test_path": None,
-                                            "labels": card.labels or None, "k": None, "test_limit": None})
+                                            "labels": labels, "k": None, "test_limit": None})
         task = load_pairs(config) if card.kind == "generate" else load_task(config)
         rows = {"train": task.train, "test": task.test}.get(split)
         if rows is None:
@@ -256,9 +260,12 @@ class Engine:
             return {"rows": len(rows), **generation_metrics([s.text for s in outputs], rows.references, rows.inputs,
                                                             tuple(recipe.training.metrics))}
         predictions = self.predict(reference, rows.texts, rows.text_pairs)
-        index = {label: i for i, label in enumerate(card.labels)}
+        if label_map is not None:
+            check_label_map(card.labels, label_map, task.label_names)
+            predictions = [relabel(prediction, label_map) for prediction in predictions]
+        index = {label: i for i, label in enumerate(task.label_names)}
         return {"rows": len(rows), **classification_metrics([index[p.label] for p in predictions], rows.labels,
-                                                            len(card.labels))}
+                                                            len(task.label_names))}
 
 
 def read_requests(path: str | Path) -> list[Request]:
@@ -276,6 +283,32 @@ def read_requests(path: str | Path) -> list[Request]:
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise DataError(f"{path}:{number}: expected a JSON object with \"text\" (and \"adapter\")") from None
     return requests
+
+
+def check_label_map(labels: list[str], label_map: dict[str, str], task_labels: list[str] | None = None) -> None:
+    """A map from an adapter's `labels` to a task's names: it names only the adapter's labels, and (given the
+    task's labels) every adapter label lands on one of them, mapped or by its own name."""
+    unknown = sorted(set(label_map) - set(labels))
+    if unknown:
+        raise AdapterlabError(f"the label map names {', '.join(map(repr, unknown))}, which the adapter does not "
+                              f"have (its labels: {', '.join(labels)})")
+    if task_labels is not None:
+        lost = [label for label in labels if label_map.get(label, label) not in task_labels]
+        if lost:
+            raise AdapterlabError(f"the adapter's labels {', '.join(map(repr, lost))} map to none of the data's "
+                                  f"labels ({', '.join(task_labels)}): map each to one of them")
+
+
+def relabel(prediction: Prediction, label_map: dict[str, str]) -> Prediction:
+    """`prediction` in another task's label names: each label's probability goes to the name `label_map`
+    gives it (labels it does not name keep theirs; several labels may share a name, their probabilities
+    adding up), and the answer is the most probable name."""
+    scores: dict[str, float] = {}
+    for label, score in prediction.scores.items():
+        name = label_map.get(label, label)
+        scores[name] = scores.get(name, 0.0) + score
+    best = max(scores, key=scores.__getitem__)
+    return Prediction(best, scores[best], scores, prediction.truncated)
 
 
 def _prediction(labels: list[str], probabilities: list[float], truncated: bool) -> Prediction:

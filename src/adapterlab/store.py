@@ -83,6 +83,10 @@ class AdapterCard(BaseModel):
     # training.ensemble: one entry per member folder (members/<i>), in order: its seed, train_seconds and
     # test metrics; metrics above are the ensemble's own (the mean of the members' probabilities)
     members: list[dict] | None = None
+    # training.init_from: the stored adapter it started from (source), how it was chosen (named, or auto:
+    # every candidate's start accuracy on the k-shot rows beside the zero-shot start's), whether its head rows
+    # came along (labels_matched) (training.library.LibraryStart.record)
+    init_from: dict | None = None
     created: str = ""
 
     @field_validator("task", "name")
