@@ -133,7 +133,8 @@ def test_leftovers_of_a_killed_save_are_tidied(trained, tiny_bert):
     hidden = lambda: sorted(p.name for p in task_dir.iterdir() if p.name.startswith(".third"))
     assert "third" not in [c.name for c in list_adapters(store)]
 
-    store_module._tidy_leftovers(task_dir, "third")  # what the next save of "third" does first
+    with store_module.adapter_lock(task_dir / "third"):  # what the next save of "third" does
+        store_module._tidy_leftovers(task_dir, "third")
     assert verify(task_dir / "third") == [] and hidden() == kept
     train(validate_recipe(tiny_recipe(tiny_bert, store, output={"name": "third"})), show_progress=False)
     assert read_card(task_dir / "third").name == "third" and hidden() == kept
@@ -197,5 +198,6 @@ def test_a_replacing_save_killed_anywhere_never_leaves_the_name_empty(trained, t
         stop.set()
         reader.join()
     assert missing == []
-    store_module._tidy_leftovers(folder.parent, folder.name)
+    with store_module.adapter_lock(folder):  # what the next save does; a killed holder's lock file goes too
+        store_module._tidy_leftovers(folder.parent, folder.name)
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]

@@ -78,14 +78,20 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML."),
           resume: bool = typer.Option(False, "--resume", help="Continue from the run's checkpoint (see "
                                       "training.checkpoint_every); none: start from the beginning."),
           ensemble: Optional[int] = typer.Option(None, "--ensemble", help="Train N members with seeds seed, seed+1, "
-                                                 "... and store them as one adapter (sets training.ensemble).")):
+                                                 "... and store them as one adapter (sets training.ensemble)."),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace a stored adapter of the same name; "
+                                         "without it, a name already taken stops the run before it trains.")):
     """Train one few-shot adapter (also under `accelerate launch -m adapterlab train`)."""
     from adapterlab.recipe import load_recipe
+    from adapterlab.store import refuse_existing
     from adapterlab.train import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     overrides = [*set_, *([f"training.ensemble={ensemble}"] if ensemble is not None else [])]
-    result = run_training(load_recipe(recipe, overrides), show_progress=not quiet, resume=resume)
+    loaded = load_recipe(recipe, overrides)
+    if not overwrite:  # before the backbone loads: no hours of training for a name that is taken
+        refuse_existing(Path(loaded.output.store) / loaded.task / loaded.adapter_name)
+    result = run_training(loaded, show_progress=not quiet, resume=resume)
     if result.adapter_path is None:  # not the main process: it wrote nothing and reports nothing
         return
     if json_out:

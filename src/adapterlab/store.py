@@ -3,7 +3,9 @@
 A folder holds the standard PEFT files (adapter_config.json, adapter_model.safetensors: loadable by
 `PeftModel.from_pretrained`), the head (head.safetensors), card.json and a short README.md. A folder
 is written under a hidden temporary name and renamed into place, so a crash mid-save never leaves a
-half adapter that `list_adapters` shows. Only safetensors are read: nothing is ever unpickled.
+half adapter that `list_adapters` shows. Writers of one name take turns (`adapter_lock`), so that of
+two saves at once the later one finds the earlier one's adapter, and replaces it only when told to.
+Only safetensors are read: nothing is ever unpickled.
 
 An ensemble's folder holds its card.json and README.md, and one such adapter folder per member in
 members/0, members/1, ... (the card's `members` lists them in that order). A merged model's folder
@@ -16,6 +18,7 @@ files, and models are built from what it read (`loading` puts an adapter under p
 
 import ctypes
 import errno
+import fcntl
 import functools
 import glob
 import json
@@ -27,7 +30,8 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Literal, Protocol
 
 import torch
@@ -101,14 +105,15 @@ class Trained(Protocol):
     head: nn.Module
 
 
-def save_adapter(model: Trained, card: AdapterCard, store: str | Path) -> tuple[Path, AdapterCard]:
-    """Write the adapter to STORE/TASK/NAME atomically (replacing one of the same name); returns
-    its folder and its completed card."""
-    return _save_atomically(card, store, lambda staging: _write_adapter(model, card, staging))
+def save_adapter(model: Trained, card: AdapterCard, store: str | Path, overwrite: bool = True
+                 ) -> tuple[Path, AdapterCard]:
+    """Write the adapter to STORE/TASK/NAME atomically; returns its folder and its completed card. One of
+    the same name is replaced only with `overwrite` (else AdapterExists)."""
+    return _save_atomically(card, store, lambda staging: _write_adapter(model, card, staging), overwrite)
 
 
-def save_ensemble(members: list[tuple[Trained, AdapterCard]], card: AdapterCard, store: str | Path
-                  ) -> tuple[Path, AdapterCard]:
+def save_ensemble(members: list[tuple[Trained, AdapterCard]], card: AdapterCard, store: str | Path,
+                  overwrite: bool = True) -> tuple[Path, AdapterCard]:
     """Write an ensemble to STORE/TASK/NAME atomically, as one adapter: each member a complete adapter
     folder in members/<i>, beside the ensemble's card (which lists them)."""
     def write(staging: Path) -> AdapterCard:
@@ -116,27 +121,70 @@ def save_ensemble(members: list[tuple[Trained, AdapterCard]], card: AdapterCard,
                    for i, (model, member_card) in enumerate(members)]
         return _write_card(card.model_copy(update={"adapter_bytes": sum(c.adapter_bytes for c in written)}), staging)
 
-    return _save_atomically(card, store, write)
+    return _save_atomically(card, store, write, overwrite)
 
 
-def _save_atomically(card: AdapterCard, store: str | Path, write: Callable[[Path], AdapterCard]
+def _save_atomically(card: AdapterCard, store: str | Path, write: Callable[[Path], AdapterCard], overwrite: bool
                      ) -> tuple[Path, AdapterCard]:
     """`write` fills a hidden staging folder and returns the completed card; the folder then replaces
-    STORE/TASK/NAME in one step."""
+    STORE/TASK/NAME in one step. The name's lock is held from the look at what is there to the swap,
+    so that of two writers of one name the later one sees the earlier one's adapter."""
     check_name(card.task, "task")  # a card copied with new values skipped its validators
     check_name(card.name, "adapter name")
     task_dir = Path(store) / card.task
     task_dir.mkdir(parents=True, exist_ok=True)
     target = task_dir / card.name
-    _tidy_leftovers(task_dir, card.name)
     staging = Path(tempfile.mkdtemp(dir=task_dir, prefix=f".{card.name}.saving-{_owner()}-"))
     try:
         card = write(staging)
         _fsync_tree(staging)
-        swap_into_place(staging, target)  # staging now holds the replaced adapter, if any
+        with adapter_lock(target):
+            _tidy_leftovers(task_dir, card.name)
+            if not overwrite:
+                refuse_existing(target, "(another run may have saved it meanwhile): this run's adapter is "
+                                        "discarded, not saved")
+            _swap(staging, target)  # staging now holds the replaced adapter, if any
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target, card
+
+
+class AdapterExists(StoreError):
+    """A save that would replace a stored adapter without being told to overwrite it."""
+
+
+def refuse_existing(folder: Path, consequence: str = "") -> None:
+    """AdapterExists when `folder` (STORE/TASK/NAME) is taken; `consequence` says what became of the
+    new adapter."""
+    if folder.exists():
+        raise AdapterExists(" ".join(filter(None, [f"adapter folder {folder} already exists", consequence,
+                                                   "(pass --overwrite to replace it)"])))
+
+
+@contextmanager
+def adapter_lock(target: Path) -> Iterator[None]:
+    """Hold the lock of the adapter folder `target` (TASK/NAME) against other writers of that name, in
+    any process of this machine: an advisory flock on TASK/.NAME.lock. The holder removes the file on
+    the way out (the store keeps no litter), so a writer that locked a file since removed tries again."""
+    path = target.with_name(f".{target.name}.lock")
+    while True:
+        handle = open(path, "a")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        if _same_file(handle, path):
+            break
+        handle.close()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        handle.close()
+
+
+def _same_file(handle, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _write_adapter(model: Trained, card: AdapterCard, folder: Path) -> AdapterCard:
@@ -177,9 +225,15 @@ def _write_card(card: AdapterCard, folder: Path) -> AdapterCard:
 
 
 def swap_into_place(new: Path, target: Path) -> None:
-    """Put the folder `new` at `target`; afterwards `new` holds the old `target`, if there was one
-    (the caller removes it, or swaps back). Where the OS offers it (Linux) the two are exchanged in
-    one step, so that readers always find an adapter under the name. Elsewhere the old one is moved
+    """Put the folder `new` at `target`, holding the name's lock (`adapter_lock`); afterwards `new`
+    holds the old `target`, if there was one (the caller removes it, or swaps back)."""
+    with adapter_lock(target):
+        _swap(new, target)
+
+
+def _swap(new: Path, target: Path) -> None:
+    """`swap_into_place` under a lock already held. Where the OS offers it (Linux) the two are exchanged
+    in one step, so that readers always find an adapter under the name. Elsewhere the old one is moved
     aside first (a kill between the renames leaves it aside; the next save of the name puts it back)."""
     if not target.exists():
         new.rename(target)
@@ -211,10 +265,10 @@ def _libc():
 
 
 def _tidy_leftovers(task_dir: Path, name: str) -> None:
-    """Clear what a save of NAME killed mid-way left in its task folder: a staging folder is removed;
-    an adapter it had moved aside is put back when nothing replaced it. Saves still running are left
-    alone (their process id is in the name), and so are other machines' (a shared store): whether
-    they still run cannot be told from here."""
+    """Clear what a save of NAME killed mid-way left in its task folder (under NAME's lock): a staging
+    folder is removed; an adapter it had moved aside is put back when nothing replaced it. Saves still
+    running are left alone (their process id is in the name), and so are other machines' (a shared
+    store): whether they still run cannot be told from here."""
     for leftover in task_dir.glob(f".{glob.escape(name)}.*"):
         kind, _, rest = leftover.name[len(name) + 2:].partition("-")
         pid, _, host = rest.split("-")[0].partition("@")
