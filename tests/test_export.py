@@ -29,7 +29,7 @@ from adapterlab.loading import load_adapter
 from adapterlab.merge import load_merged
 from adapterlab.recipe import validate_recipe
 from adapterlab.store import StoreError, read_card
-from adapterlab.train import train
+from adapterlab.training import train
 from conftest import tiny_recipe
 
 TEXTS = ["the soup was cold", "loved every minute of it", "fine, I guess", "a dull and tiresome film"]
