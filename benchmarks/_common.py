@@ -164,7 +164,7 @@ def random_copies(template: Path, folder: Path, count: int) -> list[str]:
 def random_adapter_store(root: Path, count: int) -> list[str]:
     """A store of `count` MiniLM LoRA adapters (r=8 on query/value), random copies of one trained in a step."""
     from adapterlab.recipe import validate_recipe
-    from adapterlab.train import train
+    from adapterlab.training import train
 
     recipe = validate_recipe({"task": "template", "backbone": "minilm", "method": {"name": "lora", "r": 8},
                               "data": {"path": "demo:sentiment", "k": 2}, "training": {"max_steps": 1},

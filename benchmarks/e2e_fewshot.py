@@ -74,7 +74,7 @@ def recipe_for(cell: dict, args, store: Path):
 
 
 def run_adapter(cell: dict, args, store: Path) -> dict:
-    from adapterlab.train import train
+    from adapterlab.training import train
 
     result = train(recipe_for(cell, args, store), show_progress=False)
     return {**result.metrics, "train_seconds": round(result.train_seconds, 1)}

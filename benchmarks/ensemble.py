@@ -84,7 +84,7 @@ def cell_key(row: dict) -> tuple:
 def run_cell(options, dataset: str, seed: int, kind: str) -> dict:
     from adapterlab.precision import cpu_capability
     from adapterlab.store import read_card
-    from adapterlab.train import train
+    from adapterlab.training import train
 
     recipe = cell_recipe(options, dataset, seed, kind)
     load, started = os.getloadavg()[0], time.perf_counter()

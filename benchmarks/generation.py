@@ -45,7 +45,7 @@ def make_store(root: Path, count: int) -> tuple[list[str], str]:
     """`count` generative adapters (random copies of one trained in a step) and one classification
     adapter, all on SmolLM2; returns the generative references and the classifier's."""
     from adapterlab.recipe import validate_recipe
-    from adapterlab.train import train
+    from adapterlab.training import train
 
     data = str(SHARED_DATA / "e2e")
     common = {"backbone": "smollm2-135m", "method": {"name": "lora", "r": 8}, "training": {"max_steps": 1},

@@ -36,7 +36,7 @@ def run_backbone(backbone: str, device: str, k: int, test_rows: int, store: str)
     from adapterlab.engine import Engine, Request
     from adapterlab.recipe import load_recipe
     from adapterlab.store import read_card
-    from adapterlab.train import train
+    from adapterlab.training import train
 
     recipe_file, overrides = RUNS[backbone]
     recipe = load_recipe(ROOT / "recipes" / recipe_file, overrides + [

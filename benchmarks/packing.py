@@ -37,7 +37,8 @@ def run(dataset: str, seed: int, packed: bool, args) -> dict:
 
     from adapterlab.model import AdapterModel
     from adapterlab.recipe import load_recipe
-    from adapterlab.train import evaluate, fit, setup
+    from adapterlab.training.builders import setup
+    from adapterlab.training.loop import evaluate, fit
 
     packs_rows = AdapterModel.__dict__["packs_rows"]
     if not packed:  # the padded layout: what training ran before rows were packed

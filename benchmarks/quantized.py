@@ -65,13 +65,14 @@ class PeakMemory:
 def measure(mode: str, seed: int, k: int, epochs: int | None, test_limit: int, store: str) -> dict:
     """One mode and seed, in this process: load, train, evaluate."""
     from adapterlab.recipe import load_recipe
-    from adapterlab.train import _schedule, evaluate, fit, setup
+    from adapterlab.training.builders import setup
+    from adapterlab.training.loop import evaluate, fit, schedule
 
     overrides = [f"quantization.mode={QUANTIZATION[mode]}", f"data.path={SHARED_DATA / 'sst2'}",
                  f"data.k={k}", f"data.seed={seed}", f"training.seed={seed}", f"output.store={store}"] + ([f"data.test_limit={test_limit}"] if test_limit else [])
     recipe = load_recipe(RECIPE, overrides + ([f"training.epochs={epochs}"] if epochs else []))
     accelerator, task, model = setup(recipe)
-    steps = _schedule(len(task.train), recipe.training, accelerator.num_processes)[0]
+    steps = schedule(len(task.train), recipe.training, accelerator.num_processes)[0]
     loaded = psutil.Process().memory_info().rss
     with PeakMemory() as memory:
         started = time.perf_counter()

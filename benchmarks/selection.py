@@ -122,7 +122,7 @@ def labelled_file(cell: dict, pool: PoolOfDataset, chosen: list[int], work: Path
 
 def train_cell(cell: dict, pool: PoolOfDataset, work: Path) -> dict:
     from adapterlab.recipe import load_recipe
-    from adapterlab.train import train
+    from adapterlab.training import train
 
     overrides = [f"task={cell['dataset']}", f"data.seed={cell['seed']}", f"training.seed={cell['seed']}",
                  f"data.test_limit={cell['test_limit']}", f"output.store={work / 'adapters'}",

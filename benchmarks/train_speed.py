@@ -46,7 +46,8 @@ def load(recipe_file: Path, seed: int, k: int, store: str, overrides: list[str])
 def bench_adapter(recipe) -> tuple[dict, object]:
     """Train one adapter; time only `fit` (the backbone is loaded by `setup`). Returns the task too."""
     from adapterlab.model import parameter_counts
-    from adapterlab.train import evaluate, fit, setup
+    from adapterlab.training.builders import setup
+    from adapterlab.training.loop import evaluate, fit
 
     accelerator, task, model = setup(recipe)
     trainable, total = parameter_counts(model)

@@ -52,7 +52,7 @@ def run_cell(dataset: str, seed: int, args) -> dict:
     from adapterlab.precision import cpu_capability
     from adapterlab.recipe import load_recipe
     from adapterlab.store import read_card
-    from adapterlab.train import train
+    from adapterlab.training import train
 
     common = [f"task={dataset}", f"data.path={SHARED_DATA / dataset}", f"data.k={args.k}", f"data.seed={seed}",
               f"training.seed={seed}", f"data.test_limit={args.test_limit}",
@@ -90,7 +90,7 @@ def pseudo_label_quality(recipe) -> tuple[float, float]:
     """The benchmark's look at the labels self-training dropped: the teacher's accuracy on the unlabeled
     rows, and that of the pseudo-labels it kept (the same selection, recomputed from the same scores)."""
     from adapterlab.data import load_task, read_unlabeled
-    from adapterlab.self_training import pseudo_labels, teacher_scores
+    from adapterlab.training.self_training import pseudo_labels, teacher_scores
 
     every = load_task(recipe.data.model_copy(update={"k": None, "test_limit": 1}))
     truth = {}  # by the text and its pair: a premise can come with several hypotheses
@@ -109,7 +109,7 @@ def plain_adapter(recipe):
     """The plain adapter's test metrics and train seconds: from its card when an earlier, interrupted run of
     this benchmark stored it (same recipe, name and store), else trained now."""
     from adapterlab.store import read_card
-    from adapterlab.train import TrainResult, train
+    from adapterlab.training import TrainResult, train
 
     folder = Path(recipe.output.store) / recipe.task / recipe.adapter_name
     if (folder / "card.json").is_file():

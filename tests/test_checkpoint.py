@@ -16,12 +16,13 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import adapterlab.train
-from adapterlab.checkpoint import CheckpointError, checkpoint_folder, read_selection
+import adapterlab.training.loop
+import adapterlab.training.select
+from adapterlab.training.checkpoint import CheckpointError, checkpoint_folder, read_selection
 from adapterlab.cli import app
 from adapterlab.recipe import validate_recipe
 from adapterlab.store import list_adapters, read_card, verify
-from adapterlab.train import train
+from adapterlab.training import train
 from conftest import ROOT, shared, tiny_recipe
 
 
@@ -30,14 +31,14 @@ class Stopped(Exception):
 
 
 def stop_after_checkpoint(monkeypatch, at_step: int) -> None:
-    save = adapterlab.train.save_checkpoint
+    save = adapterlab.training.loop.save_checkpoint
 
     def save_then_stop(folder, step, *args):
         save(folder, step, *args)
         if step == at_step:
             raise Stopped
 
-    monkeypatch.setattr(adapterlab.train, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(adapterlab.training.loop, "save_checkpoint", save_then_stop)
 
 
 # Tied labels, four of the intent task's five a step: resuming must draw the labels of the uninterrupted run.
@@ -93,7 +94,7 @@ def test_a_resumed_run_keeps_the_settings_its_selection_chose_without_choosing_a
         raise AssertionError("the resumed run cross-validated again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(adapterlab.train, "select_settings", must_not_choose_again)
+        patch.setattr(adapterlab.training.select, "select_settings", must_not_choose_again)
         resumed = train(recipe_in(tmp_path / "resumed", tiny_bert, **select), show_progress=False, resume=True)
     expected, got = adapter_tensors(whole.adapter_path), adapter_tensors(resumed.adapter_path)
     for name in expected:

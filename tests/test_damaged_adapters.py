@@ -18,7 +18,7 @@ from adapterlab.engine import Engine
 from adapterlab.recipe import validate_recipe
 from adapterlab.server import Settings, create_app
 from adapterlab.store import StoreError, verify
-from adapterlab.train import train
+from adapterlab.training import train
 from conftest import tiny_recipe
 from test_server import running
 

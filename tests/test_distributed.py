@@ -25,7 +25,8 @@ SCRIPT = """
 import sys, torch
 from safetensors.torch import save_file
 from adapterlab.recipe import load_recipe
-from adapterlab.train import setup, fit
+from adapterlab.training.builders import setup
+from adapterlab.training.loop import fit
 recipe = load_recipe(sys.argv[1], sys.argv[3:])
 accelerator, task, model = setup(recipe)
 for module in model.modules():
@@ -78,20 +79,21 @@ def test_two_processes_train_one_adapter_like_one_process(tmp_path):
 # checkpoint at step 4 (MPI then ends the other rank), as a killed job would.
 RESUMABLE = """
 import os, sys
-import adapterlab.train
+import adapterlab.training
+import adapterlab.training.loop
 from adapterlab.recipe import validate_recipe
 mode, backbone, store = sys.argv[1:4]
 recipe = validate_recipe({"task": "sentiment", "backbone": backbone, "method": {"name": "lora", "r": 4},
                           "data": {"path": "demo:sentiment", "k": 4}, "output": {"store": store},
                           "training": {"max_steps": 6, "batch_size": 2, "checkpoint_every": 2}})
 if mode == "stop":
-    save = adapterlab.train.save_checkpoint
+    save = adapterlab.training.loop.save_checkpoint
     def save_then_die(folder, step, *args):
         save(folder, step, *args)
         if step == 4:
             os._exit(1)
-    adapterlab.train.save_checkpoint = save_then_die
-adapterlab.train.train(recipe, show_progress=False, resume=mode == "resume")
+    adapterlab.training.loop.save_checkpoint = save_then_die
+adapterlab.training.train(recipe, show_progress=False, resume=mode == "resume")
 """
 
 

@@ -11,7 +11,7 @@ from adapterlab.loading import load_adapter
 from adapterlab.precision import resolve_device, resolve_dtype
 from adapterlab.recipe import validate_recipe
 from adapterlab.store import StoreError
-from adapterlab.train import train
+from adapterlab.training import train
 from conftest import tiny_recipe
 
 TEXTS = ["the soup was cold", "what a match last night", "please cancel my order", "loved every minute",

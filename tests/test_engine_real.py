@@ -14,7 +14,7 @@ from adapterlab.merge import combine_adapters, load_merged, merge_adapter
 from adapterlab.precision import cpu_capability
 from adapterlab.recipe import load_recipe
 from adapterlab.store import StoreError, verify
-from adapterlab.train import train
+from adapterlab.training import train
 from conftest import ROOT, shared
 
 pytestmark = pytest.mark.slow

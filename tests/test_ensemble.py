@@ -18,7 +18,7 @@ from adapterlab.loading import load_adapter
 from adapterlab.merge import combine_adapters, merge_adapter
 from adapterlab.recipe import DataConfig, RecipeError, load_recipe, validate_recipe
 from adapterlab.store import StoreError, read_card, verify
-from adapterlab.train import train
+from adapterlab.training import train
 from conftest import ROOT, assert_beats_its_start, shared, tiny_recipe
 
 TEXTS = ["the soup was cold", "loved every minute", "what a dull film", "a gorgeous, moving story"]

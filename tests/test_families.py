@@ -19,7 +19,8 @@ from adapterlab.loading import load_adapter
 from adapterlab.merge import load_merged, merge_adapter
 from adapterlab.model import AdapterModel, build_adapter_model
 from adapterlab.recipe import Recipe, TrainingConfig, validate_recipe
-from adapterlab.train import _stem_states, train
+from adapterlab.training import train
+from adapterlab.training.loop import frozen_stem_states
 from conftest import tiny_recipe
 
 SIZE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -133,7 +134,7 @@ def test_stem_is_exact_where_it_is_on(family_folder, tmp_path):
         for parameter_name, p in model.peft_model.named_parameters():
             if "lora_B" in parameter_name:
                 p.normal_()
-    stem = _stem_states(model, task.train, TrainingConfig(eval_batch_size=3))
+    stem = frozen_stem_states(model, task.train, TrainingConfig(eval_batch_size=3))
     batch = model.batch(task.train, [5, 0, 3, 7], 128, stem)  # rows of different lengths
     batch.pop("labels")
     model.eval()  # the stem runs without dropout: compare without dropout anywhere

@@ -11,7 +11,7 @@ import matplotlib.image
 import pytest
 import yaml
 
-import adapterlab.train
+import adapterlab.training.single
 from adapterlab.sweep import Sweep, run_sweep
 from conftest import ROOT, shared, tiny_recipe
 
@@ -158,8 +158,8 @@ def test_setfit_gets_the_rows_the_adapter_trained_on(tiny_bert, tmp_path, monkey
     sweep = Sweep(name="tiny", backbone=tiny_bert, datasets={"sentiment": {"path": "demo:sentiment"}},
                   methods={fewshot.ADAPTER_METHOD: str(recipe)}, k=[4], seeds=[1], test_limit=10,
                   output=str(tmp_path / "out"))
-    trained_on, fit = [], adapterlab.train.fit
-    monkeypatch.setattr(adapterlab.train, "fit", lambda model, rows, *a, **kw: trained_on.append(rows)
+    trained_on, fit = [], adapterlab.training.single.fit
+    monkeypatch.setattr(adapterlab.training.single, "fit", lambda model, rows, *a, **kw: trained_on.append(rows)
                         or fit(model, rows, *a, **kw))
     run_sweep(sweep, show_progress=False)
 

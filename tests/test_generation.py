@@ -14,7 +14,8 @@ from adapterlab.generation import Decoder, Sampling
 from adapterlab.loading import load_adapter
 from adapterlab.recipe import validate_recipe
 from adapterlab.store import StoreError, read_card
-from adapterlab.train import setup, train
+from adapterlab.training import train
+from adapterlab.training.builders import setup
 from conftest import shared, tiny_recipe
 
 PROMPTS = ["The film was", "Tell me about the weather in Paris today, please", "Once upon a time",

@@ -7,7 +7,7 @@ from adapterlab.engine import Engine
 from adapterlab.merge import combine_adapters, load_merged, merge_adapter
 from adapterlab.recipe import validate_recipe
 from adapterlab.store import StoreError, read_card
-from adapterlab.train import train
+from adapterlab.training import train
 from conftest import tiny_recipe
 
 TEXTS = ["the soup was cold", "loved every minute", "fine, I guess"]

@@ -14,7 +14,7 @@ from adapterlab.engine import Engine, GenerationRequest
 from adapterlab.generation import Sampling
 from adapterlab.recipe import validate_recipe
 from adapterlab.server import Settings, create_app
-from adapterlab.train import train
+from adapterlab.training import train
 from conftest import shared, tiny_recipe
 from test_generation import llm  # noqa: F401 (the fixture: a tiny chat Llama and a store)
 from test_server import running

@@ -17,7 +17,10 @@ from adapterlab.model import parameter_counts
 from adapterlab.precision import cpu_capability, mixed_precision_for, resolve_dtype
 from adapterlab.recipe import apply_override, validate_recipe
 from adapterlab.store import read_card, save_adapter
-from adapterlab.train import fit, make_card, setup, train
+from adapterlab.training import train
+from adapterlab.training.builders import setup
+from adapterlab.training.loop import fit
+from adapterlab.training.result import make_card
 from conftest import tiny_recipe
 
 LONG = "a long and winding review that goes on about the plot, the actors, the music and the ending " * 5

@@ -9,7 +9,7 @@ from adapterlab.data import load_task
 from adapterlab.engine import Engine
 from adapterlab.recipe import QuantizationConfig, load_recipe
 from adapterlab.store import read_card
-from adapterlab.train import train
+from adapterlab.training import train
 from conftest import ROOT, assert_beats_its_start, shared
 
 pytestmark = pytest.mark.slow
@@ -41,8 +41,7 @@ def test_a_generative_adapter_learns_on_an_8bit_llm(tiny_llama, tmp_path):
     import torch
 
     from adapterlab.recipe import validate_recipe
-    from adapterlab.loading import load_adapter
-    from adapterlab.train import setup
+    from adapterlab.training.builders import setup
     from conftest import tiny_recipe
 
     recipe = validate_recipe(tiny_recipe(tiny_llama, tmp_path, task="e2e", quantization={"mode": "8bit"}, head={

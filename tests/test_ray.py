@@ -32,7 +32,7 @@ from adapterlab.generation import Sampling  # noqa: E402
 from adapterlab.ray_serve import RayServeOptions, build_app  # noqa: E402
 from adapterlab.recipe import validate_recipe  # noqa: E402
 from adapterlab.sweep import SweepError, load_sweep, run_sweep  # noqa: E402
-from adapterlab.train import train  # noqa: E402
+from adapterlab.training import train  # noqa: E402
 from conftest import ROOT, shared, tiny_recipe  # noqa: E402
 from test_server import archive, copy_adapter, folder_files  # noqa: E402
 

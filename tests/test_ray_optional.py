@@ -11,7 +11,7 @@ from adapterlab.cli import app
 
 
 def test_the_package_runs_without_importing_ray():
-    code = ("import sys, adapterlab.cli, adapterlab.sweep, adapterlab.server, adapterlab.engine, adapterlab.train; "
+    code = ("import sys, adapterlab.cli, adapterlab.sweep, adapterlab.server, adapterlab.engine, adapterlab.training; "
             "print(sorted(name for name in sys.modules if name == 'ray' or name.startswith('ray.')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -14,7 +14,7 @@ from adapterlab.data import load_task, read_pool
 from adapterlab.engine import Engine
 from adapterlab.recipe import validate_recipe
 from adapterlab.selection import choose_rows, embed_and_guess, select_rows
-from adapterlab.train import train
+from adapterlab.training import train
 from adapterlab.zeroshot import zero_shot_servable
 from conftest import shared, tiny_recipe
 

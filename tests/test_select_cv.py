@@ -6,16 +6,18 @@ import math
 import pytest
 import torch
 
-from adapterlab import crossval
-from adapterlab import train as training
 from adapterlab.backbones import load_backbone
-from adapterlab.crossval import SelectionError, stratified_folds
 from adapterlab.data import load_task
 from adapterlab.engine import Engine
 from adapterlab.model import AdapterModel
 from adapterlab.recipe import RecipeError, load_recipe, validate_recipe
 from adapterlab.store import read_card
-from adapterlab.train import train
+from adapterlab.training import loop, single, train
+from adapterlab.training import select as cv
+from adapterlab.training.builders import new_accelerator, new_model, setup
+from adapterlab.training.loop import fit, frozen_stem_states
+from adapterlab.training.select import (PointResult, Selection, SelectionError, right_per_prototype_weight, right_rows,
+                                        stratified_folds)
 from conftest import ROOT, shared, tiny_recipe
 
 SELECT = {"folds": 2, "max_cost": 5, "grid": {"training.lr": [1e-3, 3e-2], "head.prototype_weight": [0.0, 0.5]}}
@@ -48,7 +50,7 @@ def test_grid_is_searched_on_training_rows_only_and_recorded(tiny_bert, tmp_path
     task = load_task(recipe.data)
     seen = {"selecting": [], "after": []}  # every text that a model trained on or scored, by phase
     phase = ["selecting"]
-    real_select, real_batch, real_scores = training.select_settings, AdapterModel.batch, AdapterModel.scores
+    real_select, real_batch, real_scores = cv.select_settings, AdapterModel.batch, AdapterModel.scores
 
     def select_spy(*args, **kwargs):
         try:
@@ -64,7 +66,7 @@ def test_grid_is_searched_on_training_rows_only_and_recorded(tiny_bert, tmp_path
         seen[phase[0]] += list(texts)
         return real_scores(self, texts, *args, **kwargs)
 
-    monkeypatch.setattr(training, "select_settings", select_spy)
+    monkeypatch.setattr(cv, "select_settings", select_spy)
     monkeypatch.setattr(AdapterModel, "batch", batch_spy)
     monkeypatch.setattr(AdapterModel, "scores", scores_spy)
     result = train(recipe, show_progress=False)
@@ -96,7 +98,7 @@ def test_selection_is_deterministic_per_seed(tiny_bert, tmp_path):
 
 def test_fallback_serves_exactly_the_zero_shot_start(tiny_bert, tmp_path, monkeypatch):
     for flag in ("below_zero_shot", "clearly_below_zero_shot"):  # as CV would say
-        monkeypatch.setattr(crossval.Selection, flag, property(lambda self: True))
+        monkeypatch.setattr(Selection, flag, property(lambda self: True))
     def trained_as(name, fallback):
         raw = selecting(tiny_bert, tmp_path, {**SMALL, "fallback": fallback}, output={"store": str(tmp_path), "name": name})
         return train(validate_recipe(raw), show_progress=False)
@@ -142,7 +144,8 @@ def test_selections_that_cannot_work_are_refused_by_name(change, message, tmp_pa
 
 
 def test_a_grid_over_its_cost_is_refused_before_training(tiny_bert, tmp_path, monkeypatch):
-    monkeypatch.setattr("adapterlab.train.fit", lambda *args, **kwargs: pytest.fail("trained"))
+    for module in (cv, single):
+        monkeypatch.setattr(module, "fit", lambda *args, **kwargs: pytest.fail("trained"))
     select = {"folds": 2, "grid": {"training.epochs": [2, 4]}}  # (2 + 4 epochs) x 2 folds of 1 step, against 2
     with pytest.raises(SelectionError, match=r"would train 6.00x the optimizer steps .* over its max_cost 3.0"):
         train(validate_recipe(selecting(tiny_bert, tmp_path, select)), show_progress=False)
@@ -185,11 +188,11 @@ def test_folds_on_a_reused_backbone_train_as_on_a_fresh_load(tiny_bert, tmp_path
     training must be bit-identical to one on a freshly loaded backbone, and the backbone bare again."""
     recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, method=method, head=TIED_HEAD))
     task = load_task(recipe.data)
-    accelerator = training._accelerator(recipe.training)
+    accelerator = new_accelerator(recipe.training)
     bare = load_backbone(tiny_bert).model.state_dict()
 
-    first = training.new_model(recipe, task, accelerator)
-    training.fit(first, task.train.select([0, 1, 2, 4, 5, 6]), recipe, accelerator, show_progress=False)
+    first = new_model(recipe, task, accelerator)
+    fit(first, task.train.select([0, 1, 2, 4, 5, 6]), recipe, accelerator, show_progress=False)
     backbone = first.release_backbone()
     assert not any("lora_" in name for name, _ in backbone.model.named_modules())
     assert not hasattr(backbone.model, "peft_config") and not backbone.model.training
@@ -198,11 +201,11 @@ def test_folds_on_a_reused_backbone_train_as_on_a_fresh_load(tiny_bert, tmp_path
 
     second = recipe.with_settings({"training.seed": 5, "training.lr": 3e-3})
     rows = task.train.select([1, 2, 3, 5, 6, 7])
-    reused, fresh = training.new_model(second, task, accelerator, backbone), training.new_model(second, task, accelerator)
+    reused, fresh = new_model(second, task, accelerator, backbone), new_model(second, task, accelerator)
     assert _trained(reused).keys() == _trained(fresh).keys()
     assert all(torch.equal(tensor, _trained(fresh)[name]) for name, tensor in _trained(reused).items())  # same start
     for model in (reused, fresh):
-        training.fit(model, rows, second, accelerator, show_progress=False)
+        fit(model, rows, second, accelerator, show_progress=False)
     after, expected = _trained(reused), _trained(fresh)
     assert any(not torch.equal(after[name], tensor) for name, tensor in _trained(first).items())  # it did train anew
     assert all(torch.equal(tensor, expected[name]) for name, tensor in after.items())
@@ -213,11 +216,11 @@ def test_shared_stem_states_equal_each_folds_own(tiny_bert, tmp_path):
     """The states of all k-shot rows, computed once, are those each fold would compute for its rows."""
     recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, method=STEM_METHOD, training={"eval_batch_size": 3}))
     task = load_task(recipe.data)
-    model = training.new_model(recipe, task, training._accelerator(recipe.training))
+    model = new_model(recipe, task, new_accelerator(recipe.training))
     assert model.stem_layers == 1
-    shared = training._stem_states(model, task.train, recipe.training)
+    shared = frozen_stem_states(model, task.train, recipe.training)
     for part in stratified_folds(task.train.labels, 2, seed=0, names=task.label_names):
-        own = training._stem_states(model, task.train.select(part), recipe.training)
+        own = frozen_stem_states(model, task.train.select(part), recipe.training)
         assert [state.shape for state in own] == [shared[i].shape for i in part]
         assert all(torch.allclose(state, shared[i], atol=1e-6, rtol=0) for state, i in zip(own, part))
 
@@ -226,9 +229,10 @@ def test_selection_computes_stem_states_once_and_scales_max_steps(tiny_bert, tmp
     """One stem pass over the k-shot rows serves every fold and trial; a user's max_steps shrinks with
     the rows a fold keeps (2 folds of half the rows: half the steps each)."""
     stem_rows, fold_steps = [], []
-    real_stem, real_fit = training._stem_states, training.fit
-    monkeypatch.setattr(training, "_stem_states", lambda model, rows, config: stem_rows.append(len(rows)) or
-                        real_stem(model, rows, config))
+    real_stem, real_fit = frozen_stem_states, fit
+    for module in (cv, loop):  # the selection's pass, and the one a run's fit makes
+        monkeypatch.setattr(module, "frozen_stem_states", lambda model, rows, config: stem_rows.append(len(rows))
+                            or real_stem(model, rows, config))
 
     def fit_spy(model, rows, recipe, *args, stem=None, **kwargs):
         fold_steps.append((len(rows), recipe.training.max_steps))
@@ -237,7 +241,8 @@ def test_selection_computes_stem_states_once_and_scales_max_steps(tiny_bert, tmp
             assert all(torch.allclose(state, mine, atol=1e-6, rtol=0) for state, mine in zip(stem, own, strict=True))
         return real_fit(model, rows, recipe, *args, stem=stem, **kwargs)
 
-    monkeypatch.setattr(training, "fit", fit_spy)
+    for module in (cv, single):  # the folds, then the final run
+        monkeypatch.setattr(module, "fit", fit_spy)
     raw = tiny_recipe(tiny_bert, tmp_path, method=STEM_METHOD,
                       training={"max_steps": 4, "batch_size": 2,
                                 "select": {"folds": 2, "grid": {"training.lr": [1e-3, 3e-2]}}})
@@ -250,15 +255,15 @@ def test_selection_computes_stem_states_once_and_scales_max_steps(tiny_bert, tmp
 
 def test_prototype_weights_scored_from_vectors_once_agree_with_settling_and_scoring_each(tiny_bert, tmp_path):
     recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, head=TIED_HEAD, training=TINY_TRAINING))
-    accelerator, task, model = training.setup(recipe)
-    training.fit(model, task.train, recipe, accelerator, show_progress=False)
+    accelerator, task, model = setup(recipe)
+    fit(model, task.train, recipe, accelerator, show_progress=False)
     kept, held_out = task.train.select(list(range(0, len(task.train), 2))), task.train.select(list(range(1, len(task.train), 2)))
     weights = [0.0, 0.5, 1.0]
-    once = training._right_per_prototype_weight(model, kept, held_out, weights)
+    once = right_per_prototype_weight(model, kept, held_out, weights)
     each = []
     for weight in weights:
         model.settle_label_vectors(kept, weight)
-        each.append(training._right(model, held_out, recipe))
+        each.append(right_rows(model, held_out, recipe))
         from_vectors = model.head.scores_of_unit_vectors(model.text_vectors(held_out.texts)).softmax(-1).cpu()
         assert torch.allclose(from_vectors, model.scores(held_out.texts), atol=1e-5)
         rows = model.head.linear.weight.detach().clone()
@@ -273,11 +278,11 @@ def test_a_fallback_needs_the_start_ahead_by_more_than_chance(start_only, chosen
     pessimistic estimate, not a reason to store it untrained."""
     shared_right = list(range(10))
     start = shared_right + list(range(10, 10 + start_only))
-    chosen = crossval.PointResult({}, 1, shared_right + list(range(20, 20 + chosen_only)))
-    selection = crossval.Selection(2, {}, 32, [chosen], 2, 1.0, zero_shot_right=start)
+    chosen = PointResult({}, 1, shared_right + list(range(20, 20 + chosen_only)))
+    selection = Selection(2, {}, 32, [chosen], 2, 1.0, zero_shot_right=start)
     assert selection.below_zero_shot
     assert selection.clearly_below_zero_shot is clearly
     n = start_only + chosen_only
     assert selection.below_zero_shot_p_value == pytest.approx(
         sum(math.comb(n, i) for i in range(start_only, n + 1)) / 2 ** n)
-    assert crossval.Selection.from_state(selection.state()) == selection
+    assert Selection.from_state(selection.state()) == selection

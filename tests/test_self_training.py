@@ -11,9 +11,9 @@ from adapterlab.errors import AdapterlabError
 from adapterlab.engine import Engine
 from adapterlab.model import AdapterModel
 from adapterlab.recipe import RecipeError, load_recipe, validate_recipe
-from adapterlab.self_training import pseudo_labels, training_rows
 from adapterlab.store import read_card
-from adapterlab.train import train
+from adapterlab.training import train
+from adapterlab.training.self_training import pseudo_labels, training_rows
 from conftest import ROOT, paired_counts, shared, tiny_recipe
 
 SELF_TRAIN = {"rounds": 1, "threshold": 0.0, "keep_fraction": 1.0, "steps": 1.0}
@@ -171,14 +171,14 @@ def test_minilm_self_trained_on_real_unlabeled_rows_beats_zero_shot(tmp_path, ca
 
 
 def test_stored_teachers_label_the_first_round_instead_of_a_k_shot_run(tiny_bert, tmp_path, monkeypatch):
-    from adapterlab import train as training
+    from adapterlab.training import self_training as mode  # its k-shot run's fit and its rounds'
 
     teacher = train(validate_recipe(tiny_recipe(tiny_bert, tmp_path, output={"name": "teacher"})), show_progress=False)
     other = tiny_recipe(tiny_bert, tmp_path, task="topic", data={"path": "demo:topic", "k": 2}, output={"name": "t"})
     train(validate_recipe(other), show_progress=False)
     fits = []
-    real_fit = training.fit
-    monkeypatch.setattr(training, "fit", lambda model, rows, *a, **kw: (
+    real_fit = mode.fit
+    monkeypatch.setattr(mode, "fit", lambda model, rows, *a, **kw: (
         fits.append(len(rows)), real_fit(model, rows, *a, **kw))[1])
     ensemble = {**SELF_TRAIN, "teachers": ["sentiment/teacher", str(teacher.adapter_path)]}
     result = train(validate_recipe(self_training(tiny_bert, tmp_path, self_train=ensemble)), show_progress=False)

@@ -18,7 +18,7 @@ from adapterlab.loading import load_adapter
 from adapterlab.model import build_adapter_model
 from adapterlab.recipe import validate_recipe
 from adapterlab.store import read_card
-from adapterlab.train import train
+from adapterlab.training import train
 from conftest import tiny_recipe
 
 PROMPT = "query: "

@@ -29,7 +29,7 @@ from adapterlab.engine import Engine, Request
 from adapterlab.errors import AdapterlabError
 from adapterlab.recipe import validate_recipe
 from adapterlab.server import Settings, backbone_from_store, create_app
-from adapterlab.train import train
+from adapterlab.training import train
 from conftest import tiny_recipe  # conftest also sets HF_HUB_OFFLINE=1
 
 TEXTS = ["the soup was cold", "what a match last night", "please cancel my order", "loved every minute",

@@ -13,7 +13,9 @@ from adapterlab.engine import Engine
 from adapterlab.loading import load_adapter
 from adapterlab.recipe import load_recipe
 from adapterlab.store import StoreError, save_adapter
-from adapterlab.train import evaluate, fit, make_card, setup
+from adapterlab.training.builders import setup
+from adapterlab.training.loop import evaluate, fit
+from adapterlab.training.result import make_card
 from adapterlab.model import parameter_counts
 from conftest import ROOT, assert_beats_its_start, shared
 

@@ -22,8 +22,9 @@ from adapterlab.errors import AdapterlabError
 from adapterlab.loading import load_adapter
 from adapterlab.merge import combine_adapters
 from adapterlab.names import name_problem
-from adapterlab.store import AdapterCard, StoreError, list_adapters, read_card, resolve, save_adapter, verify
-from adapterlab.train import train
+from adapterlab.store import (AdapterCard, StoreError, list_adapters, read_card, resolve, save_adapter,
+                              verify)
+from adapterlab.training import train
 from conftest import tiny_recipe
 
 
@@ -48,6 +49,34 @@ def test_saved_folder_is_complete_and_peft_loadable(trained, tiny_bert):
     assert set(card.metrics) == {"accuracy", "macro_f1"}
     from peft import PeftModel  # the standard loader reads our files as they are
     PeftModel.from_pretrained(load_backbone(tiny_bert).model, str(folder))
+
+
+def test_adapter_files_name_the_base_model_as_other_machines_find_it(trained, tiny_bert):
+    """adapter_config.json and the model card name the base model by its hub id where one is known, else
+    by its folder; card.json keeps the folder it was loaded from; peft's card metadata stays, extended."""
+    from dataclasses import replace
+
+    from huggingface_hub import ModelCard
+
+    _, result = trained
+    folder = result.adapter_path
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_bert
+    assert read_card(folder).backbone_source == tiny_bert
+    metadata = ModelCard.load(folder / "README.md").data
+    assert metadata.library_name == "peft" and metadata.base_model == tiny_bert
+    assert "transformers" in metadata.tags  # peft's, kept
+    assert {"adapterlab", "lora", "few-shot", "text-classification", f"base_model:adapter:{tiny_bert}"} <= set(
+        metadata.tags)
+    assert {r.metric_type: r.metric_value for r in metadata.eval_results} == result.metrics
+    text = (folder / "README.md").read_text()
+    assert "k = 4 examples per class, drawn with seed 0 from `demo:sentiment`" in text
+    assert "Labels: negative, positive." in text and "\n- PEFT " in text
+
+    backbone = load_backbone(tiny_bert)
+    assert backbone.base_model == tiny_bert  # a local folder keeps its path
+    assert replace(backbone, name="minilm").base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert replace(backbone, name="smollm2-135m").base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert replace(backbone, name="someone/tiny-bert").base_model == "someone/tiny-bert"  # a hub id stays
 
 
 def test_reload_gives_identical_scores(trained, tiny_bert):

@@ -48,7 +48,7 @@ def test_sweep_writes_table_and_plots_then_resumes(sweep_file, monkeypatch):
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished cell ran again")
 
-    monkeypatch.setattr("adapterlab.train.train", must_not_train)
+    monkeypatch.setattr("adapterlab.training.train", must_not_train)
     monkeypatch.setattr(sweep_module, "_prompting", must_not_train)
     run_sweep(load_sweep(sweep_file), show_progress=False)
     assert len(list(csv.DictReader(open(folder / "results.csv")))) == len(rows)

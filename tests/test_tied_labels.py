@@ -11,7 +11,10 @@ from adapterlab.loading import load_adapter
 from adapterlab.model import _step_labels, build_adapter_model, parameter_counts
 from adapterlab.recipe import RecipeError, validate_recipe
 from adapterlab.store import save_adapter
-from adapterlab.train import fit, make_card, setup, train
+from adapterlab.training import train
+from adapterlab.training.builders import setup
+from adapterlab.training.loop import fit
+from adapterlab.training.result import make_card
 from conftest import tiny_recipe
 
 TIED = {"tie_labels": True}

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import torch
 
 from adapterlab.recipe import QuantizationConfig
-from adapterlab.train import backbone_device_map
+from adapterlab.training.builders import backbone_device_map
 
 
 def process(device: str, local_index: int) -> SimpleNamespace:

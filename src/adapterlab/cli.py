@@ -84,7 +84,7 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML."),
     """Train one few-shot adapter (also under `accelerate launch -m adapterlab train`)."""
     from adapterlab.recipe import load_recipe
     from adapterlab.store import refuse_existing
-    from adapterlab.train import train as run_training
+    from adapterlab.training import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     overrides = [*set_, *([f"training.ensemble={ensemble}"] if ensemble is not None else [])]
@@ -359,6 +359,24 @@ def merge(adapter: str = typer.Argument(..., help="A LoRA adapter: TASK/NAME in 
 
     path = merge_adapter(store, adapter, output)
     _emit({"merged": str(path)}) if json_out else console.print(f"merged model written to {path}")
+
+
+@app.command()
+@_clean_errors
+def export(adapter: str = typer.Argument(..., help="TASK/NAME in the store, or an adapter folder."),
+           export_format: str = typer.Option(..., "--format", help="peft (adapter files and head), vllm (LoRA "
+                                             "files for vLLM and LoRAX), sentence-transformers (a merged encoder) "
+                                             "or merged."),
+           output: Path = typer.Option(..., "--output", help="New folder to write."),
+           base_model: Optional[str] = typer.Option(None, "--base-model", help="The base model the files name "
+                                                    "(default: the backbone's hub id where known, else its folder)."),
+           store: Path = STORE, json_out: bool = JSON):
+    """Write an adapter as a folder that loads without adapterlab: peft, vLLM/LoRAX, sentence-transformers."""
+    from adapterlab.export import export_adapter
+
+    path = export_adapter(store, adapter, output, export_format, base_model)
+    _emit({"exported": str(path), "format": export_format}) if json_out else console.print(
+        f"{export_format} export written to {path}")
 
 
 @app.command()

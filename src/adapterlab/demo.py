@@ -8,7 +8,7 @@ from rich.table import Table
 from adapterlab.data import load_task
 from adapterlab.engine import Engine, Request
 from adapterlab.recipe import load_recipe
-from adapterlab.train import train
+from adapterlab.training import train
 
 EXAMPLES_PER_TASK = 3
 

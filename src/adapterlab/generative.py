@@ -19,9 +19,6 @@ class GenerativeModel(nn.Module):
     """Completions for inputs: each input filled into the recipe's template (a user turn of the chat
     template when the tokenizer has one), the completion after it, ended by the end-of-text token."""
 
-    stem_layers = 0  # an LLM's layers all run: nothing is cached below the adapter
-    tied = False
-
     def __init__(self, backbone: Backbone, peft_model, head_config, max_length: int):
         super().__init__()
         self.backbone = backbone  # a plain attribute: its model is already inside peft_model
@@ -29,7 +26,6 @@ class GenerativeModel(nn.Module):
         self.head = TextHead()  # no weights: the store still writes an (empty) head file
         self.prompt = prompt_settings(head_config, backbone, max_length)
         self.template, self.chat = self.prompt.template, self.prompt.chat  # as training reads and records them
-        self.text_prompt = ""  # an encoder's setting: none here
         self.max_length, self.max_new_tokens = max_length, head_config.max_new_tokens
 
     def prompt_ids(self, text: str) -> list[int]:

@@ -1,15 +1,19 @@
 """The adapter store: STORE/TASK/NAME/ folders, written atomically, each describing itself.
 
 A folder holds the standard PEFT files (adapter_config.json, adapter_model.safetensors: loadable by
-`PeftModel.from_pretrained`), the head (head.safetensors), card.json and a short README.md. A folder
-is written under a hidden temporary name and renamed into place, so a crash mid-save never leaves a
-half adapter that `list_adapters` shows. Writers of one name take turns (`adapter_lock`), so that of
-two saves at once the later one finds the earlier one's adapter, and replaces it only when told to.
-Only safetensors are read: nothing is ever unpickled.
+`PeftModel.from_pretrained`), the head (head.safetensors), card.json and README.md, a model card as the
+Hub reads it. adapter_config.json and README.md name the base model as other machines find it (its hub
+id where one is known: `Backbone.base_model`); card.json names the backbone as adapterlab loads it, and
+the folder it came from. A folder is written under a hidden temporary name and renamed into place, so
+a crash mid-save never leaves a half adapter that `list_adapters` shows. Writers of one name take turns
+(`adapter_lock`), so that of two saves at once the later one finds the earlier one's adapter, and
+replaces it only when told to. Only safetensors are read: nothing is ever unpickled.
 
 An ensemble's folder holds its card.json and README.md, and one such adapter folder per member in
 members/0, members/1, ... (the card's `members` lists them in that order). A merged model's folder
-(`save_merged`) holds a transformers model with the adapter folded in, its head and its card.
+(`save_merged`) holds a transformers model with the adapter folded in, its head, card and model card,
+and for an encoder the files that make it a sentence-transformers folder. Exports (`save_portable`,
+`save_lora_files`) are new folders written the same way, for loaders elsewhere.
 
 Everything that uses an adapter reads it through `read_adapter` (ensembles through `read_ensemble`,
 merged models through `read_merged`), which checks it for the backbone; only `_read_files` opens the
@@ -43,10 +47,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 
 from adapterlab.backbones import Backbone, load_backbone
+from adapterlab.backbones.sentence_folders import SentenceSettings, write_sentence_settings
 from adapterlab.heads import HeadMismatch, build_head
 from adapterlab.methods import METHODS, method_module
 from adapterlab.recipe import Recipe, describe_errors
 from adapterlab.errors import AdapterlabError
+from adapterlab.model_card import model_card
 from adapterlab.names import check_name, name_problem
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "card.json")
@@ -69,6 +75,8 @@ class AdapterCard(BaseModel):
     label_descriptions: list[str]
     backbone: str
     backbone_fingerprint: str
+    # the folder the backbone was loaded from, where it was trained (adapter_config.json names its hub id)
+    backbone_source: str | None = None
     method: str
     k: int | None
     seed: int
@@ -101,6 +109,7 @@ class AdapterCard(BaseModel):
 class Trained(Protocol):
     """What the store saves of a trained model (model.AdapterModel, generative.GenerativeModel)."""
 
+    backbone: Backbone
     peft_model: PeftModel
     head: nn.Module
 
@@ -119,7 +128,9 @@ def save_ensemble(members: list[tuple[Trained, AdapterCard]], card: AdapterCard,
     def write(staging: Path) -> AdapterCard:
         written = [_write_adapter(model, member_card, staging / MEMBERS / str(i))
                    for i, (model, member_card) in enumerate(members)]
-        return _write_card(card.model_copy(update={"adapter_bytes": sum(c.adapter_bytes for c in written)}), staging)
+        backbone = members[0][0].backbone
+        update = {"adapter_bytes": sum(c.adapter_bytes for c in written), "backbone_source": str(backbone.path)}
+        return _write_card(card.model_copy(update=update), staging, backbone.base_model, library=None)
 
     return _save_atomically(card, store, write, overwrite)
 
@@ -187,26 +198,71 @@ def _same_file(handle, path: Path) -> bool:
         return False
 
 
-def _write_adapter(model: Trained, card: AdapterCard, folder: Path) -> AdapterCard:
-    """The standard PEFT files, the head, card.json and README.md, into `folder`."""
+def _write_adapter(model: Trained, card: AdapterCard, folder: Path, base_model: str | None = None) -> AdapterCard:
+    """The standard PEFT files naming `base_model` (default: the backbone's, `Backbone.base_model`),
+    the head, card.json and README.md (peft's model card, extended), into `folder`."""
+    base_model = base_model or model.backbone.base_model
     model.peft_model.save_pretrained(folder, safe_serialization=True, selected_adapters=[model.peft_model.active_adapter])
+    config = json.loads((folder / "adapter_config.json").read_text())
+    _write_adapter_config(config, base_model, folder)  # peft names the folder it saw the backbone loaded from
     _write_head(model.head, folder)
-    return _write_card(card.model_copy(update={"adapter_bytes": sum((folder / f).stat().st_size for f in WEIGHT_FILES)}),
-                       folder)
+    update = {"adapter_bytes": sum((folder / f).stat().st_size for f in WEIGHT_FILES),
+              "backbone_source": str(model.backbone.path)}
+    return _write_card(card.model_copy(update=update), folder, base_model, model.head)
 
 
-def save_merged(model, tokenizer, head: nn.Module, card: AdapterCard, output: str | Path) -> Path:
+def _write_adapter_config(config: dict, base_model: str, folder: Path) -> None:
+    config = {**config, "base_model_name_or_path": base_model}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def save_portable(model: Trained, card: AdapterCard, output: str | Path, base_model: str | None = None) -> Path:
+    """An adapter loaded from the store (`loading.load_adapter`) in the new folder `output`, written as
+    the store writes its own (peft's files, head, card, model card) and naming `base_model` (default:
+    its backbone's hub id, else its folder): for peft on other machines."""
+    return _new_folder(output, lambda staging: _write_adapter(model, card, staging, base_model))
+
+
+def save_lora_files(stored: "StoredAdapter", output: str | Path, base_model: str) -> Path:
+    """adapter_config.json (naming `base_model`) and adapter_model.safetensors of an adapter
+    `read_adapter` read, alone in the new folder `output`: the layout vLLM's --lora-modules and
+    LoRAX read, with nothing else beside them."""
+    def write(staging: Path) -> None:
+        _write_adapter_config(stored.adapter_config, base_model, staging)
+        save_file(stored.tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
+
+    return _new_folder(output, write)
+
+
+def save_merged(model, tokenizer, head: nn.Module, card: AdapterCard, output: str | Path, base_model: str,
+                sentence: SentenceSettings | None = None, max_length: int = 512) -> Path:
     """A merged model (`merge.merge_adapter`: a transformers model with the adapter folded into its
-    weights) in the new folder `output`: its files and its tokenizer's, head.safetensors and card.json,
-    written under a hidden name and renamed into place; `read_merged` reads it back."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.saving-"))
-    try:
+    weights) in the new folder `output`: its files and its tokenizer's, head.safetensors, card.json
+    and a model card naming `base_model`; given `sentence` (an encoder's head pooling), the files of a
+    sentence-transformers folder that embeds texts of up to `max_length` tokens as that head pools them.
+    `read_merged` reads it back."""
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         _write_head(head, staging)
-        (staging / "card.json").write_text(card.model_dump_json(indent=2))
+        if sentence is not None:
+            write_sentence_settings(staging, sentence, model.config.hidden_size, max_length)
+        library = "transformers" if sentence is None else "sentence-transformers"
+        _write_card(card, staging, base_model, head, library)
+
+    return _new_folder(output, write)
+
+
+def _new_folder(output: str | Path, write: Callable[[Path], object]) -> Path:
+    """`write` fills a hidden staging folder beside `output`, which is then renamed to `output`;
+    an existing `output` is refused (exports never replace anything)."""
+    output = Path(output)
+    if output.exists():
+        raise StoreError(f"{output} exists; exports are written to a new folder")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.saving-"))
+    try:
+        write(staging)
         staging.rename(output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -217,10 +273,14 @@ def _write_head(head: nn.Module, folder: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, folder / "head.safetensors")
 
 
-def _write_card(card: AdapterCard, folder: Path) -> AdapterCard:
+def _write_card(card: AdapterCard, folder: Path, base_model: str, head: nn.Module | None = None,
+                library: str | None = "peft") -> AdapterCard:
+    """card.json, and README.md: the model card (`model_card.model_card`), keeping what peft wrote there."""
     card = card.model_copy(update={"created": card.created or datetime.now(timezone.utc).isoformat(timespec="seconds")})
     (folder / "card.json").write_text(card.model_dump_json(indent=2))
-    (folder / "README.md").write_text(_readme(card))
+    readme = folder / "README.md"
+    kept = readme.read_text() if readme.is_file() else None
+    readme.write_text(model_card(card, base_model, library, kept, head))
     return card
 
 
@@ -592,19 +652,3 @@ def _not_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     if not floats or torch.stack([t.float().sum() for t in floats.values()]).isfinite().all():
         return []
     return [key for key, t in floats.items() if not t.isfinite().all()]  # (a sum can overflow: look closer)
-
-
-def _readme(card: AdapterCard) -> str:
-    metrics = ", ".join(f"{k} {v:.3f}" for k, v in card.metrics.items()) or "not evaluated"
-    what = (f"An ensemble of {len(card.members)} {card.method} adapters (in {MEMBERS}/, training seeds "
-            f"{', '.join(str(m['seed']) for m in card.members)}; it answers with the mean of their label "
-            "probabilities)" if card.members else f"A {card.method} adapter")
-    return (f"# {card.task} / {card.name}\n\n"
-            f"{what} for `{card.backbone}` made by adapterlab, trained on "
-            f"{card.k if card.k is not None else 'all'} examples per class (seed {card.seed}).\n\n"
-            f"- labels: {', '.join(card.labels)}\n- test metrics: {metrics}\n"
-            f"- trainable parameters: {card.trainable_params:,} "
-            f"({100 * card.trainable_params / card.backbone_params:.2f}% of the backbone)\n"
-            f"- backbone fingerprint: `{card.backbone_fingerprint}`\n\n"
-            "Load with `adapterlab predict` or `peft.PeftModel.from_pretrained` (head in head.safetensors); "
-            "card.json holds the full recipe.\n")

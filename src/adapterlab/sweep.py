@@ -267,7 +267,7 @@ def cell_recipe(sweep: Sweep, cell: dict, folder: Path) -> Recipe:
 
 
 def _train(sweep: Sweep, cell: dict, folder: Path) -> tuple[dict, float]:
-    from adapterlab.train import train
+    from adapterlab.training import train
 
     result = train(cell_recipe(sweep, cell, folder), show_progress=False)
     card = read_card(result.adapter_path)

@@ -2,8 +2,8 @@
 seed, seed+1, ..., stored as one adapter that answers with the mean of its members' label probabilities.
 
 Few-shot adapters vary a lot from seed to seed; the mean of several varies less. Each member is trained
-exactly as `train.train` trains a single adapter with its seed (member 0 is that adapter), and is stored
-as a complete adapter folder inside the ensemble's (`store.save_ensemble`); the engine serves the
+exactly as `single.train_single` trains a single adapter with its seed (member 0 is that adapter), and is
+stored as a complete adapter folder inside the ensemble's (`store.save_ensemble`); the engine serves the
 members' rows in the same backbone passes (`mixed_batch`).
 """
 
@@ -11,13 +11,17 @@ import logging
 import time
 
 import torch
+from accelerate import Accelerator
 
+from adapterlab.data import TaskData
 from adapterlab.errors import AdapterlabError
 from adapterlab.metrics import classification_metrics
 from adapterlab.model import AdapterModel, parameter_counts
 from adapterlab.recipe import Recipe
 from adapterlab.store import AdapterCard, save_ensemble
-from adapterlab.train import TrainResult, _accelerator, _resolved, fit, load_data, make_card, new_model
+from adapterlab.training.builders import load_data, new_accelerator, new_model
+from adapterlab.training.loop import fit
+from adapterlab.training.result import TrainResult, make_card, resolved_recipe
 
 log = logging.getLogger("adapterlab")
 
@@ -34,7 +38,7 @@ def train_ensemble(recipe: Recipe, show_progress: bool = True, resume: bool = Fa
     test rows, and store them as one adapter."""
     if resume:
         raise AdapterlabError("an ensemble trains its members without checkpoints: --resume has nothing to continue")
-    accelerator, task = _accelerator(recipe.training), load_data(recipe)
+    accelerator, task = new_accelerator(recipe.training), load_data(recipe)
     members: list[tuple[AdapterModel, AdapterCard]] = []
     test_probabilities = []
     for member_recipe in member_recipes(recipe):
@@ -52,7 +56,8 @@ def train_ensemble(recipe: Recipe, show_progress: bool = True, resume: bool = Fa
         if accelerator.is_main_process:
             log.info("member %d of %d (training seed %d): %.1fs; %s", len(members) + 1, recipe.training.ensemble,
                      member_recipe.training.seed, seconds, metrics)
-        card = make_card(_resolved(member_recipe, model, accelerator), task, model, trainable, total, seconds, metrics)
+        card = make_card(resolved_recipe(member_recipe, model, accelerator), task, model, trainable, total, seconds,
+                         metrics)
         members.append((model, card))
         accelerator.free_memory()  # drops the prepared model and optimizer; the trained model is kept above
     metrics = _metrics(torch.stack(test_probabilities).mean(0), task, recipe) if test_probabilities else {}
@@ -65,20 +70,20 @@ def train_ensemble(recipe: Recipe, show_progress: bool = True, resume: bool = Fa
                        card.train_seconds, metrics)
 
 
-def ensemble_card(recipe: Recipe, task, members: list[tuple[AdapterModel, AdapterCard]], metrics: dict,
-                  accelerator) -> AdapterCard:
+def ensemble_card(recipe: Recipe, task: TaskData, members: list[tuple[AdapterModel, AdapterCard]], metrics: dict,
+                  accelerator: Accelerator) -> AdapterCard:
     """The ensemble's card: its recipe as it ran, its own test metrics, the members' summed parameters and
     seconds, and one entry per member (seed, train_seconds, metrics)."""
     first_model, first = members[0]
     trainable = sum(card.trainable_params for _, card in members)
     seconds = sum(card.train_seconds for _, card in members)
-    card = make_card(_resolved(recipe, first_model, accelerator), task, first_model, trainable,
+    card = make_card(resolved_recipe(recipe, first_model, accelerator), task, first_model, trainable,
                      first.backbone_params + trainable, seconds, metrics)
     entries = [{"seed": member.recipe["training"]["seed"], "train_seconds": member.train_seconds,
                 "metrics": member.metrics} for _, member in members]
     return card.model_copy(update={"members": entries})
 
 
-def _metrics(probabilities: torch.Tensor, task, recipe: Recipe) -> dict[str, float]:
+def _metrics(probabilities: torch.Tensor, task: TaskData, recipe: Recipe) -> dict[str, float]:
     return classification_metrics(probabilities.argmax(-1).tolist(), task.test.labels, len(task.label_names),
                                   tuple(recipe.training.metrics))

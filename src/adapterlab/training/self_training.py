@@ -1,8 +1,8 @@
 """Self-training on unlabeled texts (`training.self_train`): the adapter trained on the k-shot rows (or
 stored teacher adapters, averaged) labels `data.unlabeled`, the confident and class-balanced
 pseudo-labels join the k-shot rows, and a fresh adapter is trained on both; optionally again with that
-adapter as the labeller. The trainings run through train.py's loop (`train._self_train`); the test
-rows are never read."""
+adapter as the labeller. The k-shot run starts as a single adapter's (`single.start_k_shot`, with its
+selection); the test rows are never read."""
 
 import logging
 import math
@@ -11,10 +11,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from adapterlab.data import Pool, Split
+from adapterlab.data import Pool, Split, TaskData, read_unlabeled
+from adapterlab.engine import Engine
 from adapterlab.errors import AdapterlabError
+from adapterlab.model import AdapterModel
+from adapterlab.recipe import Recipe
+from adapterlab.training.builders import new_model
+from adapterlab.training.loop import fit, schedule
+from adapterlab.training.result import TrainResult
+from adapterlab.training.single import start_k_shot
 
 log = logging.getLogger("adapterlab")
 
@@ -78,8 +86,6 @@ def score_pool(model, pool: Pool, batch_size: int, show_progress: bool, descript
 def teacher_scores(recipe, pool: Pool, label_names: list[str], show_progress: bool) -> torch.Tensor:
     """Label probabilities (N, labels) of the pool's rows by `self_train.teachers`, stored adapters served
     by an engine (the path that serves them), averaged over the teachers."""
-    from adapterlab.engine import Engine  # the engine loads its own backbone: only when teachers are named
-
     teachers, batch_size = recipe.training.self_train.teachers, recipe.training.eval_batch_size
     engine = Engine.for_comparison(recipe.backbone, recipe.output.store, batch_size=batch_size)
     for teacher in teachers:
@@ -166,3 +172,36 @@ def self_train(model, labelled: Split, pool: Pool, recipe, retrain: Callable[[Sp
             len(rows), (len(rows) - len(pseudo.indices)) // len(labelled), steps, round(scored - started, 3),
             round(time.perf_counter() - scored, 3)))
     return model, record
+
+
+def train_self_training(recipe: Recipe, show_progress: bool = True, resume: bool = False) -> TrainResult:
+    """The k-shot run, then `self_train.rounds` rounds; stores the last round's adapter."""
+    start = start_k_shot(recipe, show_progress, resume)
+    recipe, task, accelerator = start.recipe, start.task, start.accelerator
+    started = time.perf_counter()
+    # fallen back, the adapter stays at its start: it answers as its zero-shot classifier; stored teachers
+    # label the unlabeled rows in place of a k-shot run
+    if not start.fell_back and not recipe.training.self_train.teachers:
+        fit(start.model, task.train, recipe, accelerator, show_progress, resume)
+    first_train_seconds = time.perf_counter() - started
+    model, record = self_train(start.model, task.train, read_unlabeled(recipe.data), recipe,
+                               _retrainer(recipe, task, accelerator, show_progress), first_train_seconds,
+                               show_progress and accelerator.is_main_process)
+    return start.finish(model, time.perf_counter() - started, record.record())
+
+
+def _retrainer(recipe: Recipe, task: TaskData, accelerator: Accelerator,
+               show_progress: bool) -> Callable[[Split], tuple[AdapterModel, int]]:
+    """Each round's training: a fresh adapter trains `self_train.steps` times the k-shot run's optimizer
+    steps, on the k-shot rows and the pseudo-labels."""
+    steps = schedule(len(task.train), recipe.training, accelerator.num_processes)[0]
+    retraining = recipe.with_settings({"training.max_steps": max(1, round(recipe.training.self_train.steps * steps)),
+                                       "training.select": None})
+
+    def retrain(rows: Split) -> tuple[AdapterModel, int]:
+        accelerator.free_memory()  # drops the previous round's prepared model before the next one loads
+        fresh = new_model(retraining, task, accelerator)
+        fit(fresh, rows, retraining, accelerator, show_progress)
+        return fresh, retraining.training.max_steps
+
+    return retrain

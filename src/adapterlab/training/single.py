@@ -1,0 +1,57 @@
+"""One few-shot classifier: setup → fit → evaluate → save. With `training.select`, a cross-validation on
+the k-shot rows chooses the recipe's settings first, and may keep the adapter at its untrained start
+(the fallback)."""
+
+import time
+from dataclasses import dataclass
+
+from accelerate import Accelerator
+
+from adapterlab.data import TaskData
+from adapterlab.model import AdapterModel
+from adapterlab.recipe import Recipe
+from adapterlab.training.builders import load_data, logged_parameter_counts, new_accelerator, new_model
+from adapterlab.training.loop import fit
+from adapterlab.training.result import TrainResult, save_run
+from adapterlab.training.select import Selection, chosen_settings, falls_back
+
+
+@dataclass
+class KShotStart:
+    """A k-shot run before it trains: its recipe (with the chosen settings), the fresh adapter, and the
+    selection that chose them (None without `training.select`)."""
+
+    recipe: Recipe
+    accelerator: Accelerator
+    task: TaskData
+    model: AdapterModel
+    counts: tuple[int, int]  # (trainable, total) parameters
+    selection: Selection | None
+    fell_back: bool  # the selection keeps the adapter untrained, at its zero-shot start
+
+    def finish(self, model: AdapterModel, train_seconds: float, self_training: dict | None = None) -> TrainResult:
+        """Stores the trained `model` with the card's record of the selection."""
+        selection = self.selection.record(self.fell_back, train_seconds) if self.selection else None
+        return save_run(model, self.recipe, self.task, self.accelerator, self.counts, train_seconds, selection,
+                        self_training)
+
+
+def start_k_shot(recipe: Recipe, show_progress: bool, resume: bool) -> KShotStart:
+    """The Accelerator, the k-shot rows, the settings `training.select` chooses, and the fresh adapter."""
+    accelerator, task = new_accelerator(recipe.training), load_data(recipe)
+    selection = chosen_settings(recipe, task, accelerator, show_progress, resume) if recipe.training.select else None
+    if selection:
+        recipe = recipe.with_settings(selection.chosen.settings)
+    model = new_model(recipe, task, accelerator)
+    counts = logged_parameter_counts(model, accelerator)
+    fell_back = falls_back(selection, model, task.train, recipe, accelerator) if selection else False
+    return KShotStart(recipe, accelerator, task, model, counts, selection, fell_back)
+
+
+def train_single(recipe: Recipe, show_progress: bool = True, resume: bool = False) -> TrainResult:
+    """Train the recipe's adapter on its k-shot rows (unless the selection fell back), score and store it."""
+    start = start_k_shot(recipe, show_progress, resume)
+    started = time.perf_counter()
+    if not start.fell_back:  # fallen back, the adapter stays at its start: it answers as its zero-shot classifier
+        fit(start.model, start.task.train, start.recipe, start.accelerator, show_progress, resume)
+    return start.finish(start.model, time.perf_counter() - started)
