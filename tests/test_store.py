@@ -51,6 +51,34 @@ def test_saved_folder_is_complete_and_peft_loadable(trained, tiny_bert):
     PeftModel.from_pretrained(load_backbone(tiny_bert).model, str(folder))
 
 
+def test_adapter_files_name_the_base_model_as_other_machines_find_it(trained, tiny_bert):
+    """adapter_config.json and the model card name the base model by its hub id where one is known, else
+    by its folder; card.json keeps the folder it was loaded from; peft's card metadata stays, extended."""
+    from dataclasses import replace
+
+    from huggingface_hub import ModelCard
+
+    _, result = trained
+    folder = result.adapter_path
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_bert
+    assert read_card(folder).backbone_source == tiny_bert
+    metadata = ModelCard.load(folder / "README.md").data
+    assert metadata.library_name == "peft" and metadata.base_model == tiny_bert
+    assert "transformers" in metadata.tags  # peft's, kept
+    assert {"adapterlab", "lora", "few-shot", "text-classification", f"base_model:adapter:{tiny_bert}"} <= set(
+        metadata.tags)
+    assert {r.metric_type: r.metric_value for r in metadata.eval_results} == result.metrics
+    text = (folder / "README.md").read_text()
+    assert "k = 4 examples per class, drawn with seed 0 from `demo:sentiment`" in text
+    assert "Labels: negative, positive." in text and "\n- PEFT " in text
+
+    backbone = load_backbone(tiny_bert)
+    assert backbone.base_model == tiny_bert  # a local folder keeps its path
+    assert replace(backbone, name="minilm").base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert replace(backbone, name="smollm2-135m").base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert replace(backbone, name="someone/tiny-bert").base_model == "someone/tiny-bert"  # a hub id stays
+
+
 def test_reload_gives_identical_scores(trained, tiny_bert):
     store, result = trained
     texts = ["a lovely evening", "cold food and rude staff"]
@@ -134,7 +162,8 @@ def test_leftovers_of_a_killed_save_are_tidied(trained, tiny_bert):
     hidden = lambda: sorted(p.name for p in task_dir.iterdir() if p.name.startswith(".third"))
     assert "third" not in [c.name for c in list_adapters(store)]
 
-    store_module._tidy_leftovers(task_dir, "third")  # what the next save of "third" does first
+    with store_module.adapter_lock(task_dir / "third"):  # what the next save of "third" does
+        store_module._tidy_leftovers(task_dir, "third")
     assert verify(task_dir / "third") == [] and hidden() == kept
     train(validate_recipe(tiny_recipe(tiny_bert, store, output={"name": "third"})), show_progress=False)
     assert read_card(task_dir / "third").name == "third" and hidden() == kept
@@ -198,5 +227,6 @@ def test_a_replacing_save_killed_anywhere_never_leaves_the_name_empty(trained, t
         stop.set()
         reader.join()
     assert missing == []
-    store_module._tidy_leftovers(folder.parent, folder.name)
+    with store_module.adapter_lock(folder):  # what the next save does; a killed holder's lock file goes too
+        store_module._tidy_leftovers(folder.parent, folder.name)
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]

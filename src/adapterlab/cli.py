@@ -96,14 +96,20 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML."),
           resume: bool = typer.Option(False, "--resume", help="Continue from the run's checkpoint (see "
                                       "training.checkpoint_every); none: start from the beginning."),
           ensemble: Optional[int] = typer.Option(None, "--ensemble", help="Train N members with seeds seed, seed+1, "
-                                                 "... and store them as one adapter (sets training.ensemble).")):
+                                                 "... and store them as one adapter (sets training.ensemble)."),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace a stored adapter of the same name; "
+                                         "without it, a name already taken stops the run before it trains.")):
     """Train one few-shot adapter (also under `accelerate launch -m adapterlab train`)."""
     from adapterlab.recipe import load_recipe
+    from adapterlab.store import refuse_existing
     from adapterlab.training import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     overrides = [*set_, *([f"training.ensemble={ensemble}"] if ensemble is not None else [])]
-    result = run_training(load_recipe(recipe, overrides), show_progress=not quiet, resume=resume)
+    loaded = load_recipe(recipe, overrides)
+    if not overwrite:  # before the backbone loads: no hours of training for a name that is taken
+        refuse_existing(Path(loaded.output.store) / loaded.task / loaded.adapter_name)
+    result = run_training(loaded, show_progress=not quiet, resume=resume)
     if result.adapter_path is None:  # not the main process: it wrote nothing and reports nothing
         return
     if json_out:
@@ -378,6 +384,24 @@ def merge(adapter: str = typer.Argument(..., help="A LoRA adapter: TASK/NAME in 
 
     path = merge_adapter(store, adapter, output)
     _emit({"merged": str(path)}) if json_out else console.print(f"merged model written to {path}")
+
+
+@app.command()
+@_clean_errors
+def export(adapter: str = typer.Argument(..., help="TASK/NAME in the store, or an adapter folder."),
+           export_format: str = typer.Option(..., "--format", help="peft (adapter files and head), vllm (LoRA "
+                                             "files for vLLM and LoRAX), sentence-transformers (a merged encoder) "
+                                             "or merged."),
+           output: Path = typer.Option(..., "--output", help="New folder to write."),
+           base_model: Optional[str] = typer.Option(None, "--base-model", help="The base model the files name "
+                                                    "(default: the backbone's hub id where known, else its folder)."),
+           store: Path = STORE, json_out: bool = JSON):
+    """Write an adapter as a folder that loads without adapterlab: peft, vLLM/LoRAX, sentence-transformers."""
+    from adapterlab.export import export_adapter
+
+    path = export_adapter(store, adapter, output, export_format, base_model)
+    _emit({"exported": str(path), "format": export_format}) if json_out else console.print(
+        f"{export_format} export written to {path}")
 
 
 @app.command()

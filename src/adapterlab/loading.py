@@ -44,4 +44,5 @@ def _peft_config(stored: StoredAdapter) -> PeftConfig:
     config_class = PEFT_TYPE_TO_CONFIG_MAPPING[stored.adapter_config["peft_type"]]
     config = config_class.from_peft_type(**config_class.check_kwargs(**stored.adapter_config))
     config.inference_mode = True
+    config.base_model_name_or_path = None  # the name is for loaders elsewhere; here the backbone is given
     return config

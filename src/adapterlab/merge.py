@@ -1,14 +1,17 @@
-"""Merging one adapter into its backbone (a standalone model), and combining several LoRA adapters
-into a new one with peft's `add_weighted_adapter` (linear, ties, dare_linear, dare_ties, svd, ...)."""
+"""Merging one adapter into its backbone (a standalone model; an encoder's is also a sentence-transformers
+folder), and combining several LoRA adapters into a new one with peft's `add_weighted_adapter` (linear,
+ties, dare_linear, dare_ties, svd, ...)."""
 
 from pathlib import Path
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 
-from adapterlab.backbones import load_backbone
+from adapterlab.backbones import Backbone, load_backbone
+from adapterlab.backbones.sentence_folders import SENTENCE_POOLING, SentenceSettings
 from adapterlab.engine import Engine
-from adapterlab.heads import build_head
+from adapterlab.generative import GenerativeModel
+from adapterlab.heads import ClassifierHead, build_head
 from adapterlab.loading import add_stored, load_adapter, peft_model_of
 from adapterlab.model import AdapterModel
 from adapterlab.names import check_name
@@ -18,18 +21,38 @@ from adapterlab.store import (AdapterCard, StoredAdapter, StoreError, read_adapt
 EQUAL_RANKS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
-def merge_adapter(store: str | Path, reference: str, output: str | Path) -> Path:
-    """Fold the adapter into the backbone's weights and write a standalone model folder (HF files,
-    head.safetensors, card.json); `load_merged` reads it back."""
+def merge_adapter(store: str | Path, reference: str, output: str | Path, base_model: str | None = None) -> Path:
+    """Fold the adapter into the backbone's weights and write a standalone model folder (`write_merged`);
+    `load_merged` reads it back."""
     if Path(output).exists():
         raise StoreError(f"{output} exists; merged models are written to a new folder")
     folder = resolve(store, reference)
-    model, card = load_adapter(folder, load_backbone(read_card(folder).backbone))
+    return write_merged(folder, load_backbone(read_card(folder).backbone), output, base_model)
+
+
+def write_merged(folder: Path, backbone: Backbone, output: str | Path, base_model: str | None = None) -> Path:
+    """The adapter in `folder` folded into `backbone`'s weights, in the new folder `output`: HF files,
+    head.safetensors, card.json and a model card naming `base_model` (default: the backbone's); for an
+    encoder's classifier also the files that make sentence-transformers embed texts as its head pools them."""
+    model, card = load_adapter(folder, backbone)
     if not isinstance(model.peft_model.base_model, BaseTuner):
         raise StoreError(f"adapter {card.task}/{card.name} ({card.method}) adds no weight updates and cannot be "
                          "merged; serve it through the engine instead")
     merged_card = card.model_copy(update={"merged_from": f"{card.task}/{card.name}"})
-    return save_merged(model.peft_model.merge_and_unload(), model.backbone.tokenizer, model.head, merged_card, output)
+    return save_merged(model.peft_model.merge_and_unload(), backbone.tokenizer, model.head, merged_card, output,
+                       base_model or backbone.base_model, sentence_settings(model),
+                       min(model.prompt.max_length, backbone.max_tokens))
+
+
+def sentence_settings(model: AdapterModel | GenerativeModel) -> SentenceSettings | None:
+    """What a sentence-transformers folder of the merged model must do for an encoder's classifier head
+    to read its embeddings: pool as the head pools, give unit vectors where the head reads them (a
+    cosine classifier, or one on normalised states), put the head's text prompt first. None for others."""
+    head = model.head
+    if model.backbone.kind != "encoder" or not isinstance(head, ClassifierHead):
+        return None
+    return SentenceSettings(SENTENCE_POOLING[head.pooling], head.normalize or head.cosine_scale is not None,
+                            model.prompt.text_prompt)
 
 
 def load_merged(path: str | Path) -> AdapterModel:

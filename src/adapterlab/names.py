@@ -7,14 +7,17 @@ from adapterlab.errors import AdapterlabError
 
 # A word character first (no leading dot: hidden names are the store's own), then word characters
 # and . + = @ - ; no separators, no spaces, no control characters.
-_PLAIN = re.compile(r"\w[\w.+=@-]{0,127}")
+_PLAIN = re.compile(r"\w[\w.+=@-]*")
+# In bytes, as the file system counts: the store's hidden names add up to ~90 bytes to a name, and a
+# folder name may have 255 (128 letters outside ASCII take up to 512).
+MAX_BYTES = 128
 
 
 def name_problem(value: object) -> str | None:
     """Why `value` is not a plain name, or None when it is one."""
-    if not isinstance(value, str) or not _PLAIN.fullmatch(value):
-        return ("must be a plain name: a letter, digit or '_' first, then those or . + = @ -, at most 128 "
-                "characters (no path separators, no leading dot)")
+    if not isinstance(value, str) or not _PLAIN.fullmatch(value) or len(value.encode()) > MAX_BYTES:
+        return (f"must be a plain name: a letter, digit or '_' first, then those or . + = @ -, at most {MAX_BYTES} "
+                "bytes in UTF-8 (no path separators, no leading dot)")
     return None
 
 

@@ -299,8 +299,11 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _names_are_safe(self):
-        for field, value in (("task", self.task), ("output.name", self.output.name)):
-            problem = name_problem(value) if value is not None else None
+        """The task and the adapter name become folders: output.name, or the name made of the method,
+        data.k and data.seed (a huge k makes one too long)."""
+        adapter = "output.name" if self.output.name is not None else "the adapter name (set output.name)"
+        for field, value in (("task", self.task), (adapter, self.adapter_name)):
+            problem = name_problem(value)
             if problem:
                 raise ValueError(f"{field} {value!r} {problem}")
         return self
@@ -404,9 +407,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a YAML recipe, apply `key.sub=value` overrides, validate."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError(f"recipe not found: {path}") from None
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {error.start})") from None
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: malformed YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -453,7 +458,12 @@ def describe_errors(error: ValidationError) -> str:
     """One line per problem, naming the key: 'training.lrr: unknown key'."""
     problems = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"] if part not in METHODS)  # drop union tags
+        where = ".".join(_key(part) for part in item["loc"] if part not in METHODS)  # drop union tags
         message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
         problems.append(f"{where}: {message}" if where else message)
     return "; ".join(problems)
+
+
+def _key(part: str | int) -> str:
+    """A key as written, quoted unless it is a plain word: a key may hold a newline, the message may not."""
+    return str(part) if isinstance(part, int) or part.isidentifier() else repr(part)

@@ -1,13 +1,19 @@
 """The adapter store: STORE/TASK/NAME/ folders, written atomically, each describing itself.
 
 A folder holds the standard PEFT files (adapter_config.json, adapter_model.safetensors: loadable by
-`PeftModel.from_pretrained`), the head (head.safetensors), card.json and a short README.md. A folder
-is written under a hidden temporary name and renamed into place, so a crash mid-save never leaves a
-half adapter that `list_adapters` shows. Only safetensors are read: nothing is ever unpickled.
+`PeftModel.from_pretrained`), the head (head.safetensors), card.json and README.md, a model card as the
+Hub reads it. adapter_config.json and README.md name the base model as other machines find it (its hub
+id where one is known: `Backbone.base_model`); card.json names the backbone as adapterlab loads it, and
+the folder it came from. A folder is written under a hidden temporary name and renamed into place, so
+a crash mid-save never leaves a half adapter that `list_adapters` shows. Writers of one name take turns
+(`adapter_lock`), so that of two saves at once the later one finds the earlier one's adapter, and
+replaces it only when told to. Only safetensors are read: nothing is ever unpickled.
 
 An ensemble's folder holds its card.json and README.md, and one such adapter folder per member in
 members/0, members/1, ... (the card's `members` lists them in that order). A merged model's folder
-(`save_merged`) holds a transformers model with the adapter folded in, its head and its card.
+(`save_merged`) holds a transformers model with the adapter folded in, its head, card and model card,
+and for an encoder the files that make it a sentence-transformers folder. Exports (`save_portable`,
+`save_lora_files`) are new folders written the same way, for loaders elsewhere.
 
 Everything that uses an adapter reads it through `read_adapter` (ensembles through `read_ensemble`,
 merged models through `read_merged`), which checks it for the backbone; only `_read_files` opens the
@@ -16,6 +22,7 @@ files, and models are built from what it read (`loading` puts an adapter under p
 
 import ctypes
 import errno
+import fcntl
 import functools
 import glob
 import json
@@ -27,7 +34,8 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Literal, Protocol
 
 import torch
@@ -39,10 +47,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 
 from adapterlab.backbones import Backbone, load_backbone
+from adapterlab.backbones.sentence_folders import SentenceSettings, write_sentence_settings
 from adapterlab.heads import HeadMismatch, build_head
 from adapterlab.methods import METHODS, method_module
 from adapterlab.recipe import Recipe, describe_errors
 from adapterlab.errors import AdapterlabError
+from adapterlab.model_card import model_card
 from adapterlab.names import check_name, name_problem
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "card.json")
@@ -65,6 +75,8 @@ class AdapterCard(BaseModel):
     label_descriptions: list[str]
     backbone: str
     backbone_fingerprint: str
+    # the folder the backbone was loaded from, where it was trained (adapter_config.json names its hub id)
+    backbone_source: str | None = None
     method: str
     k: int | None
     seed: int
@@ -101,68 +113,160 @@ class AdapterCard(BaseModel):
 class Trained(Protocol):
     """What the store saves of a trained model (model.AdapterModel, generative.GenerativeModel)."""
 
+    backbone: Backbone
     peft_model: PeftModel
     head: nn.Module
 
 
-def save_adapter(model: Trained, card: AdapterCard, store: str | Path) -> tuple[Path, AdapterCard]:
-    """Write the adapter to STORE/TASK/NAME atomically (replacing one of the same name); returns
-    its folder and its completed card."""
-    return _save_atomically(card, store, lambda staging: _write_adapter(model, card, staging))
+def save_adapter(model: Trained, card: AdapterCard, store: str | Path, overwrite: bool = True
+                 ) -> tuple[Path, AdapterCard]:
+    """Write the adapter to STORE/TASK/NAME atomically; returns its folder and its completed card. One of
+    the same name is replaced only with `overwrite` (else AdapterExists)."""
+    return _save_atomically(card, store, lambda staging: _write_adapter(model, card, staging), overwrite)
 
 
-def save_ensemble(members: list[tuple[Trained, AdapterCard]], card: AdapterCard, store: str | Path
-                  ) -> tuple[Path, AdapterCard]:
+def save_ensemble(members: list[tuple[Trained, AdapterCard]], card: AdapterCard, store: str | Path,
+                  overwrite: bool = True) -> tuple[Path, AdapterCard]:
     """Write an ensemble to STORE/TASK/NAME atomically, as one adapter: each member a complete adapter
     folder in members/<i>, beside the ensemble's card (which lists them)."""
     def write(staging: Path) -> AdapterCard:
         written = [_write_adapter(model, member_card, staging / MEMBERS / str(i))
                    for i, (model, member_card) in enumerate(members)]
-        return _write_card(card.model_copy(update={"adapter_bytes": sum(c.adapter_bytes for c in written)}), staging)
+        backbone = members[0][0].backbone
+        update = {"adapter_bytes": sum(c.adapter_bytes for c in written), "backbone_source": str(backbone.path)}
+        return _write_card(card.model_copy(update=update), staging, backbone.base_model, library=None)
 
-    return _save_atomically(card, store, write)
+    return _save_atomically(card, store, write, overwrite)
 
 
-def _save_atomically(card: AdapterCard, store: str | Path, write: Callable[[Path], AdapterCard]
+def _save_atomically(card: AdapterCard, store: str | Path, write: Callable[[Path], AdapterCard], overwrite: bool
                      ) -> tuple[Path, AdapterCard]:
     """`write` fills a hidden staging folder and returns the completed card; the folder then replaces
-    STORE/TASK/NAME in one step."""
+    STORE/TASK/NAME in one step. The name's lock is held from the look at what is there to the swap,
+    so that of two writers of one name the later one sees the earlier one's adapter."""
     check_name(card.task, "task")  # a card copied with new values skipped its validators
     check_name(card.name, "adapter name")
     task_dir = Path(store) / card.task
     task_dir.mkdir(parents=True, exist_ok=True)
     target = task_dir / card.name
-    _tidy_leftovers(task_dir, card.name)
     staging = Path(tempfile.mkdtemp(dir=task_dir, prefix=f".{card.name}.saving-{_owner()}-"))
     try:
         card = write(staging)
         _fsync_tree(staging)
-        swap_into_place(staging, target)  # staging now holds the replaced adapter, if any
+        with adapter_lock(target):
+            _tidy_leftovers(task_dir, card.name)
+            if not overwrite:
+                refuse_existing(target, "(another run may have saved it meanwhile): this run's adapter is "
+                                        "discarded, not saved")
+            _swap(staging, target)  # staging now holds the replaced adapter, if any
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target, card
 
 
-def _write_adapter(model: Trained, card: AdapterCard, folder: Path) -> AdapterCard:
-    """The standard PEFT files, the head, card.json and README.md, into `folder`."""
-    model.peft_model.save_pretrained(folder, safe_serialization=True, selected_adapters=[model.peft_model.active_adapter])
-    _write_head(model.head, folder)
-    return _write_card(card.model_copy(update={"adapter_bytes": sum((folder / f).stat().st_size for f in WEIGHT_FILES)}),
-                       folder)
+class AdapterExists(StoreError):
+    """A save that would replace a stored adapter without being told to overwrite it."""
 
 
-def save_merged(model, tokenizer, head: nn.Module, card: AdapterCard, output: str | Path) -> Path:
-    """A merged model (`merge.merge_adapter`: a transformers model with the adapter folded into its
-    weights) in the new folder `output`: its files and its tokenizer's, head.safetensors and card.json,
-    written under a hidden name and renamed into place; `read_merged` reads it back."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.saving-"))
+def refuse_existing(folder: Path, consequence: str = "") -> None:
+    """AdapterExists when `folder` (STORE/TASK/NAME) is taken; `consequence` says what became of the
+    new adapter."""
+    if folder.exists():
+        raise AdapterExists(" ".join(filter(None, [f"adapter folder {folder} already exists", consequence,
+                                                   "(pass --overwrite to replace it)"])))
+
+
+@contextmanager
+def adapter_lock(target: Path) -> Iterator[None]:
+    """Hold the lock of the adapter folder `target` (TASK/NAME) against other writers of that name, in
+    any process of this machine: an advisory flock on TASK/.NAME.lock. The holder removes the file on
+    the way out (the store keeps no litter), so a writer that locked a file since removed tries again."""
+    path = target.with_name(f".{target.name}.lock")
+    while True:
+        handle = open(path, "a")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        if _same_file(handle, path):
+            break
+        handle.close()
     try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        handle.close()
+
+
+def _same_file(handle, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _write_adapter(model: Trained, card: AdapterCard, folder: Path, base_model: str | None = None) -> AdapterCard:
+    """The standard PEFT files naming `base_model` (default: the backbone's, `Backbone.base_model`),
+    the head, card.json and README.md (peft's model card, extended), into `folder`."""
+    base_model = base_model or model.backbone.base_model
+    model.peft_model.save_pretrained(folder, safe_serialization=True, selected_adapters=[model.peft_model.active_adapter])
+    config = json.loads((folder / "adapter_config.json").read_text())
+    _write_adapter_config(config, base_model, folder)  # peft names the folder it saw the backbone loaded from
+    _write_head(model.head, folder)
+    update = {"adapter_bytes": sum((folder / f).stat().st_size for f in WEIGHT_FILES),
+              "backbone_source": str(model.backbone.path)}
+    return _write_card(card.model_copy(update=update), folder, base_model, model.head)
+
+
+def _write_adapter_config(config: dict, base_model: str, folder: Path) -> None:
+    config = {**config, "base_model_name_or_path": base_model}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def save_portable(model: Trained, card: AdapterCard, output: str | Path, base_model: str | None = None) -> Path:
+    """An adapter loaded from the store (`loading.load_adapter`) in the new folder `output`, written as
+    the store writes its own (peft's files, head, card, model card) and naming `base_model` (default:
+    its backbone's hub id, else its folder): for peft on other machines."""
+    return _new_folder(output, lambda staging: _write_adapter(model, card, staging, base_model))
+
+
+def save_lora_files(stored: "StoredAdapter", output: str | Path, base_model: str) -> Path:
+    """adapter_config.json (naming `base_model`) and adapter_model.safetensors of an adapter
+    `read_adapter` read, alone in the new folder `output`: the layout vLLM's --lora-modules and
+    LoRAX read, with nothing else beside them."""
+    def write(staging: Path) -> None:
+        _write_adapter_config(stored.adapter_config, base_model, staging)
+        save_file(stored.tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
+
+    return _new_folder(output, write)
+
+
+def save_merged(model, tokenizer, head: nn.Module, card: AdapterCard, output: str | Path, base_model: str,
+                sentence: SentenceSettings | None = None, max_length: int = 512) -> Path:
+    """A merged model (`merge.merge_adapter`: a transformers model with the adapter folded into its
+    weights) in the new folder `output`: its files and its tokenizer's, head.safetensors, card.json
+    and a model card naming `base_model`; given `sentence` (an encoder's head pooling), the files of a
+    sentence-transformers folder that embeds texts of up to `max_length` tokens as that head pools them.
+    `read_merged` reads it back."""
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         _write_head(head, staging)
-        (staging / "card.json").write_text(card.model_dump_json(indent=2))
+        if sentence is not None:
+            write_sentence_settings(staging, sentence, model.config.hidden_size, max_length)
+        library = "transformers" if sentence is None else "sentence-transformers"
+        _write_card(card, staging, base_model, head, library)
+
+    return _new_folder(output, write)
+
+
+def _new_folder(output: str | Path, write: Callable[[Path], object]) -> Path:
+    """`write` fills a hidden staging folder beside `output`, which is then renamed to `output`;
+    an existing `output` is refused (exports never replace anything)."""
+    output = Path(output)
+    if output.exists():
+        raise StoreError(f"{output} exists; exports are written to a new folder")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.saving-"))
+    try:
+        write(staging)
         staging.rename(output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -173,17 +277,27 @@ def _write_head(head: nn.Module, folder: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, folder / "head.safetensors")
 
 
-def _write_card(card: AdapterCard, folder: Path) -> AdapterCard:
+def _write_card(card: AdapterCard, folder: Path, base_model: str, head: nn.Module | None = None,
+                library: str | None = "peft") -> AdapterCard:
+    """card.json, and README.md: the model card (`model_card.model_card`), keeping what peft wrote there."""
     card = card.model_copy(update={"created": card.created or datetime.now(timezone.utc).isoformat(timespec="seconds")})
     (folder / "card.json").write_text(card.model_dump_json(indent=2))
-    (folder / "README.md").write_text(_readme(card))
+    readme = folder / "README.md"
+    kept = readme.read_text() if readme.is_file() else None
+    readme.write_text(model_card(card, base_model, library, kept, head))
     return card
 
 
 def swap_into_place(new: Path, target: Path) -> None:
-    """Put the folder `new` at `target`; afterwards `new` holds the old `target`, if there was one
-    (the caller removes it, or swaps back). Where the OS offers it (Linux) the two are exchanged in
-    one step, so that readers always find an adapter under the name. Elsewhere the old one is moved
+    """Put the folder `new` at `target`, holding the name's lock (`adapter_lock`); afterwards `new`
+    holds the old `target`, if there was one (the caller removes it, or swaps back)."""
+    with adapter_lock(target):
+        _swap(new, target)
+
+
+def _swap(new: Path, target: Path) -> None:
+    """`swap_into_place` under a lock already held. Where the OS offers it (Linux) the two are exchanged
+    in one step, so that readers always find an adapter under the name. Elsewhere the old one is moved
     aside first (a kill between the renames leaves it aside; the next save of the name puts it back)."""
     if not target.exists():
         new.rename(target)
@@ -215,10 +329,10 @@ def _libc():
 
 
 def _tidy_leftovers(task_dir: Path, name: str) -> None:
-    """Clear what a save of NAME killed mid-way left in its task folder: a staging folder is removed;
-    an adapter it had moved aside is put back when nothing replaced it. Saves still running are left
-    alone (their process id is in the name), and so are other machines' (a shared store): whether
-    they still run cannot be told from here."""
+    """Clear what a save of NAME killed mid-way left in its task folder (under NAME's lock): a staging
+    folder is removed; an adapter it had moved aside is put back when nothing replaced it. Saves still
+    running are left alone (their process id is in the name), and so are other machines' (a shared
+    store): whether they still run cannot be told from here."""
     for leftover in task_dir.glob(f".{glob.escape(name)}.*"):
         kind, _, rest = leftover.name[len(name) + 2:].partition("-")
         pid, _, host = rest.split("-")[0].partition("@")
@@ -542,19 +656,3 @@ def _not_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     if not floats or torch.stack([t.float().sum() for t in floats.values()]).isfinite().all():
         return []
     return [key for key, t in floats.items() if not t.isfinite().all()]  # (a sum can overflow: look closer)
-
-
-def _readme(card: AdapterCard) -> str:
-    metrics = ", ".join(f"{k} {v:.3f}" for k, v in card.metrics.items()) or "not evaluated"
-    what = (f"An ensemble of {len(card.members)} {card.method} adapters (in {MEMBERS}/, training seeds "
-            f"{', '.join(str(m['seed']) for m in card.members)}; it answers with the mean of their label "
-            "probabilities)" if card.members else f"A {card.method} adapter")
-    return (f"# {card.task} / {card.name}\n\n"
-            f"{what} for `{card.backbone}` made by adapterlab, trained on "
-            f"{card.k if card.k is not None else 'all'} examples per class (seed {card.seed}).\n\n"
-            f"- labels: {', '.join(card.labels)}\n- test metrics: {metrics}\n"
-            f"- trainable parameters: {card.trainable_params:,} "
-            f"({100 * card.trainable_params / card.backbone_params:.2f}% of the backbone)\n"
-            f"- backbone fingerprint: `{card.backbone_fingerprint}`\n\n"
-            "Load with `adapterlab predict` or `peft.PeftModel.from_pretrained` (head in head.safetensors); "
-            "card.json holds the full recipe.\n")

@@ -22,6 +22,7 @@ class Family(BaseModel):
     lora_targets: list[str] | None = None
     refuses: dict[str, str] = {}
     stem_unless: dict[str, str] = {}
+    vllm_lora_modules: list[str] | None = None
     known: bool = True
 
     def check_method(self, method: str) -> None:

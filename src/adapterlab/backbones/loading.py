@@ -2,7 +2,8 @@
 
 This is the only module that knows where weights come from: the packaged all-MiniLM-L6-v2, the
 packaged SmolLM2 GGUF (dequantized once into a local safetensors cache, `gguf`), a local Hugging
-Face folder, or a hub id (through the local hub cache when offline).
+Face folder, or a hub id (through the local hub cache when offline); and by what name other machines
+find them (`Backbone.base_model`).
 """
 
 import hashlib
@@ -48,6 +49,13 @@ class Backbone:
     @property
     def kind(self) -> str:
         return self.family.kind
+
+    @property
+    def base_model(self) -> str:
+        """The name adapter files give their base model, for loaders on other machines (peft, the Hub,
+        vLLM, LoRAX): the hub id where one is known (a packaged backbone's, or the id it was loaded by),
+        else the local folder it was loaded from."""
+        return PACKAGED_HUB_IDS.get(self.name) or (self.name if _is_hub_id(self.name) else str(self.path))
 
     @property
     def peft_task_type(self) -> TaskType:
@@ -145,7 +153,7 @@ def resolve_path(name: str) -> Path:
         return PACKAGED[name]()
     if Path(name).is_dir():
         return Path(name).resolve()
-    if name.count("/") == 1 and not Path(name).exists():
+    if _is_hub_id(name):
         return _hub_snapshot(name)
     raise BackboneError(f"unknown backbone {name!r}: use one of {', '.join(PACKAGED)}, "
                         "a local Hugging Face folder, or a hub id (owner/name)")
@@ -159,6 +167,14 @@ def _minilm() -> Path:
 
 
 PACKAGED = {"minilm": _minilm, "smollm2-135m": lambda: smollm2(cache_dir())}
+# Where the packaged backbones' weights live on the Hub (the SmolLM2 package holds a 4-bit GGUF of them).
+PACKAGED_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",
+                    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def _is_hub_id(name: str) -> bool:
+    """owner/name, where no such local path exists."""
+    return name.count("/") == 1 and not Path(name).exists()
 
 
 def _hub_snapshot(repo_id: str) -> Path:
