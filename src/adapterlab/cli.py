@@ -98,14 +98,16 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML."),
           ensemble: Optional[int] = typer.Option(None, "--ensemble", help="Train N members with seeds seed, seed+1, "
                                                  "... and store them as one adapter (sets training.ensemble)."),
           overwrite: bool = typer.Option(False, "--overwrite", help="Replace a stored adapter of the same name; "
-                                         "without it, a name already taken stops the run before it trains.")):
+                                         "without it, a name already taken stops the run before it trains (and at "
+                                         "its save, if another run took the name meanwhile).")):
     """Train one few-shot adapter (also under `accelerate launch -m adapterlab train`)."""
     from adapterlab.recipe import load_recipe
     from adapterlab.store import refuse_existing
     from adapterlab.training import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    overrides = [*set_, *([f"training.ensemble={ensemble}"] if ensemble is not None else [])]
+    overrides = [*set_, *([f"training.ensemble={ensemble}"] if ensemble is not None else []),
+                 f"output.overwrite={str(overwrite).lower()}"]
     loaded = load_recipe(recipe, overrides)
     if not overwrite:  # before the backbone loads: no hours of training for a name that is taken
         refuse_existing(Path(loaded.output.store) / loaded.task / loaded.adapter_name)

@@ -285,6 +285,9 @@ class TrainingConfig(_Section):
 class OutputConfig(_Section):
     store: str = Field("adapters", description="Adapter store folder.")
     name: str | None = Field(None, description="Adapter name (default: METHOD-kK-sSEED, -ensN for an ensemble).")
+    overwrite: bool = Field(True, description="Replace an adapter of the same name in the store; false: refuse, "
+                            "before training and again, under the adapter's lock, when saving (another run may "
+                            "have saved that name meanwhile). `adapterlab train` sets it from --overwrite.")
 
 
 class Recipe(_Section):

@@ -46,7 +46,7 @@ def save_run(model: AdapterModel | GenerativeModel, recipe: Recipe, task: TaskDa
     if accelerator.is_main_process:
         card = make_card(resolved_recipe(recipe, model, accelerator), task, model, trainable, total, train_seconds,
                          metrics, selection, self_training, init_from)
-        path, card = save_adapter(model, card, recipe.output.store)
+        path, card = save_adapter(model, card, recipe.output.store, overwrite=recipe.output.overwrite)
         size = card.adapter_bytes
         remove_checkpoint(checkpoint_folder(recipe))  # the run is complete: nothing left to resume
     accelerator.wait_for_everyone()
