@@ -6,6 +6,7 @@ Modules, one concept each:
 - `errors`: `ApiError`, an answer for the client (a status and a message).
 - `bodies`: the request bodies (pydantic models).
 - `metrics`: the Prometheus histograms and counters.
+- `disconnects`: cancelling the work of a client that left, as soon as its connection closes.
 - `uploads`: unpacking an uploaded adapter archive, and its checks.
 - `worker`: `Server`, the engine on its one worker thread (the threading and batching rules are
   described there): batching, registration and removal, generation; and `backbone_from_store`.

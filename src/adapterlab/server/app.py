@@ -22,6 +22,7 @@ from adapterlab.engine import GenerationRequest, Prediction
 from adapterlab.generation import Sampling
 from adapterlab.errors import AdapterlabError
 from adapterlab.server import openai
+from adapterlab.server.disconnects import unless_client_leaves
 from adapterlab.server.bodies import BatchBody, BatchRow, ClassifyBody, GenerateBody, RegisterBody
 from adapterlab.server.errors import ApiError
 from adapterlab.server.metrics import Metrics
@@ -178,15 +179,14 @@ async def classify_batch(body: BatchBody, server: ServerDep) -> dict:
 @router.post("/v1/generate", dependencies=CLIENT)
 async def generate(body: GenerateBody, http: HttpRequest, server: ServerDep):
     """Greedy continuation of a prompt (LLM backbones), under an adapter or by the bare backbone."""
-    text = await continuation(server, body, gone=http.is_disconnected)
+    text = await unless_client_leaves(http, continuation(server, body))
     if text is None:  # the client left: nobody reads an answer
         return Response(status_code=openai.CLIENT_CLOSED_REQUEST)
     return {"adapter": body.adapter, "text": text}
 
 
-async def continuation(server: Server, body: GenerateBody, gone=None) -> str | None:
-    """The text `/v1/generate` answers with, checked as it is served; None when `gone()` says the
-    client left before it was written (see `Server.generate`)."""
+async def continuation(server: Server, body: GenerateBody) -> str:
+    """The text `/v1/generate` answers with, checked as it is served."""
     if body.max_new_tokens > server.settings.max_new_tokens:
         raise ApiError(413, f"max_new_tokens {body.max_new_tokens}; the limit is {server.settings.max_new_tokens}")
     server.check_size(1, body.prompt)
@@ -197,8 +197,8 @@ async def continuation(server: Server, body: GenerateBody, gone=None) -> str | N
     if folder is not None:
         await asyncio.to_thread(server.checked_card, folder)  # 404, 422 or 409 before it queues
     request = GenerationRequest(folder and str(folder), body.prompt, sampling=Sampling(body.max_new_tokens))
-    finals = await server.generate([request], gone)
-    return None if finals is None else finals[0].text
+    [final] = await server.generate([request])
+    return final.text
 
 
 def prediction_json(prediction: Prediction, top_k: int | None) -> dict:

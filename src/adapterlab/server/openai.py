@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from adapterlab.engine import GenerationRequest
 from adapterlab.generation import Sampling
 from adapterlab.server.bodies import BatchRow
+from adapterlab.server.disconnects import unless_client_leaves
 from adapterlab.server.errors import ApiError
 from adapterlab.server.worker import Server, Update
 from adapterlab.store import adapter_folders, read_card
@@ -69,12 +70,12 @@ async def models(server: Server = Depends(_server)) -> dict:
 
 @router.post("/v1/completions")
 async def completions(body: CompletionBody, request: HttpRequest, server: Server = Depends(_server)):
-    return respond(await answer(server, body, gone=request.is_disconnected))
+    return respond(await unless_client_leaves(request, answer(server, body)))
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatBody, request: HttpRequest, server: Server = Depends(_server)):
-    return respond(await answer(server, body, gone=request.is_disconnected))
+    return respond(await unless_client_leaves(request, answer(server, body)))
 
 
 def model_list(backbone: str, store: Path) -> dict:
@@ -96,10 +97,9 @@ def respond(result: dict | AsyncIterator[str] | None) -> Response | dict:
     return StreamingResponse(result, media_type="text/event-stream")
 
 
-async def answer(server: Server, body: "CompletionBody | ChatBody", gone=None) -> dict | AsyncIterator[str] | None:
+async def answer(server: Server, body: "CompletionBody | ChatBody") -> dict | AsyncIterator[str]:
     """A completion (`CompletionBody`) or chat completion (`ChatBody`): the JSON answer, or with
-    `stream` its server-sent events (the rows queued already); None when `gone()` says the client left
-    before a non-streamed answer was written (see `Server.generate`)."""
+    `stream` its server-sent events (the rows queued already)."""
     prompt = body.prompt if isinstance(body, CompletionBody) else None
     messages = None if prompt is not None else [message.model_dump() for message in body.messages]
     kind = "text_completion" if prompt is not None else "chat.completion"
@@ -123,9 +123,7 @@ async def answer(server: Server, body: "CompletionBody | ChatBody", gone=None) -
         usage = bool((body.stream_options or {}).get("include_usage"))
         holdback = max(map(len, stops), default=1) - 1  # a stop string's start is not sent before it is decided
         return _events(server, updates, body.n, kind, meta, usage, holdback)
-    finals = await server.generate(requests, gone)
-    if finals is None:
-        return None
+    finals = await server.generate(requests)
     return {**meta, "object": kind, "choices": [_choice(kind, update) for update in finals], "usage": _usage(finals)}
 
 

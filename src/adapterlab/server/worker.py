@@ -13,12 +13,11 @@ adapters it resolved and the next batch sees the change.
 import asyncio
 import shutil
 import tempfile
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, BinaryIO, Callable
+from typing import BinaryIO, Callable
 
 from adapterlab.engine import Engine, GenerationRequest, Prediction, Request
 from adapterlab.generation import Decoder, Sequence
@@ -31,9 +30,6 @@ from adapterlab.server.settings import Settings
 from adapterlab.server.uploads import unpack
 from adapterlab.store import (AdapterCard, BackboneMismatch, StoreError, list_adapters, read_card, swap_into_place,
                               verify)
-
-
-DISCONNECT_POLL_SECONDS = 0.25  # how often a waiting non-streamed generation checks that its client is there
 
 
 @dataclass
@@ -297,30 +293,20 @@ class Server:
         self.wakeup.set()
         return updates
 
-    async def generate(self, requests: list[GenerationRequest],
-                       gone: Callable[[], Awaitable[bool]] | None = None) -> list["Update"] | None:
-        """Each request's final update (its whole text), once every one has finished; None when `gone()`
-        (asked every DISCONNECT_POLL_SECONDS) says the client left first: its rows are cancelled rather
-        than decoded to their end for nobody."""
+    async def generate(self, requests: list[GenerationRequest]) -> list["Update"]:
+        """Each request's final update (its whole text), once every one has finished. Cancelling the
+        awaiting task (a client that left, a server stopping) cancels its rows rather than decoding them
+        to their end for nobody."""
         updates = await self.submit(requests)
         final: list[Update | None] = [None] * len(requests)
-        asked = time.monotonic()
         try:
             while None in final:
-                try:  # updates come every decode step; the client is asked at most every poll
-                    update = await asyncio.wait_for(updates.get(), DISCONNECT_POLL_SECONDS if gone else None)
-                except asyncio.TimeoutError:
-                    update = None
-                if gone and time.monotonic() - asked >= DISCONNECT_POLL_SECONDS:
-                    asked = time.monotonic()
-                    if await gone():
-                        await self.cancel(updates)
-                        return None
+                update = await updates.get()
                 if isinstance(update, Exception):
                     raise update
-                if update is not None and update.finish_reason:
+                if update.finish_reason:
                     final[update.index] = update
-        except asyncio.CancelledError:  # the server is stopping under the request
+        except asyncio.CancelledError:
             await self.cancel(updates)
             raise
         return final
