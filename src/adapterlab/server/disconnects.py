@@ -6,6 +6,7 @@ from typing import Awaitable, TypeVar
 from starlette.requests import Request
 
 T = TypeVar("T")
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before its answer (nobody reads it)
 
 
 async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T | None:
