@@ -299,8 +299,9 @@ def test_truncated_inputs_are_flagged_and_counted(client):
     count = lambda: float(next(line.split()[-1] for line in client.get("/metrics").text.splitlines()  # noqa: E731
                                if line.startswith("adapterlab_truncated_inputs_total ")))
     before = count()
-    client.post("/v1/classify/batch", json={"rows": [{"adapter": "sentiment/other", "text": long_text}]})
-    assert count() == before + 1  # a Ray replica's count too, through the ingress
+    rows = [{"adapter": None, "text": long_text, "labels": ["a", "b"]}, {"adapter": "sentiment/other", "text": long_text}]
+    assert client.post("/v1/classify/batch", json={"rows": rows}).status_code == 200
+    assert count() == before + 2  # a Ray replica's count too, through the ingress
 
 
 def test_generation_bare_and_under_an_adapter(client, engine):

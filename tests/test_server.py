@@ -1,6 +1,6 @@
 """The local HTTP server on loopback, on a tiny random BERT (and a tiny random Llama for generation): a
 concurrent load across 12+ adapters with adapters registered and removed meanwhile (no 5xx, every answer
-equal to the engine's, from the adapter named), the admin switch, truncation, unexpected errors, a graceful
+equal to the engine's, from the adapter named), the admin switch, unexpected errors, a graceful
 shutdown, full queues, the store's backbone, and generation equal to peft's. What every backend answers
 alike (routes, refusals, tokens, metrics, OpenAI): test_http_conformance."""
 
@@ -133,13 +133,6 @@ def url(adapters):
         yield base_url
 
 
-@pytest.fixture
-def client(url):
-    """A client with the admin token (the server has no client token: classification is open)."""
-    with httpx.Client(base_url=url, timeout=60, headers=ADMIN) as client:
-        yield client
-
-
 def assert_answer(answer: dict, expected) -> None:
     scores = {item["label"]: item["score"] for item in answer["scores"]}
     assert answer["label"] == expected.label and scores.keys() == expected.scores.keys()
@@ -230,17 +223,6 @@ def test_admin_endpoints_are_off_without_an_admin_token_unless_allowed(adapters,
         assert client.delete("/v1/adapters/churn/intent").status_code == 200
         refused = client.post("/v1/generate", json={"prompt": "hello"})
         assert refused.status_code == 400 and "needs an LLM backbone" in refused.json()["error"]
-
-
-def test_truncated_inputs_are_flagged_and_counted(client):
-    long_text = "the food was cold and the service slow, " * 40  # far beyond the adapter's 128 tokens
-    answers = client.post("/v1/classify", json={"adapter": "sentiment/a0", "inputs": [long_text, "fine"]}).json()
-    assert [a["truncated"] for a in answers["predictions"]] == [True, False]
-    count = lambda: float(next(line.split()[-1] for line in client.get("/metrics").text.splitlines()  # noqa: E731
-                               if line.startswith("adapterlab_truncated_inputs_total ")))
-    before = count()
-    client.post("/v1/classify/batch", json={"rows": [{"adapter": None, "text": long_text, "labels": ["a", "b"]}]})
-    assert count() == before + 1
 
 
 def test_unexpected_errors_are_a_generic_500_and_the_connection_lives(tiny_bert, adapters):
