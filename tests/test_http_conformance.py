@@ -22,7 +22,7 @@ from adapterlab.engine import Engine, GenerationRequest, Request
 from adapterlab.generation import Sampling
 from adapterlab.recipe import validate_recipe
 from adapterlab.server import Settings, create_app
-from adapterlab.train import train
+from adapterlab.training import train
 from conftest import shared, tiny_recipe
 from test_server import archive, copy_adapter, folder_files, running
 
