@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The Ray clusters the tests start bind to the loopback address, not the machine's network one (read by Ray
+# when it is imported, and inherited by its processes): test traffic stays on this machine.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def pytest_sessionstart(session):

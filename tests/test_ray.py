@@ -1,7 +1,9 @@
 """adapterlab on a real local Ray cluster (2 CPUs, loopback), shared by the tests of this module: the
-Serve application over 20 small adapters on a tiny random BERT (answers equal a local engine's, each
-adapter loaded on few replicas, register and delete across replicas, a killed replica replaced with
-no failed request), and sweeps whose cells run as Ray tasks (the local sweep's accuracies, resume)."""
+Serve application over 20 small adapters on a tiny random BERT, as `serve run deploy/ray-serve.yaml`
+builds it with 2 replicas (answers equal a local engine's, each adapter loaded on few replicas, register
+and delete across replicas, a killed replica replaced with no failed request), and sweeps whose cells run
+as Ray tasks (the local sweep's accuracies, resume). Every route answering as the local server's does:
+test_http_conformance."""
 
 import json
 import os
@@ -27,13 +29,12 @@ import adapterlab  # noqa: E402
 import adapterlab.sweep as sweep_module  # noqa: E402
 from adapterlab import ray_sweep  # noqa: E402
 from adapterlab.cli import app as cli_app  # noqa: E402
-from adapterlab.engine import Engine, GenerationRequest  # noqa: E402
-from adapterlab.generation import Sampling  # noqa: E402
+from adapterlab.engine import Engine  # noqa: E402
 from adapterlab.ray_serve import RayServeOptions, build_app  # noqa: E402
 from adapterlab.recipe import validate_recipe  # noqa: E402
 from adapterlab.sweep import SweepError, load_sweep, run_sweep  # noqa: E402
 from adapterlab.training import train  # noqa: E402
-from conftest import ROOT, shared, tiny_recipe  # noqa: E402
+from conftest import ROOT, tiny_recipe  # noqa: E402
 from test_server import archive, copy_adapter, folder_files  # noqa: E402
 
 TEXTS = ["the soup was cold", "what a match last night", "please cancel my order", "loved every minute",
@@ -41,8 +42,6 @@ TEXTS = ["the soup was cold", "what a match last night", "please cancel my order
 ADAPTERS = [f"{task}/r{i}" for task in ("sentiment", "topic") for i in range(10)]  # 2 and 4 labels
 ADMIN = {"Authorization": "Bearer admin"}
 SETTINGS = {"dtype": "float32", "admin_token": "admin"}
-E2E = {"path": None, "text_field": "mr", "target_field": "ref", "references_field": "refs", "k": 8, "test_limit": 2}
-CHAT = [{"role": "user", "content": "Describe: name[Alimentum], area[city centre]"}]
 
 
 @pytest.fixture(scope="module")
@@ -170,56 +169,7 @@ def test_register_replace_and_delete_reach_every_replica(url, store):
         assert client.delete("/v1/adapters/new/first").json() == {"deleted": "new/first"}
         for response in answers():
             assert response.status_code == 404 and response.json() == {"error": "no adapter 'new/first' in the store"}
-        assert client.post("/v1/classify", json={"adapter": "../etc", "inputs": ["x"]}).status_code == 400
         assert client.delete("/v1/adapters/new/first").status_code == 404
-        assert httpx.delete(f"{url}/v1/adapters/sentiment/r0").status_code == 401
-
-
-def test_generation_under_adapters_and_the_bare_backbone(url, tiny_llama, tmp_path):
-    """/v1/generate and the OpenAI routes through the ingress (a second application, over an LLM's
-    store), driven by the official `openai` client: what a local engine writes, under a generative
-    LoRA adapter and by the bare backbone, streamed or not; a classification adapter's label; 404s."""
-    openai = pytest.importorskip("openai")
-    train(validate_recipe(tiny_recipe(tiny_llama, tmp_path, method={"name": "lora", "r": 4}, output={"name": "lora"},
-                                      training={"max_steps": 2, "lr": 0.05})), show_progress=False)
-    train(validate_recipe(tiny_recipe(tiny_llama, tmp_path, method={"name": "lora", "r": 4}, task="e2e",
-                                      output={"name": "lora"}, head={"type": "generate", "template": "Describe: {text}"},
-                                      data={**E2E, "path": shared("e2e")}, training={"max_steps": 3, "lr": 0.05})),
-          show_progress=False)
-    engine = Engine(tiny_llama, tmp_path, dtype="float32")
-    backbone = engine.backbone.name
-
-    def greedy(adapter, max_tokens, **prompt):
-        return engine.generate([GenerationRequest(adapter, sampling=Sampling(max_tokens), **prompt)])[0].text
-
-    wanted = {adapter: greedy(adapter, 6, prompt="the movie was") for adapter in (None, "sentiment/lora")}
-    assert len(set(wanted.values())) == 2
-    options = RayServeOptions(store=str(tmp_path), replica_cpus=0.25, settings=SETTINGS)
-    serve.run(build_app(options), name="llm", route_prefix="/llm")
-    try:
-        with httpx.Client(base_url=f"{url}/llm", timeout=60) as client:
-            for adapter in (None, "sentiment/lora", None):
-                response = client.post("/v1/generate", json={"adapter": adapter, "prompt": "the movie was",
-                                                              "max_new_tokens": 6})
-                assert response.status_code == 200 and response.json()["text"] == wanted[adapter], response.text
-            assert client.post("/v1/generate", json={"adapter": "sentiment/nope", "prompt": "x"}).status_code == 404
-
-        client = openai.OpenAI(base_url=f"{url}/llm/v1", api_key="unused", max_retries=0)
-        assert {model.id for model in client.models.list()} == {backbone, "sentiment/lora", "e2e/lora"}
-        plain = client.completions.create(model=backbone, prompt="Once upon a time", max_tokens=6, temperature=0)
-        assert plain.choices[0].text == greedy(None, 6, prompt="Once upon a time") and plain.usage.completion_tokens == 6
-        chat = client.chat.completions.create(model="e2e/lora", messages=CHAT, max_tokens=8, temperature=0)
-        assert chat.choices[0].message.content == greedy("e2e/lora", 8, messages=CHAT)
-        stream = client.chat.completions.create(model="e2e/lora", messages=CHAT, max_tokens=8, temperature=0, stream=True)
-        pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
-        assert sum(bool(piece) for piece in pieces) >= 2 and "".join(pieces) == chat.choices[0].message.content
-        label = client.completions.create(model="sentiment/lora", prompt="a dull and lifeless film", max_tokens=4)
-        assert label.choices[0].text == engine.predict("sentiment/lora", ["a dull and lifeless film"])[0].label
-        for model, stream in (("e2e/nope", False), ("e2e/nope", True), ("nope", False)):
-            with pytest.raises(openai.NotFoundError, match="does not exist"):
-                client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, stream=stream)
-    finally:
-        serve.delete("llm")
 
 
 def test_a_killed_replica_is_replaced_and_no_request_fails(url, store):

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from adapterlab.errors import AdapterlabError
+from adapterlab.server.settings import Settings
 
 app = typer.Typer(help="Few-shot adapters on one frozen backbone.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -432,22 +433,30 @@ def combine(adapters: list[str] = typer.Argument(..., help="Two or more LoRA ada
     console.print(table)
 
 
+SERVER = Settings()  # `adapterlab serve`'s defaults, as the server's own settings define them
+
+
 @app.command()
 @_clean_errors
 def serve(store: Path = STORE,
           backbone: Optional[str] = typer.Option(None, "--backbone", help="Default: the backbone of the store's adapters."),
           host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
-          max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", help="How long a request waits to share a batch."),
-          max_batch_rows: int = typer.Option(256, "--max-batch-rows", help="Rows that close a batch."),
-          no_batching: bool = typer.Option(False, "--no-batching", help="One request, one forward (for comparison)."),
-          max_queued_rows: int = typer.Option(4096, "--max-queued-rows", help="Rows waiting for the engine "
-                                              "(more: 503 with Retry-After, so the client backs off)."),
-          max_queued_generations: int = typer.Option(16, "--max-queued-generations", help="Generations waiting "
-                                                     "or running (more: 503 with Retry-After)."),
-          max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Tokens one generation may ask for."),
-          max_inputs: int = typer.Option(256, "--max-inputs", help="Inputs per request (more: 413)."),
-          max_chars: int = typer.Option(20_000, "--max-chars", help="Characters per input (more: 413)."),
-          max_upload_mb: float = typer.Option(64, "--max-upload-mb", help="Uploaded adapter archives (more: 413)."),
+          max_wait_ms: float = typer.Option(SERVER.max_wait_ms, "--max-wait-ms",
+                                            help="How long a request waits to share a batch."),
+          max_batch_rows: int = typer.Option(SERVER.max_batch_rows, "--max-batch-rows", help="Rows that close a batch."),
+          no_batching: bool = typer.Option(not SERVER.batching, "--no-batching",
+                                           help="One request, one forward (for comparison)."),
+          max_queued_rows: int = typer.Option(SERVER.max_queued_rows, "--max-queued-rows", help="Rows waiting for the "
+                                              "engine (more: 503 with Retry-After, so the client backs off)."),
+          max_queued_generations: int = typer.Option(SERVER.max_queued_generations, "--max-queued-generations",
+                                                     help="Generations waiting or running (more: 503 with "
+                                                     "Retry-After)."),
+          max_new_tokens: int = typer.Option(SERVER.max_new_tokens, "--max-new-tokens",
+                                             help="Tokens one generation may ask for."),
+          max_inputs: int = typer.Option(SERVER.max_inputs, "--max-inputs", help="Inputs per request (more: 413)."),
+          max_chars: int = typer.Option(SERVER.max_chars, "--max-chars", help="Characters per input (more: 413)."),
+          max_upload_mb: float = typer.Option(SERVER.max_upload_bytes / 2**20, "--max-upload-mb",
+                                              help="Uploaded adapter archives (more: 413)."),
           admin_token: Optional[str] = typer.Option(None, "--admin-token", envvar="ADAPTERLAB_ADMIN_TOKEN",
                                                     help="Bearer token for registering and deleting adapters."),
           client_token: Optional[str] = typer.Option(None, "--client-token", envvar="ADAPTERLAB_CLIENT_TOKEN",
@@ -464,7 +473,7 @@ def serve(store: Path = STORE,
                                                              "adapters each replica keeps loaded (default 64)."),
           address: Optional[str] = RAY_ADDRESS):
     """Serve the store's adapters over HTTP with dynamic batching (OpenAPI at /docs)."""
-    from adapterlab.server import Settings, serve as run_server
+    from adapterlab.server import serve as run_server
 
     settings = Settings(max_wait_ms=max_wait_ms, max_batch_rows=max_batch_rows, batching=not no_batching,
                         max_queued_rows=max_queued_rows, max_queued_generations=max_queued_generations,

@@ -4,13 +4,15 @@ routes every request by the adapter it names.
     serve run adapterlab.ray_serve:build_app store=/shared/adapters replicas=2   # or: serve run deploy/ray-serve.yaml
     adapterlab serve --ray --replicas 2 --store /shared/adapters
 
-- `AdapterReplica`: the single-process server's `Server` (engine, worker thread, mixed-batch batcher)
-  in each replica. Adapters load through `@serve.multiplexed`, so Ray knows which replica holds which
-  adapter and sends requests for it there; when Ray's LRU unloads one, the engine drops it too.
-- `Ingress`: the HTTP API (the same routes, bodies, tokens and error answers as `adapterlab serve`, the
-  OpenAI-compatible ones too). It holds no backbone: it splits a request's rows by adapter and sends
-  each group to the replicas with the adapter as the multiplexed model id; a stream's events come
-  back through Ray's streaming handle.
+- `AdapterReplica`: the single-process server's `LocalBackend` (engine, worker thread, mixed-batch
+  batcher, decoder) in each replica. Adapters load through `@serve.multiplexed`, so Ray knows which
+  replica holds which adapter and sends requests for it there; when Ray's LRU unloads one, the engine
+  drops it too.
+- `Ingress`: a `Backend` under the very application `adapterlab serve` runs (`api_app`: the same
+  routes, bodies, tokens and error answers). It holds no backbone: it splits a request's rows by
+  adapter and sends each group to the replicas with the adapter as the multiplexed model id; a
+  stream's updates come back through Ray's streaming handle, and a client that leaves cancels its
+  request on the replica.
 
 The store is a folder every replica sees (a shared filesystem). Registering or deleting goes to one
 replica; the others notice through the store: a request for a replaced adapter reloads it, a deleted
@@ -20,33 +22,31 @@ one gets 404, and every `store_check_seconds` each replica drops resident adapte
 import asyncio
 import io
 import os
-import shutil
+from contextlib import aclosing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, AsyncIterator
+from typing import AsyncGenerator, BinaryIO
 
 import ray
-from fastapi import APIRouter, Depends, FastAPI, Request as HttpRequest
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import UploadFile
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from adapterlab.engine import Prediction
-from adapterlab.server import openai
-from adapterlab.server.app import (ADMIN, CLIENT, answer_errors, continuation, prediction_json, public_card,
-                                   rows_of, store_cards)
-from adapterlab.server.bodies import BatchBody, BatchRow, ClassifyBody, GenerateBody, RegisterBody
+from adapterlab.engine import GenerationRequest, Prediction
+from adapterlab.server.app import api_app
+from adapterlab.server.backend import Update
+from adapterlab.server.bodies import BatchRow
 from adapterlab.server.errors import ApiError
+from adapterlab.server.local import LocalBackend
 from adapterlab.server.metrics import Metrics, family
-from adapterlab.server.openai import ChatBody, CompletionBody
 from adapterlab.server.settings import Settings
 from adapterlab.server.worker import Server
+from adapterlab.store import AdapterCard
 
 ATTEMPTS = 3  # a request whose replica died is sent again, when answering it is idempotent
-IDEMPOTENT = {"classify", "generate", "openai"}  # greedy generation writes the same text again
+CHANGES = {"register", "remove"}  # not idempotent (the rest is: greedy generation writes the same text again)
 
 
 class RayServeOptions(BaseModel):
@@ -103,11 +103,12 @@ class AdapterSlot:
 
 @serve.deployment(max_ongoing_requests=256)
 class AdapterReplica:
-    """One backbone and its engine, with the single-process server's batcher (rows of any adapters in
-    one forward)."""
+    """One backbone and its engine: the local backend (the single-process server's batcher: rows of any
+    adapters in one forward; its decoder: generations of any adapters in one batch)."""
 
     async def __init__(self, options: RayServeOptions):
-        self.server = Server(options.store, options.backbone, Settings(**options.settings))
+        self.backend = LocalBackend.open(options.store, options.backbone, Settings(**options.settings))
+        self.server = self.backend.server
         self.server.engine.max_adapters = options.adapters_per_replica
         await self.server.start()
         self.versions: dict[Path, tuple[int, int] | None] = {}  # card.json as each adapter was loaded
@@ -121,10 +122,12 @@ class AdapterReplica:
         self.store_check = asyncio.create_task(self._drop_deleted(options.store_check_seconds))
 
     def _load(self, folder: Path) -> None:
-        """On the worker: check (404, 409, 422) and load."""
+        """On the worker: check (404, 409, 422) and load the adapter as the store holds it now (the engine may
+        hold an older copy: one this replica registered before another replaced it)."""
         self.server.checked_card(folder)
         self.versions[folder] = _version(folder)
-        self.server.engine.servable(str(folder))
+        self.server.engine.unload(str(folder))
+        self.server.load(folder)
 
     async def _current(self, name: str) -> None:
         """The request's adapter loaded, as the store now holds it (reloaded if it was replaced)."""
@@ -133,9 +136,10 @@ class AdapterReplica:
             await self.server.on_worker(self._reload, slot.folder)
 
     def _reload(self, folder: Path) -> None:
-        self.server.engine.unload(str(folder))
         if (folder / "card.json").is_file():
             self._load(folder)
+        else:
+            self.server.engine.unload(str(folder))
 
     async def _drop_deleted(self, seconds: float) -> None:
         while True:
@@ -147,202 +151,70 @@ class AdapterReplica:
             if not (self.server.store / name / "card.json").is_file():
                 self.server.engine.unload(name)
 
-    def figures(self) -> dict:
-        """The engine figures the worker published after its last batch (the engine itself is the worker's
-        alone), and the batches so far."""
-        return {"replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(),
-                "batches": sum(self.server.metrics.batch_rows.counts), **self.server.metrics.engine}
+    def _figures(self) -> dict:
+        """On the worker (the engine is the worker's alone): this replica's figures for the ingress's /metrics
+        and adapter list."""
+        engine = self.server.engine
+        return {**self.server.metrics.figures(), "resident": len(engine.resident()), **engine.stats,
+                "adapters": engine.resident(), "replica": serve.get_replica_context().replica_id.unique_id,
+                "pid": os.getpid()}
 
-    async def classify(self, rows: list[BatchRow]) -> Reply | ApiError:
-        """Rows of the request's multiplexed adapter (or zero-shot rows, with none), batched with
-        whatever else this replica is answering."""
+    async def call(self, method: str, *args) -> Reply | ApiError:
+        """`method` of the local backend (see `Backend`), under the request's multiplexed adapter when it
+        classifies or generates (loaded first, through Ray's multiplexer)."""
+        try:
+            name = serve.get_multiplexed_model_id()
+            if name and method in {"classify", "generate"}:
+                await self._current(name)
+            value = await getattr(self.backend, method)(*args)
+            return Reply(value, await self.server.on_worker(self._figures))
+        except ApiError as error:
+            return error
+
+    async def stream(self, requests: list[GenerationRequest]) -> AsyncGenerator[Update | ApiError | None, None]:
+        """The local backend's stream under the request's multiplexed adapter: first None (accepted) or the
+        ApiError that refused it, then the updates as the decoder writes them."""
         try:
             name = serve.get_multiplexed_model_id()
             if name:
                 await self._current(name)
-            return Reply(await self.server.classify(rows), self.figures())
-        except ApiError as error:
-            return error
-
-    async def generate(self, body: GenerateBody) -> Reply | ApiError:
-        """The continuation `/v1/generate` answers with, under the request's multiplexed adapter (or
-        none: the bare backbone); decode steps join the replica's other generations."""
-        try:
-            name = serve.get_multiplexed_model_id()
-            if name:
-                await self._current(name)
-            return Reply(await continuation(self.server, body), self.figures())
-        except ApiError as error:
-            return error
-
-    async def openai(self, body: CompletionBody | ChatBody) -> Reply | ApiError:
-        """A completion or chat completion (the OpenAI routes, not streamed) under the request's model."""
-        try:
-            await self._model(body.model)
-            return Reply(await openai.answer(self.server, body), self.figures())
-        except ApiError as error:
-            return error
-
-    async def openai_stream(self, body: CompletionBody | ChatBody) -> AsyncIterator[str | ApiError | None]:
-        """The same, streamed: first None (accepted) or the ApiError that refused it, then the
-        server-sent events as the decoder writes them."""
-        try:
-            await self._model(body.model)
-            events = await openai.answer(self.server, body)
+            updates = await self.backend.stream(requests)
         except ApiError as error:
             yield error
             return
         yield None
-        async for event in events:
-            yield event
-
-    async def _model(self, model: str) -> None:
-        await openai.model_folder(self.server, model)  # 404 in OpenAI's words before anything loads
-        name = serve.get_multiplexed_model_id()
-        if name:
-            await self._current(name)
-
-    async def register(self, name: str | None, archive: bytes | None) -> Reply | ApiError:
-        """A folder already in the store (`name`) or an uploaded archive, checked by loading it here,
-        then left to the multiplexer (other replicas reload it on their next request for it)."""
-        try:
-            if archive is not None:
-                staging, target = await asyncio.to_thread(self.server.stage_upload, io.BytesIO(archive))
-            else:
-                staging, target = None, await asyncio.to_thread(self.server.check_in_place, name)
-            try:
-                card = await self.server.on_worker(self.server.install, staging, target)
-            finally:
-                if staging is not None:
-                    await asyncio.to_thread(shutil.rmtree, staging, True)
-            await self.server.on_worker(self.server.engine.unload, str(target))
-            return Reply(card, self.figures())
-        except ApiError as error:
-            return error
-
-    async def delete(self, name: str) -> Reply | ApiError:
-        try:
-            await self.server.on_worker(self.server.remove, self.server.adapter_folder(name))
-            return Reply(None, self.figures())
-        except ApiError as error:
-            return error
-
-    async def describe(self) -> dict:
-        backbone = self.server.engine.backbone
-        return {"backbone": backbone.name, "kind": backbone.kind, "batching": self.server.settings.batching}
-
-
-# --- the ingress -----------------------------------------------------------------------------------
-router = APIRouter()
-
-
-def _ingress(request: HttpRequest) -> "Ingress":
-    return request.app.state.server  # named as in server/app.py, whose token checks read its `settings`
-
-
-IngressDep = Annotated["Ingress", Depends(_ingress)]
-
-
-@router.get("/health")
-async def health(ingress: IngressDep) -> dict:
-    return {"status": "ok", **await ingress.replicas.describe.remote()}
-
-
-@router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(ingress: IngressDep) -> PlainTextResponse:
-    """Prometheus text: the ingress's requests and latencies, and each replica's engine figures as
-    its last answer reported them."""
-    return PlainTextResponse(ingress.render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-@router.get("/v1/adapters", dependencies=CLIENT)
-async def adapters(ingress: IngressDep) -> dict:
-    cards = await asyncio.to_thread(store_cards, Path(ingress.options.store))
-    return {"available": [{"adapter": name, "card": public_card(card)} for name, card in cards]}
-
-
-@router.post("/v1/adapters", status_code=201, dependencies=ADMIN)
-async def register(request: HttpRequest, ingress: IngressDep) -> dict:
-    """As `adapterlab serve`: JSON {"path": "TASK/NAME"} or a multipart archive in the field "file"."""
-    name, archive = None, None
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        async with request.form(max_files=1, max_fields=0) as form:
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise ApiError(422, 'send the archive as the multipart field "file"')
-            archive = await upload.read()
-    else:
-        name = RegisterBody.model_validate_json(await request.body()).path
-    card = await ingress.call(name, "register", name, archive)
-    return {"adapter": f"{card.task}/{card.name}", "card": public_card(card)}
-
-
-@router.delete("/v1/adapters/{name:path}", dependencies=ADMIN)
-async def delete(name: str, ingress: IngressDep) -> dict:
-    await ingress.call(name, "delete", name)
-    return {"deleted": name}
-
-
-@router.post("/v1/classify", dependencies=CLIENT)
-async def classify(body: ClassifyBody, ingress: IngressDep) -> dict:
-    predictions = await ingress.classify(rows_of(body))
-    return {"adapter": body.adapter, "predictions": [prediction_json(p, body.top_k) for p in predictions]}
-
-
-@router.post("/v1/classify/batch", dependencies=CLIENT)
-async def classify_batch(body: BatchBody, ingress: IngressDep) -> dict:
-    predictions = await ingress.classify(body.rows)
-    return {"predictions": [{"adapter": row.adapter, **prediction_json(p, body.top_k)}
-                            for row, p in zip(body.rows, predictions)]}
-
-
-@router.post("/v1/generate", dependencies=CLIENT)
-async def generate(body: GenerateBody, ingress: IngressDep) -> dict:
-    """As `adapterlab serve`: a greedy continuation (LLM backbones), under an adapter or by the bare backbone."""
-    return {"adapter": body.adapter, "text": await ingress.call(body.adapter, "generate", body)}
-
-
-@router.get("/v1/models", dependencies=CLIENT)
-async def models(ingress: IngressDep) -> dict:
-    """As `adapterlab serve`: the backbone and every adapter of the store, as OpenAI models."""
-    return await asyncio.to_thread(openai.model_list, await ingress.backbone(), Path(ingress.options.store))
-
-
-@router.post("/v1/completions", dependencies=CLIENT)
-async def completions(body: CompletionBody, ingress: IngressDep):
-    return await ingress.openai(body)
-
-
-@router.post("/v1/chat/completions", dependencies=CLIENT)
-async def chat_completions(body: ChatBody, ingress: IngressDep):
-    return await ingress.openai(body)
+        async with aclosing(updates):
+            async for update in updates:
+                yield update
 
 
 @serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class Ingress:
-    """The HTTP API in front of the replicas: routes each adapter's rows to the replicas by the
-    adapter's name (Ray Serve model multiplexing)."""
+    """The `Backend` of the HTTP API on Ray (the same application as `adapterlab serve`): it holds no backbone,
+    and routes each adapter's rows to the replicas by the adapter's name (Ray Serve model multiplexing)."""
 
     def __init__(self, replicas: DeploymentHandle, options: RayServeOptions):
         self.replicas, self.options = replicas, options
-        self.settings = Settings(**options.settings)
-        self.metrics = Metrics()
-        self.figures: dict[str, dict] = {}  # replica id → its latest engine figures
+        self.settings, self.metrics, self.store = Settings(**options.settings), Metrics(), Path(options.store)
+        self.figures: dict[str, dict] = {}  # replica id → its latest figures
         self.resent = 0  # requests sent again after their replica died
         self.backbone_name: str | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        app = FastAPI(title="adapterlab on Ray Serve", summary="Many adapters on one frozen backbone, over replicas.")
-        app.state.server = self
-        app.include_router(router)
-        answer_errors(app, self.settings, self.metrics)
-        return app
+        return api_app(self, title="adapterlab on Ray Serve", summary="Many adapters on one frozen backbone, "
+                         "over replicas.")
+
+    async def describe(self) -> dict:
+        return await self.call(None, "describe")
+
+    async def backbone(self) -> str:
+        if self.backbone_name is None:
+            self.backbone_name = await self.call(None, "backbone")
+        return self.backbone_name
 
     async def classify(self, rows: list[BatchRow]) -> list[Prediction]:
         """Answers in row order; each adapter's rows go together to a replica that holds it."""
-        if len(rows) > self.settings.max_inputs:
-            raise ApiError(413, f"{len(rows)} inputs in one request; the limit is {self.settings.max_inputs}")
         groups: dict[str | None, list[int]] = {}
         for index, row in enumerate(rows):
             groups.setdefault(row.adapter, []).append(index)
@@ -354,39 +226,58 @@ class Ingress:
                 predictions[index] = prediction
         return predictions
 
-    async def backbone(self) -> str:
-        if self.backbone_name is None:
-            self.backbone_name = (await self.replicas.describe.remote())["backbone"]
-        return self.backbone_name
+    async def card(self, adapter: str) -> AdapterCard:
+        return await self.call(adapter, "card", adapter)
 
-    async def openai(self, body: CompletionBody | ChatBody):
-        """The OpenAI routes: `model` names an adapter (routed by it) or the backbone (any replica); a
-        stream's events come through from the replica as it writes them."""
-        adapter = None if body.model == await self.backbone() else body.model
-        if not body.stream:
-            return await self.call(adapter, "openai", body)
-        events = self._handle(adapter, "openai_stream", stream=True).remote(body)
-        refusal = await anext(events)
+    async def count_tokens(self, texts: list[str]) -> list[int]:
+        return await self.call(None, "count_tokens", texts)
+
+    async def generate(self, requests: list[GenerationRequest]) -> list[Update]:
+        return await self.call(requests[0].adapter, "generate", requests)
+
+    async def stream(self, requests: list[GenerationRequest]) -> AsyncGenerator[Update, None]:
+        """The replica's updates as it writes them (through Ray's streaming handle)."""
+        events = self._handle(requests[0].adapter, stream=True).stream.remote(requests)
+        try:
+            refusal = await anext(events)
+        except asyncio.CancelledError:
+            events.cancel()
+            raise
         if refusal is not None:
             raise refusal
-        return StreamingResponse(events, media_type="text/event-stream")
+        return _relayed(events)
 
-    def _handle(self, adapter: str | None, method: str, stream: bool = False):
+    async def resident(self) -> list[str]:
+        """The adapters some replica holds, as its latest answer reported them."""
+        return sorted({name for figures in self.figures.values() for name in figures["adapters"]})
+
+    async def register(self, path: str | None, archive: BinaryIO | None) -> AdapterCard:
+        upload = None if archive is None else io.BytesIO(await asyncio.to_thread(archive.read))
+        return await self.call(path, "register", path, upload)
+
+    async def remove(self, adapter: str) -> None:
+        await self.call(adapter, "remove", adapter)
+
+    def _handle(self, adapter: str | None, stream: bool = False) -> DeploymentHandle:
         multiplexed = adapter if adapter is not None and self.options.route_by_adapter else ""
-        return getattr(self.replicas.options(multiplexed_model_id=multiplexed, stream=stream), method)
+        return self.replicas.options(multiplexed_model_id=multiplexed, stream=stream)
 
     async def call(self, adapter: str | None, method: str, *args):
-        """`method` on a replica chosen by Ray for `adapter`; a classification or generation whose replica
-        died on the way is sent again (Ray routes around the dead replica); a register or delete answers 503."""
-        handle = self._handle(adapter, method)
+        """`method` of the backend on a replica chosen by Ray for `adapter`. A call whose replica died on the
+        way is sent again (Ray routes around the dead replica), except a register or remove (503); one
+        whose awaiting task is cancelled (its client left) is cancelled on the replica too."""
         for attempt in range(1, ATTEMPTS + 1):
+            response = self._handle(adapter).call.remote(method, *args)
             try:
-                reply = await handle.remote(*args)
+                reply = await response
                 break
             except RayActorError:
-                if method not in IDEMPOTENT or attempt == ATTEMPTS:
+                if method in CHANGES or attempt == ATTEMPTS:
                     raise ApiError(503, "a replica went away while answering; retry shortly", {"Retry-After": "1"})
                 self.resent += 1
+            except asyncio.CancelledError:
+                response.cancel()
+                raise
         if isinstance(reply, ApiError):
             raise reply
         latest = self.figures.get(reply.figures["replica"])
@@ -395,8 +286,10 @@ class Ingress:
         return reply.value
 
     def render_metrics(self) -> str:
+        """Prometheus text: the ingress's requests and latencies, and the replicas' figures (summed, and per
+        replica) as their latest answers reported them."""
         replicas = list(self.figures.values())
-        self.metrics.engine = {key: sum(f[key] for f in replicas) for key in ("resident", "hits", "misses", "evictions")}
+        self.metrics.add_up(replicas)
 
         def per_replica(key: str) -> list[str]:
             return [f'{{replica="{f["replica"]}",pid="{f["pid"]}"}} {f[key]}' for f in replicas]
@@ -410,6 +303,18 @@ class Ingress:
         lines += family("adapterlab_resent_requests_total", "counter",
                         "Requests sent to another replica after theirs died.", [f" {self.resent}"])
         return self.metrics.render() + "\n".join(lines) + "\n"
+
+
+async def _relayed(events: DeploymentResponseGenerator) -> AsyncGenerator[Update, None]:
+    """A replica's stream; closed before its end (the client left), the replica's generation is cancelled."""
+    finished = False
+    try:
+        async for update in events:
+            yield update
+        finished = True
+    finally:
+        if not finished:
+            events.cancel()
 
 
 def build_app(options: RayServeOptions) -> serve.Application:

@@ -5,6 +5,7 @@ from collections import Counter
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+FINISH_REASONS = ("stop", "length", "cancelled")  # cancelled: its client left
 
 
 class Histogram:
@@ -34,6 +35,18 @@ class Metrics:
         self.batch_rows = Histogram(BATCH_BUCKETS)
         self.engine = {"resident": 0, "hits": 0, "misses": 0, "evictions": 0}
         self.truncated = 0  # inputs cut to their adapter's token limit
+        self.generation = {"running": 0, "tokens": 0, **{reason: 0 for reason in FINISH_REASONS}}
+
+    def figures(self) -> dict:
+        """The figures a backend's engine and decoder produced, in one dict (a Ray replica reports them)."""
+        return {**self.engine, **self.generation, "truncated": self.truncated,
+                "batches": sum(self.batch_rows.counts)}
+
+    def add_up(self, figures: list[dict]) -> None:
+        """Take the sums of several backends' `figures` (an ingress in front of replicas)."""
+        self.engine = {key: sum(f[key] for f in figures) for key in self.engine}
+        self.generation = {key: sum(f[key] for f in figures) for key in self.generation}
+        self.truncated = sum(f["truncated"] for f in figures)
 
     def record(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests[endpoint, status] += 1
@@ -57,6 +70,12 @@ class Metrics:
         for name in ("hits", "misses", "evictions"):
             out += family(f"adapterlab_cache_{name}_total", "counter", f"Engine adapter cache {name}.",
                           [f" {self.engine[name]}"])
+        out += family("adapterlab_generations_running", "gauge", "Generated rows in the decoder or waiting for it.",
+                      [f" {self.generation['running']}"])
+        out += family("adapterlab_generated_tokens_total", "counter", "Tokens the decoder chose (one per row a step).",
+                      [f" {self.generation['tokens']}"])
+        out += family("adapterlab_generations_total", "counter", "Generated rows by how they ended.",
+                      [f'{{finish_reason="{reason}"}} {self.generation[reason]}' for reason in FINISH_REASONS])
         return "\n".join(out) + "\n"
 
 

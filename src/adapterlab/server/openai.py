@@ -8,22 +8,23 @@ import asyncio
 import json
 import time
 import uuid
-from pathlib import Path
-from typing import AsyncIterator, Literal
+from contextlib import aclosing
+from typing import AsyncGenerator, AsyncIterator, Literal
 
-from fastapi import APIRouter, Depends, Request as HttpRequest
+from fastapi import APIRouter, Request as HttpRequest
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapterlab.engine import GenerationRequest
 from adapterlab.generation import Sampling
+from adapterlab.server.backend import Backend, Update
 from adapterlab.server.bodies import BatchRow
+from adapterlab.server.disconnects import CLIENT_CLOSED_REQUEST, unless_client_leaves
 from adapterlab.server.errors import ApiError
-from adapterlab.server.worker import Server, Update
-from adapterlab.store import adapter_folders, read_card
+from adapterlab.server.routes import BackendDep
+from adapterlab.store import AdapterCard, adapter_folders
 
 PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before its answer (nobody reads it)
 
 
 class _Body(BaseModel):
@@ -55,36 +56,29 @@ class ChatBody(_Body):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
-def _server(request: HttpRequest) -> Server:
-    return request.app.state.server
-
-
 router = APIRouter()
 
 
 @router.get("/v1/models")
-async def models(server: Server = Depends(_server)) -> dict:
-    return await asyncio.to_thread(model_list, server.engine.backbone.name, server.store)
-
-
-@router.post("/v1/completions")
-async def completions(body: CompletionBody, request: HttpRequest, server: Server = Depends(_server)):
-    return respond(await answer(server, body, gone=request.is_disconnected))
-
-
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatBody, request: HttpRequest, server: Server = Depends(_server)):
-    return respond(await answer(server, body, gone=request.is_disconnected))
-
-
-def model_list(backbone: str, store: Path) -> dict:
+async def models(backend: BackendDep) -> dict:
     """The backbone and every adapter of the store, as OpenAI models."""
+    backbone = await backend.backbone()
     entries = [{"id": backbone, "object": "model", "created": 0, "owned_by": "adapterlab", "root": backbone,
                 "parent": None}]
-    for folder in adapter_folders(store):
+    for folder in await asyncio.to_thread(adapter_folders, backend.store):
         entries.append({"id": f"{folder.parent.name}/{folder.name}", "object": "model", "created": 0,
                         "owned_by": "adapterlab", "root": backbone, "parent": backbone})
     return {"object": "list", "data": entries}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionBody, request: HttpRequest, backend: BackendDep):
+    return respond(await unless_client_leaves(request, answer(backend, body)))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatBody, request: HttpRequest, backend: BackendDep):
+    return respond(await unless_client_leaves(request, answer(backend, body)))
 
 
 def respond(result: dict | AsyncIterator[str] | None) -> Response | dict:
@@ -96,82 +90,79 @@ def respond(result: dict | AsyncIterator[str] | None) -> Response | dict:
     return StreamingResponse(result, media_type="text/event-stream")
 
 
-async def answer(server: Server, body: "CompletionBody | ChatBody", gone=None) -> dict | AsyncIterator[str] | None:
+async def answer(backend: Backend, body: "CompletionBody | ChatBody") -> dict | AsyncIterator[str]:
     """A completion (`CompletionBody`) or chat completion (`ChatBody`): the JSON answer, or with
-    `stream` its server-sent events (the rows queued already); None when `gone()` says the client left
-    before a non-streamed answer was written (see `Server.generate`)."""
+    `stream` its server-sent events (the rows queued already)."""
     prompt = body.prompt if isinstance(body, CompletionBody) else None
     messages = None if prompt is not None else [message.model_dump() for message in body.messages]
     kind = "text_completion" if prompt is not None else "chat.completion"
-    server.check_size(body.n, prompt, *(m["content"] for m in messages or ()))
-    folder = await model_folder(server, body.model)
-    card = read_card(folder) if folder is not None else None
+    settings = backend.settings
+    settings.check_size(body.n, prompt, *(m["content"] for m in messages or ()))
+    adapter, card = await model_adapter(backend, body.model)
     meta = {"id": f"{'chatcmpl' if messages else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
             "model": body.model}
+    usage = bool((body.stream_options or {}).get("include_usage"))
     if card is not None and card.kind == "classify":
-        return await _label_as_text(server, body, kind, meta, prompt if prompt is not None else messages[-1]["content"])
+        text = prompt if prompt is not None else messages[-1]["content"]
+        finals = await _label_as_text(backend, adapter, body.n, text)
+        return _events(_replayed(finals), body.n, kind, meta, usage, 0) if body.stream else _whole(kind, meta, finals)
     limit = body.max_completion_tokens if isinstance(body, ChatBody) and body.max_completion_tokens else body.max_tokens
-    max_tokens = limit or (16 if prompt is not None else server.settings.max_new_tokens)
-    if max_tokens > server.settings.max_new_tokens:
-        raise ApiError(400, f"max_tokens {max_tokens}: this server writes at most {server.settings.max_new_tokens}")
+    max_tokens = limit or (16 if prompt is not None else settings.max_new_tokens)
+    if max_tokens > settings.max_new_tokens:
+        raise ApiError(400, f"max_tokens {max_tokens}: this server writes at most {settings.max_new_tokens}")
     stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    requests = [GenerationRequest(folder and str(folder), prompt, messages, Sampling(
+    requests = [GenerationRequest(adapter, prompt, messages, Sampling(
         max_tokens, body.temperature, body.top_p, None if body.seed is None else body.seed + i, stops))
         for i in range(body.n)]
     if body.stream:
-        updates = await server.submit(requests)
-        usage = bool((body.stream_options or {}).get("include_usage"))
         holdback = max(map(len, stops), default=1) - 1  # a stop string's start is not sent before it is decided
-        return _events(server, updates, body.n, kind, meta, usage, holdback)
-    finals = await server.generate(requests, gone)
-    if finals is None:
-        return None
-    return {**meta, "object": kind, "choices": [_choice(kind, update) for update in finals], "usage": _usage(finals)}
+        return _events(await backend.stream(requests), body.n, kind, meta, usage, holdback)
+    return _whole(kind, meta, await backend.generate(requests))
 
 
-async def model_folder(server: Server, model: str) -> Path | None:
-    """None for the backbone, else the adapter's folder (404 in OpenAI's words when there is none)."""
-    if model == server.engine.backbone.name:
-        return None
-    if model.count("/") != 1 or not (server.adapter_folder(model) / "card.json").is_file():
-        raise ApiError(404, f"The model '{model}' does not exist: name the backbone "
-                            f"({server.engine.backbone.name!r}) or an adapter TASK/NAME (GET /v1/models)")
-    folder = server.adapter_folder(model)
-    await asyncio.to_thread(server.checked_card, folder)
-    return folder
+async def model_adapter(backend: Backend, model: str) -> tuple[str | None, AdapterCard | None]:
+    """(None, None) for the backbone, else (the adapter, its card); 404 in OpenAI's words when there is none.
+    The one place that decides what `model` names."""
+    backbone = await backend.backbone()
+    if model == backbone:
+        return None, None
+    missing = ApiError(404, f"The model '{model}' does not exist: name the backbone ({backbone!r}) or an adapter "
+                            "TASK/NAME (GET /v1/models)")
+    if model.count("/") != 1:
+        raise missing
+    try:
+        return model, await backend.card(model)
+    except ApiError as error:
+        if error.status == 404:
+            raise missing from None
+        raise
 
 
-async def _label_as_text(server: Server, body: _Body, kind: str, meta: dict, text: str):
+async def _label_as_text(backend: Backend, adapter: str, n: int, text: str) -> list[Update]:
     """A classification adapter's answer: its label, as every choice's whole text."""
-    [prediction] = await server.classify([BatchRow(adapter=body.model, text=text)])
-    tokenizer = server.engine.backbone.tokenizer
-    update = Update(0, prediction.label, "stop", len(tokenizer(text).input_ids), len(tokenizer(prediction.label).input_ids))
-    finals = [Update(i, update.text, "stop", update.prompt_tokens, update.completion_tokens) for i in range(body.n)]
-    if body.stream:
-        async def replay() -> AsyncIterator[str]:
-            for final in finals:
-                yield _event({**meta, "object": f"{kind}.chunk" if kind == "chat.completion" else kind,
-                              "choices": [_delta(kind, final.index, final.text, "stop")]})
-            yield "data: [DONE]\n\n"
-        return replay()
-    return {**meta, "object": kind, "choices": [_choice(kind, final) for final in finals], "usage": _usage(finals)}
+    [prediction] = await backend.classify([BatchRow(adapter=adapter, text=text)])
+    prompt_tokens, label_tokens = await backend.count_tokens([text, prediction.label])
+    return [Update(i, prediction.label, "stop", prompt_tokens, label_tokens) for i in range(n)]
 
 
-async def _events(server: Server, updates: asyncio.Queue, n: int, kind: str, meta: dict, usage: bool,
+async def _replayed(finals: list[Update]) -> AsyncGenerator[Update, None]:
+    for final in finals:
+        yield final
+
+
+async def _events(updates: AsyncGenerator[Update, None], n: int, kind: str, meta: dict, usage: bool,
                   holdback: int) -> AsyncIterator[str]:
     """Server-sent events: each choice's new text as it comes (the last `holdback` characters kept
-    until they cannot be a stop string's start), its finish reason, then [DONE]."""
+    until they cannot be a stop string's start), its finish reason, then [DONE]. Leaving early (the
+    client went away) closes `updates`, which cancels their rows."""
     chunk = f"{kind}.chunk" if kind == "chat.completion" else kind
     sent, finals = [0] * n, [None] * n
-    try:
+    async with aclosing(updates):
         if kind == "chat.completion":
             for index in range(n):
                 yield _event({**meta, "object": chunk, "choices": [
                     {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-        while None in finals:
-            update = await updates.get()
-            if isinstance(update, Exception):
-                raise update
+        async for update in updates:
             text = update.text
             end = len(text) if update.finish_reason else max(sent[update.index], len(text) - holdback)
             new = text[sent[update.index]:end]
@@ -180,12 +171,13 @@ async def _events(server: Server, updates: asyncio.Queue, n: int, kind: str, met
                 yield _event({**meta, "object": chunk, "choices": [_delta(kind, update.index, new, update.finish_reason)]})
             if update.finish_reason:
                 finals[update.index] = update
-        if usage:
-            yield _event({**meta, "object": chunk, "choices": [], "usage": _usage(finals)})
-        yield "data: [DONE]\n\n"
-    finally:
-        if None in finals:  # the client went away: its rows leave the batch
-            await server.cancel(updates)
+    if usage:
+        yield _event({**meta, "object": chunk, "choices": [], "usage": _usage(finals)})
+    yield "data: [DONE]\n\n"
+
+
+def _whole(kind: str, meta: dict, finals: list[Update]) -> dict:
+    return {**meta, "object": kind, "choices": [_choice(kind, final) for final in finals], "usage": _usage(finals)}
 
 
 def _choice(kind: str, update: Update) -> dict:

@@ -1,6 +1,8 @@
-"""Batching and limits of the server (`Settings`)."""
+"""Batching and limits of the server (`Settings`), and the check of a request's size."""
 
 from dataclasses import dataclass
+
+from adapterlab.server.errors import ApiError
 
 
 @dataclass
@@ -26,3 +28,11 @@ class Settings:
     allow_admin_without_token: bool = False
     device: str = "auto"  # where the backbone runs (precision.resolve_device)
     dtype: str = "auto"  # its dtype: auto is bfloat16 where the device computes it natively, else float32
+
+    def check_size(self, count: int, *texts: str | None) -> None:
+        """413 for more inputs than max_inputs, or a text longer than max_chars."""
+        if count > self.max_inputs:
+            raise ApiError(413, f"{count} inputs in one request; the limit is {self.max_inputs}")
+        longest = max((len(text) for text in texts if text is not None), default=0)
+        if longest > self.max_chars:
+            raise ApiError(413, f"an input holds {longest:,} characters; the limit is {self.max_chars:,}")

@@ -13,17 +13,17 @@ adapters it resolved and the next batch sees the change.
 import asyncio
 import shutil
 import tempfile
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, BinaryIO, Callable
+from typing import AsyncGenerator, BinaryIO, Callable
 
 from adapterlab.engine import Engine, GenerationRequest, Prediction, Request
 from adapterlab.generation import Decoder, Sequence
 from adapterlab.errors import AdapterlabError
 from adapterlab.names import name_problem
+from adapterlab.server.backend import Update
 from adapterlab.server.bodies import BatchRow
 from adapterlab.server.errors import ApiError
 from adapterlab.server.metrics import Metrics
@@ -31,9 +31,6 @@ from adapterlab.server.settings import Settings
 from adapterlab.server.uploads import unpack
 from adapterlab.store import (AdapterCard, BackboneMismatch, StoreError, list_adapters, read_card, swap_into_place,
                               verify)
-
-
-DISCONNECT_POLL_SECONDS = 0.25  # how often a waiting non-streamed generation checks that its client is there
 
 
 @dataclass
@@ -49,7 +46,7 @@ class Job:
 
 
 class Server:
-    """The engine, its worker thread and the batcher; the routes in app.py call it."""
+    """The engine, its worker thread, the batcher and the decoder; `LocalBackend` calls it."""
 
     def __init__(self, store: str | Path, backbone: str | None = None, settings: Settings | None = None):
         self.store = Path(store).resolve()
@@ -87,17 +84,9 @@ class Server:
             raise ApiError(400, f"adapter {name!r}: name adapters TASK/NAME; each part {name_problem('')}")
         return self.store / parts[0] / parts[1]
 
-    def check_size(self, count: int, *texts: str | None) -> None:
-        if count > self.settings.max_inputs:
-            raise ApiError(413, f"{count} inputs in one request; the limit is {self.settings.max_inputs}")
-        longest = max((len(text) for text in texts if text is not None), default=0)
-        if longest > self.settings.max_chars:
-            raise ApiError(413, f"an input holds {longest:,} characters; the limit is {self.settings.max_chars:,}")
-
     # --- classification --------------------------------------------------------------------------
     async def classify(self, rows: list[BatchRow]) -> list[Prediction]:
         """Answers for rows (each with its own adapter, or zero-shot labels), through the batcher."""
-        self.check_size(len(rows), *(text for row in rows for text in (row.text, row.text_pair, *(row.labels or ()))))
         requests = [self._engine_request(row) for row in rows]
         if self.queued_rows and self.queued_rows + len(requests) > self.settings.max_queued_rows:
             raise ApiError(503, f"the server is busy: {self.queued_rows} rows wait for the engine (limit "
@@ -201,7 +190,8 @@ class Server:
         return message.replace(f"{self.store}/", "")
 
     def checked_card(self, folder: Path, name: str | None = None) -> AdapterCard:
-        """The card of a complete adapter for this backbone: 404, 400 or 409 otherwise."""
+        """The card of a complete adapter: 404, 422 or 400 otherwise. Whether it fits the served backbone is
+        the store's check, made as the engine loads it (409)."""
         name = name or _name(folder)
         if not (folder / "card.json").is_file():
             raise ApiError(404, f"no adapter {name!r} in the store")
@@ -211,10 +201,6 @@ class Server:
         card = read_card(folder)
         if name_problem(card.task) or name_problem(card.name):
             raise ApiError(400, f"adapter {name!r}: its card's task and name must be plain names")
-        if card.backbone_fingerprint != self.engine.backbone.fingerprint:
-            raise ApiError(409, f"adapter {name!r} was trained on backbone {card.backbone!r} "
-                                f"({card.backbone_fingerprint[:19]}…), not on the served backbone "
-                                f"{self.engine.backbone.name!r} ({self.engine.backbone.fingerprint[:19]}…)")
         return card
 
     def _publish_engine_figures(self) -> None:
@@ -255,17 +241,25 @@ class Server:
             swap_into_place(staging, target)
         self.engine.unload(str(target))  # a replaced adapter must not answer from the cache
         try:
-            self.engine.servable(str(target))
-        except AdapterlabError as error:
+            self.load(target)
+        except ApiError:
             if staging is not None:
                 if staging.exists():
                     swap_into_place(staging, target)
                 else:
                     target.rename(staging)
+            raise
+        return read_card(target)
+
+    def load(self, folder: Path) -> None:
+        """On the worker: an adapter ready to serve (the store's checks: 409 for one of another backbone,
+        422 or 400 for one that cannot be served)."""
+        try:
+            self.engine.servable(str(folder))
+        except AdapterlabError as error:
             raise ApiError(_status(error), self._scrub(str(error))) from None
         finally:
             self._publish_engine_figures()
-        return read_card(target)
 
     def remove(self, folder: Path) -> None:
         """On the worker, so after every batch already submitted: unload, then delete atomically
@@ -278,9 +272,10 @@ class Server:
         self._publish_engine_figures()
 
     # --- generation ------------------------------------------------------------------------------
-    async def submit(self, requests: list[GenerationRequest]) -> asyncio.Queue:
-        """Queue requests for the decoder (at most max_queued_generations waiting or running: 503
-        beyond); their `Update`s arrive on the returned queue as they advance, a step at a time."""
+    async def stream(self, requests: list[GenerationRequest]) -> AsyncGenerator[Update, None]:
+        """Queue requests for the decoder (at most max_queued_generations waiting or running: 503 beyond;
+        refusals are raised here), then their `Update`s as they advance, a step at a time. Closing the
+        iterator before every request has finished (its client left) cancels the rest."""
         if self.engine.backbone.kind != "decoder":
             raise ApiError(400, f"generation needs an LLM backbone; {self.engine.backbone.name!r} is an encoder")
         limit = self.settings.max_queued_generations
@@ -294,36 +289,29 @@ class Server:
         updates: asyncio.Queue = asyncio.Queue()
         for index, sequence in enumerate(sequences):
             self.listeners[sequence] = (updates, index)
+        self._note_running()
         self.wakeup.set()
-        return updates
+        return self._relay(updates, len(requests))
 
-    async def generate(self, requests: list[GenerationRequest],
-                       gone: Callable[[], Awaitable[bool]] | None = None) -> list["Update"] | None:
-        """Each request's final update (its whole text), once every one has finished; None when `gone()`
-        (asked every DISCONNECT_POLL_SECONDS) says the client left first: its rows are cancelled rather
-        than decoded to their end for nobody."""
-        updates = await self.submit(requests)
-        final: list[Update | None] = [None] * len(requests)
-        asked = time.monotonic()
+    async def _relay(self, updates: asyncio.Queue, count: int) -> AsyncGenerator[Update, None]:
+        finished = 0
         try:
-            while None in final:
-                try:  # updates come every decode step; the client is asked at most every poll
-                    update = await asyncio.wait_for(updates.get(), DISCONNECT_POLL_SECONDS if gone else None)
-                except asyncio.TimeoutError:
-                    update = None
-                if gone and time.monotonic() - asked >= DISCONNECT_POLL_SECONDS:
-                    asked = time.monotonic()
-                    if await gone():
-                        await self.cancel(updates)
-                        return None
+            while finished < count:
+                update = await updates.get()
                 if isinstance(update, Exception):
                     raise update
-                if update is not None and update.finish_reason:
-                    final[update.index] = update
-        except asyncio.CancelledError:  # the server is stopping under the request
-            await self.cancel(updates)
-            raise
-        return final
+                finished += bool(update.finish_reason)
+                yield update
+        finally:
+            if finished < count:
+                self._cancel(updates)
+
+    async def generate(self, requests: list[GenerationRequest]) -> list[Update]:
+        """Each request's final update (its whole text), once every one has finished. Cancelling the
+        awaiting task (a client that left, a server stopping) cancels its rows rather than decoding them
+        to their end for nobody."""
+        return sorted([update async for update in await self.stream(requests) if update.finish_reason],
+                      key=lambda update: update.index)
 
     def _admit(self, requests: list[GenerationRequest]) -> list[Sequence]:
         """On the worker: every request checked and made a sequence before any joins the decoder."""
@@ -332,12 +320,14 @@ class Server:
             self.decoder.add(sequence)
         return sequences
 
-    async def cancel(self, updates: asyncio.Queue) -> None:
-        """Stop generating for a client that went away: its rows leave at the next step."""
+    def _cancel(self, updates: asyncio.Queue) -> None:
+        """Stop generating for a client that went away: the worker marks its rows between steps, and they
+        leave at the next. Nothing to await: a task being cancelled (over and over, by anyio) calls this."""
         gone = [sequence for sequence, (queue, _) in self.listeners.items() if queue is updates]
         for sequence in gone:
             del self.listeners[sequence]
-        await self.on_worker(_cancel, gone)
+        self.metrics.generation["cancelled"] += len(gone)
+        self.worker.submit(_cancel, gone)
 
     async def _generation_loop(self) -> None:
         """Decode steps on the worker while rows wait or run; classification batches queue between them
@@ -354,25 +344,24 @@ class Server:
                         queue.put_nowait(error)
                     self.listeners.clear()
                     break
+                finally:
+                    self._note_running()
+                self.metrics.generation["tokens"] += len(advanced)
                 for sequence in advanced:
-                    if sequence not in self.listeners:
-                        continue
-                    queue, index = self.listeners[sequence]
-                    queue.put_nowait(Update(index, sequence.text, sequence.finish_reason, len(sequence.prompt_ids),
-                                            len(sequence.token_ids)))
-                    if sequence.done:
-                        del self.listeners[sequence]
+                    if sequence in self.listeners:
+                        self._publish(sequence)
 
+    def _publish(self, sequence: Sequence) -> None:
+        """A sequence's progress to its request's listener."""
+        queue, index = self.listeners[sequence]
+        queue.put_nowait(Update(index, sequence.text, sequence.finish_reason, len(sequence.prompt_ids),
+                                len(sequence.token_ids)))
+        if sequence.done:
+            del self.listeners[sequence]
+            self.metrics.generation[sequence.finish_reason] += 1
 
-@dataclass(frozen=True)
-class Update:
-    """A request's text so far, as one decode step left it."""
-
-    index: int  # which of the submitted requests
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
+    def _note_running(self) -> None:
+        self.metrics.generation["running"] = len(self.decoder.active) + len(self.decoder.waiting)
 
 
 def _cancel(sequences: list[Sequence]) -> None:
