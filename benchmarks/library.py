@@ -1,9 +1,9 @@
 """The adapter library, measured leave-one-out: what starting from stored adapters gives a task they never saw.
 
 1. The library: recipes/library-minilm.yaml (the recommended recipe's method and head, a dataset's whole train
-   split, 500 steps) once per shared dataset, into OUT/library/<dataset>/library.
+   split, 500 steps) once per shared dataset, into WORK/library/<dataset>/library.
 2. For each target dataset × seed at k rows a class, a store that holds the other datasets' library adapters
-   only (never the target's: OUT/stores/<target>/, links into the library), and the recommended recipe
+   only (never the target's: WORK/stores/<target>/, links into the library), and the recommended recipe
    (recipes/sst2-lora-minilm-tied.yaml) trained on the target's k-shot rows:
    - scratch: as written (a fresh adapter);
    - auto: `training.init_from: auto` (the k-shot rows choose a source or none); its seconds count the
@@ -50,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--test-limit", type=int, default=1000)
     parser.add_argument("--library-only", action="store_true", help="train the library adapters and stop")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "library")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "library", help="cells and report")
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "adapterlab" / "library-benchmark",
+                        help="the library and the leave-one-out stores (adapters, not committed)")
     return parser.parse_args(argv)
 
 
@@ -81,9 +83,9 @@ def target_store(out: Path, target: str) -> Path:
     return store
 
 
-def run_cell(out: Path, target: str, seed: int, method: str, args) -> dict:
+def run_cell(work: Path, target: str, seed: int, method: str, args) -> dict:
     """One trained cell: its test metrics and seconds (auto: counting the choice), what auto chose."""
-    store = target_store(out, target)
+    store = target_store(work, target)
     settings = [*data_settings(target), f"data.k={args.k}", f"data.seed={seed}", f"training.seed={seed}",
                 f"data.test_limit={args.test_limit}", f"output.store={store}"]
     if method == "oracle":
@@ -177,7 +179,7 @@ def markdown(result: dict, cpu: str, when: str, head: str) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    build_library(args.out)
+    build_library(args.work)
     if args.library_only:
         return {}
     cells_file = args.out / "cells.jsonl"
@@ -190,7 +192,7 @@ def main(argv=None) -> dict:
                     continue
                 started = time.strftime("%Y-%m-%d")
                 row = {"dataset": dataset, "seed": seed, "method": method, "k": args.k,
-                       **run_cell(args.out, dataset, seed, method, args), **cell_cpu(cpu), "date": started,
+                       **run_cell(args.work, dataset, seed, method, args), **cell_cpu(cpu), "date": started,
                        "commit": commit()}
                 append_jsonl(cells_file, row)
                 print(f"{dataset} s{seed} {method}: {row['accuracy']:.3f} in {row['seconds']:.0f}s"

@@ -291,19 +291,20 @@ def choose_source(recipe: Recipe, task: TaskData, accelerator: Accelerator, show
     fresh = recipe.with_settings({"training.init_from": None, "training.select": None})
     found = candidates(recipe, fingerprint(resolve_path(recipe.backbone)))
     model = new_model(fresh, task, accelerator)
-    zero_shot = len(right_rows(model, task.train, fresh)) / len(task.train)
+    zero_shot = len(right_rows(model, task.train, fresh))
     backbone = model.release_backbone()
-    scored = []
+    scored, right = [], []
     for source in tqdm(found, desc=f"library {recipe.task}", disable=not (show_progress and accelerator.is_main_process)):
         trial = fresh.with_settings({"training.init_from": source.reference})
         model = new_model(trial, task, accelerator, backbone)
-        accuracy = len(right_rows(model, task.train, trial)) / len(task.train)
+        right.append(len(right_rows(model, task.train, trial)))
         backbone = model.release_backbone()
-        scored.append({"adapter": source.reference, "start_accuracy": round(accuracy, 4),
+        scored.append({"adapter": source.reference, "start_accuracy": round(right[-1] / len(task.train), 4),
                        "labels_matched": label_map(task.label_names, source.card.labels) is not None})
-    above = sorted((c for c in scored if c["start_accuracy"] > zero_shot), key=lambda c: -c["start_accuracy"])
-    tried = [c["adapter"] for c in above[:recipe.training.init_candidates]]
+    above = sorted((i for i in range(len(scored)) if right[i] > zero_shot), key=lambda i: -right[i])  # stable: store order
+    tried = [scored[i]["adapter"] for i in above[:recipe.training.init_candidates]]
     if accelerator.is_main_process:
         log.info("library: %d candidates, %d start above the zero-shot classifier (%.3f on the k-shot rows); "
-                 "cross-validating %s", len(scored), len(above), zero_shot, ["none", *tried] if tried else "none")
-    return SourceChoice(zero_shot, scored, tried, time.perf_counter() - started)
+                 "cross-validating %s", len(scored), len(above), zero_shot / len(task.train),
+                 ["none", *tried] if tried else "none")
+    return SourceChoice(zero_shot / len(task.train), scored, tried, time.perf_counter() - started)
