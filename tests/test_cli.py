@@ -198,8 +198,8 @@ def test_a_missing_store_is_one_line_before_anything_loads(tmp_path, args):
     missing = tmp_path / "nowhere"
     done, imported = run_checked(tmp_path, *args, "--store", missing)
     assert done.returncode == 2, done.stderr
-    assert done.stderr == f"error: no adapter store at {missing} (not found): expected a folder of TASK/NAME " \
-                          "adapter folders, as `adapterlab train` writes them\n"
+    assert done.stderr.startswith(f"error: no adapter store at {missing} (not found)") \
+        and done.stderr.count("\n") == 1, done.stderr
     assert not set(imported) & {"torch", "transformers", "fastapi"}, imported
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from adapterlab import __version__
 from adapterlab.errors import AdapterlabError
@@ -223,7 +223,8 @@ def adapters_list(store: Path = STORE, json_out: bool = JSON):
              "labels": c.labels, "metrics": c.metrics, "adapter_bytes": c.adapter_bytes,
              "members": len(c.members) if c.members is not None else None} for c in cards]})
         return
-    table = Table("task/name", "method", "backbone", "k", "labels", "test score", "bytes")
+    # the name is what the other commands take: whole, whatever the terminal's width
+    table = Table(Column("task/name", no_wrap=True), "method", "backbone", "k", "labels", "test score", "bytes")
     for c in cards:
         score = (f"accuracy {c.metrics['accuracy']:.3f}" if "accuracy" in c.metrics
                  else f"BLEU {c.metrics['bleu']:.1f}" if "bleu" in c.metrics else "-")
@@ -510,11 +511,10 @@ def serve(store: Path = STORE,
                                                              "adapters each replica keeps loaded (default 64)."),
           address: Optional[str] = RAY_ADDRESS):
     """Serve the store's adapters over HTTP with dynamic batching (OpenAPI at /docs)."""
-    if backbone is None:  # the store's cards name it
-        from adapterlab.cards import check_store
-
-        check_store(store)
-    else:
+    if backbone is None and not store.is_dir():  # the store's cards would name the backbone
+        raise AdapterlabError(f"no adapter store at {store.resolve()} (not found), so it holds no adapters to take "
+                              "the backbone from: name one with --backbone (the server creates the store)")
+    if backbone is not None:
         from adapterlab.backbones import check_backbone
 
         check_backbone(backbone)
