@@ -199,7 +199,6 @@ def predict(args: Optional[list[str]] = typer.Argument(None, help="[ADAPTER] TEX
             store: Path = STORE, json_out: bool = JSON, device: str = DEVICE, dtype: str = DTYPE):
     """Label texts with stored adapters; --batch serves many adapters in mixed batches."""
     from adapterlab.answers import prediction_json
-    from adapterlab.engine import check_label_map, relabel
 
     if batch is not None:
         from adapterlab.engine import read_requests
@@ -225,6 +224,8 @@ def predict(args: Optional[list[str]] = typer.Argument(None, help="[ADAPTER] TEX
     engine = _engine_for(adapter, store, device, dtype)
     predictions = engine.predict(adapter, texts)
     if label_map is not None:
+        from adapterlab.engine import check_label_map, relabel
+
         mapping = _label_map(label_map)
         check_label_map(engine.card(adapter).labels, mapping)
         predictions = [relabel(prediction, mapping) for prediction in predictions]
