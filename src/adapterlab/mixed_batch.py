@@ -77,10 +77,11 @@ def _head_probabilities(backbone: Backbone, rows: list[Row], feats: Features) ->
         groups.setdefault(row.servable, []).append(i)
     index = upload(torch.tensor([i for members in groups.values() for i in members]), backbone.device)
     width = max(len(servable.labels) for servable in groups)
-    probabilities = torch.zeros(len(rows), width, device=feats.attention_mask.device)
+    logits = []  # each group's, its missing labels at -inf: one softmax for all gives each row its own
     for servable, picked in zip(groups, index.split([len(members) for members in groups.values()])):
-        logits = servable.head(_select(feats, picked)).float()
-        probabilities.index_copy_(0, picked, nn.functional.pad(logits.softmax(-1), (0, width - logits.shape[1])))
+        scores = servable.head(_select(feats, picked)).float()
+        logits.append(nn.functional.pad(scores, (0, width - scores.shape[1]), value=float("-inf")))
+    probabilities = torch.empty(len(rows), width, device=index.device).index_copy_(0, index, torch.cat(logits).softmax(-1))
     values = probabilities.tolist()  # the batch's one wait for the device
     return [values[i][:len(row.servable.labels)] for i, row in enumerate(rows)]
 
