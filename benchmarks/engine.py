@@ -4,7 +4,7 @@ per task, and resident memory (host, and on a GPU the device's). Random LoRA wei
 query/value of MiniLM): fine for speed and memory, meaningless for accuracy.
 
     .venv/bin/python benchmarks/engine.py [--adapters 1000] [--rows 64] [--phases throughput,memory]
-        [--store DIR] [--device auto] [--dtype auto]
+        [--store DIR] [--device auto] [--dtype auto] [--threads N]
 
 `--store DIR` keeps the random adapters there (made once, reused by later runs): runs of two source
 trees (PYTHONPATH) then time the same adapters side by side.
@@ -51,19 +51,26 @@ def requests_of(refs: list[str], rows: int) -> tuple[list[Request], list[Request
 
 
 def throughput(engine: Engine, refs: list[str], rows: int, pairs: int = 7) -> dict:
-    """Mixed-batch and one-adapter rows/s, timed in turn (`pairs` times each, after a warm-up of each), so
-    that a load that drifts on a shared machine weighs on both alike; the medians."""
+    """Mixed-batch and one-adapter rows per second of wall time and of this process's CPU time, timed in
+    turn (`pairs` times each, after a warm-up of each), so that a load that drifts on a shared machine
+    weighs on both alike; the medians. With one torch thread the CPU time is the work done, whatever
+    else runs (at two threads, on a loaded machine, it counts the threads' spinning too)."""
     mixed, single = requests_of(refs, rows)
-    seconds: dict[str, list[float]] = {"mixed": [], "one": []}
+    seconds: dict[tuple[str, str], list[float]] = {}
     for _ in range(pairs + 1):
         for name, requests in (("mixed", mixed), ("one", single)):
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             engine.predict_batch(requests)
             _synchronize()
-            seconds[name].append(time.perf_counter() - started)
-    many, one = (rows / statistics.median(seconds[name][1:]) for name in ("mixed", "one"))
-    return {"rows": rows, "mixed_batch_rows_per_s": round(many, 1), "one_adapter_rows_per_s": round(one, 1),
-            "ratio_mixed_vs_one_adapter": round(many / one, 3)}
+            seconds.setdefault((name, "wall"), []).append(time.perf_counter() - started)
+            seconds.setdefault((name, "cpu"), []).append(time.process_time() - cpu)
+    speed = {key: rows / statistics.median(samples[1:]) for key, samples in seconds.items()}
+    return {"rows": rows, "mixed_batch_rows_per_s": round(speed["mixed", "wall"], 1),
+            "one_adapter_rows_per_s": round(speed["one", "wall"], 1),
+            "ratio_mixed_vs_one_adapter": round(speed["mixed", "wall"] / speed["one", "wall"], 3),
+            "mixed_batch_rows_per_cpu_s": round(speed["mixed", "cpu"], 1),
+            "one_adapter_rows_per_cpu_s": round(speed["one", "cpu"], 1),
+            "ratio_mixed_vs_one_adapter_in_cpu_time": round(speed["mixed", "cpu"] / speed["one", "cpu"], 3)}
 
 
 def baselines(engine: Engine, refs: list[str], rows: int, store: Path) -> dict:
@@ -172,7 +179,10 @@ def main() -> None:
     parser.add_argument("--store", type=Path, help="Keep (and reuse) the random adapters here.")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.store is not None:
         print(json.dumps(run(args.store, args)))
         return

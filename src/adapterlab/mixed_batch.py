@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from adapterlab.adapter_slots import AdapterSlots, upload
 from adapterlab.backbones import Backbone, Features, features, tokenize
+from adapterlab.heads import ClassifierHead, LabelWordHead, pool
 from adapterlab.methods.base import AdapterWeights
 from adapterlab.prompts import PromptSettings
 
@@ -70,20 +72,55 @@ def _forward_rows(backbone: Backbone, slots: AdapterSlots, rows: list[Row]) -> t
 
 
 def _head_probabilities(backbone: Backbone, rows: list[Row], feats: Features) -> list[list[float]]:
-    """Each row's label probabilities from its own head: the rows of each head together, all answers
-    gathered on the device and copied to the host at once."""
-    groups: dict[Servable, list[int]] = {}
+    """Each row's label probabilities from its own head. Heads that compute alike (classifiers of one
+    pooling and scale, label-word heads) answer together: their weights padded into one table, a row
+    reading its head's by index, a few operations for a whole group whatever its number of heads. All
+    answers are gathered on the device and copied to the host at once."""
+    groups: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
-        groups.setdefault(row.servable, []).append(i)
-    index = upload(torch.tensor([i for members in groups.values() for i in members]), backbone.device)
-    width = max(len(servable.labels) for servable in groups)
-    logits = []  # each group's, its missing labels at -inf: one softmax for all gives each row its own
-    for servable, picked in zip(groups, index.split([len(members) for members in groups.values()])):
-        scores = servable.head(_select(feats, picked)).float()
-        logits.append(nn.functional.pad(scores, (0, width - scores.shape[1]), value=float("-inf")))
+        groups.setdefault(_head_kind(row.servable.head), []).append(i)
+    positions = [{head: n for n, head in enumerate(dict.fromkeys(rows[i].servable.head for i in members))}
+                 for members in groups.values()]  # each group's heads, numbered in first-seen order
+    heads = [list(numbered) for numbered in positions]
+    which = [numbered[rows[i].servable.head] for numbered, members in zip(positions, groups.values()) for i in members]
+    order = [i for members in groups.values() for i in members]
+    index, which = upload(torch.tensor(order + which), backbone.device).split(len(rows))
+    width = max(len(row.servable.labels) for row in rows)
+    sizes = [len(members) for members in groups.values()]
+    scores = [_group_scores(kind, group_heads, _select(feats, picked), chosen)
+              for kind, group_heads, picked, chosen in zip(groups, heads, index.split(sizes), which.split(sizes))]
+    logits = [nn.functional.pad(group, (0, width - group.shape[1]), value=float("-inf")) for group in scores]
     probabilities = torch.empty(len(rows), width, device=index.device).index_copy_(0, index, torch.cat(logits).softmax(-1))
     values = probabilities.tolist()  # the batch's one wait for the device
     return [values[i][:len(row.servable.labels)] for i, row in enumerate(rows)]
+
+
+def _head_kind(head: nn.Module) -> tuple:
+    """Heads of one kind compute alike and answer their rows together; any other head answers alone."""
+    if isinstance(head, ClassifierHead):
+        return "classifier", head.pooling, head.cosine_scale, head.normalize
+    if isinstance(head, LabelWordHead):
+        return ("label_words",)
+    return "own", id(head)
+
+
+def _group_scores(kind: tuple, heads: list[nn.Module], feats: Features, which: torch.Tensor) -> torch.Tensor:
+    """Label scores (rows, the group's most labels; -inf past a head's own) of rows whose heads are of
+    one kind, row r read by heads[which[r]], as each head's own forward computes them."""
+    if kind[0] == "classifier":
+        _, pooling, cosine_scale, normalize = kind
+        pooled = pool(feats, pooling)
+        weights = pad_sequence([head.linear.weight for head in heads], batch_first=True)
+        bias = pad_sequence([head.linear.bias for head in heads], batch_first=True, padding_value=float("-inf"))
+        if cosine_scale is not None:
+            pooled, weights = cosine_scale * nn.functional.normalize(pooled, dim=-1), nn.functional.normalize(weights, dim=-1)
+        elif normalize:
+            pooled = nn.functional.normalize(pooled, dim=-1)
+        return torch.bmm(weights.index_select(0, which), pooled[:, :, None]).squeeze(2) + bias.index_select(0, which)
+    if kind[0] == "label_words":
+        ids = pad_sequence([head.token_ids for head in heads], batch_first=True, padding_value=-1).index_select(0, which)
+        return feats.next_token_logits.gather(1, ids.clamp(min=0)).float().masked_fill(ids < 0, float("-inf"))
+    return heads[0](feats).float()
 
 
 def _select(feats: Features, index: torch.Tensor) -> Features:
