@@ -1,17 +1,18 @@
 """GPU check: one JSON line per phase on stdout, each phase in its own try (a failure prints its error's
-tail and the next phase runs), within --minutes (10):
+tail and the next phase runs), within --minutes (9):
 
   environment   versions, the GPU, its memory and bf16;
-  cuda_tests    the tests parametrized on a CUDA device (pytest -k cuda);
-  training      `adapterlab train` subprocesses (recipes and `--set` overrides only): MiniLM (SST-2) and
-                generative SmolLM2 (E2E) LoRA a few steps in bf16, fp16 and fp32, MiniLM prefix-tuning
-                in fp32, SmolLM2 in 4 bits;
+  templates     `adapterlab train` subprocesses (recipes and `--set` overrides only), a few steps in fp32:
+                MiniLM LoRA and prefix-tuning (SST-2), generative SmolLM2 LoRA (E2E);
   engine        --adapters random copies of the MiniLM adapters resident: device memory, cold load, a
                 mixed batch of --rows adapters against one adapter, prefixes and zero-shot rows mixed
                 (equal to each row alone), float32 against bfloat16, no NaN;
   decoder       SmolLM2 with random generative LoRA copies: tokens/s, batched rows equal each alone;
   http          `adapterlab serve` on the SmolLM2 store: --clients concurrent completion clients over
-                its adapters, and a streamed completion (its text equal to the same request unstreamed).
+                its adapters, and a streamed completion (its text equal to the same request unstreamed);
+  training      the same MiniLM and SmolLM2 LoRA cells in the other --precisions (bf16, fp16), SmolLM2 in
+                4 bits;
+  cuda_tests    the tests parametrized on a CUDA device (pytest -k cuda).
 
 Without a GPU it runs what the CPU can check and names what it skipped (the CUDA tests, fp16 and
 4-bit training). Small flags and tiny backbones check the script itself on a CPU:
@@ -58,6 +59,11 @@ def tail(text: str, characters: int = 1500) -> str:
     return text[-characters:]
 
 
+def seconds_left(made: dict, most: float) -> float:
+    """A subprocess's limit: `most`, or less so that it ends by the check's deadline."""
+    return max(1.0, min(most, made["deadline"] - time.monotonic()))
+
+
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -96,55 +102,69 @@ def cuda_tests(args, made: dict) -> dict:
     if not torch.cuda.is_available():
         raise Skipped("no CUDA GPU: the tests' cuda parameters skip themselves")
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda", "-m", "not slow", "tests"]
-    process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.test_seconds)
+    process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                             timeout=seconds_left(made, args.test_seconds))
     summary = process.stdout.strip().splitlines()[-1] if process.stdout.strip() else ""
     if process.returncode not in (0, 5):  # 5: nothing collected
         raise RuntimeError(f"pytest exited {process.returncode}: {summary}\n{tail(process.stdout)}")
     return {"summary": summary}
 
 
+def templates(args, made: dict) -> dict:
+    """The fp32 cells (MiniLM LoRA and prefix-tuning, generative SmolLM2 LoRA): the adapters that the
+    engine, decoder and http phases copy."""
+    cells = [(args.encoder, "sst2-lora-minilm.yaml"), (args.encoder, "sst2-prefix-minilm.yaml"),
+             (args.llm, "e2e-lora-smollm2.yaml")]
+    return run_cells(args, made, [(backbone, recipe, "fp32", []) for backbone, recipe in cells])
+
+
 def training(args, made: dict) -> dict:
-    """Each cell an `adapterlab train` subprocess; the fp32 runs become the later phases' templates."""
-    store = Path(made["root"]) / "trained"
-    cells = [(args.encoder, "sst2-lora-minilm.yaml", precision, []) for precision in args.precisions]
-    cells += [(args.encoder, "sst2-prefix-minilm.yaml", "fp32", [])]
-    cells += [(args.llm, "e2e-lora-smollm2.yaml", precision, []) for precision in args.precisions]
+    """The other precisions of --precisions, and SmolLM2 in 4 bits."""
+    cells = [(backbone, recipe, precision, []) for precision in args.precisions if precision != "fp32"
+             for backbone, recipe in ((args.encoder, "sst2-lora-minilm.yaml"), (args.llm, "e2e-lora-smollm2.yaml"))]
     quantized = args.quantized if args.quantized is not None else torch.cuda.is_available()
     compute = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
     if quantized:
-        cells += [(args.llm, "e2e-lora-smollm2.yaml", "fp32", ["quantization.mode=4bit",
-                                                                 f"quantization.compute_dtype={compute}"])]
+        cells.append((args.llm, "e2e-lora-smollm2.yaml", "fp32", ["quantization.mode=4bit",
+                                                                 f"quantization.compute_dtype={compute}"]))
+    figures = run_cells(args, made, cells)
+    if not quantized:
+        figures["cells"].append({"cell": "e2e-lora-smollm2-4bit", "skipped": "4-bit training is checked on a GPU "
+                                                                             "(--quantized to try it here)"})
+    return figures
+
+
+def run_cells(args, made: dict, cells: list[tuple[str, str, str, list[str]]]) -> dict:
+    """Each cell an `adapterlab train` subprocess; an fp32 one becomes a template of the later phases."""
     results, failures = [], []
     for backbone, recipe, precision, extra in cells:
-        name = f"{Path(recipe).stem}-{precision}{'-4bit' if extra else ''}"
+        name = f"{Path(recipe).stem}-{'4bit' if extra else precision}"
         if precision == "fp16" and not torch.cuda.is_available():
             results.append({"cell": name, "skipped": "fp16 autocast trains on a GPU"})
             continue
         log(f"training {name}")
-        cell = train_cell(args, backbone, recipe, precision, extra, store, name)
+        cell = train_cell(args, made, (backbone, recipe, precision, extra), name)
         results.append(cell)
         if "error" in cell:
             failures.append(name)
         elif precision == "fp32" and not extra:
-            made.setdefault(RECIPES[recipe][1], cell["adapter_path"])
-    if not quantized:
-        results.append({"cell": "e2e-lora-smollm2-4bit", "skipped": "4-bit training is checked on a GPU "
-                                                                    "(--quantized to try it here)"})
+            made[RECIPES[recipe][1]] = cell["adapter_path"]
     if failures:
         raise RuntimeError(json.dumps({"failed": failures, "cells": results}))
     return {"cells": results}
 
 
-def train_cell(args, backbone: str, recipe: str, precision: str, extra: list[str], store: Path, name: str) -> dict:
+def train_cell(args, made: dict, cell: tuple[str, str, str, list[str]], name: str) -> dict:
+    backbone, recipe, precision, extra = cell
     overrides = [f"backbone={backbone}", f"data.path={SHARED_DATA / RECIPES[recipe][0]}", "data.k=4", "data.test_limit=8",
                  f"training.max_steps={args.train_steps}", f"training.mixed_precision={MIXED_PRECISION[precision]}",
-                 f"output.store={store}", f"output.name={name}", *extra]
+                 f"output.store={Path(made['root']) / 'trained'}", f"output.name={name}", *extra]
     if "lora-minilm" in recipe:
         overrides.append("method.layers=null")  # every layer: the recipe's top three need a 6-layer model
     command = [sys.executable, "-m", "adapterlab", "train", str(ROOT / "recipes" / recipe), "--json", "--quiet"]
     command += [part for override in overrides for part in ("--set", override)]
     started = time.perf_counter()
-    process = subprocess.run(command, capture_output=True, text=True, timeout=args.train_seconds,
+    process = subprocess.run(command, capture_output=True, text=True, timeout=seconds_left(made, args.train_seconds),
                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
     cell = {"cell": name, "seconds": round(time.perf_counter() - started, 1)}
     if process.returncode != 0:
@@ -163,6 +183,7 @@ def engine(args, made: dict) -> dict:
     served = Engine(args.encoder, store, max_adapters=None)
     figures = {"device": str(served.backbone.device), "dtype": str(served.backbone.dtype).removeprefix("torch."),
                **{f"{key}_after_backbone": value for key, value in device_memory().items()}}
+    served.predict(refs[0], TEXTS[:1])  # the device's first kernels, before any timing
     cold = []
     for ref in refs[args.adapters:]:  # 20 fresh adapters: read from disk, copied into a slot, answering
         started = time.perf_counter()
@@ -312,8 +333,9 @@ def completion_clients(url: str, refs: list[str], args) -> dict:
             "tokens_per_s": round(sum(tokens) / elapsed, 1), **(percentiles(latencies, "s") if latencies else {})}
 
 
-PHASES = {"environment": environment, "cuda_tests": cuda_tests, "training": training, "engine": engine,
-          "decoder": decoder, "http": http}
+# In this order: the templates' phases first, the rest where time is left (each limited to the deadline).
+PHASES = {"environment": environment, "templates": templates, "engine": engine, "decoder": decoder, "http": http,
+          "training": training, "cuda_tests": cuda_tests}
 
 
 def run_phase(name: str, args, made: dict, deadline: float) -> dict:
@@ -333,7 +355,8 @@ def run_phase(name: str, args, made: dict, deadline: float) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phases", default=",".join(PHASES), help=f"Comma-separated, of {', '.join(PHASES)}.")
-    parser.add_argument("--minutes", type=float, default=10, help="Phases not started by then are skipped.")
+    parser.add_argument("--minutes", type=float, default=9, help="Phases not started by then are skipped, and "
+                        "subprocesses stop by then.")
     parser.add_argument("--encoder", default="minilm")
     parser.add_argument("--llm", default="smollm2-135m")
     parser.add_argument("--adapters", type=int, default=1000, help="Resident adapters in the engine phase.")
@@ -349,12 +372,13 @@ def main(argv=None) -> int:
     parser.add_argument("--train-seconds", type=int, default=180, help="Limit of one training subprocess.")
     args = parser.parse_args(argv)
     unknown = [name for name in args.phases.split(",") if name not in PHASES]
-    if unknown or "fp32" not in args.precisions:
-        parser.error(f"unknown phases {unknown}" if unknown else "--precisions must include fp32 (the templates)")
+    unknown += [name for name in args.precisions if name not in MIXED_PRECISION]
+    if unknown:
+        parser.error(f"unknown phases or precisions: {', '.join(unknown)}")
     deadline = time.monotonic() + 60 * args.minutes
     results = []
     with tempfile.TemporaryDirectory(prefix="adapterlab-gpu-check-", ignore_cleanup_errors=True) as root:
-        made = {"root": root}
+        made = {"root": root, "deadline": deadline}
         for name in args.phases.split(","):
             results.append(run_phase(name, args, made, deadline))
             print(json.dumps(results[-1]), flush=True)

@@ -3,10 +3,10 @@ batch; each row then gets its own LoRA deltas, its own attention prefix, and its
 
 Rows may mix LoRA adapters, prefix adapters, and zero-shot rows (no adapter) freely: each row reads
 its adapter's slot on the device (`adapter_slots`: LoRA deltas by batched matmuls in forward hooks,
-zeros for rows without one; prefixes padded to the longest and masked per row). Heads differ in label
-count, so each group of rows goes through its own head after the shared backbone pass. A row of an
-ensemble becomes one row per member in the same pass, and its answer is the mean of the members'
-probabilities.
+zeros for rows without one; prefixes padded to the longest and masked per row). After the shared
+backbone pass each row gets its own head's scores; heads that compute alike answer their rows together,
+whatever their label counts. A row of an ensemble becomes one row per member in the same pass, and its
+answer is the mean of the members' probabilities. The host waits for the device once, for the answers.
 """
 
 import itertools
