@@ -524,6 +524,11 @@ def serve(store: Path = STORE,
           max_chars: int = typer.Option(SERVER.max_chars, "--max-chars", help="Characters per input (more: 413)."),
           max_upload_mb: float = typer.Option(SERVER.max_upload_bytes / 2**20, "--max-upload-mb",
                                               help="Uploaded adapter archives (more: 413)."),
+          body_seconds: float = typer.Option(SERVER.body_seconds, "--body-seconds", help="Time a request's body may "
+                                             "take to arrive (longer: 408)."),
+          drain_seconds: float = typer.Option(SERVER.drain_seconds, "--drain-seconds", help="On SIGTERM or Ctrl-C: "
+                                              "time for requests in flight to finish (new ones get 503) before "
+                                              "the rest is cancelled; the exit is clean either way."),
           admin_token: Optional[str] = typer.Option(None, "--admin-token", envvar="ADAPTERLAB_ADMIN_TOKEN",
                                                     help="Bearer token for registering and deleting adapters."),
           client_token: Optional[str] = typer.Option(None, "--client-token", envvar="ADAPTERLAB_CLIENT_TOKEN",
@@ -552,7 +557,8 @@ def serve(store: Path = STORE,
     settings = Settings(max_wait_ms=max_wait_ms, max_batch_rows=max_batch_rows, batching=not no_batching,
                         max_queued_rows=max_queued_rows, max_queued_generations=max_queued_generations,
                         max_new_tokens=max_new_tokens, max_inputs=max_inputs, max_chars=max_chars,
-                        max_upload_bytes=int(max_upload_mb * 2**20), admin_token=admin_token,
+                        max_upload_bytes=int(max_upload_mb * 2**20), body_seconds=body_seconds,
+                        drain_seconds=drain_seconds, admin_token=admin_token,
                         client_token=client_token, allow_admin_without_token=allow_admin_without_token,
                         device=device, dtype=dtype)
     ray_options = {"replicas": replicas, "adapters_per_replica": adapters_per_replica}

@@ -7,7 +7,10 @@ Modules, one concept each:
 - `errors`: `ApiError`, an answer for the client (a status and a message).
 - `bodies`: the request bodies (pydantic models).
 - `metrics`: the Prometheus histograms and counters.
-- `uploads`: unpacking an uploaded adapter archive, and its checks.
+- `uploads`: unpacking an uploaded adapter archive, and its checks (links, names, entries, bytes, damage).
+- `durability`: fsync of what the server changes in the store, before it answers.
+- `drain`: `DrainingServer`, uvicorn's server with a drain on SIGTERM or Ctrl-C (503 for new requests while
+  those in flight finish), and `Traffic`, the requests in flight.
 - `disconnects`: cancelling the work of a client that left, as soon as its connection closes.
 - `backend`: `Backend`, what the routes ask of whatever serves them, and `Update`, a generation's progress.
 - `worker`: `Server`, the engine on its one worker thread (the threading and batching rules are
@@ -15,7 +18,8 @@ Modules, one concept each:
 - `local`: `LocalBackend`, the backend of one process over a `Server`.
 - `routes`: the API's own routes and the bearer-token checks.
 - `openai`: the OpenAI-compatible routes.
-- `app`: `api_app` (the routes over any backend, error answers, the `Gate` middleware), `create_app`, `serve`.
+- `app`: `api_app` (the routes over any backend, error answers and their OpenAPI entries, the `Gate`
+  middleware), `create_app`, `serve`.
 
 Only `Settings` is imported with the package: the command line reads its defaults without the `serve`
 extra (FastAPI, uvicorn), which the rest needs.

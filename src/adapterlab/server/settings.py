@@ -7,7 +7,7 @@ from adapterlab.server.errors import ApiError
 
 @dataclass
 class Settings:
-    """Batching and limits (the `adapterlab serve` options)."""
+    """Batching, limits and the drain deadline (the `adapterlab serve` options)."""
 
     max_wait_ms: float = 2.0  # how long a batch's first request waits for company
     max_batch_rows: int = 256  # a batch closes once it holds this many rows
@@ -20,6 +20,8 @@ class Settings:
     max_queued_generations: int = 16  # generations waiting or running; more: 503 with Retry-After
     max_upload_bytes: int = 64 << 20
     max_body_bytes: int = 32 << 20  # any other request body
+    body_seconds: float = 60.0  # a request's body must arrive within this (a client trickling it: 408)
+    drain_seconds: float = 30.0  # on SIGTERM or Ctrl-C, requests in flight may finish within this; then cancelled
     # Bearer tokens. Admin endpoints (register, delete) need admin_token; without one they are off
     # unless allow_admin_without_token (local use). With client_token, classification, generation and
     # the adapter list need it (or the admin token).

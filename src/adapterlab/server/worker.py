@@ -25,6 +25,7 @@ from adapterlab.errors import AdapterlabError
 from adapterlab.names import name_problem
 from adapterlab.server.backend import Update
 from adapterlab.server.bodies import BatchRow
+from adapterlab.server.durability import synced_folders, synced_tree
 from adapterlab.server.errors import ApiError
 from adapterlab.server.metrics import Metrics
 from adapterlab.server.settings import Settings
@@ -103,6 +104,8 @@ class Server:
                 raise ApiError(422, "a row without an adapter needs its labels (zero-shot)")
             if len(row.labels) > self.settings.max_labels or len(set(row.labels)) != len(row.labels):
                 raise ApiError(422, f"zero-shot labels must be distinct, at most {self.settings.max_labels}")
+            if not all(label.strip() for label in row.labels):
+                raise ApiError(422, "zero-shot labels must not be blank")
             return Request(None, row.text, row.text_pair, tuple(row.labels))
         if row.labels:
             raise ApiError(422, "labels are for zero-shot rows (adapter null)")
@@ -219,12 +222,7 @@ class Server:
         """(The unpacked adapter in a hidden folder of the store, where it belongs), checked."""
         staging = Path(tempfile.mkdtemp(dir=self.store, prefix=".upload-"))
         try:
-            try:
-                unpack(upload, staging, self.settings.max_upload_bytes)
-            except ApiError:
-                raise
-            except Exception as error:  # archive readers fail in many ways on damaged input
-                raise ApiError(400, f"the archive could not be read ({type(error).__name__})") from None
+            unpack(upload, staging, self.settings.max_upload_bytes)
             if not (staging / "card.json").is_file():
                 raise ApiError(400, "the upload is unusable: missing card.json")
             card = self.checked_card(staging, "the upload")
@@ -235,10 +233,13 @@ class Server:
 
     def install(self, staging: Path | None, target: Path) -> AdapterCard:
         """On the worker: move a staged adapter into place (replacing one of the same name), and
-        load it; if it does not load, the store is left as it was."""
+        load it; if it does not load, the store is left as it was. Either way the store is on disk
+        before the answer (a 201 survives a crash)."""
         if staging is not None:  # afterwards staging holds the adapter it replaced, if any (the caller removes it)
             target.parent.mkdir(exist_ok=True)
             swap_into_place(staging, target)
+        else:  # copied into the store by someone else: its files may still be in the page cache only
+            synced_tree(target)
         self.engine.unload(str(target))  # a replaced adapter must not answer from the cache
         try:
             self.load(target)
@@ -249,6 +250,8 @@ class Server:
                 else:
                     target.rename(staging)
             raise
+        finally:  # the renames (and a new task folder) are changes of these two folders
+            synced_folders(target.parent, self.store)
         return read_card(target)
 
     def load(self, folder: Path) -> None:
@@ -268,6 +271,7 @@ class Server:
             raise ApiError(404, f"no adapter {_name(folder)!r} in the store")
         self.engine.unload(str(folder))
         trash = folder.rename(folder.with_name(f".{folder.name}.deleted-{uuid.uuid4().hex[:8]}"))
+        synced_folders(folder.parent)  # a 200 for the deletion survives a crash
         shutil.rmtree(trash, ignore_errors=True)
         self._publish_engine_figures()
 
@@ -316,6 +320,8 @@ class Server:
     def _admit(self, requests: list[GenerationRequest]) -> list[Sequence]:
         """On the worker: every request checked and made a sequence before any joins the decoder."""
         sequences = [self.engine.sequence(request) for request in requests]
+        if not all(sequence.prompt_ids for sequence in sequences):  # the decoder cannot start from nothing
+            raise ApiError(422, "the prompt is empty (no tokens): there is nothing to continue")
         for sequence in sequences:
             self.decoder.add(sequence)
         return sequences
