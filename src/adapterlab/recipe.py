@@ -323,9 +323,7 @@ class Recipe(_Section):
         select = self.training.select
         if select is None:
             return self
-        if self.generates:
-            raise ValueError("training.select scores grid points by held-out accuracy: it needs a classification "
-                             "task, not head.type generate")
+        self._classification_only("training.select scores grid points by held-out accuracy")
         if self.data.k is not None and self.data.k < select.folds:
             raise ValueError(f"training.select.folds {select.folds} needs at least {select.folds} rows per class "
                              f"(each fold holds out every class); data.k is {self.data.k}")
@@ -347,9 +345,7 @@ class Recipe(_Section):
                              "texts, and nothing else does")
         if self_train is None:
             return self
-        if self.generates:
-            raise ValueError("training.self_train keeps pseudo-labels by their class probability: it needs a "
-                             "classification task, not head.type generate")
+        self._classification_only("training.self_train keeps pseudo-labels by their class probability")
         if unlabeled == "train" and self.data.k is None:
             raise ValueError("data.unlabeled train means the train rows other than the k-shot rows; with data.k null "
                              "every train row is labelled and none is left")
@@ -363,9 +359,7 @@ class Recipe(_Section):
         init_from = self.training.init_from
         if init_from is None:
             return self
-        if self.generates:
-            raise ValueError("training.init_from starts a classifier from a stored one: it needs a classification "
-                             "task, not head.type generate")
+        self._classification_only("training.init_from starts a classifier from a stored one")
         if init_from == AUTO_SOURCE and self.training.ensemble > 1:
             raise ValueError("training.init_from auto chooses by cross-validation, which training.ensemble does not "
                              "combine with: name the source (TASK/NAME) for an ensemble")
@@ -387,6 +381,10 @@ class Recipe(_Section):
             if refused:
                 raise ValueError(f"training.ensemble {self.training.ensemble} {why}")
         return self
+
+    def _classification_only(self, feature: str) -> None:
+        if self.generates:
+            raise ValueError(f"{feature}: it needs a classification task, not head.type generate")
 
     def with_settings(self, settings: dict) -> "Recipe":
         """This recipe with dotted `section.field` settings replaced, validated anew."""
