@@ -129,10 +129,15 @@ def host_waits(device: str):
                 torch.cuda.set_sync_debug_mode("default")
         counted += [str(w.message) for w in caught if "synchroniz" in str(w.message)]
         return
+    def counting(name: str, original):
+        def method(self, *args, **kwargs):
+            counted.append(name)
+            return original(self, *args, **kwargs)
+        return method
+
     with pytest.MonkeyPatch.context() as patch:
         for name in ("item", "cpu", "tolist"):
-            original = getattr(torch.Tensor, name)
-            patch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k: (counted.append(_n), _f(self, *a, **k))[1])
+            patch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
         yield counted
 
 
