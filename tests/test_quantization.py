@@ -40,6 +40,7 @@ def test_a_generative_adapter_learns_on_an_8bit_llm(tiny_llama, tmp_path):
     2-layer model's frozen output layer keeps the loss near ln(vocabulary): 10.8 falls to about 10.5.)"""
     import torch
 
+    from adapterlab.loading import load_adapter
     from adapterlab.recipe import validate_recipe
     from adapterlab.training.builders import setup
     from conftest import tiny_recipe
