@@ -94,7 +94,9 @@ def served(url: str, max_tokens: int):
 
     def send(ref: str, prompt: str) -> int:
         response = http.post("/v1/chat/completions", json={"model": ref, "messages": [{"role": "user", "content": prompt}],
-                                                           "max_tokens": max_tokens, "temperature": 0})
+                                                           "max_tokens": max_tokens, "temperature": 0,
+                                                           # the chat as sent, as the per-request peft path reads it
+                                                           "adapterlab": {"template": False}})
         response.raise_for_status()
         return response.json()["usage"]["completion_tokens"]
     return send

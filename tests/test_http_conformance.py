@@ -16,12 +16,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import adapterlab
 from adapterlab.engine import Engine, GenerationRequest, Request
 from adapterlab.generation import Sampling
 from adapterlab.recipe import validate_recipe
 from adapterlab.server import Settings, create_app
+from adapterlab.server.metrics import Metrics
 from adapterlab.training import train
 from conftest import shared, tiny_recipe
 from test_server import archive, copy_adapter, folder_files, running
@@ -29,7 +31,8 @@ from test_server import archive, copy_adapter, folder_files, running
 TEXTS = ["the soup was cold", "what a match last night", "loved every minute", "a dull and lifeless film"]
 ZERO_SHOT = ("food", "sport", "money")
 E2E = {"text_field": "mr", "target_field": "ref", "references_field": "refs", "k": 8, "test_limit": 2}
-CHAT = [{"role": "user", "content": "Describe: name[Alimentum], area[city centre]"}]
+MR = "name[Alimentum], area[city centre]"  # a text the generative adapters' template "Describe: {text}" takes
+CHAT = [{"role": "user", "content": MR}]
 ADMIN, CLIENT = {"Authorization": "Bearer admin"}, {"Authorization": "Bearer client"}
 SETTINGS = {"dtype": "float32", "admin_token": "admin", "client_token": "client", "max_inputs": 8,
             "max_chars": 4000, "max_new_tokens": 480, "max_upload_bytes": 200_000}
@@ -143,11 +146,23 @@ def test_health_metrics_and_openapi(client, engine):
                  "adapterlab_cache_misses_total ", "adapterlab_generations_running ",
                  'adapterlab_generations_total{finish_reason="cancelled"}'):
         assert line in metrics.text, line
+    families = {family.name: family for family in text_string_to_metric_families(metrics.text)}  # well formed
+    assert {"process_cpu_seconds", "process_resident_memory_bytes", "python_info"} <= families.keys()
     paths = client.get("/openapi.json").json()["paths"]
     assert set(paths) >= {"/health", "/metrics", "/v1/adapters", "/v1/adapters/{name}", "/v1/classify",
                           "/v1/classify/batch", "/v1/generate", "/v1/models", "/v1/completions", "/v1/chat/completions"}
     assert set(paths["/v1/adapters"]["post"]["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
     assert client.get("/docs").status_code == 200
+
+
+def test_each_server_counts_in_its_own_registry_and_escapes_label_values():
+    first, second = Metrics(), Metrics()
+    endpoint = 'a "quoted" \\ path\nwith a newline'
+    first.record(endpoint, 404, 0.2)
+    [requests] = [f for f in text_string_to_metric_families(first.render()) if f.name == "adapterlab_requests"]
+    assert [(s.labels, s.value) for s in requests.samples if s.name.endswith("_total")] == [
+        ({"endpoint": endpoint, "status": "404"}, 1.0)]
+    assert "adapterlab_requests_total{" not in second.render()
 
 
 def test_classification_batches_and_zero_shot_answer_as_the_engine(client, engine):
@@ -326,19 +341,43 @@ def test_completion_and_chat_equal_the_engine_with_usage(openai_client, engine):
     assert plain.usage.completion_tokens == 6 and plain.choices[0].finish_reason == "length"
     for model in ("e2e/lora", "e2e/prefix"):
         chat = openai_client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0)
-        assert chat.choices[0].message.content == greedy(engine, model, 8, messages=CHAT)
+        assert chat.choices[0].message.content == greedy(engine, model, 8, text=MR)  # through the adapter's template
         assert chat.choices[0].message.role == "assistant" and chat.id.startswith("chatcmpl-")
+
+
+def test_the_template_is_the_default_of_a_chat_and_an_option_of_a_completion(openai_client, engine):
+    """A chat to a generative adapter reaches it through its template (the last user message, after a system
+    one, as `text`) unless it opts out; a completion's prompt is read as is unless it opts in."""
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}, *CHAT]
+    answer = openai_client.chat.completions.create(model="e2e/lora", messages=chat, max_tokens=8, temperature=0)
+    assert answer.choices[0].message.content == greedy(engine, "e2e/lora", 8, text=MR)
+    assert answer.usage.prompt_tokens == len(engine.prompt_ids(GenerationRequest("e2e/lora", text=MR),
+                                                               engine.servable("e2e/lora")))
+    raw = openai_client.chat.completions.create(model="e2e/lora", messages=chat, max_tokens=8, temperature=0,
+                                                extra_body={"adapterlab": {"template": False}})
+    assert raw.choices[0].message.content == greedy(engine, "e2e/lora", 8, messages=chat)
+    for template, wanted in ((None, {"prompt": MR}), (True, {"text": MR})):
+        completion = openai_client.completions.create(model="e2e/prefix", prompt=MR, max_tokens=6, temperature=0,
+                                                      extra_body={"adapterlab": {"template": template}})
+        assert completion.choices[0].text == greedy(engine, "e2e/prefix", 6, **wanted)
+    with pytest.raises(openai.BadRequestError, match="messages hold no user message"):
+        openai_client.chat.completions.create(model="e2e/lora", messages=chat[:1], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="the backbone has no template"):
+        openai_client.chat.completions.create(model=engine.backbone.name, messages=CHAT, max_tokens=2,
+                                              extra_body={"adapterlab": {"template": True}})
 
 
 def test_streams_send_the_same_text_in_pieces(served, openai_client, engine):
     stream = openai_client.chat.completions.create(model="e2e/lora", messages=CHAT, max_tokens=8, temperature=0,
                                                    stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"  # the role first
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert sum(bool(piece) for piece in pieces) >= 2  # streamed, not sent whole
-    assert "".join(pieces) == greedy(engine, "e2e/lora", 8, messages=CHAT)
+    assert "".join(pieces) == greedy(engine, "e2e/lora", 8, text=MR)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
-    assert chunks[-1].usage.completion_tokens > 0
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens > 0  # the usage last, alone
+    assert all(c.usage is None for c in chunks[:-1])
     completion = "".join(c.choices[0].text for c in openai_client.completions.create(
         model="e2e/prefix", prompt="Describe: name[Alimentum]", max_tokens=5, temperature=0, stream=True))
     assert completion == greedy(engine, "e2e/prefix", 5, prompt="Describe: name[Alimentum]")
@@ -360,7 +399,7 @@ def test_a_classification_adapter_answers_with_its_label(openai_client, engine):
 
 
 def test_two_adapters_at_once_each_answer_their_own(openai_client, engine):
-    expected = {model: greedy(engine, model, 8, messages=CHAT) for model in ("e2e/lora", "e2e/prefix")}
+    expected = {model: greedy(engine, model, 8, text=MR) for model in ("e2e/lora", "e2e/prefix")}
     assert len(set(expected.values())) == 2
     answers, threads = {}, []
     for model in expected:
@@ -388,8 +427,12 @@ def test_errors_in_openai_shape(openai_client, engine):
         assert missing.value.body["code"] == "model_not_found" and missing.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.UnprocessableEntityError):
         openai_client.completions.create(model="e2e/lora", prompt="x", temperature=5)
-    with pytest.raises(openai.UnprocessableEntityError):
-        openai_client.completions.create(model="e2e/lora", prompt="x", extra_body={"best_of": 3})
+    with pytest.raises(openai.UnprocessableEntityError, match="top_k"):  # a field of no OpenAI schema
+        openai_client.completions.create(model="e2e/lora", prompt="x", extra_body={"top_k": 3})
+    with pytest.raises(openai.BadRequestError, match="best_of 3 is not supported"):
+        openai_client.completions.create(model="e2e/lora", prompt="x", best_of=3)
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty 0.5 is not supported"):
+        openai_client.chat.completions.create(model="e2e/lora", messages=CHAT, frequency_penalty=0.5)
     with pytest.raises(openai.BadRequestError, match="writes at most 480"):
         openai_client.completions.create(model="e2e/lora", prompt="x", max_tokens=481)
     with pytest.raises(openai.BadRequestError) as long:

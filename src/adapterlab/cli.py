@@ -5,39 +5,59 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
+from adapterlab import __version__
 from adapterlab.errors import AdapterlabError
 from adapterlab.server.settings import Settings
 
+# Help texts hold literal brackets (pip install adapterlab[ray]): no markup is read in them.
 app = typer.Typer(help="Few-shot adapters on one frozen backbone.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
-adapters_app = typer.Typer(help="Inspect the adapter store.", no_args_is_help=True)
+                  pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
+adapters_app = typer.Typer(help="Inspect the adapter store.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(adapters_app, name="adapters")
 console = Console()
-STORE = typer.Option("adapters", "--store", help="Adapter store folder.")
+STORE_ENV = "ADAPTERLAB_STORE"
+STORE = typer.Option("adapters", "--store", envvar=STORE_ENV, help="Adapter store folder.")
 JSON = typer.Option(False, "--json", help="End stdout with one JSON object.")
 DEVICE = typer.Option("auto", "--device", help="auto (a CUDA GPU, else MPS, else the CPU), cpu, cuda, cuda:N or mps.")
 RAY_ADDRESS = typer.Option(None, "--address", help="With --ray: the Ray cluster (e.g. ray://head:10001); "
                            "default: RAY_ADDRESS, else a cluster started here.")
+TEXT_FIELD = typer.Option("text", "--text-field", help="Column holding the text.")
+TEXT_PAIR_FIELD = typer.Option(None, "--text-pair-field", help="Column holding the second text of a pair.")
 DTYPE = typer.Option("auto", "--dtype", help="auto (bfloat16 where the device computes it natively: a GPU with "
                      "bf16, a CPU with AVX512-BF16/AMX; float16 on other GPUs; else float32), float32, bfloat16 "
                      "or float16.")
 
+LABEL_MAP = typer.Option(None, "--label-map", help="Answer in another task's label names: a JSON object (or a "
+                         ".json file of one) from the adapter's labels to them, e.g. '{\"pos\": \"positive\"}'; "
+                         "labels mapped to one name add their probabilities.")
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        typer.echo(f"adapterlab {__version__}")
+        raise typer.Exit()
+
 
 @app.callback()
-def _quiet_libraries():
-    """Library chatter (weight-loading bars, advisories) would bury adapterlab's own output."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+def _quiet_libraries(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                                   help="Print adapterlab's version and exit.")):
+    # Library chatter (weight-loading bars, advisories) would bury adapterlab's own output. transformers
+    # and huggingface_hub read these when first imported, which light commands never do; a user's own
+    # setting wins. A caller that imported transformers already (a test, a notebook) is told directly.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.set_verbosity_error()
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def _clean_errors(command):
@@ -67,8 +87,38 @@ def _only_with_ray(**options) -> None:
         raise AdapterlabError(f"{' and '.join(given)} {'go' if len(given) > 1 else 'goes'} with --ray")
 
 
+def _label_map(given: str | None) -> dict[str, str] | None:
+    """--label-map: JSON text, or the path of a JSON file; an object of label names to label names."""
+    if given is None:
+        return None
+    text = Path(given).read_text() if given.endswith(".json") else given
+    try:
+        mapping = json.loads(text)
+    except ValueError as error:
+        raise AdapterlabError(f"--label-map {given!r}: not JSON ({error})") from None
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise AdapterlabError(f"--label-map {given!r}: expected an object of label names to label names")
+    return mapping
+
+
 def _emit(payload: dict) -> None:
     sys.stdout.write(json.dumps(payload) + "\n")
+
+
+def _check_adapters(store: Path, *references: str) -> None:
+    """A missing store or adapter in one line, before anything loads (reading cards needs no torch)."""
+    from adapterlab.cards import resolve
+
+    for reference in references:
+        resolve(store, reference)
+
+
+def _engine_for(adapter: str, store: Path, device: str, dtype: str):
+    """An engine on the adapter's backbone; a missing store or adapter is refused before torch is imported."""
+    _check_adapters(store, adapter)
+    from adapterlab.engine import Engine
+
+    return Engine.for_adapter(adapter, store, device=device, dtype=dtype)
 
 
 @app.command()
@@ -81,16 +131,30 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML."),
           ensemble: Optional[int] = typer.Option(None, "--ensemble", help="Train N members with seeds seed, seed+1, "
                                                  "... and store them as one adapter (sets training.ensemble)."),
           overwrite: bool = typer.Option(False, "--overwrite", help="Replace a stored adapter of the same name; "
-                                         "without it, a name already taken stops the run before it trains.")):
+                                         "without it, a name already taken stops the run before it trains (and at "
+                                         "its save, if another run took the name meanwhile)."),
+          store: Optional[Path] = typer.Option(None, "--store", envvar=STORE_ENV, help="Adapter store folder "
+                                               "(default: the recipe's output.store)."),
+          name: Optional[str] = typer.Option(None, "--name", help="Adapter name (default: the recipe's output.name, "
+                                             "else METHOD-kK-sSEED).")):
     """Train one few-shot adapter (also under `accelerate launch -m adapterlab train`)."""
+    from adapterlab.backbones import check_backbone
+    from adapterlab.data import check_source
     from adapterlab.recipe import load_recipe
     from adapterlab.store import refuse_existing
     from adapterlab.training import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    overrides = [*set_, *([f"training.ensemble={ensemble}"] if ensemble is not None else [])]
+    named = {"output.store": store, "output.name": name}
+    overrides = [*set_, *([f"training.ensemble={ensemble}"] if ensemble is not None else []),
+                 f"output.overwrite={str(overwrite).lower()}",
+                 # quoted: YAML reads a JSON string as a string, so a name such as 2024 or null stays a name
+                 *(f"{key}={json.dumps(str(value))}" for key, value in named.items() if value is not None)]
     loaded = load_recipe(recipe, overrides)
-    if not overwrite:  # before the backbone loads: no hours of training for a name that is taken
+    # Before the backbone loads: a typo, or a name that is taken, costs seconds, not a load (or hours of training).
+    check_backbone(loaded.backbone)
+    check_source(loaded.data.path, loaded.data.test_path)
+    if not overwrite:
         refuse_existing(Path(loaded.output.store) / loaded.task / loaded.adapter_name)
     result = run_training(loaded, show_progress=not quiet, resume=resume)
     if result.adapter_path is None:  # not the main process: it wrote nothing and reports nothing
@@ -109,12 +173,14 @@ def eval_(adapter: str = typer.Argument(..., help="Adapter folder, or TASK/NAME 
           data: str = typer.Option(..., "--data", help="Dataset (folder, file, demo:NAME)."),
           split: str = typer.Option("test", "--split", help="train or test."),
           limit: Optional[int] = typer.Option(None, "--limit", help="First N rows only."),
+          label_map: Optional[str] = LABEL_MAP,
           store: Path = STORE, json_out: bool = JSON, device: str = DEVICE, dtype: str = DTYPE):
     """Accuracy and macro-F1 of a stored adapter on a dataset."""
-    from adapterlab.engine import Engine
+    from adapterlab.data import check_source
 
-    engine = Engine.for_adapter(adapter, store, device=device, dtype=dtype)
-    metrics = engine.evaluate(adapter, data, split, limit)
+    check_source(data)
+    engine = _engine_for(adapter, store, device, dtype)
+    metrics = engine.evaluate(adapter, data, split, limit, _label_map(label_map))
     if json_out:
         _emit({"adapter": adapter, "data": data, "split": split, **metrics})
     else:
@@ -129,18 +195,22 @@ def predict(args: Optional[list[str]] = typer.Argument(None, help="[ADAPTER] TEX
             batch: Optional[Path] = typer.Option(None, "--batch", help='JSONL of {"adapter", "text"} rows '
                                                  '("text_pair", and "labels" for zero-shot rows, optional).'),
             output: Optional[Path] = typer.Option(None, "--output", help="Write the --batch answers here (JSONL)."),
+            label_map: Optional[str] = LABEL_MAP,
             store: Path = STORE, json_out: bool = JSON, device: str = DEVICE, dtype: str = DTYPE):
     """Label texts with stored adapters; --batch serves many adapters in mixed batches."""
-    from adapterlab.engine import Engine, read_requests
+    from adapterlab.answers import prediction_json
 
     if batch is not None:
+        from adapterlab.engine import read_requests
+
         requests = read_requests(batch)
         first = next((r.adapter for r in requests if r.adapter), None)
         if first is None:
             raise AdapterlabError(f"{batch}: name at least one adapter (the engine needs a backbone)")
-        answers = Engine.for_adapter(first, store, device=device, dtype=dtype).predict_batch(requests)
-        lines = [json.dumps({"adapter": r.adapter, "text": r.text, "label": a.label, "score": a.score,
-                             "scores": a.scores, "truncated": a.truncated}) for r, a in zip(requests, answers)]
+        _check_adapters(store, *dict.fromkeys(r.adapter for r in requests if r.adapter))
+        answers = _engine_for(first, store, device, dtype).predict_batch(requests)
+        lines = [json.dumps({"adapter": r.adapter, "text": r.text, **prediction_json(a)})
+                 for r, a in zip(requests, answers)]
         if output is not None:
             output.write_text("".join(line + "\n" for line in lines))
         else:
@@ -151,11 +221,16 @@ def predict(args: Optional[list[str]] = typer.Argument(None, help="[ADAPTER] TEX
         if len(texts) < 2:
             raise AdapterlabError("predict needs an adapter and at least one text (or --batch FILE)")
         adapter = texts.pop(0)
-    predictions = Engine.for_adapter(adapter, store, device=device, dtype=dtype).predict(adapter, texts)
+    engine = _engine_for(adapter, store, device, dtype)
+    predictions = engine.predict(adapter, texts)
+    if label_map is not None:
+        from adapterlab.engine import check_label_map, relabel
+
+        mapping = _label_map(label_map)
+        check_label_map(engine.card(adapter).labels, mapping)
+        predictions = [relabel(prediction, mapping) for prediction in predictions]
     if json_out:
-        _emit({"adapter": adapter, "predictions": [
-            {"text": t, "label": p.label, "score": p.score, "scores": p.scores, "truncated": p.truncated}
-            for t, p in zip(texts, predictions)]})
+        _emit({"adapter": adapter, "predictions": [{"text": t, **prediction_json(p)} for t, p in zip(texts, predictions)]})
         return
     table = Table("text", "label", "score")
     for text, prediction in zip(texts, predictions):
@@ -167,8 +242,9 @@ def predict(args: Optional[list[str]] = typer.Argument(None, help="[ADAPTER] TEX
 @_clean_errors
 def adapters_list(store: Path = STORE, json_out: bool = JSON):
     """Every complete adapter in the store."""
-    from adapterlab.store import list_adapters
+    from adapterlab.cards import check_store, list_adapters
 
+    check_store(store)
     cards = list_adapters(store)
     if json_out:
         _emit({"store": str(store), "adapters": [
@@ -176,7 +252,8 @@ def adapters_list(store: Path = STORE, json_out: bool = JSON):
              "labels": c.labels, "metrics": c.metrics, "adapter_bytes": c.adapter_bytes,
              "members": len(c.members) if c.members is not None else None} for c in cards]})
         return
-    table = Table("task/name", "method", "backbone", "k", "labels", "test score", "bytes")
+    # the name is what the other commands take: whole, whatever the terminal's width
+    table = Table(Column("task/name", no_wrap=True), "method", "backbone", "k", "labels", "test score", "bytes")
     for c in cards:
         score = (f"accuracy {c.metrics['accuracy']:.3f}" if "accuracy" in c.metrics
                  else f"BLEU {c.metrics['bleu']:.1f}" if "bleu" in c.metrics else "-")
@@ -190,7 +267,7 @@ def adapters_list(store: Path = STORE, json_out: bool = JSON):
 @_clean_errors
 def adapters_show(adapter: str, store: Path = STORE, json_out: bool = JSON):
     """An adapter's card."""
-    from adapterlab.store import read_card, resolve
+    from adapterlab.cards import read_card, resolve
 
     card = read_card(resolve(store, adapter))
     if json_out:
@@ -210,9 +287,13 @@ def adapters_verify(adapter: Optional[str] = typer.Argument(None, help="One adap
     """Check adapter folders: files present, safetensors readable, cards valid, and each adapter's fit to its
     backbone (tensors against its modules, rank, finite weights, head against labels), as the engine checks
     before serving. Exit 1 on any problem."""
-    from adapterlab.store import adapter_folders, resolve, verify_folders
+    from adapterlab.cards import adapter_folders, check_store, resolve
 
+    if adapter is None:
+        check_store(store)
     folders = [resolve(store, adapter)] if adapter else adapter_folders(store)
+    from adapterlab.store import verify_folders  # torch: after the refusals that need none
+
     report, unchecked = verify_folders(folders, backbone, check_fit=not files_only)
     if json_out:
         _emit({"ok": not any(report.values()), "adapters": {str(f): p for f, p in report.items()},
@@ -235,16 +316,19 @@ def zeroshot(backbone: str = typer.Option(..., "--backbone", help="minilm, smoll
                                                           "e.g. 'This text is about {label}.' (repeatable)."),
              prompt: Optional[str] = typer.Option(None, "--prompt", help="LLM prompt with {labels} and {text}."),
              shots: int = typer.Option(0, "--shots", help="LLM in-context demonstrations per class."),
-             text_field: str = typer.Option("text", "--text-field"),
-             text_pair_field: Optional[str] = typer.Option(None, "--text-pair-field"),
-             split: str = typer.Option("test", "--split"), limit: Optional[int] = typer.Option(None, "--limit"),
+             text_field: str = TEXT_FIELD, text_pair_field: Optional[str] = TEXT_PAIR_FIELD,
+             split: str = typer.Option("test", "--split", help="train or test."),
+             limit: Optional[int] = typer.Option(None, "--limit", help="First N rows only."),
              json_out: bool = JSON, device: str = DEVICE, dtype: str = DTYPE):
     """Zero-shot accuracy of a backbone on a dataset: the baseline for every adapter."""
-    from adapterlab.data import read_labels
+    from adapterlab.backbones import check_backbone
+    from adapterlab.data import check_source, read_labels
     from adapterlab.engine import Engine
     from adapterlab.recipe import DataConfig
     from adapterlab.zeroshot import ZeroShotConfig, evaluate_zero_shot
 
+    check_backbone(backbone)  # the dataset is read after the backbone loads: both checked before
+    check_source(data)
     names, descriptions = read_labels(labels_file) if labels_file else (None, None)
     config = ZeroShotConfig(**{k: v for k, v in {"templates": template, "prompt": prompt}.items() if v},
                             shots=shots)
@@ -261,42 +345,48 @@ def zeroshot(backbone: str = typer.Option(..., "--backbone", help="minilm, smoll
 def select_(data: Path = typer.Option(..., "--data", help="Unlabelled pool: a dataset folder (its train split) "
                                       "or a .jsonl/.csv file of texts; labels in it are ignored."),
             k: int = typer.Option(16, "--k", min=1, help="Rows to label per class."),
-            out: Path = typer.Option(..., "--out", help="JSONL file to label (\"label\": null on each row)."),
+            output: Optional[Path] = typer.Option(None, "--output", help="JSONL file to label (\"label\": null on "
+                                                  "each row). Required."),
+            out: Optional[Path] = typer.Option(None, "--out", hidden=True),  # the earlier spelling of --output
             labels_file: Optional[Path] = typer.Option(None, "--labels-file", help="labels.json (names, or {name, "
                                                        "description}); default: the one beside the data."),
             backbone: str = typer.Option("minilm", "--backbone", help="Embeds the pool and guesses its labels."),
             seed: int = typer.Option(0, "--seed", help="Seed of the clustering."),
             limit: Optional[int] = typer.Option(None, "--limit", min=1, help="First N pool rows only."),
-            text_field: str = typer.Option("text", "--text-field"),
-            text_pair_field: Optional[str] = typer.Option(None, "--text-pair-field"),
+            text_field: str = TEXT_FIELD, text_pair_field: Optional[str] = TEXT_PAIR_FIELD,
             json_out: bool = JSON, device: str = DEVICE, dtype: str = DTYPE):
     """Pick the rows a person should label: k per class guessed by the zero-shot classifier, the most
     representative and diverse of each (k-means in the backbone's embedding space)."""
     from collections import Counter
 
+    from adapterlab.backbones import check_backbone
     from adapterlab.data import read_labels, read_pool
     from adapterlab.engine import Engine
     from adapterlab.selection import select_rows, write_for_labelling
 
+    output = output or out
+    if output is None:
+        raise AdapterlabError("select needs --output FILE: the JSONL file of rows to label")
+    check_backbone(backbone)
     rows = read_pool(data, text_field, text_pair_field, limit)
     names, descriptions = read_labels(labels_file) if labels_file else (rows.label_names, rows.label_descriptions)
     if not names:
         raise AdapterlabError(f"{data}: no label names: add a labels.json beside it or pass --labels-file")
     selection = select_rows(Engine(backbone, device=device, dtype=dtype), rows, names, descriptions, k, seed,
                             show_progress=not json_out)
-    write_for_labelling(out, rows, selection)
+    write_for_labelling(output, rows, selection)
     counts = Counter(selection.suggested_labels)
     per_label = {name: counts[name] for name in names}
     if json_out:
-        _emit({"out": str(out), "rows": len(selection.indices), "pool_rows": len(rows),
+        _emit({"output": str(output), "rows": len(selection.indices), "pool_rows": len(rows),
                "per_suggested_label": per_label})
         return
     table = Table("suggested label", "rows")
     for name, count in per_label.items():
         table.add_row(name, str(count))
     console.print(table)
-    console.print(f"wrote {len(selection.indices)} rows of {len(rows):,} to {out}: fill each \"label\" with a "
-                  f"label name, then train on it (data.path: {out}, data.k: null, data.test_path, and data.labels "
+    console.print(f"wrote {len(selection.indices)} rows of {len(rows):,} to {output}: fill each \"label\" with a "
+                  f"label name, then train on it (data.path: {output}, data.k: null, data.test_path, and data.labels "
                   f"unless a labels.json lies beside it)")
 
 
@@ -356,6 +446,7 @@ def merge(adapter: str = typer.Argument(..., help="A LoRA adapter: TASK/NAME in 
           output: Path = typer.Option(..., "--output", help="New folder for the merged model."),
           store: Path = STORE, json_out: bool = JSON):
     """Merge an adapter into its backbone: a standalone model folder with the head and card."""
+    _check_adapters(store, adapter)
     from adapterlab.merge import merge_adapter
 
     path = merge_adapter(store, adapter, output)
@@ -373,6 +464,7 @@ def export(adapter: str = typer.Argument(..., help="TASK/NAME in the store, or a
                                                     "(default: the backbone's hub id where known, else its folder)."),
            store: Path = STORE, json_out: bool = JSON):
     """Write an adapter as a folder that loads without adapterlab: peft, vLLM/LoRAX, sentence-transformers."""
+    _check_adapters(store, adapter)
     from adapterlab.export import export_adapter
 
     path = export_adapter(store, adapter, output, export_format, base_model)
@@ -392,6 +484,7 @@ def combine(adapters: list[str] = typer.Argument(..., help="Two or more LoRA ada
             limit: int = typer.Option(200, "--limit", help="Test rows per parent task in the report."),
             store: Path = STORE, json_out: bool = JSON):
     """Combine adapters into a new one, and report each parent task's accuracy before and after."""
+    _check_adapters(store, *adapters)
     from adapterlab.merge import combine_adapters
 
     weights = weights or [1.0 / len(adapters)] * len(adapters)
@@ -413,7 +506,8 @@ SERVER = Settings()  # `adapterlab serve`'s defaults, as the server's own settin
 @_clean_errors
 def serve(store: Path = STORE,
           backbone: Optional[str] = typer.Option(None, "--backbone", help="Default: the backbone of the store's adapters."),
-          host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
+          host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+          port: int = typer.Option(8000, "--port", help="Port to listen on."),
           max_wait_ms: float = typer.Option(SERVER.max_wait_ms, "--max-wait-ms",
                                             help="How long a request waits to share a batch."),
           max_batch_rows: int = typer.Option(SERVER.max_batch_rows, "--max-batch-rows", help="Rows that close a batch."),
@@ -451,6 +545,13 @@ def serve(store: Path = STORE,
                                                              "adapters each replica keeps loaded (default 64)."),
           address: Optional[str] = RAY_ADDRESS):
     """Serve the store's adapters over HTTP with dynamic batching (OpenAPI at /docs)."""
+    if backbone is None and not store.is_dir():  # the store's cards would name the backbone
+        raise AdapterlabError(f"no adapter store at {store.resolve()} (not found), so it holds no adapters to take "
+                              "the backbone from: name one with --backbone (the server creates the store)")
+    if backbone is not None:
+        from adapterlab.backbones import check_backbone
+
+        check_backbone(backbone)
     from adapterlab.server import serve as run_server
 
     settings = Settings(max_wait_ms=max_wait_ms, max_batch_rows=max_batch_rows, batching=not no_batching,
@@ -473,8 +574,8 @@ def serve(store: Path = STORE,
 
 @app.command()
 @_clean_errors
-def demo(recipes: Path = typer.Option(Path("recipes/demo"), help="Folder of demo recipes."),
-         store: Path = typer.Option(Path("adapters"), "--store", help="Adapter store folder.")):
+def demo(recipes: Path = typer.Option(Path("recipes/demo"), "--recipes", help="Folder of demo recipes."),
+         store: Path = STORE):
     """Train one adapter per demo task on one backbone, then show predictions and held-out accuracy."""
     from adapterlab.demo import run_demo
 

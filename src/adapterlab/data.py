@@ -155,7 +155,8 @@ def read_pool(path: str | Path, text_field: str = "text", text_pair_field: str |
     elif source.is_file():
         rows, (names, descriptions) = _read_rows(source), _read_label_file(source.parent)
     else:
-        raise DataError(f"data not found: {path}")
+        raise DataError(_not_found(source, expected="a dataset folder (its train split) or a .jsonl, .csv or "
+                                   ".parquet file"))
     rows = rows[:limit]
     if not rows:
         raise DataError(f"{path}: no rows to choose from")
@@ -202,23 +203,43 @@ def _read_unlabeled_file(file: Path, config) -> Pool:
     return Pool(texts, None, [], [])
 
 
-def _read_source(config):
-    """(train rows, test rows or None, label names, label descriptions) from the path's form."""
-    path = config.path
+def check_source(path: str, test_path: str | None = None) -> None:
+    """Refuse, before anything loads, a data path that names no dataset: an unknown demo set, a local path
+    that does not exist, a folder without a train split, a file whose test file is missing. A hub id
+    passes (the hub answers when it is read)."""
     if path.startswith("demo:"):
-        folder = DEMO_DIR / path.removeprefix("demo:")
-        if not folder.is_dir():
+        if not (DEMO_DIR / path.removeprefix("demo:")).is_dir():
             known = ", ".join(sorted(p.name for p in DEMO_DIR.iterdir() if p.is_dir()))
             raise DataError(f"unknown demo dataset {path!r}; known: {known}")
-        return _read_folder(folder)
+        return
+    local = Path(path)
+    if local.is_dir():
+        if _find_split(local, "train") is None:
+            raise DataError(f"{path}: no train.jsonl, train.csv or train.parquet in {local.resolve()}")
+    elif local.is_file():
+        if test_path is not None and not Path(test_path).is_file():
+            raise DataError(_not_found(Path(test_path), "data.test_path", "the file of test rows"))
+    elif local.suffix in (".json", *SPLIT_SUFFIXES) or path.startswith((".", "/")) or path.count("/") != 1:
+        raise DataError(_not_found(local))
+
+
+def _not_found(path: Path, what: str = "data", expected: str = "a dataset folder (train and test .jsonl, .csv or "
+               ".parquet, labels.json), one such file, demo:NAME or a hub id (owner/name)") -> str:
+    return f"{what} not found: {path} (no {path.resolve()}): expected {expected}"
+
+
+def _read_source(config):
+    """(train rows, test rows or None, label names, label descriptions) from the path's form."""
+    check_source(config.path, config.test_path)
+    path = config.path
+    if path.startswith("demo:"):
+        return _read_folder(DEMO_DIR / path.removeprefix("demo:"))
     local = Path(path)
     if local.is_dir():
         return _read_folder(local)
     if local.is_file():
         test = _read_rows(Path(config.test_path)) if config.test_path else None
         return _read_rows(local), test, *_read_label_file(local.parent)
-    if local.suffix in (".json", *SPLIT_SUFFIXES) or path.startswith((".", "/")) or path.count("/") != 1:
-        raise DataError(f"data not found: {path}")
     return _read_hub(path, config)
 
 

@@ -1,9 +1,11 @@
 """The engine: one backbone, many adapters. Every inference path (CLI predict and eval, the demo, the
 HTTP server) goes through it, so what `eval` reports is what users get.
 
-Adapters load on first use into a bounded LRU cache. Loading never touches the backbone's modules
-(LoRA deltas and prefixes are applied per batch by `mixed_batch`), so it costs the same whether 1 or
-1,000 adapters are resident, and a swap cannot disturb another adapter's answers.
+Adapters load on first use into a bounded LRU cache in host memory; a batch that needs one on the
+device copies it into a slot there (`adapter_slots`: a second LRU, bounded by bytes), from which each
+row reads its own. Loading never touches the backbone's modules, so it costs the same whether 1 or
+1,000 adapters are resident, and a swap cannot disturb another adapter's answers. Heads (tiny) live
+on the device with their adapter's host entry.
 """
 
 import json
@@ -11,6 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapterlab.adapter_slots import DEFAULT_MAX_BYTES, AdapterSlots
 from adapterlab.backbones import Backbone, load_backbone
 from adapterlab.data import DataError, load_pairs, load_task
 from adapterlab.errors import AdapterlabError
@@ -67,18 +70,27 @@ class Engine:
     """Serves the adapters of one backbone from a store."""
 
     def __init__(self, backbone: Backbone | str, store: str | Path = "adapters", max_adapters: int | None = 1024,
-                 max_bytes: int | None = None, batch_size: int = 64, device: str = "auto", dtype: str = "auto"):
+                 max_bytes: int | None = None, batch_size: int = 64, device: str = "auto", dtype: str = "auto",
+                 max_device_bytes: int | None = DEFAULT_MAX_BYTES):
         """`backbone`: a loaded one (served where it is), or a name loaded onto `device` in `dtype`
-        (auto: the fastest the hardware computes natively; see `precision`)."""
+        (auto: the fastest the hardware computes natively; see `precision`). `max_adapters` and
+        `max_bytes` bound the adapters resident in host memory, `max_device_bytes` the slots of those
+        on the device (None: no bound)."""
         if isinstance(backbone, str):
             where = resolve_device(device)
             backbone = load_backbone(backbone, device=where, dtype=resolve_dtype(dtype, where))
         self.backbone = backbone
         self.store = Path(store)
         self.max_adapters, self.max_bytes, self.batch_size = max_adapters, max_bytes, batch_size
+        self.slots = AdapterSlots(backbone.device, backbone.dtype, max_device_bytes)
         self._resident: OrderedDict[Path, Servable] = OrderedDict()
         self._zero_shot: OrderedDict[tuple[str, ...], Servable] = OrderedDict()  # label sets clients sent
-        self.stats = {"hits": 0, "misses": 0, "evictions": 0}
+        self._stats = {"hits": 0, "misses": 0, "evictions": 0}
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Host cache hits, misses and evictions; loads into and evictions from the device's slots."""
+        return {**self._stats, **self.slots.stats}
 
     @classmethod
     def for_adapter(cls, reference: str, store: str | Path = "adapters", **options) -> "Engine":
@@ -100,9 +112,9 @@ class Engine:
         servable = self._resident.get(folder)
         if servable is not None:
             self._resident.move_to_end(folder)
-            self.stats["hits"] += 1
+            self._stats["hits"] += 1
             return servable
-        self.stats["misses"] += 1
+        self._stats["misses"] += 1
         servable = self._load(folder)
         self._resident[folder] = servable
         self._evict()
@@ -117,12 +129,20 @@ class Engine:
     def resident_bytes(self) -> int:
         return sum(servable.nbytes for servable in self._resident.values())
 
+    def device_resident(self) -> list[str]:
+        """The resident adapters whose weights are in the device's slots now (an ensemble: all its members')."""
+        return [servable.key for servable in self._resident.values()
+                if all(s.weights in self.slots or s.weights.empty for s in servable.members or [servable])]
+
     def unload(self, reference: str) -> bool:
         try:
             folder = resolve(self.store, reference)
         except StoreError:  # deleted from the store already (by another process): dropped by its path
             folder = Path(reference) if Path(reference).is_absolute() else self.store / reference
-        return self._resident.pop(folder, None) is not None
+        servable = self._resident.pop(folder, None)
+        if servable is not None:
+            self._leave_device(servable)
+        return servable is not None
 
     def _load(self, folder: Path) -> Servable:
         card = read_card(folder)
@@ -135,7 +155,7 @@ class Engine:
     def _servable_of(self, stored: StoredAdapter) -> Servable:
         card, recipe = stored.card, stored.recipe
         weights = method_module(card.method).inference_weights(stored.tensors, stored.adapter_config)
-        weights = weights.to(self.backbone.device, self.backbone.dtype)
+        weights = weights.on_host(self.backbone.dtype, pinned=self.backbone.device.type == "cuda")
         prompt = prompt_settings(recipe.head, self.backbone, recipe.training.inference_max_length)
         return Servable(f"{card.task}/{card.name}", card.labels, weights, stored.head, prompt, stored.nbytes, card.kind)
 
@@ -143,8 +163,12 @@ class Engine:
         while self._resident and (
                 (self.max_adapters is not None and len(self._resident) > self.max_adapters)
                 or (self.max_bytes is not None and self.resident_bytes() > self.max_bytes and len(self._resident) > 1)):
-            self._resident.popitem(last=False)
-            self.stats["evictions"] += 1
+            self._leave_device(self._resident.popitem(last=False)[1])
+            self._stats["evictions"] += 1
+
+    def _leave_device(self, servable: Servable) -> None:
+        for member in servable.members or [servable]:
+            self.slots.discard(member.weights)
 
     def baseline(self, reference: str) -> Servable:
         """The classifier adapter `reference` started from, with no adapter weights: its head before
@@ -169,10 +193,14 @@ class Engine:
     # --- generating ------------------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest]) -> list[Sequence]:
         """Generated texts in request order; rows of any adapters (and base rows) decode together."""
-        decoder = Decoder(self.backbone)
+        decoder = self.decoder()
         sequences = [decoder.add(self.sequence(request)) for request in requests]
         decoder.run()
         return sequences
+
+    def decoder(self) -> Decoder:
+        """A running batch for this engine's generations, its adapters in the engine's device slots."""
+        return Decoder(self.backbone, self.slots)
 
     def sequence(self, request: GenerationRequest) -> Sequence:
         """A request as the decoder takes it: its servable (loaded and checked like any adapter) and its
@@ -221,9 +249,9 @@ class Engine:
         predictions: list[Prediction | None] = [None] * len(rows)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            answers, truncated = forward_mixed(self.backbone, [rows[i] for i in chunk])
+            answers, truncated = forward_mixed(self.backbone, self.slots, [rows[i] for i in chunk])
             for i, probabilities, cut in zip(chunk, answers, truncated):
-                predictions[i] = _prediction(rows[i].servable.labels, probabilities.tolist(), cut)
+                predictions[i] = _prediction(rows[i].servable.labels, probabilities, cut)
         return predictions
 
     def _servable_for(self, request: Request) -> Servable:
@@ -237,12 +265,16 @@ class Engine:
             raise StoreError("a row without an adapter needs its labels (zero-shot)")
         return self.zero_shot(tuple(request.labels))
 
-    def evaluate(self, reference: str, data: str, split: str = "test", limit: int | None = None) -> dict:
+    def evaluate(self, reference: str, data: str, split: str = "test", limit: int | None = None,
+                 label_map: dict[str, str] | None = None) -> dict:
         """Metrics of an adapter on a dataset read with the adapter's own data settings: accuracy and
-        macro-F1, or for a generative adapter its greedy completions scored against the references."""
+        macro-F1, or for a generative adapter its greedy completions scored against the references. With
+        `label_map` (the adapter's label -> the dataset's), a classifier answers a task of other label names
+        (`relabel`), whose names come from the dataset (its labels.json)."""
         card = self.card(reference)
+        labels = None if label_map is not None else card.labels or None
         config = DataConfig.model_validate({**card.recipe["data"], "path": data, "test_path": None,
-                                            "labels": card.labels or None, "k": None, "test_limit": None})
+                                            "labels": labels, "k": None, "test_limit": None})
         task = load_pairs(config) if card.kind == "generate" else load_task(config)
         rows = {"train": task.train, "test": task.test}.get(split)
         if rows is None:
@@ -256,9 +288,12 @@ class Engine:
             return {"rows": len(rows), **generation_metrics([s.text for s in outputs], rows.references, rows.inputs,
                                                             tuple(recipe.training.metrics))}
         predictions = self.predict(reference, rows.texts, rows.text_pairs)
-        index = {label: i for i, label in enumerate(card.labels)}
+        if label_map is not None:
+            check_label_map(card.labels, label_map, task.label_names)
+            predictions = [relabel(prediction, label_map) for prediction in predictions]
+        index = {label: i for i, label in enumerate(task.label_names)}
         return {"rows": len(rows), **classification_metrics([index[p.label] for p in predictions], rows.labels,
-                                                            len(card.labels))}
+                                                            len(task.label_names))}
 
 
 def read_requests(path: str | Path) -> list[Request]:
@@ -276,6 +311,32 @@ def read_requests(path: str | Path) -> list[Request]:
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise DataError(f"{path}:{number}: expected a JSON object with \"text\" (and \"adapter\")") from None
     return requests
+
+
+def check_label_map(labels: list[str], label_map: dict[str, str], task_labels: list[str] | None = None) -> None:
+    """A map from an adapter's `labels` to a task's names: it names only the adapter's labels, and (given the
+    task's labels) every adapter label lands on one of them, mapped or by its own name."""
+    unknown = sorted(set(label_map) - set(labels))
+    if unknown:
+        raise AdapterlabError(f"the label map names {', '.join(map(repr, unknown))}, which the adapter does not "
+                              f"have (its labels: {', '.join(labels)})")
+    if task_labels is not None:
+        lost = [label for label in labels if label_map.get(label, label) not in task_labels]
+        if lost:
+            raise AdapterlabError(f"the adapter's labels {', '.join(map(repr, lost))} map to none of the data's "
+                                  f"labels ({', '.join(task_labels)}): map each to one of them")
+
+
+def relabel(prediction: Prediction, label_map: dict[str, str]) -> Prediction:
+    """`prediction` in another task's label names: each label's probability goes to the name `label_map`
+    gives it (labels it does not name keep theirs; several labels may share a name, their probabilities
+    adding up), and the answer is the most probable name."""
+    scores: dict[str, float] = {}
+    for label, score in prediction.scores.items():
+        name = label_map.get(label, label)
+        scores[name] = scores.get(name, 0.0) + score
+    best = max(scores, key=scores.__getitem__)
+    return Prediction(best, scores[best], scores, prediction.truncated)
 
 
 def _prediction(labels: list[str], probabilities: list[float], truncated: bool) -> Prediction:

@@ -1,10 +1,16 @@
 """Batched generation for rows of different adapters on one LLM backbone, with continuous batching.
 
-Each decode step is one forward of every active row: LoRA rows get their own deltas through the same
-per-row hooks as classification (`mixed_batch.lora_deltas`), prefix rows start from their own prefix in
-the attention cache, base rows from nothing. Rows join between steps (their prompts prefilled as a
-group, their caches padded on the left and stacked onto the running ones) and leave as they finish;
-no peft model is built and the backbone is never modified.
+Each decode step is one forward of every active row: LoRA rows read their adapters' device slots through
+the same per-row hooks as classification (`adapter_slots`), prefix rows start from their own prefix in
+the attention cache, base rows from nothing. Tokens are chosen on the device (`sampling`) and only their
+ids come to the host, once a step, where each row's text grows by its new token alone (`detokenizer`).
+Rows join between steps (their prompts prefilled as a group) and leave as they finish; no peft model is
+built and the backbone is never modified.
+
+The attention cache is transformers' `DynamicCache`: each step appends a column to every row, and a
+join pads the running rows' cache or the new rows' on the left to one width and stacks them, a copy of
+the whole cache at each join (as the cache's own step copies it); a preallocated, paged cache would
+avoid both, at the cost of attention kernels of its own.
 """
 
 from dataclasses import dataclass, field
@@ -12,19 +18,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from adapterlab.adapter_slots import AdapterSlots, BatchAdapters, upload
 from adapterlab.backbones import Backbone, model_inputs
-from adapterlab.mixed_batch import Servable, lora_deltas, lora_rows, prefix_of
-
-
-@dataclass
-class Sampling:
-    """How a row picks its next token: greedy at temperature 0, else sampled (top-p) from its own seed."""
-
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+from adapterlab.detokenizer import Detokenizer
+from adapterlab.mixed_batch import Servable
+from adapterlab.sampling import Sampling, choose
 
 
 @dataclass(eq=False)
@@ -37,7 +35,8 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # "stop" (end of text or a stop string) or "length"
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # its seed's, on the backbone's device
+    detokenizer: Detokenizer | None = None
 
     @property
     def done(self) -> bool:
@@ -47,16 +46,19 @@ class Sequence:
 class Decoder:
     """The running batch of one backbone. `add` queues sequences; each `step` decodes one token for
     every active row, then prefills the queued ones into the batch (their first token), and returns the
-    sequences that advanced; finished ones leave the batch."""
+    sequences that advanced; finished ones leave the batch. Adapters come from `slots` (the engine's:
+    `Engine.decoder()`), or from slots of its own."""
 
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone: Backbone, slots: AdapterSlots | None = None):
         self.backbone = backbone
+        self.slots = slots if slots is not None else AdapterSlots(backbone.device, backbone.dtype)
         self.waiting: list[Sequence] = []
         self.active: list[Sequence] = []
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (rows, kv_heads, width, head_dim)
-        self.mask = torch.zeros(0, 0, dtype=torch.long)  # (rows, width): which cache entries are real
-        self.next_ids = torch.zeros(0, dtype=torch.long)  # each active row's token to read next
-        self.lora_stacks: tuple[tuple[Servable, ...], dict] = ((), {})  # whose rows they are, the stacks
+        self.mask = torch.zeros(0, 0, dtype=torch.long)  # (rows, width) on the host: which cache entries are real
+        self.device_mask = self.mask.to(backbone.device)  # the same, as the model reads it
+        self.next_ids = torch.zeros(0, dtype=torch.long, device=backbone.device)  # each active row's next token
+        self.adapters: BatchAdapters | None = None  # the active rows', while their slots stay the same
         tokenizer = backbone.tokenizer
         config = getattr(backbone.model, "generation_config", None)  # encoders have none (and never generate)
         ends = config.eos_token_id if config is not None else None
@@ -65,7 +67,8 @@ class Decoder:
 
     def add(self, sequence: Sequence) -> Sequence:
         if sequence.sampling.seed is not None:
-            sequence.generator = torch.Generator().manual_seed(sequence.sampling.seed)
+            sequence.generator = torch.Generator(self.backbone.device).manual_seed(sequence.sampling.seed)
+        sequence.detokenizer = Detokenizer(self.backbone.tokenizer)
         self.waiting.append(sequence)
         return sequence
 
@@ -76,13 +79,14 @@ class Decoder:
     @torch.no_grad()
     def step(self) -> list[Sequence]:
         """One token for every active row, then the waiting rows' first; the rows that advanced."""
-        advanced = list(self.active)
-        if self.active:
-            self._decode()
+        chosen = [self._decode()] if self.active else []
         if self.waiting:
             joining, self.waiting = self.waiting, []
-            self._prefill(joining)
-            advanced += joining
+            chosen.append(self._prefill(joining))
+        advanced = list(self.active)
+        self.next_ids = torch.cat(chosen) if chosen else self.next_ids
+        for sequence, token in zip(advanced, self.next_ids.tolist()):  # the step's one wait for the device
+            self._append(sequence, token)
         self._drop_finished()
         return advanced
 
@@ -91,111 +95,92 @@ class Decoder:
             self.step()
 
     # --- the two kinds of forward ------------------------------------------------------------------
-    def _prefill(self, joining: list[Sequence]) -> None:
-        """Read the joining rows' prompts (left-padded, each after its own prefix) in one forward, pick
-        their first tokens, and stack their caches onto the running batch."""
-        servables = list(dict.fromkeys(s.servable for s in joining))
-        slots = torch.tensor([servables.index(s.servable) for s in joining])
+    def _prefill(self, joining: list[Sequence]) -> torch.Tensor:
+        """Read the joining rows' prompts (left-padded, each after its own prefix) in one forward, stack
+        their caches onto the running batch, and choose their first tokens (on the device)."""
+        adapters = self.slots.batch([s.servable.weights for s in joining])
         width = max(len(s.prompt_ids) for s in joining)
         pad = self.backbone.tokenizer.pad_token_id or 0
         ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in joining])
         mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in joining])
-        batch = {"input_ids": ids, "attention_mask": mask}
-        prefix = prefix_of(servables, slots)
-        inputs = model_inputs(self.backbone, batch, prefix)
-        with lora_deltas(self.backbone, lora_rows(servables, slots)):
+        batch = {"input_ids": upload(ids, self.backbone.device), "attention_mask": upload(mask, self.backbone.device)}
+        inputs = model_inputs(self.backbone, batch, adapters.prefix())
+        with adapters.applied(self.backbone):
             out = self.backbone.model(**inputs, use_cache=True, logits_to_keep=1)
         cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        self._join(cache, inputs["attention_mask"].cpu())
+        self._join(cache, torch.cat([adapters.prefix_mask(), mask], dim=1), inputs["attention_mask"])
         self.active += joining
-        self._choose(joining, out.logits[:, -1])
+        return choose(out.logits[:, -1], [s.sampling for s in joining], [s.generator for s in joining])
 
-    def _decode(self) -> None:
-        """One token for every active row: each reads the token it chose last."""
-        device = self.backbone.device
-        positions = self.mask.sum(-1, keepdim=True)  # real entries so far: prefix, prompt, generated
-        self.mask = torch.cat([self.mask, torch.ones(len(self.active), 1, dtype=self.mask.dtype)], dim=1)
-        inputs = {"input_ids": self.next_ids[:, None].to(device), "attention_mask": self.mask.to(device),
-                  "position_ids": positions.to(device), "past_key_values": DynamicCache(self.cache)}
-        with lora_deltas(self.backbone, self._lora_rows()):
+    def _decode(self) -> torch.Tensor:
+        """One token for every active row, each reading the token it chose last; the tokens (on the device)."""
+        positions = self.device_mask.sum(-1, keepdim=True)  # real entries so far: prefix, prompt, generated
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.active), 1)], dim=1)
+        self.device_mask = torch.cat([self.device_mask, self.device_mask.new_ones(len(self.active), 1)], dim=1)
+        inputs = {"input_ids": self.next_ids[:, None], "attention_mask": self.device_mask,
+                  "position_ids": positions, "past_key_values": DynamicCache(self.cache)}
+        with self._active_adapters().applied(self.backbone):
             out = self.backbone.model(**inputs, use_cache=True, logits_to_keep=1)
         self.cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        self._choose(self.active, out.logits[:, -1])
+        return choose(out.logits[:, -1], [s.sampling for s in self.active], [s.generator for s in self.active])
 
-    def _lora_rows(self) -> dict:
-        """The active rows' LoRA stacks, built again only when rows joined or left (decode steps between
-        reuse them)."""
-        rows = tuple(s.servable for s in self.active)
-        if self.lora_stacks[0] != rows:
-            servables = list(dict.fromkeys(rows))
-            self.lora_stacks = rows, lora_rows(servables, torch.tensor([servables.index(s) for s in rows]))
-        return self.lora_stacks[1]
+    def _active_adapters(self) -> BatchAdapters:
+        """The active rows' slots, moved to the device again only when they changed (rows joined or left,
+        or an adapter was evicted and copied in again elsewhere between steps)."""
+        weights = [s.servable.weights for s in self.active]
+        if self.adapters is None or self.slots.slots_of(weights) != self.adapters.numbers:
+            self.adapters = self.slots.batch(weights)
+        return self.adapters
 
     # --- the batch's cache -------------------------------------------------------------------------
-    def _join(self, cache: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+    def _join(self, cache: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, device_mask: torch.Tensor) -> None:
         """Stack new rows' cache and mask onto the running ones, the shorter side padded on the left."""
         if not self.active:
-            self.cache, self.mask = cache, mask
-            self.next_ids = torch.zeros(0, dtype=torch.long)
+            self.cache, self.mask, self.device_mask = cache, mask, device_mask
             return
         width = max(self.mask.shape[1], mask.shape[1])
         self.cache = [(torch.cat([_pad_left(k, width, 2), _pad_left(nk, width, 2)]),
                        torch.cat([_pad_left(v, width, 2), _pad_left(nv, width, 2)]))
                       for (k, v), (nk, nv) in zip(self.cache, cache)]
         self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        self.device_mask = torch.cat([_pad_left(self.device_mask, width, 1), _pad_left(device_mask, width, 1)])
 
     def _drop_finished(self) -> None:
         keep = [i for i, s in enumerate(self.active) if not s.done]
         if len(keep) == len(self.active):
             return
         self.active = [self.active[i] for i in keep]
-        index = torch.tensor(keep, dtype=torch.long)
-        columns = self.mask[index].any(0).nonzero().squeeze(1)  # entries no remaining row attends to go
-        device = self.backbone.device
-        self.cache = [(k[index.to(device)][:, :, columns.to(device)], v[index.to(device)][:, :, columns.to(device)])
+        self.adapters = None
+        rows = torch.tensor(keep, dtype=torch.long)
+        columns = self.mask[rows].any(0).nonzero().squeeze(1)  # entries no remaining row attends to go (host)
+        self.mask = self.mask[rows][:, columns]
+        rows, columns = upload(rows, self.backbone.device), upload(columns, self.backbone.device)
+        self.cache = [(k.index_select(0, rows).index_select(2, columns), v.index_select(0, rows).index_select(2, columns))
                       for k, v in self.cache]
-        self.mask = self.mask[index][:, columns]
-        self.next_ids = self.next_ids[index]
+        self.device_mask = self.device_mask.index_select(0, rows).index_select(1, columns)
+        self.next_ids = self.next_ids.index_select(0, rows)
 
-    # --- choosing tokens ---------------------------------------------------------------------------
-    def _choose(self, rows: list[Sequence], logits: torch.Tensor) -> None:
-        """Each row's next token from its logits, appended, checked for an end; the new tokens are what
-        the active rows read next."""
-        logits = logits.float().cpu()
-        chosen = [_pick(row_logits, s.sampling, s.generator) for row_logits, s in zip(logits, rows)]
-        for sequence, token in zip(rows, chosen):
-            self._append(sequence, token)
-        position = {id(s): i for i, s in enumerate(self.active)}
-        next_ids = self.next_ids.tolist() + [0] * (len(self.active) - len(self.next_ids))
-        for sequence, token in zip(rows, chosen):
-            next_ids[position[id(sequence)]] = token
-        self.next_ids = torch.tensor(next_ids, dtype=torch.long)
-
+    # --- the text ----------------------------------------------------------------------------------
     def _append(self, sequence: Sequence, token: int) -> None:
         if token in self.end_ids:
-            sequence.finish_reason = "stop"
+            sequence.text, sequence.finish_reason = sequence.detokenizer.finish(), "stop"
             return
         sequence.token_ids.append(token)
-        text = self.backbone.tokenizer.decode(sequence.token_ids, skip_special_tokens=True)
-        cut = min((text.find(stop) for stop in sequence.sampling.stop if stop and stop in text), default=-1)
-        if cut >= 0:
-            sequence.text, sequence.finish_reason = text[:cut], "stop"
-            return
-        sequence.text = text
+        before = len(sequence.text)
+        text = sequence.text + sequence.detokenizer.add(token)
         if len(sequence.token_ids) >= sequence.sampling.max_tokens:
-            sequence.finish_reason = "length"
+            text, sequence.finish_reason = sequence.detokenizer.finish(), "length"
+        cut = _first_stop(text, sequence.sampling.stop, before)
+        if cut >= 0:
+            text, sequence.finish_reason = text[:cut], "stop"
+        sequence.text = text
 
 
-def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    if sampling.temperature <= 0:
-        return int(logits.argmax())
-    probabilities = (logits / sampling.temperature).softmax(-1)
-    if sampling.top_p < 1:
-        ordered, order = probabilities.sort(descending=True)
-        outside = ordered.cumsum(-1) - ordered > sampling.top_p  # keep the smallest set reaching top_p
-        probabilities = probabilities.clone()
-        probabilities[order[outside]] = 0
-    return int(torch.multinomial(probabilities, 1, generator=generator))
+def _first_stop(text: str, stops: tuple[str, ...], before: int) -> int:
+    """Where the first stop string in `text` starts, -1 if none; the text up to `before` had none, so
+    only a stop that ends after it can be new."""
+    found = [text.find(stop, max(0, before - len(stop) + 1)) for stop in stops if stop]
+    return min((at for at in found if at >= 0), default=-1)
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:

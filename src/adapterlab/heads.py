@@ -141,12 +141,12 @@ def pooling_of(config, backbone) -> str:
 
 
 def label_embeddings(backbone, descriptions: list[str], templates: list[str], pooling: str = "mean",
-                     text_prompt: str = "") -> torch.Tensor:
-    """Each description through each template, embedded by the bare backbone, unit-normalised, averaged
-    over the templates."""
+                     text_prompt: str = "", model=None) -> torch.Tensor:
+    """Each description through each template, embedded by the bare backbone (or by `model`, the backbone
+    under an adapter), unit-normalised, averaged over the templates."""
     batch = tokenize_label_texts(backbone, descriptions, templates, text_prompt)
     with torch.no_grad():
-        pooled = pool(features(backbone, backbone.model, batch, need_hidden=True), pooling)
+        pooled = pool(features(backbone, model or backbone.model, batch, need_hidden=True), pooling)
     return nn.functional.normalize(pooled, dim=-1).view(len(templates), len(descriptions), -1).mean(0)
 
 

@@ -1,20 +1,24 @@
 """One forward pass for rows of different adapters: the base output is computed once for the whole
 batch; each row then gets its own LoRA deltas, its own attention prefix, and its own head.
 
-Rows may mix LoRA adapters, prefix adapters, and zero-shot rows (no adapter) freely: LoRA deltas are
-added per row by batched matmuls in forward hooks (rows without a delta get zeros), prefixes are
-padded to the longest and masked per row. Heads differ in label count, so each group of rows goes
-through its own head after the shared backbone pass. A row of an ensemble becomes one row per member
-in the same pass, and its answer is the mean of the members' probabilities.
+Rows may mix LoRA adapters, prefix adapters, and zero-shot rows (no adapter) freely: each row reads
+its adapter's slot on the device (`adapter_slots`: LoRA deltas by batched matmuls in forward hooks,
+zeros for rows without one; prefixes padded to the longest and masked per row). After the shared
+backbone pass each row gets its own head's scores; heads that compute alike answer their rows together,
+whatever their label counts. A row of an ensemble becomes one row per member in the same pass, and its
+answer is the mean of the members' probabilities. The host waits for the device once, for the answers.
 """
 
-from contextlib import contextmanager
+import itertools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
-from adapterlab.backbones import Backbone, Features, Prefix, features, tokenize
+from adapterlab.adapter_slots import AdapterSlots, upload
+from adapterlab.backbones import Backbone, Features, features, tokenize
+from adapterlab.heads import ClassifierHead, LabelWordHead, pool
 from adapterlab.methods.base import AdapterWeights
 from adapterlab.prompts import PromptSettings
 
@@ -41,36 +45,82 @@ class Row:
 
 
 @torch.no_grad()
-def forward_mixed(backbone: Backbone, rows: list[Row]) -> tuple[list[torch.Tensor], list[bool]]:
+def forward_mixed(backbone: Backbone, slots: AdapterSlots, rows: list[Row]) -> tuple[list[list[float]], list[bool]]:
     """Label probabilities for each row, from its own adapter and head (an ensemble's: the mean of its
-    members'), in one backbone pass; and whether each row's input was cut to its adapter's token limit."""
+    members'), in one backbone pass that waits for the device once, for the answers; and whether each
+    row's input was cut to its adapter's token limit."""
     counts = [len(row.servable.members) or 1 for row in rows]
     member_rows = [Row(member, row.text, row.text_pair) for row in rows for member in row.servable.members or [row.servable]]
-    probabilities, truncated = _forward_rows(backbone, member_rows)
-    ends = torch.tensor(counts).cumsum(0).tolist()
-    return ([probabilities[end - n] if n == 1 else torch.stack(probabilities[end - n:end]).mean(0)
+    probabilities, truncated = _forward_rows(backbone, slots, member_rows)
+    ends = list(itertools.accumulate(counts))
+    return ([probabilities[end - 1] if n == 1 else [sum(column) / n for column in zip(*probabilities[end - n:end])]
              for n, end in zip(counts, ends)],
             [any(truncated[end - n:end]) for n, end in zip(counts, ends)])
 
 
-def _forward_rows(backbone: Backbone, rows: list[Row]) -> tuple[list[torch.Tensor], list[bool]]:
-    servables = list(dict.fromkeys(row.servable for row in rows))  # unique, in first-seen order
-    slot = {servable: i for i, servable in enumerate(servables)}
-    row_slots = torch.tensor([slot[row.servable] for row in rows])
+def _forward_rows(backbone: Backbone, slots: AdapterSlots, rows: list[Row]) -> tuple[list[list[float]], list[bool]]:
+    adapters = slots.batch([row.servable.weights for row in rows])
     batch, truncated = _tokenize_rows(backbone, rows)
-    prefix = prefix_of(servables, row_slots)
+    batch = {key: upload(value, backbone.device) for key, value in batch.items()}
+    prefix = adapters.prefix()
     if prefix is not None and "token_type_ids" in batch:  # peft drops them under prompt learning: so must we
         batch["token_type_ids"] = batch["token_type_ids"] * (prefix.lengths == 0)[:, None]
-    need_hidden = any(servable.head.needs_hidden for servable in servables)
-    with lora_deltas(backbone, lora_rows(servables, row_slots)):
+    need_hidden = any(row.servable.head.needs_hidden for row in rows)
+    with adapters.applied(backbone):
         feats = features(backbone, backbone.model, batch, need_hidden, prefix)
-    results: list[torch.Tensor | None] = [None] * len(rows)
-    for servable in servables:
-        index = (row_slots == slot[servable]).nonzero().squeeze(1)
-        logits = servable.head(_select(feats, index.to(backbone.device)))
-        for i, probabilities in zip(index.tolist(), logits.float().softmax(-1)):
-            results[i] = probabilities.cpu()
-    return results, truncated
+    return _head_probabilities(backbone, rows, feats), truncated
+
+
+def _head_probabilities(backbone: Backbone, rows: list[Row], feats: Features) -> list[list[float]]:
+    """Each row's label probabilities from its own head. Heads that compute alike (classifiers of one
+    pooling and scale, label-word heads) answer together: their weights padded into one table, a row
+    reading its head's by index, a few operations for a whole group whatever its number of heads. All
+    answers are gathered on the device and copied to the host at once."""
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(_head_kind(row.servable.head), []).append(i)
+    positions = [{head: n for n, head in enumerate(dict.fromkeys(rows[i].servable.head for i in members))}
+                 for members in groups.values()]  # each group's heads, numbered in first-seen order
+    heads = [list(numbered) for numbered in positions]
+    which = [numbered[rows[i].servable.head] for numbered, members in zip(positions, groups.values()) for i in members]
+    order = [i for members in groups.values() for i in members]
+    index, which = upload(torch.tensor(order + which), backbone.device).split(len(rows))
+    width = max(len(row.servable.labels) for row in rows)
+    sizes = [len(members) for members in groups.values()]
+    scores = [_group_scores(kind, group_heads, _select(feats, picked), chosen)
+              for kind, group_heads, picked, chosen in zip(groups, heads, index.split(sizes), which.split(sizes))]
+    logits = [nn.functional.pad(group, (0, width - group.shape[1]), value=float("-inf")) for group in scores]
+    probabilities = torch.empty(len(rows), width, device=index.device).index_copy_(0, index, torch.cat(logits).softmax(-1))
+    values = probabilities.tolist()  # the batch's one wait for the device
+    return [values[i][:len(row.servable.labels)] for i, row in enumerate(rows)]
+
+
+def _head_kind(head: nn.Module) -> tuple:
+    """Heads of one kind compute alike and answer their rows together; any other head answers alone."""
+    if isinstance(head, ClassifierHead):
+        return "classifier", head.pooling, head.cosine_scale, head.normalize
+    if isinstance(head, LabelWordHead):
+        return ("label_words",)
+    return "own", id(head)
+
+
+def _group_scores(kind: tuple, heads: list[nn.Module], feats: Features, which: torch.Tensor) -> torch.Tensor:
+    """Label scores (rows, the group's most labels; -inf past a head's own) of rows whose heads are of
+    one kind, row r read by heads[which[r]], as each head's own forward computes them."""
+    if kind[0] == "classifier":
+        _, pooling, cosine_scale, normalize = kind
+        pooled = pool(feats, pooling)
+        weights = pad_sequence([head.linear.weight for head in heads], batch_first=True)
+        bias = pad_sequence([head.linear.bias for head in heads], batch_first=True, padding_value=float("-inf"))
+        if cosine_scale is not None:
+            pooled, weights = cosine_scale * nn.functional.normalize(pooled, dim=-1), nn.functional.normalize(weights, dim=-1)
+        elif normalize:
+            pooled = nn.functional.normalize(pooled, dim=-1)
+        return torch.bmm(weights.index_select(0, which), pooled[:, :, None]).squeeze(2) + bias.index_select(0, which)
+    if kind[0] == "label_words":
+        ids = pad_sequence([head.token_ids for head in heads], batch_first=True, padding_value=-1).index_select(0, which)
+        return feats.next_token_logits.gather(1, ids.clamp(min=0)).float().masked_fill(ids < 0, float("-inf"))
+    return heads[0](feats).float()
 
 
 def _select(feats: Features, index: torch.Tensor) -> Features:
@@ -107,67 +157,3 @@ def _tokenize_rows(backbone: Backbone, rows: list[Row]) -> tuple[dict[str, torch
 def _pad(values: torch.Tensor, width: int, fill: int, left: bool) -> torch.Tensor:
     padding = values.new_full((width - len(values),), fill)
     return torch.cat([padding, values] if left else [values, padding])
-
-
-def prefix_of(servables: list[Servable], row_slots: torch.Tensor) -> Prefix | None:
-    """Prefixes of the batch's prefix adapters, zero-padded to the longest and masked per row."""
-    lengths = torch.tensor([s.weights.prefix_length for s in servables])
-    longest = int(lengths.max())
-    if longest == 0:
-        return None
-    template = next(s.weights.prefix for s in servables if s.weights.prefix)
-    slots = row_slots.to(template[0][0].device)
-    key_values = []
-    for layer, (key, _) in enumerate(template):
-        stacked = key.new_zeros(2, len(servables), key.shape[0], longest, key.shape[2])
-        for i, servable in enumerate(servables):
-            if servable.weights.prefix:
-                k, v = servable.weights.prefix[layer]
-                stacked[0, i, :, :k.shape[1]], stacked[1, i, :, :v.shape[1]] = k, v
-        key_values.append((stacked[0][slots], stacked[1][slots]))
-    row_lengths = lengths[row_slots]
-    mask = (torch.arange(longest)[None, :] < row_lengths[:, None]).long()
-    return Prefix(key_values, mask, row_lengths)
-
-
-def lora_rows(servables: list[Servable], row_slots: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each adapted module's A and B for every row, (rows, r, in) and (rows, out, r): its adapter's
-    own (zero-padded to the batch's largest rank), zeros for rows whose adapter leaves the module alone."""
-    modules = sorted({name for s in servables for name in s.weights.linear_deltas})
-    return {name: _stack_rows(name, servables, row_slots) for name in modules}
-
-
-@contextmanager
-def lora_deltas(backbone: Backbone, rows: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-    """While active, each adapted Linear adds x·Aᵀ·Bᵀ with every row's own (A, B) from `lora_rows`: one
-    batched matmul pair per module, whatever the number of adapters in the batch."""
-    handles = []
-    try:
-        for name, (a_rows, b_rows) in rows.items():
-            handles.append(backbone.modules[name].register_forward_hook(_add_delta(a_rows, b_rows)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _stack_rows(name: str, servables: list[Servable], row_slots: torch.Tensor):
-    pairs = [s.weights.linear_deltas.get(name) for s in servables]
-    a0, b0 = next(pair for pair in pairs if pair is not None)
-    rank = max(pair[0].shape[0] for pair in pairs if pair is not None)
-    a = a0.new_zeros(len(servables), rank, a0.shape[1])
-    b = b0.new_zeros(len(servables), b0.shape[0], rank)
-    for i, pair in enumerate(pairs):
-        if pair is not None:
-            a[i, :pair[0].shape[0]], b[i, :, :pair[1].shape[1]] = pair
-    slots = row_slots.to(a.device)
-    return a[slots], b[slots]
-
-
-def _add_delta(a_rows: torch.Tensor, b_rows: torch.Tensor):
-    def hook(module, inputs, output):
-        x = inputs[0].reshape(len(a_rows), -1, a_rows.shape[2])  # (B, tokens, in), tokens may be 1
-        delta = torch.bmm(torch.bmm(x, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))
-        return output + delta.reshape(output.shape)
-
-    return hook

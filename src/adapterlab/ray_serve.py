@@ -29,6 +29,7 @@ from typing import AsyncGenerator, BinaryIO
 
 import ray
 from fastapi import FastAPI
+from prometheus_client.core import CounterMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.exceptions import RayActorError
@@ -40,7 +41,7 @@ from adapterlab.server.backend import Update
 from adapterlab.server.bodies import BatchRow
 from adapterlab.server.errors import ApiError
 from adapterlab.server.local import LocalBackend
-from adapterlab.server.metrics import Metrics, family
+from adapterlab.server.metrics import Metrics
 from adapterlab.server.settings import Settings
 from adapterlab.server.worker import Server
 from adapterlab.store import AdapterCard
@@ -188,6 +189,27 @@ class AdapterReplica:
                 yield update
 
 
+class ReplicaFigures:
+    """An ingress's per-replica figures and resent requests, collected into its metrics' registry."""
+
+    def __init__(self, ingress: "Ingress"):
+        self.ingress = ingress
+
+    def collect(self):
+        replicas = list(self.ingress.figures.values())
+        for key, name, description in (
+                ("misses", "adapterlab_replica_adapter_loads", "Adapter loads (engine cache misses) per replica, "
+                 "as its last answer reported them."),
+                ("batches", "adapterlab_replica_batches", "Engine batches per replica (rows of any adapters "
+                 "together), as its last answer reported them.")):
+            family = CounterMetricFamily(name, description, labels=["replica", "pid"])
+            for figures in replicas:
+                family.add_metric([figures["replica"], str(figures["pid"])], figures[key])
+            yield family
+        yield CounterMetricFamily("adapterlab_resent_requests", "Requests sent to another replica after theirs died.",
+                                  value=self.ingress.resent)
+
+
 @serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class Ingress:
@@ -200,6 +222,7 @@ class Ingress:
         self.figures: dict[str, dict] = {}  # replica id → its latest figures
         self.resent = 0  # requests sent again after their replica died
         self.backbone_name: str | None = None
+        self.metrics.registry.register(ReplicaFigures(self))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return api_app(self, title="adapterlab on Ray Serve", summary="Many adapters on one frozen backbone, "
@@ -287,22 +310,9 @@ class Ingress:
 
     def render_metrics(self) -> str:
         """Prometheus text: the ingress's requests and latencies, and the replicas' figures (summed, and per
-        replica) as their latest answers reported them."""
-        replicas = list(self.figures.values())
-        self.metrics.add_up(replicas)
-
-        def per_replica(key: str) -> list[str]:
-            return [f'{{replica="{f["replica"]}",pid="{f["pid"]}"}} {f[key]}' for f in replicas]
-
-        lines = family("adapterlab_replica_adapter_loads_total", "counter",
-                       "Adapter loads (engine cache misses) per replica, as its last answer reported them.",
-                       per_replica("misses"))
-        lines += family("adapterlab_replica_batches_total", "counter",
-                        "Engine batches per replica (rows of any adapters together), as its last answer reported them.",
-                        per_replica("batches"))
-        lines += family("adapterlab_resent_requests_total", "counter",
-                        "Requests sent to another replica after theirs died.", [f" {self.resent}"])
-        return self.metrics.render() + "\n".join(lines) + "\n"
+        replica: `ReplicaFigures`) as their latest answers reported them."""
+        self.metrics.add_up(list(self.figures.values()))
+        return self.metrics.render()
 
 
 async def _relayed(events: DeploymentResponseGenerator) -> AsyncGenerator[Update, None]:

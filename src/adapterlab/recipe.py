@@ -141,6 +141,8 @@ class DataConfig(_Section):
                                        "null: all of them.")
 
 
+AUTO_SOURCE = "auto"  # training.init_from: the k-shot rows choose the source among the store's adapters
+
 # Grid keys that cannot vary between the trainings of one selection: the selection itself, the
 # precision the run's Accelerator was made with, the checkpoints, the self-training and the ensemble of
 # the final run.
@@ -178,6 +180,9 @@ class SelectionConfig(_Section):
                                  f"field other than {', '.join(sorted(_NOT_SELECTABLE))})")
             if not values:
                 raise ValueError(f"grid key {key!r} has no values to try")
+            if key == "training.init_from" and AUTO_SOURCE in values:
+                raise ValueError("grid key 'training.init_from' takes sources (TASK/NAME) and null; auto is "
+                                 "training.init_from's own setting")
         return self
 
     @property
@@ -252,6 +257,17 @@ class TrainingConfig(_Section):
         "pseudo-labels and a fresh adapter retrained on the k-shot rows and them; the card's self_training records "
         "the setting ('k=16 labelled + 1000 unlabeled'), the pseudo-labels kept per class and round, and the seconds. "
         "null: the k-shot rows alone.")
+    init_from: str | None = Field(
+        None, description="Start from a stored classifier of the same backbone and method (the adapter library): "
+        "TASK/NAME in output.store, or an adapter folder. Its method settings replace method.*, its adapter weights "
+        "are the start, and so are its head rows when it knows every label of this task by name; otherwise the head "
+        "starts from this task's label descriptions embedded through the source. auto: each stored classifier of "
+        "other tasks is scored as a start on the k-shot rows; those that start above the zero-shot classifier (the "
+        "best init_candidates of them) and none are cross-validated on the k-shot rows (training.select), and the "
+        "best trains; the card's init_from records the candidates and the choice. null: a fresh adapter.")
+    init_candidates: int = Field(
+        2, ge=1, le=16, description="With init_from auto: how many of the best-starting stored adapters the "
+        "cross-validation tries beside none (each adds one training of the recipe, in folds).")
 
     @model_validator(mode="after")
     def _hub_code_is_opted_into(self):
@@ -269,6 +285,9 @@ class TrainingConfig(_Section):
 class OutputConfig(_Section):
     store: str = Field("adapters", description="Adapter store folder.")
     name: str | None = Field(None, description="Adapter name (default: METHOD-kK-sSEED, -ensN for an ensemble).")
+    overwrite: bool = Field(True, description="Replace an adapter of the same name in the store; false: refuse, "
+                            "before training and again, under the adapter's lock, when saving (another run may "
+                            "have saved that name meanwhile). `adapterlab train` sets it from --overwrite.")
 
 
 class Recipe(_Section):
@@ -304,9 +323,7 @@ class Recipe(_Section):
         select = self.training.select
         if select is None:
             return self
-        if self.generates:
-            raise ValueError("training.select scores grid points by held-out accuracy: it needs a classification "
-                             "task, not head.type generate")
+        self._classification_only("training.select scores grid points by held-out accuracy")
         if self.data.k is not None and self.data.k < select.folds:
             raise ValueError(f"training.select.folds {select.folds} needs at least {select.folds} rows per class "
                              f"(each fold holds out every class); data.k is {self.data.k}")
@@ -328,15 +345,27 @@ class Recipe(_Section):
                              "texts, and nothing else does")
         if self_train is None:
             return self
-        if self.generates:
-            raise ValueError("training.self_train keeps pseudo-labels by their class probability: it needs a "
-                             "classification task, not head.type generate")
+        self._classification_only("training.self_train keeps pseudo-labels by their class probability")
         if unlabeled == "train" and self.data.k is None:
             raise ValueError("data.unlabeled train means the train rows other than the k-shot rows; with data.k null "
                              "every train row is labelled and none is left")
         if self.training.checkpoint_every:
             raise ValueError("training.self_train trains several adapters in one run: it cannot resume from "
                              "training.checkpoint_every's checkpoints (set it to null)")
+        return self
+
+    @model_validator(mode="after")
+    def _library_start_can_run(self):
+        init_from = self.training.init_from
+        if init_from is None:
+            return self
+        self._classification_only("training.init_from starts a classifier from a stored one")
+        if init_from == AUTO_SOURCE and self.training.ensemble > 1:
+            raise ValueError("training.init_from auto chooses by cross-validation, which training.ensemble does not "
+                             "combine with: name the source (TASK/NAME) for an ensemble")
+        if self.training.select and "training.init_from" in self.training.select.grid and init_from == AUTO_SOURCE:
+            raise ValueError("training.init_from auto fills training.select.grid's training.init_from itself: "
+                             "give one or the other")
         return self
 
     @model_validator(mode="after")
@@ -352,6 +381,10 @@ class Recipe(_Section):
             if refused:
                 raise ValueError(f"training.ensemble {self.training.ensemble} {why}")
         return self
+
+    def _classification_only(self, feature: str) -> None:
+        if self.generates:
+            raise ValueError(f"{feature}: it needs a classification task, not head.type generate")
 
     def with_settings(self, settings: dict) -> "Recipe":
         """This recipe with dotted `section.field` settings replaced, validated anew."""

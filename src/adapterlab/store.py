@@ -15,9 +15,11 @@ members/0, members/1, ... (the card's `members` lists them in that order). A mer
 and for an encoder the files that make it a sentence-transformers folder. Exports (`save_portable`,
 `save_lora_files`) are new folders written the same way, for loaders elsewhere.
 
-Everything that uses an adapter reads it through `read_adapter` (ensembles through `read_ensemble`,
-merged models through `read_merged`), which checks it for the backbone; only `_read_files` opens the
-files, and models are built from what it read (`loading` puts an adapter under peft).
+Cards alone (listing, showing, resolving TASK/NAME) are read by `cards`, which needs no torch; its
+names are importable from here too. Everything that uses an adapter reads it through `read_adapter`
+(ensembles through `read_ensemble`, merged models through `read_merged`), which checks it for the
+backbone; only `_read_files` opens the files, and models are built from what it read (`loading` puts
+an adapter under peft).
 """
 
 import ctypes
@@ -36,13 +38,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from peft import PeftModel
 from torch import nn
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 
@@ -51,59 +53,15 @@ from adapterlab.backbones.sentence_folders import SentenceSettings, write_senten
 from adapterlab.heads import HeadMismatch, build_head
 from adapterlab.methods import METHODS, method_module
 from adapterlab.recipe import Recipe, describe_errors
+# The card-only reading lives in `cards` (no torch); its names stay importable from here.
+from adapterlab.cards import (MEMBERS, AdapterCard, StoreError, adapter_folders, list_adapters, member_folders,
+                              read_card, resolve)
 from adapterlab.errors import AdapterlabError
 from adapterlab.model_card import model_card
-from adapterlab.names import check_name, name_problem
+from adapterlab.names import check_name
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "card.json")
 WEIGHT_FILES = ("adapter_model.safetensors", "head.safetensors")
-MEMBERS = "members"  # an ensemble's member folders: members/0, members/1, ...
-
-
-class StoreError(AdapterlabError):
-    """An adapter folder that is missing, damaged, or does not fit the backbone."""
-
-
-class AdapterCard(BaseModel):
-    """What an adapter is: enough to reload and judge it without asking the caller anything."""
-
-    model_config = ConfigDict(extra="allow")
-    task: str
-    name: str
-    kind: Literal["classify", "generate"] = "classify"  # generate: it writes text (no labels, no head weights)
-    labels: list[str]
-    label_descriptions: list[str]
-    backbone: str
-    backbone_fingerprint: str
-    # the folder the backbone was loaded from, where it was trained (adapter_config.json names its hub id)
-    backbone_source: str | None = None
-    method: str
-    k: int | None
-    seed: int
-    recipe: dict
-    metrics: dict[str, float] = {}
-    trainable_params: int
-    backbone_params: int
-    adapter_bytes: int = 0
-    train_seconds: float | None = None
-    # training.select: the settings chosen by cross-validation on the k-shot rows, their estimate beside
-    # the zero-shot start's (below_zero_shot), whether it fell back to that start (crossval.Selection.record)
-    selection: dict | None = None
-    # training.self_train: the setting ("k=16 labelled + 1000 unlabeled"), the pseudo-labels kept per class
-    # and round, the seconds (self_training.SelfTraining.record)
-    self_training: dict | None = None
-    # training.ensemble: one entry per member folder (members/<i>), in order: its seed, train_seconds and
-    # test metrics; metrics above are the ensemble's own (the mean of the members' probabilities)
-    members: list[dict] | None = None
-    created: str = ""
-
-    @field_validator("task", "name")
-    @classmethod
-    def _plain(cls, value: str, info) -> str:
-        problem = name_problem(value)
-        if problem:
-            raise ValueError(f"{info.field_name} {value!r} {problem}")
-        return value
 
 
 class Trained(Protocol):
@@ -366,53 +324,6 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def adapter_folders(store: str | Path) -> list[Path]:
-    """Every TASK/NAME folder of the store, broken ones included; hidden (in-progress) ones are not."""
-    return sorted(folder for folder in Path(store).glob("*/*")
-                  if folder.is_dir() and not folder.name.startswith(".") and not folder.parent.name.startswith("."))
-
-
-def list_adapters(store: str | Path) -> list[AdapterCard]:
-    """Cards of every adapter in the store that has a valid card (`verify` names broken ones)."""
-    cards = []
-    for folder in adapter_folders(store):
-        try:
-            cards.append(read_card(folder))
-        except StoreError:
-            continue
-    return cards
-
-
-def resolve(store: str | Path, reference: str) -> Path:
-    """A folder path, or TASK/NAME inside the store, or TASK alone when it holds one adapter."""
-    if Path(reference).is_dir():
-        return Path(reference)
-    parts = reference.split("/")
-    if not 1 <= len(parts) <= 2 or any(name_problem(part) for part in parts):
-        raise StoreError(f"no adapter folder {reference!r}, and it is not TASK/NAME (or TASK) in the store: "
-                         f"each part {name_problem('')}")
-    folder = Path(store) / reference
-    if (folder / "card.json").exists():
-        return folder
-    if folder.is_dir():
-        names = sorted(p.name for p in folder.iterdir() if (p / "card.json").exists())
-        if len(names) == 1:
-            return folder / names[0]
-        if names:
-            raise StoreError(f"task {reference!r} has several adapters ({', '.join(names)}): name one as TASK/NAME")
-    raise StoreError(f"no adapter {reference!r} in store {store}")
-
-
-def read_card(folder: str | Path) -> AdapterCard:
-    file = Path(folder) / "card.json"
-    try:
-        return AdapterCard.model_validate_json(file.read_text())
-    except FileNotFoundError:
-        raise StoreError(f"{folder}: not an adapter folder (no card.json)") from None
-    except (ValidationError, ValueError) as error:
-        raise StoreError(f"{file}: corrupt card ({str(error).splitlines()[0]})") from None
-
-
 def verify(folder: str | Path, backbone: Backbone | None = None) -> list[str]:
     """Problems with an adapter folder; empty when it is complete and its files are readable, and,
     given a backbone, when it fits that backbone as `read_adapter` checks it. An ensemble's problems
@@ -469,11 +380,6 @@ def _ensemble_problems(folder: Path, card: AdapterCard, backbone: Backbone | Non
     if not card.members:
         problems.append("an ensemble card that lists no members")
     return problems or _refusal(read_ensemble, folder, backbone)
-
-
-def member_folders(folder: str | Path, card: AdapterCard) -> list[Path]:
-    """An ensemble's member folders, in the order its card lists them."""
-    return [Path(folder) / MEMBERS / str(i) for i in range(len(card.members or ()))]
 
 
 def verify_folders(folders: list[Path], backbone: str | None = None, check_fit: bool = True

@@ -149,14 +149,26 @@ def _bitsandbytes(quantization):
 
 def resolve_path(name: str) -> Path:
     """The local folder holding the backbone's Hugging Face files."""
+    check_backbone(name)
     if name in PACKAGED:
         return PACKAGED[name]()
     if Path(name).is_dir():
         return Path(name).resolve()
-    if _is_hub_id(name):
-        return _hub_snapshot(name)
-    raise BackboneError(f"unknown backbone {name!r}: use one of {', '.join(PACKAGED)}, "
-                        "a local Hugging Face folder, or a hub id (owner/name)")
+    return _hub_snapshot(name)
+
+
+def check_backbone(name: str) -> None:
+    """Refuse, before any weights load, a name that is no packaged backbone, no Hugging Face model
+    folder and no hub id (owner/name). Nothing is fetched or converted here."""
+    if name in PACKAGED or _is_hub_id(name):
+        return
+    folder = Path(name)
+    if not folder.is_dir():
+        raise BackboneError(f"unknown backbone {name!r} (no folder {folder.resolve()}): use one of "
+                            f"{', '.join(PACKAGED)}, a local Hugging Face folder, or a hub id (owner/name)")
+    if not (folder / "config.json").is_file():
+        raise BackboneError(f"backbone {name!r}: {folder.resolve()} is not a Hugging Face model folder "
+                            "(no config.json)")
 
 
 def _minilm() -> Path:

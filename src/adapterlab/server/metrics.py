@@ -1,46 +1,41 @@
-"""The server's metrics, rendered in the Prometheus text format."""
+"""The server's metrics, kept and rendered in the Prometheus text format by `prometheus_client`."""
 
-from bisect import bisect_left
-from collections import Counter
+from prometheus_client import (CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector,
+                               generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 FINISH_REASONS = ("stop", "length", "cancelled")  # cancelled: its client left
 
 
-class Histogram:
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    def lines(self, labels: str = "") -> list[str]:
-        """Samples with `labels` ('key="value",' each) prepended to the bucket bounds."""
-        cumulative, lines = 0, []
-        for bound, count in zip((*self.bounds, "+Inf"), self.counts):
-            cumulative += count
-            lines.append(f'_bucket{{{labels}le="{bound}"}} {cumulative}')
-        labels = f"{{{labels.rstrip(',')}}}" if labels else ""
-        return lines + [f"_sum{labels} {self.sum}", f"_count{labels} {cumulative}"]
-
-
 class Metrics:
-    """Counted on the event loop; the engine figures are a snapshot the worker publishes."""
+    """A registry of its own per server (a process may hold several: tests, a Ray ingress beside its
+    replicas), with the process and platform figures. Requests and batch sizes are counted on the event loop;
+    the engine and decoder figures are a snapshot the worker publishes, read when the registry is collected."""
 
     def __init__(self):
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.latency: dict[str, Histogram] = {}
-        self.batch_rows = Histogram(BATCH_BUCKETS)
+        self.registry = CollectorRegistry()
+        self.requests = Counter("adapterlab_requests", "HTTP requests by endpoint and status.",
+                                ["endpoint", "status"], registry=self.registry)
+        self.errors = Counter("adapterlab_errors", "HTTP answers with status >= 400.", ["endpoint", "status"],
+                              registry=self.registry)
+        self.latency = Histogram("adapterlab_request_seconds", "Request latency.", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_rows = Histogram("adapterlab_batch_rows", "Rows per engine batch.", buckets=BATCH_BUCKETS,
+                                    registry=self.registry)
         self.engine = {"resident": 0, "hits": 0, "misses": 0, "evictions": 0}
         self.truncated = 0  # inputs cut to their adapter's token limit
         self.generation = {"running": 0, "tokens": 0, **{reason: 0 for reason in FINISH_REASONS}}
+        self.registry.register(self)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
 
     def figures(self) -> dict:
         """The figures a backend's engine and decoder produced, in one dict (a Ray replica reports them)."""
-        return {**self.engine, **self.generation, "truncated": self.truncated,
-                "batches": sum(self.batch_rows.counts)}
+        batches = next(sample.value for family in self.batch_rows.collect() for sample in family.samples
+                       if sample.name.endswith("_count"))
+        return {**self.engine, **self.generation, "truncated": self.truncated, "batches": int(batches)}
 
     def add_up(self, figures: list[dict]) -> None:
         """Take the sums of several backends' `figures` (an ingress in front of replicas)."""
@@ -49,36 +44,30 @@ class Metrics:
         self.truncated = sum(f["truncated"] for f in figures)
 
     def record(self, endpoint: str, status: int, seconds: float) -> None:
-        self.requests[endpoint, status] += 1
-        self.latency.setdefault(endpoint, Histogram(LATENCY_BUCKETS)).observe(seconds)
+        self.requests.labels(endpoint, str(status)).inc()
+        if status >= 400:
+            self.errors.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def collect(self):
+        """The snapshot's families (the registry calls this when it is collected)."""
+        yield CounterMetricFamily("adapterlab_truncated_inputs", "Inputs cut to their adapter's token limit "
+                                  "(answered from their first tokens).", value=self.truncated)
+        yield GaugeMetricFamily("adapterlab_resident_adapters", "Adapters loaded in the engine.",
+                                value=self.engine["resident"])
+        for name in ("hits", "misses", "evictions"):
+            yield CounterMetricFamily(f"adapterlab_cache_{name}", f"Engine adapter cache {name}.",
+                                      value=self.engine[name])
+        yield GaugeMetricFamily("adapterlab_generations_running", "Generated rows in the decoder or waiting for it.",
+                                value=self.generation["running"])
+        yield CounterMetricFamily("adapterlab_generated_tokens", "Tokens the decoder chose (one per row a step).",
+                                  value=self.generation["tokens"])
+        ended = CounterMetricFamily("adapterlab_generations", "Generated rows by how they ended.",
+                                    labels=["finish_reason"])
+        for reason in FINISH_REASONS:
+            ended.add_metric([reason], self.generation[reason])
+        yield ended
 
     def render(self) -> str:
         """The Prometheus text format."""
-        requests = self.requests.items()
-        out = family("adapterlab_requests_total", "counter", "HTTP requests by endpoint and status.",
-                     [f'{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in requests])
-        out += family("adapterlab_errors_total", "counter", "HTTP answers with status >= 400.",
-                      [f'{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in requests if s >= 400])
-        out += family("adapterlab_request_seconds", "histogram", "Request latency.",
-                      [line for e, h in self.latency.items() for line in h.lines(f'endpoint="{e}",')])
-        out += family("adapterlab_batch_rows", "histogram", "Rows per engine batch.", self.batch_rows.lines())
-        out += family("adapterlab_truncated_inputs_total", "counter",
-                      "Inputs cut to their adapter's token limit (answered from their first tokens).",
-                      [f" {self.truncated}"])
-        out += family("adapterlab_resident_adapters", "gauge", "Adapters loaded in the engine.",
-                      [f" {self.engine['resident']}"])
-        for name in ("hits", "misses", "evictions"):
-            out += family(f"adapterlab_cache_{name}_total", "counter", f"Engine adapter cache {name}.",
-                          [f" {self.engine[name]}"])
-        out += family("adapterlab_generations_running", "gauge", "Generated rows in the decoder or waiting for it.",
-                      [f" {self.generation['running']}"])
-        out += family("adapterlab_generated_tokens_total", "counter", "Tokens the decoder chose (one per row a step).",
-                      [f" {self.generation['tokens']}"])
-        out += family("adapterlab_generations_total", "counter", "Generated rows by how they ended.",
-                      [f'{{finish_reason="{reason}"}} {self.generation[reason]}' for reason in FINISH_REASONS])
-        return "\n".join(out) + "\n"
-
-
-def family(name: str, kind: str, description: str, samples: list[str]) -> list[str]:
-    """A metric family; each sample is its labels (and _bucket/_sum/_count suffix) and value."""
-    return [f"# HELP {name} {description}", f"# TYPE {name} {kind}"] + [name + sample for sample in samples]
+        return generate_latest(self.registry).decode()

@@ -1,7 +1,9 @@
 """OpenAI-compatible routes, the way vLLM and LoRAX serve many LoRA adapters: `model` names an adapter
 (TASK/NAME) or the backbone. /v1/models, /v1/completions and /v1/chat/completions, with `stream`
-(server-sent events), `n`, `stop`, `max_tokens`, `temperature`, `top_p`, `seed` and `usage`; errors in
-OpenAI's shape. Generative adapters and the backbone write text through the engine's decoder; a
+(server-sent events, the usage last with stream_options.include_usage), `n`, `stop`, `max_tokens`,
+`temperature`, `top_p`, `seed`, `echo` and `usage`; errors in OpenAI's shape; the other fields of OpenAI's
+schemas are ignored or refused (`bodies.OpenAIBody`). Generative adapters and the backbone write text through
+the engine's decoder; a chat to a generative adapter reaches it through the template it was trained with; a
 classification adapter answers with its label as the text, so one client reaches every task."""
 
 import asyncio
@@ -9,51 +11,22 @@ import json
 import time
 import uuid
 from contextlib import aclosing
-from typing import AsyncGenerator, AsyncIterator, Literal
+from dataclasses import replace
+from typing import AsyncGenerator, AsyncIterator
 
 from fastapi import APIRouter, Request as HttpRequest
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from adapterlab.engine import GenerationRequest
 from adapterlab.generation import Sampling
 from adapterlab.server.backend import Backend, Update
-from adapterlab.server.bodies import BatchRow
+from adapterlab.server.bodies import BatchRow, ChatBody, CompletionBody
 from adapterlab.server.disconnects import CLIENT_CLOSED_REQUEST, unless_client_leaves
 from adapterlab.server.errors import ApiError
 from adapterlab.server.routes import BackendDep
 from adapterlab.store import AdapterCard, adapter_folders
 
 PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # OpenAI refuses unknown parameters too
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    user: str | None = None
-
-
-class CompletionBody(_Body):
-    prompt: str
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatBody(_Body):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
 
 
 router = APIRouter()
@@ -90,34 +63,74 @@ def respond(result: dict | AsyncIterator[str] | None) -> Response | dict:
     return StreamingResponse(result, media_type="text/event-stream")
 
 
-async def answer(backend: Backend, body: "CompletionBody | ChatBody") -> dict | AsyncIterator[str]:
+async def answer(backend: Backend, body: CompletionBody | ChatBody) -> dict | AsyncIterator[str]:
     """A completion (`CompletionBody`) or chat completion (`ChatBody`): the JSON answer, or with
     `stream` its server-sent events (the rows queued already)."""
-    prompt = body.prompt if isinstance(body, CompletionBody) else None
-    messages = None if prompt is not None else [message.model_dump() for message in body.messages]
-    kind = "text_completion" if prompt is not None else "chat.completion"
-    settings = backend.settings
-    settings.check_size(body.n, prompt, *(m["content"] for m in messages or ()))
+    problem = body.refusal()
+    if problem is not None:
+        raise ApiError(400, problem)
+    chat = isinstance(body, ChatBody)
+    sent = [message.text() for message in body.messages] if chat else body.prompts()
+    choices = body.n * (1 if chat else len(sent))
+    backend.settings.check_size(choices, *sent)
     adapter, card = await model_adapter(backend, body.model)
-    meta = {"id": f"{'chatcmpl' if messages else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+    kind = "chat.completion" if chat else "text_completion"
+    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
             "model": body.model}
-    usage = bool((body.stream_options or {}).get("include_usage"))
+    echoed = [sent[i // body.n] if not chat and body.echo else "" for i in range(choices)]
     if card is not None and card.kind == "classify":
-        text = prompt if prompt is not None else messages[-1]["content"]
-        finals = await _label_as_text(backend, adapter, body.n, text)
-        return _events(_replayed(finals), body.n, kind, meta, usage, 0) if body.stream else _whole(kind, meta, finals)
-    limit = body.max_completion_tokens if isinstance(body, ChatBody) and body.max_completion_tokens else body.max_tokens
-    max_tokens = limit or (16 if prompt is not None else settings.max_new_tokens)
-    if max_tokens > settings.max_new_tokens:
-        raise ApiError(400, f"max_tokens {max_tokens}: this server writes at most {settings.max_new_tokens}")
-    stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    requests = [GenerationRequest(adapter, prompt, messages, Sampling(
-        max_tokens, body.temperature, body.top_p, None if body.seed is None else body.seed + i, stops))
-        for i in range(body.n)]
-    if body.stream:
-        holdback = max(map(len, stops), default=1) - 1  # a stop string's start is not sent before it is decided
-        return _events(await backend.stream(requests), body.n, kind, meta, usage, holdback)
-    return _whole(kind, meta, await backend.generate(requests))
+        finals = await _labels_as_text(backend, adapter, body.n, _texts(body))
+        if not body.stream:
+            return _whole(kind, meta, finals, echoed, body.n)
+        updates, holdback = _replayed(finals), 0
+    else:
+        requests = _generation_requests(backend.settings.max_new_tokens, body, adapter, card)
+        if not body.stream:
+            return _whole(kind, meta, await backend.generate(requests), echoed, body.n)
+        # a stop string's start is not sent before it is decided
+        updates, holdback = await backend.stream(requests), max(map(len, body.stops()), default=1) - 1
+    return _events(updates, kind, meta, echoed, body.n, body.stream_options.include_usage, holdback)
+
+
+def _generation_requests(most: int, body: CompletionBody | ChatBody, adapter: str | None,
+                         card: AdapterCard | None) -> list[GenerationRequest]:
+    """n requests per prompt, seeded seed, seed + 1, ... (alike for every prompt); at most `most` tokens each."""
+    chat = isinstance(body, ChatBody)
+    field = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"
+    max_tokens = getattr(body, field) or (most if chat else 16)
+    if max_tokens > most:
+        raise ApiError(400, f"{field} {max_tokens}: this server writes at most {most}")
+    return [GenerationRequest(adapter, sampling=Sampling(max_tokens, body.temperature, body.top_p,
+                                                         None if body.seed is None else body.seed + i, body.stops()),
+                              **given)
+            for given in _inputs(body, card) for i in range(body.n)]
+
+
+def _inputs(body: CompletionBody | ChatBody, card: AdapterCard | None) -> list[dict]:
+    """Each prompt as a `GenerationRequest`'s input: a text for the generative adapter's template (a chat's last
+    user message unless `adapterlab.template` is false; a completion's prompt when it is true), else the
+    prompt read as is, or the chat through the tokenizer's chat template."""
+    chat = isinstance(body, ChatBody)
+    template = body.adapterlab.template
+    if template is None:
+        template = chat and card is not None
+    if template:
+        if card is None:
+            raise ApiError(400, "adapterlab.template: the backbone has no template; name a generative adapter")
+        return [{"text": text} for text in _texts(body)]
+    if chat:
+        return [{"messages": [message.turn() for message in body.messages]}]
+    return [{"prompt": prompt} for prompt in body.prompts()]
+
+
+def _texts(body: CompletionBody | ChatBody) -> list[str]:
+    """What an adapter reads: a completion's prompts, or a chat's last user message."""
+    if isinstance(body, CompletionBody):
+        return body.prompts()
+    text = body.last_user_text()
+    if text is None:
+        raise ApiError(400, "messages hold no user message: an adapter reads the last one")
+    return [text]
 
 
 async def model_adapter(backend: Backend, model: str) -> tuple[str | None, AdapterCard | None]:
@@ -138,11 +151,13 @@ async def model_adapter(backend: Backend, model: str) -> tuple[str | None, Adapt
         raise
 
 
-async def _label_as_text(backend: Backend, adapter: str, n: int, text: str) -> list[Update]:
-    """A classification adapter's answer: its label, as every choice's whole text."""
-    [prediction] = await backend.classify([BatchRow(adapter=adapter, text=text)])
-    prompt_tokens, label_tokens = await backend.count_tokens([text, prediction.label])
-    return [Update(i, prediction.label, "stop", prompt_tokens, label_tokens) for i in range(n)]
+async def _labels_as_text(backend: Backend, adapter: str, n: int, texts: list[str]) -> list[Update]:
+    """A classification adapter's answers: each text's label, as the whole text of its n choices."""
+    predictions = await backend.classify([BatchRow(adapter=adapter, text=text) for text in texts])
+    labels = [prediction.label for prediction in predictions]
+    counts = await backend.count_tokens(texts + labels)
+    return [Update(i * n + j, label, "stop", counts[i], counts[len(texts) + i])
+            for i, label in enumerate(labels) for j in range(n)]
 
 
 async def _replayed(finals: list[Update]) -> AsyncGenerator[Update, None]:
@@ -150,34 +165,37 @@ async def _replayed(finals: list[Update]) -> AsyncGenerator[Update, None]:
         yield final
 
 
-async def _events(updates: AsyncGenerator[Update, None], n: int, kind: str, meta: dict, usage: bool,
-                  holdback: int) -> AsyncIterator[str]:
-    """Server-sent events: each choice's new text as it comes (the last `holdback` characters kept
-    until they cannot be a stop string's start), its finish reason, then [DONE]. Leaving early (the
-    client went away) closes `updates`, which cancels their rows."""
-    chunk = f"{kind}.chunk" if kind == "chat.completion" else kind
-    sent, finals = [0] * n, [None] * n
+async def _events(updates: AsyncGenerator[Update, None], kind: str, meta: dict, echoed: list[str], n: int,
+                  usage: bool, holdback: int) -> AsyncIterator[str]:
+    """Server-sent events: a chat's role first, then each choice's new text as it comes (after its echoed
+    prompt; the last `holdback` characters kept until they cannot be a stop string's start), its finish
+    reason, the usage (when asked), then [DONE]. Leaving early (the client went away) closes `updates`,
+    which cancels their rows."""
+    chunk = {**meta, "object": f"{kind}.chunk" if kind == "chat.completion" else kind,
+             **({"usage": None} if usage else {})}
+    sent, finals = [0] * len(echoed), [None] * len(echoed)
     async with aclosing(updates):
         if kind == "chat.completion":
-            for index in range(n):
-                yield _event({**meta, "object": chunk, "choices": [
+            for index in range(len(echoed)):
+                yield _event({**chunk, "choices": [
                     {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
         async for update in updates:
-            text = update.text
+            text = echoed[update.index] + update.text
             end = len(text) if update.finish_reason else max(sent[update.index], len(text) - holdback)
             new = text[sent[update.index]:end]
             sent[update.index] += len(new)
             if new or update.finish_reason:
-                yield _event({**meta, "object": chunk, "choices": [_delta(kind, update.index, new, update.finish_reason)]})
+                yield _event({**chunk, "choices": [_delta(kind, update.index, new, update.finish_reason)]})
             if update.finish_reason:
                 finals[update.index] = update
     if usage:
-        yield _event({**meta, "object": chunk, "choices": [], "usage": _usage(finals)})
+        yield _event({**chunk, "choices": [], "usage": _usage(finals, n)})
     yield "data: [DONE]\n\n"
 
 
-def _whole(kind: str, meta: dict, finals: list[Update]) -> dict:
-    return {**meta, "object": kind, "choices": [_choice(kind, final) for final in finals], "usage": _usage(finals)}
+def _whole(kind: str, meta: dict, finals: list[Update], echoed: list[str], n: int) -> dict:
+    return {**meta, "object": kind, "usage": _usage(finals, n),
+            "choices": [_choice(kind, replace(final, text=echoed[final.index] + final.text)) for final in finals]}
 
 
 def _choice(kind: str, update: Update) -> dict:
@@ -193,8 +211,8 @@ def _delta(kind: str, index: int, text: str, finish_reason: str | None) -> dict:
     return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
 
 
-def _usage(finals: list[Update]) -> dict:
-    prompt = sum(update.prompt_tokens for update in finals[:1])  # the choices share one prompt
+def _usage(finals: list[Update], n: int) -> dict:
+    prompt = sum(update.prompt_tokens for update in finals if update.index % n == 0)  # a prompt's n choices share it
     completion = sum(update.completion_tokens for update in finals)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

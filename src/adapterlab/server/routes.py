@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request as HttpRequest
 from fastapi.responses import PlainTextResponse, Response
 from starlette.datastructures import UploadFile
 
+from adapterlab.answers import prediction_json
 from adapterlab.engine import GenerationRequest, Prediction
 from adapterlab.errors import AdapterlabError
 from adapterlab.generation import Sampling
@@ -159,12 +160,6 @@ async def classified(backend: Backend, rows: list[BatchRow]) -> list[Prediction]
     backend.settings.check_size(len(rows), *(text for row in rows
                                              for text in (row.text, row.text_pair, *(row.labels or ()))))
     return await backend.classify(rows)
-
-
-def prediction_json(prediction: Prediction, top_k: int | None) -> dict:
-    ranked = sorted(prediction.scores.items(), key=lambda item: item[1], reverse=True)[:top_k]
-    return {"label": prediction.label, "score": prediction.score,
-            "scores": [{"label": label, "score": score} for label, score in ranked], "truncated": prediction.truncated}
 
 
 @router.post("/v1/generate", dependencies=CLIENT)

@@ -14,6 +14,7 @@ from adapterlab.generative import GenerativeModel, build_generative_model
 from adapterlab.model import AdapterModel, build_adapter_model, parameter_counts
 from adapterlab.precision import cpu_capability, mixed_precision_for
 from adapterlab.recipe import Recipe
+from adapterlab.training.library import start_from_source, with_source_method
 
 log = logging.getLogger("adapterlab")
 
@@ -32,7 +33,8 @@ def load_data(recipe: Recipe) -> TaskData:
 def new_model(recipe: Recipe, task: TaskData, accelerator: Accelerator,
               backbone: Backbone | None = None) -> AdapterModel | GenerativeModel:
     """A fresh adapter, seeded by training.seed, on `backbone` (bare: as loaded, or as
-    `AdapterModel.release_backbone` returns it) or else on a freshly loaded frozen backbone."""
+    `AdapterModel.release_backbone` returns it) or else on a freshly loaded frozen backbone; started from
+    the stored adapter `training.init_from` names, if any (library.py)."""
     # DDP keeps find_unused_parameters=False (no search of the graph at each step): every trainable
     # parameter reaches the loss (LoRA leaves the encoder's unused pooler alone; tests/test_methods.py).
     set_seed(recipe.training.seed)  # loading draws nothing from the generator: the seed reaches the adapter's init
@@ -40,7 +42,11 @@ def new_model(recipe: Recipe, task: TaskData, accelerator: Accelerator,
         backbone = load_backbone(recipe.backbone, recipe.quantization, backbone_device_map(recipe.quantization, accelerator))
     if recipe.generates:
         return build_generative_model(recipe, backbone)
-    return build_adapter_model(recipe, backbone, task.label_names, task.label_descriptions)
+    recipe = with_source_method(recipe)
+    model = build_adapter_model(recipe, backbone, task.label_names, task.label_descriptions)
+    if recipe.training.init_from:
+        start_from_source(model, recipe, task, backbone)
+    return model
 
 
 def logged_parameter_counts(model: AdapterModel | GenerativeModel, accelerator: Accelerator) -> tuple[int, int]:

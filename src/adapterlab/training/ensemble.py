@@ -64,7 +64,7 @@ def train_ensemble(recipe: Recipe, show_progress: bool = True, resume: bool = Fa
     card = ensemble_card(recipe, task, members, metrics, accelerator)
     path = None
     if accelerator.is_main_process:
-        path, card = save_ensemble(members, card, recipe.output.store)
+        path, card = save_ensemble(members, card, recipe.output.store, overwrite=recipe.output.overwrite)
     accelerator.wait_for_everyone()
     return TrainResult(path, card.trainable_params, card.trainable_params + card.backbone_params, card.adapter_bytes,
                        card.train_seconds, metrics)

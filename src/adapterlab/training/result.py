@@ -14,6 +14,7 @@ from adapterlab.model import AdapterModel
 from adapterlab.recipe import Recipe
 from adapterlab.store import AdapterCard, save_adapter
 from adapterlab.training.checkpoint import checkpoint_folder, remove_checkpoint
+from adapterlab.training.library import with_source_method
 from adapterlab.training.loop import evaluate, ties_labels
 
 
@@ -35,17 +36,17 @@ class TrainResult:
 
 def save_run(model: AdapterModel | GenerativeModel, recipe: Recipe, task: TaskData, accelerator: Accelerator,
              counts: tuple[int, int], train_seconds: float, selection: dict | None = None,
-             self_training: dict | None = None) -> TrainResult:
+             self_training: dict | None = None, init_from: dict | None = None) -> TrainResult:
     """Scores the trained `model` on the test rows and stores it with its card; the run's checkpoint goes.
-    `counts`: (trainable, total) parameters; `selection`, `self_training`: the card's records of them."""
+    `counts`: (trainable, total) parameters; `selection`, `self_training`, `init_from`: the card's records."""
     trainable, total = counts
     model = accelerator.unwrap_model(model)
     metrics = evaluate(model, task.test, recipe) if task.test is not None else {}
     path, size = None, 0
     if accelerator.is_main_process:
         card = make_card(resolved_recipe(recipe, model, accelerator), task, model, trainable, total, train_seconds,
-                         metrics, selection, self_training)
-        path, card = save_adapter(model, card, recipe.output.store)
+                         metrics, selection, self_training, init_from)
+        path, card = save_adapter(model, card, recipe.output.store, overwrite=recipe.output.overwrite)
         size = card.adapter_bytes
         remove_checkpoint(checkpoint_folder(recipe))  # the run is complete: nothing left to resume
     accelerator.wait_for_everyone()
@@ -54,7 +55,7 @@ def save_run(model: AdapterModel | GenerativeModel, recipe: Recipe, task: TaskDa
 
 def make_card(recipe: Recipe, task: TaskData, model: AdapterModel | GenerativeModel, trainable: int, total: int,
               train_seconds: float, metrics: dict[str, float], selection: dict | None = None,
-              self_training: dict | None = None) -> AdapterCard:
+              self_training: dict | None = None, init_from: dict | None = None) -> AdapterCard:
     return AdapterCard(
         task=recipe.task, name=recipe.adapter_name, kind="generate" if recipe.generates else "classify",
         labels=task.label_names,
@@ -62,13 +63,14 @@ def make_card(recipe: Recipe, task: TaskData, model: AdapterModel | GenerativeMo
         backbone_fingerprint=model.backbone.fingerprint, method=recipe.method.name, k=recipe.data.k,
         seed=recipe.data.seed, recipe=recipe.model_dump(mode="json"), metrics=metrics,
         trainable_params=trainable, backbone_params=total - trainable,
-        train_seconds=round(train_seconds, 3), selection=selection, self_training=self_training)
+        train_seconds=round(train_seconds, 3), selection=selection, self_training=self_training, init_from=init_from)
 
 
 def resolved_recipe(recipe: Recipe, model: AdapterModel | GenerativeModel, accelerator: Accelerator) -> Recipe:
     """The recipe as it ran: settings left to the backbone (the chat template, a sentence-transformers
     folder's pooling, normalisation and prompt), the task (tie_labels auto) or the hardware and launcher
-    (mixed precision) written out."""
+    (mixed precision) written out, and a source adapter's method settings (`training.init_from`)."""
+    recipe = with_source_method(recipe)
     backbone = model.backbone
     head = recipe.head.model_copy(update={
         "chat": model.chat, "tie_labels": ties_labels(model), "pooling": pooling_of(recipe.head, backbone),

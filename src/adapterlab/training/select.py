@@ -1,6 +1,7 @@
 """Choosing a recipe's settings by cross-validation on its k-shot rows alone (`training.select`): the
 stratified folds, the grid's trainings through the loop (`select_settings`), the choice, the comparison
-with the adapter's untrained start (the fallback), and the record the card keeps."""
+with the adapter's untrained start (the fallback), and the record the card keeps. `choose_source`
+prepares the choice of a stored adapter to start from (`training.init_from: auto`) as one more grid key."""
 
 import logging
 import math
@@ -18,6 +19,7 @@ from adapterlab.errors import AdapterlabError
 from adapterlab.model import AdapterModel
 from adapterlab.recipe import Recipe
 from adapterlab.training.builders import new_model
+from adapterlab.training.library import candidates, label_map
 from adapterlab.training.checkpoint import checkpoint_folder, read_selection, run_identity, save_selection
 from adapterlab.training.loop import fit, frozen_stem_states, schedule
 
@@ -185,7 +187,7 @@ def select_settings(recipe: Recipe, task: TaskData, accelerator: Accelerator, sh
     for trial_folds, group in zip(folds, results):
         for fold, kept, held_out in zip(trial_folds, kept_parts, held_out_parts):
             model = new_model(fold, task, accelerator, backbone)
-            reading = (fold.training.max_length, model.template, model.chat, model.text_prompt)
+            reading = (fold.training.max_length, model.template, model.chat, model.text_prompt, model.stem_layers)
             if reading not in stems:
                 stems[reading] = frozen_stem_states(model, rows, fold.training)
             stem = stems[reading]
@@ -248,3 +250,61 @@ def right_per_prototype_weight(model: AdapterModel, kept: Split, held_out: Split
         predictions = model.head.scores_of_unit_vectors(held_out_vectors).argmax(-1).cpu()
         right.append((predictions == labels).nonzero().flatten().tolist())
     return right
+
+
+@dataclass
+class SourceChoice:
+    """What `init_from: auto` found in the store: each candidate's start accuracy on the k-shot rows beside
+    the zero-shot start's, and the sources the cross-validation tries beside none."""
+
+    zero_shot_accuracy: float
+    candidates: list[dict]  # {"adapter", "start_accuracy", "labels_matched"}, in the store's order
+    tried: list[str]
+    seconds: float
+
+    def recipe(self, recipe: Recipe) -> Recipe:
+        """`recipe` with its selection also trying the kept sources and none (none comes first: ties go to
+        it); with no source kept, a fresh adapter and no added selection."""
+        if not self.tried:
+            return recipe.with_settings({"training.init_from": None})
+        values = [None, *self.tried]
+        select = recipe.training.select
+        if select is None:  # one training of the recipe, in folds, per value (2 folds of half the rows each)
+            select = {"folds": 2, "grid": {"training.init_from": values}, "max_cost": 1.5 * len(values)}
+        else:
+            select = {**select.model_dump(), "grid": {**select.grid, "training.init_from": values}}
+        return recipe.with_settings({"training.init_from": None, "training.select": select})
+
+    def record(self, chosen: str | None) -> dict:
+        """The card's init_from: the source the run started from (None: a fresh adapter) and how it was found."""
+        return {"mode": "auto", "source": chosen, "zero_shot_start_accuracy": round(self.zero_shot_accuracy, 4),
+                "candidates": self.candidates, "tried": [None, *self.tried] if self.tried else [],
+                "seconds": round(self.seconds, 3)}
+
+
+def choose_source(recipe: Recipe, task: TaskData, accelerator: Accelerator, show_progress: bool) -> SourceChoice:
+    """Every stored adapter that could start this recipe's (`library.candidates`) scored as a start on the
+    k-shot rows; those that start above the zero-shot classifier, the best `training.init_candidates` of
+    them, go to the cross-validation with none. Scoring a start trains nothing: a source whose adapted
+    backbone only hurts this task is left out before any training."""
+    started = time.perf_counter()
+    fresh = recipe.with_settings({"training.init_from": None, "training.select": None})
+    found = candidates(recipe, fingerprint(resolve_path(recipe.backbone)))
+    model = new_model(fresh, task, accelerator)
+    zero_shot = len(right_rows(model, task.train, fresh))
+    backbone = model.release_backbone()
+    scored, right = [], []
+    for source in tqdm(found, desc=f"library {recipe.task}", disable=not (show_progress and accelerator.is_main_process)):
+        trial = fresh.with_settings({"training.init_from": source.reference})
+        model = new_model(trial, task, accelerator, backbone)
+        right.append(len(right_rows(model, task.train, trial)))
+        backbone = model.release_backbone()
+        scored.append({"adapter": source.reference, "start_accuracy": round(right[-1] / len(task.train), 4),
+                       "labels_matched": label_map(task.label_names, source.card.labels) is not None})
+    above = sorted((i for i in range(len(scored)) if right[i] > zero_shot), key=lambda i: -right[i])  # stable: store order
+    tried = [scored[i]["adapter"] for i in above[:recipe.training.init_candidates]]
+    if accelerator.is_main_process:
+        log.info("library: %d candidates, %d start above the zero-shot classifier (%.3f on the k-shot rows); "
+                 "cross-validating %s", len(scored), len(above), zero_shot / len(task.train),
+                 ["none", *tried] if tried else "none")
+    return SourceChoice(zero_shot / len(task.train), scored, tried, time.perf_counter() - started)

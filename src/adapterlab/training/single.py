@@ -9,11 +9,12 @@ from accelerate import Accelerator
 
 from adapterlab.data import TaskData
 from adapterlab.model import AdapterModel
-from adapterlab.recipe import Recipe
+from adapterlab.recipe import AUTO_SOURCE, Recipe
 from adapterlab.training.builders import load_data, logged_parameter_counts, new_accelerator, new_model
+from adapterlab.training.library import named_source_record
 from adapterlab.training.loop import fit
 from adapterlab.training.result import TrainResult, save_run
-from adapterlab.training.select import Selection, chosen_settings, falls_back
+from adapterlab.training.select import Selection, choose_source, chosen_settings, falls_back
 
 
 @dataclass
@@ -28,24 +29,30 @@ class KShotStart:
     counts: tuple[int, int]  # (trainable, total) parameters
     selection: Selection | None
     fell_back: bool  # the selection keeps the adapter untrained, at its zero-shot start
+    library: dict | None  # the card's init_from: the stored adapter it starts from, and how it was chosen
 
     def finish(self, model: AdapterModel, train_seconds: float, self_training: dict | None = None) -> TrainResult:
-        """Stores the trained `model` with the card's record of the selection."""
+        """Stores the trained `model` with the card's records of the selection and of its start."""
         selection = self.selection.record(self.fell_back, train_seconds) if self.selection else None
         return save_run(model, self.recipe, self.task, self.accelerator, self.counts, train_seconds, selection,
-                        self_training)
+                        self_training, self.library)
 
 
 def start_k_shot(recipe: Recipe, show_progress: bool, resume: bool) -> KShotStart:
-    """The Accelerator, the k-shot rows, the settings `training.select` chooses, and the fresh adapter."""
+    """The Accelerator, the k-shot rows, the stored adapter to start from (`training.init_from: auto` adds
+    it to the selection's grid), the settings `training.select` chooses, and the fresh adapter."""
     accelerator, task = new_accelerator(recipe.training), load_data(recipe)
+    choice = choose_source(recipe, task, accelerator, show_progress) if recipe.training.init_from == AUTO_SOURCE else None
+    if choice:
+        recipe = choice.recipe(recipe)
     selection = chosen_settings(recipe, task, accelerator, show_progress, resume) if recipe.training.select else None
     if selection:
         recipe = recipe.with_settings(selection.chosen.settings)
     model = new_model(recipe, task, accelerator)
     counts = logged_parameter_counts(model, accelerator)
     fell_back = falls_back(selection, model, task.train, recipe, accelerator) if selection else False
-    return KShotStart(recipe, accelerator, task, model, counts, selection, fell_back)
+    library = choice.record(recipe.training.init_from) if choice else named_source_record(recipe, task)
+    return KShotStart(recipe, accelerator, task, model, counts, selection, fell_back, library)
 
 
 def train_single(recipe: Recipe, show_progress: bool = True, resume: bool = False) -> TrainResult:
