@@ -26,7 +26,8 @@ def free_port() -> int:
 class ServerProcess:
     """One `adapterlab serve --host 127.0.0.1 --port PORT ARGS`, its output in `log`. `delays` slow the
     engine down in that process (seconds per call): "step" for each decode step, "predict" for each
-    classification batch (which also touches LOG.predicting, so that a test knows one is under way)."""
+    classification batch (which also appends its row count to LOG.predicting, so that a test knows which rows
+    are under way)."""
 
     def __init__(self, args: list[str], log: Path, delays: dict[str, float] | None = None):
         context = multiprocessing.get_context("forkserver")
@@ -81,10 +82,12 @@ def _run(argv: list[str], log: str, delays: dict[str, float]) -> None:
 
 
 def _slowed(method, seconds: float, marker: Path | None = None):
-    def slowed(*args, **kwargs):
+    """`method` after `seconds`; each call first appends a line to `marker`: the length of its argument."""
+    def slowed(self, *args, **kwargs):
         if marker is not None:
-            marker.touch()
+            with open(marker, "a") as handle:
+                handle.write(f"{len(args[0])}\n")
         time.sleep(seconds)
-        return method(*args, **kwargs)
+        return method(self, *args, **kwargs)
 
     return slowed

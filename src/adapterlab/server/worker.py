@@ -211,11 +211,12 @@ class Server:
 
     # --- registering and removing adapters -------------------------------------------------------
     def check_in_place(self, name: str) -> Path:
-        """An adapter folder copied into the store as TASK/NAME, checked (its card must agree)."""
+        """An adapter folder copied into the store as TASK/NAME, checked (its card must agree) and fsync'd."""
         folder = self.adapter_folder(name)
         card = self.checked_card(folder)
         if (card.task, card.name) != (folder.parent.name, folder.name):
             raise ApiError(400, f"adapter {name!r}: its card names it {card.task}/{card.name}")
+        synced_tree(folder)  # copied in by someone else: its files may still be in the page cache only
         return folder
 
     def stage_upload(self, upload: BinaryIO) -> tuple[Path, Path]:
@@ -238,8 +239,6 @@ class Server:
         if staging is not None:  # afterwards staging holds the adapter it replaced, if any (the caller removes it)
             target.parent.mkdir(exist_ok=True)
             swap_into_place(staging, target)
-        else:  # copied into the store by someone else: its files may still be in the page cache only
-            synced_tree(target)
         self.engine.unload(str(target))  # a replaced adapter must not answer from the cache
         try:
             self.load(target)
