@@ -537,6 +537,9 @@ def serve(store: Path = STORE,
           allow_admin_without_token: bool = typer.Option(False, "--allow-admin-without-token",
                                                          help="Admin endpoints open to anyone who reaches the "
                                                          "server (local use only)."),
+          max_adapter_bytes: int = typer.Option(SERVER.max_adapter_bytes, "--max-adapter-bytes", min=1,
+                                                help="Adapter weights kept on the device at once (least recently "
+                                                "used leave first; all stay in host memory)."),
           device: str = DEVICE, dtype: str = DTYPE,
           ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: replicas, each with the backbone and "
                                    "an engine, requests routed by adapter (pip install adapterlab[ray])."),
@@ -560,7 +563,7 @@ def serve(store: Path = STORE,
                         max_upload_bytes=int(max_upload_mb * 2**20), body_seconds=body_seconds,
                         drain_seconds=drain_seconds, admin_token=admin_token,
                         client_token=client_token, allow_admin_without_token=allow_admin_without_token,
-                        device=device, dtype=dtype)
+                        device=device, dtype=dtype, max_adapter_bytes=max_adapter_bytes)
     ray_options = {"replicas": replicas, "adapters_per_replica": adapters_per_replica}
     if not ray:
         _only_with_ray(address=address, **ray_options)
