@@ -5,7 +5,7 @@ import logging
 
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from adapterlab.backbones import Backbone, load_backbone
 from adapterlab.data import TaskData, load_pairs, load_task
@@ -74,9 +74,24 @@ def new_accelerator(config) -> Accelerator:
             log.info("mixed precision: %s (auto, on %s%s)", precision, device,
                      f": {_describe_cpu()}" if device.type == "cpu" else "")
     try:
-        return Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=precision)
+        accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=precision)
     except ValueError as error:  # e.g. fp16 without a GPU
         raise AdapterlabError(f"training.mixed_precision {precision}: {error}") from None
+    refuse_unsupported_launch(accelerator, config.grad_accum)
+    return accelerator
+
+
+def refuse_unsupported_launch(accelerator: Accelerator, grad_accum: int) -> None:
+    """Refuses a launch that training would follow wrongly: FSDP (see docs/training.md), or a gradient
+    accumulation the launcher set against the recipe's (Accelerate lets its environment win, while the
+    loop counts its steps from the recipe)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise AdapterlabError("FSDP is not supported: use DDP (accelerate_configs/multi-gpu.yaml), with "
+                              "quantization.mode for a backbone too large for one GPU, or DeepSpeed ZeRO-2")
+    if accelerator.gradient_accumulation_steps != grad_accum:
+        raise AdapterlabError(f"the launcher sets gradient accumulation to {accelerator.gradient_accumulation_steps} "
+                              f"(ACCELERATE_GRADIENT_ACCUMULATION_STEPS) but training.grad_accum is {grad_accum}: "
+                              "leave it to the recipe (remove gradient_accumulation_steps from the Accelerate config)")
 
 
 def _describe_cpu() -> str:
