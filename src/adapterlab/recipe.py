@@ -430,7 +430,11 @@ class Recipe(_Section):
     def settings_digest(self) -> str:
         """What tells this recipe's adapter from one trained with other settings (OutputConfig.name's rule).
         Defaults are left out so that a new field of a later version keeps the names of earlier runs."""
-        return self._pinned_digest or json_digest(self.written_settings(NOT_IN_SETTINGS_DIGEST), SETTINGS_DIGEST_CHARS)
+        if self._pinned_digest:
+            return self._pinned_digest
+        written = self.written_settings(NOT_IN_SETTINGS_DIGEST)
+        # a section whose written fields are all left out reads as one not written
+        return json_digest({key: value for key, value in written.items() if value != {}}, SETTINGS_DIGEST_CHARS)
 
     @property
     def generates(self) -> bool:
