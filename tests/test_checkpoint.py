@@ -20,7 +20,7 @@ import adapterlab.training.loop
 import adapterlab.training.select
 from adapterlab.training.checkpoint import CheckpointError, checkpoint_folder, read_selection
 from adapterlab.cli import app
-from adapterlab.recipe import validate_recipe
+from adapterlab.recipe import load_recipe, validate_recipe
 from adapterlab.store import list_adapters, read_card, verify
 from adapterlab.training import train
 from conftest import ROOT, shared, tiny_recipe
@@ -79,7 +79,7 @@ def test_resumed_run_equals_the_uninterrupted_one(tiny_bert, tmp_path, monkeypat
     for name in expected:
         assert torch.allclose(expected[name], got[name], atol=1e-6), name
     assert not folder.exists() and not (tmp_path / "resumed" / ".checkpoints").exists()  # removed once saved
-    assert [c.name for c in list_adapters(tmp_path / "resumed")] == ["lora-k4-s0"]
+    assert [c.name for c in list_adapters(tmp_path / "resumed")] == [whole.adapter_path.name]
     assert verify(resumed.adapter_path) == []
 
 
@@ -178,7 +178,8 @@ def test_killed_minilm_run_resumes_to_the_uninterrupted_adapter(tmp_path):
                              text=True)
     killed = subprocess.Popen(command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    index = tmp_path / "killed" / ".checkpoints" / "sst2" / "lora-k8-s0" / "checkpoint.json"
+    name = load_recipe(ROOT / "recipes/sst2-lora-minilm.yaml", overrides).adapter_name
+    index = tmp_path / "killed" / ".checkpoints" / "sst2" / name / "checkpoint.json"
     deadline = time.monotonic() + 120
     while not index.exists() and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
