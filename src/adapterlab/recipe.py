@@ -286,8 +286,9 @@ class OutputConfig(_Section):
     store: str = Field("adapters", description="Adapter store folder.")
     name: str | None = Field(
         None, description="Adapter name. Default: METHOD-kK-sSEED (-ensN for an ensemble), then a digest of the "
-        "settings that change the trained adapter (lora-k16-s0-3f9a1c): 6 hex digits of SHA-256 over the recipe's "
-        "fields written differently from their defaults, as written (the backbone's name or path as given), but "
+        "settings that change the trained adapter (lora-k16-s0-f2fa1d): 6 hex digits of SHA-256 over the recipe's "
+        "fields written differently from their defaults, as written (backbone and data.path as given, never "
+        "resolved), but "
         "output.*, data.test_path, data.test_limit, data.references_field, training.eval_batch_size, "
         "training.metrics, training.trust_hub_metrics and training.checkpoint_every, which only decide how a run "
         "is scored, checkpointed or stored. Same settings, same name; other settings, another name.")
