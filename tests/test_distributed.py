@@ -74,7 +74,7 @@ def test_two_processes_train_one_adapter_like_one_process(tmp_path):
                   *[a for o in overrides(4, tmp_path / "cli") for a in ("--set", o)], cwd=tmp_path)
     outputs = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(outputs) == 1 and Path(outputs[0]["adapter_path"]).is_dir()
-    assert [p.name for p in (tmp_path / "cli" / "sst2").iterdir()] == ["lora-k8-s0"]
+    assert [p.name for p in (tmp_path / "cli" / "sst2").iterdir()] == [Path(outputs[0]["adapter_path"]).name]
     assert done.stderr.count("trainable parameters:") == 1
 
 
@@ -158,10 +158,11 @@ def test_two_processes_resume_a_checkpoint_to_the_uninterrupted_adapter(tiny_ber
     stopped = subprocess.run([*run, "stop", tiny_bert, str(tmp_path / "resumed")], capture_output=True, text=True,
                              timeout=900, cwd=ROOT, env=env)
     assert stopped.returncode != 0
-    assert (tmp_path / "resumed/.checkpoints/sentiment/lora-k4-s0/step-4.safetensors").is_file()
+    adapter = next((tmp_path / "whole/sentiment").iterdir()).name  # the recipe's default name, in both stores
+    assert (tmp_path / f"resumed/.checkpoints/sentiment/{adapter}/step-4.safetensors").is_file()
     launch("cpu-2proc.yaml", str(script), "resume", tiny_bert, str(tmp_path / "resumed"), cwd=tmp_path)
     for name in ("adapter_model.safetensors", "head.safetensors"):
-        whole = load_file(tmp_path / "whole/sentiment/lora-k4-s0" / name)
-        resumed = load_file(tmp_path / "resumed/sentiment/lora-k4-s0" / name)
+        whole = load_file(tmp_path / "whole/sentiment" / adapter / name)
+        resumed = load_file(tmp_path / "resumed/sentiment" / adapter / name)
         assert all(torch.allclose(whole[k], resumed[k], atol=1e-6) for k in whole), name
     assert not (tmp_path / "resumed/.checkpoints").exists()

@@ -136,7 +136,7 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML."),
           store: Optional[Path] = typer.Option(None, "--store", envvar=STORE_ENV, help="Adapter store folder "
                                                "(default: the recipe's output.store)."),
           name: Optional[str] = typer.Option(None, "--name", help="Adapter name (default: the recipe's output.name, "
-                                             "else METHOD-kK-sSEED).")):
+                                             "else METHOD-kK-sSEED-DIGEST: a digest of the settings, see output.name).")):
     """Train one few-shot adapter (also under `accelerate launch -m adapterlab train`)."""
     from adapterlab.backbones import check_backbone
     from adapterlab.data import check_source
@@ -155,7 +155,8 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML."),
     check_backbone(loaded.backbone)
     check_source(loaded.data.path, loaded.data.test_path)
     if not overwrite:
-        refuse_existing(Path(loaded.output.store) / loaded.task / loaded.adapter_name)
+        refuse_existing(Path(loaded.output.store) / loaded.task / loaded.adapter_name,
+                        settings_digest=loaded.settings_digest)
     result = run_training(loaded, show_progress=not quiet, resume=resume)
     if result.adapter_path is None:  # not the main process: it wrote nothing and reports nothing
         return

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from adapterlab.methods import METHODS, MethodConfig
 from adapterlab.errors import AdapterlabError
 from adapterlab.metrics import BUILTIN
-from adapterlab.names import name_problem
+from adapterlab.names import json_digest, name_problem
 
 
 class RecipeError(AdapterlabError):
@@ -284,10 +284,24 @@ class TrainingConfig(_Section):
 
 class OutputConfig(_Section):
     store: str = Field("adapters", description="Adapter store folder.")
-    name: str | None = Field(None, description="Adapter name (default: METHOD-kK-sSEED, -ensN for an ensemble).")
+    name: str | None = Field(
+        None, description="Adapter name. Default: METHOD-kK-sSEED (-ensN for an ensemble), then a digest of the "
+        "settings that change the trained adapter (lora-k16-s0-f2fa1d): 6 hex digits of SHA-256 over the recipe's "
+        "fields written differently from their defaults, as written (backbone and data.path as given, never "
+        "resolved), but "
+        "output.*, data.test_path, data.test_limit, data.references_field, training.eval_batch_size, "
+        "training.metrics, training.trust_hub_metrics and training.checkpoint_every, which only decide how a run "
+        "is scored, checkpointed or stored. Same settings, same name; other settings, another name.")
     overwrite: bool = Field(True, description="Replace an adapter of the same name in the store; false: refuse, "
                             "before training and again, under the adapter's lock, when saving (another run may "
                             "have saved that name meanwhile). `adapterlab train` sets it from --overwrite.")
+
+
+# Settings that decide how a run is scored on the test rows, checkpointed or stored, never the adapter it
+# trains: left out of its settings digest (OutputConfig.name states the rule).
+NOT_IN_SETTINGS_DIGEST = {"output": True, "data": {"test_path", "test_limit", "references_field"},
+                          "training": {"eval_batch_size", "metrics", "trust_hub_metrics", "checkpoint_every"}}
+SETTINGS_DIGEST_CHARS = 6
 
 
 class Recipe(_Section):
@@ -299,6 +313,8 @@ class Recipe(_Section):
     data: DataConfig
     training: TrainingConfig = TrainingConfig()
     output: OutputConfig = OutputConfig()
+    # with_name_pinned: the digest of the settings as given, kept while a run chooses and resolves settings
+    _pinned_digest: str | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _names_are_safe(self):
@@ -387,12 +403,39 @@ class Recipe(_Section):
             raise ValueError(f"{feature}: it needs a classification task, not head.type generate")
 
     def with_settings(self, settings: dict) -> "Recipe":
-        """This recipe with dotted `section.field` settings replaced, validated anew."""
+        """This recipe with dotted `section.field` settings replaced, validated anew (a pinned digest kept)."""
         raw = self.model_dump()
         for key, value in settings.items():
             section, _, name = key.partition(".")
             raw[section][name] = value
-        return Recipe.model_validate(raw)
+        changed = Recipe.model_validate(raw)
+        changed._pinned_digest = self._pinned_digest
+        return changed
+
+    def with_name_pinned(self) -> "Recipe":
+        """This recipe with its adapter name written into output.name and its settings digest kept, so that
+        the settings a run chooses (training.select, init_from auto) or resolves (the head's auto fields)
+        change neither the folder it saves to nor the digest its card records."""
+        pinned = self.with_settings({"output.name": self.adapter_name})
+        pinned._pinned_digest = self.settings_digest
+        return pinned
+
+    def written_settings(self, exclude: dict) -> dict:
+        """The fields written differently from their defaults, but `exclude` (as pydantic's), as JSON; with
+        the method's name, its section's default: without it LoRA and prefix-tuning at their defaults read alike."""
+        settings = self.model_dump(mode="json", exclude=exclude, exclude_defaults=True)
+        settings["method"] = {**settings.get("method", {}), "name": self.method.name}
+        return settings
+
+    @property
+    def settings_digest(self) -> str:
+        """What tells this recipe's adapter from one trained with other settings (OutputConfig.name's rule).
+        Defaults are left out so that a new field of a later version keeps the names of earlier runs."""
+        if self._pinned_digest:
+            return self._pinned_digest
+        written = self.written_settings(NOT_IN_SETTINGS_DIGEST)
+        # a section whose written fields are all left out reads as one not written
+        return json_digest({key: value for key, value in written.items() if value != {}}, SETTINGS_DIGEST_CHARS)
 
     @property
     def generates(self) -> bool:
@@ -400,8 +443,10 @@ class Recipe(_Section):
 
     @property
     def adapter_name(self) -> str:
+        """output.name, else METHOD-kK-sSEED (-ensN), then the settings digest."""
         ensemble = f"-ens{self.training.ensemble}" if self.training.ensemble > 1 else ""
-        return self.output.name or f"{self.method.name}-k{self.data.k or 'all'}-s{self.data.seed}{ensemble}"
+        return self.output.name or (f"{self.method.name}-k{self.data.k or 'all'}-s{self.data.seed}{ensemble}-"
+                                    f"{self.settings_digest}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

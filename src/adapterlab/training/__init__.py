@@ -16,6 +16,7 @@ __all__ = ["TrainResult", "train"]
 
 def train(recipe: Recipe, show_progress: bool = True, resume: bool = False) -> TrainResult:
     """Train the adapter `recipe` describes and store it; `resume` continues the run's checkpoint."""
+    recipe = recipe.with_name_pinned()  # the name and digest of the settings as given, whatever the run chooses
     if recipe.training.ensemble > 1:
         return train_ensemble(recipe, show_progress, resume)
     if recipe.training.self_train:

@@ -61,7 +61,8 @@ def make_card(recipe: Recipe, task: TaskData, model: AdapterModel | GenerativeMo
         labels=task.label_names,
         label_descriptions=task.label_descriptions, backbone=recipe.backbone,
         backbone_fingerprint=model.backbone.fingerprint, method=recipe.method.name, k=recipe.data.k,
-        seed=recipe.data.seed, recipe=recipe.model_dump(mode="json"), metrics=metrics,
+        seed=recipe.data.seed, recipe=recipe.model_dump(mode="json"), settings_digest=recipe.settings_digest,
+        metrics=metrics,
         trainable_params=trainable, backbone_params=total - trainable,
         train_seconds=round(train_seconds, 3), selection=selection, self_training=self_training, init_from=init_from)
 
