@@ -459,14 +459,14 @@ class Recipe(_Section):
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a YAML recipe, apply `key.sub=value` overrides, read its candidates' paths from its folder, validate."""
     path = Path(path)
-    raw = read_recipe_file(path)
+    raw = _read_recipe_file(path)
     for override in overrides:
         apply_override(raw, override)
     _candidates_from(raw, path.parent)
     return validate_recipe(raw, source=str(path))
 
 
-def read_recipe_file(path: Path) -> dict:
+def _read_recipe_file(path: Path) -> dict:
     """A recipe file's YAML mapping, not yet validated."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -502,7 +502,7 @@ def candidate_recipes(recipe: Recipe) -> list[Recipe]:
 def _candidate(path: str, shared: dict) -> Recipe:
     where = f"training.select.candidates {path}"
     try:
-        raw = read_recipe_file(Path(path))
+        raw = _read_recipe_file(Path(path))
     except RecipeError as error:
         raise RecipeError(f"training.select.candidates: {error}") from None
     training = raw.get("training")
