@@ -1,5 +1,6 @@
 """Choosing a recipe's settings by cross-validation on its k-shot rows alone (`training.select`): the
-stratified folds, the grid's trainings through the loop (`select_settings`), the choice, the comparison
+stratified folds and their trainings through the loop (`Folds`, `FoldTrainer`: tiers.py cross-validates
+whole recipes with them too), the grid's (`select_settings`), the choice, the comparison
 with the adapter's untrained start (the fallback), and the record the card keeps. `choose_source`
 prepares the choice of a stored adapter to start from (`training.init_from: auto`) as one more grid key."""
 
