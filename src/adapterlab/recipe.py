@@ -155,15 +155,25 @@ class SelectionConfig(_Section):
         2, ge=2, le=10, description="Stratified folds of the k-shot rows: each grid point trains on folds-1 parts "
         "and is scored on the one left out, every part in turn. Every class needs at least this many rows "
         "(data.k >= folds). More folds train on more rows each (a closer estimate) and cost more trainings.")
-    grid: dict[str, list] = Field(
-        min_length=1, description="Settings to choose among: a dotted training.* or head.* key (training.epochs, "
-        "training.max_steps, training.lr, head.tie_labels, head.prototype_weight, ...) → the values to try; every "
-        "combination is a grid point. Ties go to the point of fewer optimizer steps, then to the first written. "
-        "head.prototype_weight costs no training: the points that differ only in it share their trainings.")
+    grid: dict[str, list] | None = Field(
+        None, min_length=1, description="Settings to choose among: a dotted training.* or head.* key "
+        "(training.epochs, training.max_steps, training.lr, head.tie_labels, head.prototype_weight, ...) → the "
+        "values to try; every combination is a grid point. Ties go to the point of fewer optimizer steps, then to "
+        "the first written. head.prototype_weight costs no training: the points that differ only in it share their "
+        "trainings. A selection has a grid or candidates.")
+    candidates: list[str] = Field(
+        [], description="Other recipe files (paths relative to this recipe's file) to choose among beside this "
+        "recipe as written, each with its own backbone, method, head and training settings but this recipe's task, "
+        "data and output, so that all see the same k-shot rows and folds. Each is cross-validated on its own "
+        "backbone, cheapest first (backbone weight bytes × training tokens), within training.budget_seconds; the "
+        "best cross-validated accuracy trains (ties: the cheaper). A candidate selects nothing itself (no "
+        "training.select, no init_from auto) and trains one classifier. The card's selection lists each "
+        "candidate's cv_accuracy and seconds.")
     max_cost: float = Field(
         3.0, gt=0, description="The selection may train at most this many times the optimizer steps of one run of "
         "the recipe as written (all grid points × folds, each on folds-1 parts of the rows); a grid that costs "
-        "more is refused before anything trains. The card records the measured time ratio.")
+        "more is refused before anything trains. The card records the measured time ratio. Candidates are bounded "
+        "by training.budget_seconds instead.")
     fallback: Literal["none", "zero_shot"] = Field(
         "none", description="When the chosen point's cross-validated accuracy is below the zero-shot classifier "
         "the adapter starts from (scored on the same rows: the card's below_zero_shot) by more than chance (a "
@@ -171,8 +181,16 @@ class SelectionConfig(_Section):
         "that start untrained, so the adapter answers exactly as its zero-shot classifier; none trains it anyway.")
 
     @model_validator(mode="after")
+    def _grid_or_candidates(self):
+        if self.grid is not None and self.candidates:
+            raise ValueError("training.select takes a grid or candidates, not both: each candidate trains as written")
+        if self.grid is None and not self.candidates:
+            raise ValueError("training.select needs a grid or candidates to choose among")
+        return self
+
+    @model_validator(mode="after")
     def _grid_names_settings(self):
-        for key, values in self.grid.items():
+        for key, values in (self.grid or {}).items():
             section, _, name = key.partition(".")
             fields = {"training": TrainingConfig.model_fields, "head": HeadConfig.model_fields}.get(section, {})
             if name not in fields or key in _NOT_SELECTABLE:
@@ -187,7 +205,9 @@ class SelectionConfig(_Section):
 
     @property
     def points(self) -> list[dict]:
-        """Every combination of the grid's values, in the order written."""
+        """Every combination of the grid's values, in the order written (none without a grid)."""
+        if self.grid is None:
+            return []
         return [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())]
 
 
@@ -252,6 +272,12 @@ class TrainingConfig(_Section):
         None, description="Choose settings by cross-validation on the k-shot rows alone (never the test rows), then "
         "train on all of them with the best; the card records the choice, its estimate and the zero-shot one. "
         "null: train the recipe as written.")
+    budget_seconds: float | None = Field(
+        None, gt=0, description="Wall-time budget of a selection among training.select.candidates, which run "
+        "cheapest first: a candidate whose estimate (its backbone load plus its first fold's seconds × folds) would "
+        "take the selection past the budget is skipped, and the card records it as skipped with its estimate; the "
+        "cheapest always runs. A soft bound: a candidate's first fold runs before it is judged, and the final run "
+        "is not counted. null: every candidate runs.")
     self_train: SelfTrainingConfig | None = Field(
         None, description="Self-training on data.unlabeled: after the k-shot run, rounds of confident, class-balanced "
         "pseudo-labels and a fresh adapter retrained on the k-shot rows and them; the card's self_training records "
@@ -354,6 +380,32 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
+    def _candidates_can_run(self):
+        training = self.training
+        if not (training.select and training.select.candidates):
+            if training.budget_seconds is not None:
+                raise ValueError("training.budget_seconds bounds a selection among training.select.candidates, "
+                                 "and this recipe offers none")
+            return self
+        for refused, setting in ((training.init_from == AUTO_SOURCE, "training.init_from auto"),
+                                 (training.self_train is not None, "training.self_train")):
+            if refused:
+                raise ValueError(f"training.select.candidates and {setting} do not combine: each candidate trains "
+                                 "one classifier as written")
+        try:
+            candidates = candidate_recipes(self)
+        except RecipeError as error:
+            raise ValueError(str(error)) from None
+        for path, candidate in zip(training.select.candidates, candidates):
+            if training.select.fallback == "zero_shot" and not METHODS[candidate.method.name].UNTRAINED_IS_BACKBONE:
+                raise ValueError(f"training.select.fallback zero_shot stores the untrained adapter, but candidate "
+                                 f"{path}'s untrained {candidate.method.name} adapter changes the backbone's answers")
+            if candidate.training.mixed_precision != training.mixed_precision:  # one Accelerator runs them all
+                raise ValueError(f"candidate {path} sets training.mixed_precision {candidate.training.mixed_precision}"
+                                 f", this recipe {training.mixed_precision}: one run has one precision")
+        return self
+
+    @model_validator(mode="after")
     def _self_training_has_texts(self):
         self_train, unlabeled = self.training.self_train, self.data.unlabeled
         if (self_train is None) != (unlabeled is None):
@@ -379,7 +431,7 @@ class Recipe(_Section):
         if init_from == AUTO_SOURCE and self.training.ensemble > 1:
             raise ValueError("training.init_from auto chooses by cross-validation, which training.ensemble does not "
                              "combine with: name the source (TASK/NAME) for an ensemble")
-        if self.training.select and "training.init_from" in self.training.select.grid and init_from == AUTO_SOURCE:
+        if self.training.select and "training.init_from" in (self.training.select.grid or {}) and init_from == AUTO_SOURCE:
             raise ValueError("training.init_from auto fills training.select.grid's training.init_from itself: "
                              "give one or the other")
         return self
@@ -450,21 +502,67 @@ class Recipe(_Section):
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe, apply `key.sub=value` overrides, validate."""
+    """Read a YAML recipe, apply `key.sub=value` overrides, read its candidates' paths from its folder, validate."""
     path = Path(path)
+    raw = _read_recipe_file(path)
+    for override in overrides:
+        apply_override(raw, override)
+    _candidates_from(raw, path.parent)
+    return validate_recipe(raw, source=str(path))
+
+
+def _read_recipe_file(path: Path) -> dict:
+    """A recipe file's YAML mapping, not yet validated."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError(f"recipe not found: {path}") from None
     except UnicodeDecodeError as error:
         raise RecipeError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    except OSError as error:  # a folder, a file it may not read
+        raise RecipeError(f"{path}: cannot be read ({error.strerror})") from None
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: malformed YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
-    for override in overrides:
-        apply_override(raw, override)
-    return validate_recipe(raw, source=str(path))
+    return raw
+
+
+def _candidates_from(raw: dict, folder: Path) -> None:
+    """training.select.candidates as paths from `folder`, the recipe file's (absolute ones stay)."""
+    training = raw.get("training")
+    select = training.get("select") if isinstance(training, dict) else None
+    candidates = select.get("candidates") if isinstance(select, dict) else None
+    if isinstance(candidates, list):
+        select["candidates"] = [str(folder / path) if isinstance(path, str) else path for path in candidates]
+
+
+def candidate_recipes(recipe: Recipe) -> list[Recipe]:
+    """The recipes `training.select.candidates` names, each with `recipe`'s task, data and output, so that
+    all train and score on the same rows and store where `recipe` would."""
+    shared = recipe.model_dump(include={"task", "data", "output"})
+    return [_candidate(path, shared) for path in recipe.training.select.candidates]
+
+
+def _candidate(path: str, shared: dict) -> Recipe:
+    where = f"training.select.candidates {path}"
+    try:
+        raw = _read_recipe_file(Path(path))
+    except RecipeError as error:
+        raise RecipeError(f"training.select.candidates: {error}") from None
+    training = raw.get("training")
+    if isinstance(training, dict) and training.get("select") is not None:  # refused unread: it may name this recipe
+        raise RecipeError(f"{where} has its own training.select: a candidate trains as written (no nested selections)")
+    own = validate_recipe(raw, source=where)
+    for refused, why in ((own.generates, "is a generation recipe (head.type generate): candidates are classifiers, "
+                                         "compared by held-out accuracy"),
+                         (own.training.init_from == AUTO_SOURCE, "chooses its source (training.init_from auto): a "
+                                                                 "candidate trains as written (no nested selections)"),
+                         (own.training.ensemble > 1 or own.training.self_train is not None,
+                          "trains an ensemble or self-trains: a candidate trains one classifier")):
+        if refused:
+            raise RecipeError(f"{where} {why}")
+    return validate_recipe({**own.model_dump(), **shared}, source=where)
 
 
 def apply_override(raw: dict, override: str) -> None:

@@ -1,8 +1,8 @@
 """Training adapters under Accelerate: `train` runs a recipe in its mode, each an entry over the shared
 builders (builders.py), the loop (loop.py) and the end of a run (result.py): an ensemble of seeds
 (ensemble.py), self-training on unlabeled texts (self_training.py), a generation adapter
-(generation.py), or a single k-shot classifier, its settings chosen by cross-validation (single.py,
-select.py)."""
+(generation.py), or a single k-shot classifier, its settings or its whole recipe chosen by
+cross-validation (single.py, select.py, tiers.py)."""
 
 from adapterlab.recipe import Recipe
 from adapterlab.training.ensemble import train_ensemble

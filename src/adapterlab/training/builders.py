@@ -39,7 +39,7 @@ def new_model(recipe: Recipe, task: TaskData, accelerator: Accelerator,
     # parameter reaches the loss (LoRA leaves the encoder's unused pooler alone; tests/test_methods.py).
     set_seed(recipe.training.seed)  # loading draws nothing from the generator: the seed reaches the adapter's init
     if backbone is None:
-        backbone = load_backbone(recipe.backbone, recipe.quantization, backbone_device_map(recipe.quantization, accelerator))
+        backbone = frozen_backbone(recipe, accelerator)
     if recipe.generates:
         return build_generative_model(recipe, backbone)
     recipe = with_source_method(recipe)
@@ -47,6 +47,11 @@ def new_model(recipe: Recipe, task: TaskData, accelerator: Accelerator,
     if recipe.training.init_from:
         start_from_source(model, recipe, task, backbone)
     return model
+
+
+def frozen_backbone(recipe: Recipe, accelerator: Accelerator) -> Backbone:
+    """The recipe's backbone, loaded frozen where this process trains it."""
+    return load_backbone(recipe.backbone, recipe.quantization, backbone_device_map(recipe.quantization, accelerator))
 
 
 def logged_parameter_counts(model: AdapterModel | GenerativeModel, accelerator: Accelerator) -> tuple[int, int]:
