@@ -56,7 +56,8 @@ def test_candidates_share_folds_and_the_best_trains_under_its_backbone(tiny_bert
 
     monkeypatch.setattr(cv, "right_rows", forced)
     llm = llm_candidate(tiny_llama, tmp_path)
-    result = train(validate_recipe(tiered(tiny_bert, tmp_path / "store", [llm])), show_progress=False)
+    recipe = validate_recipe(tiered(tiny_bert, tmp_path / "store", [llm]))
+    result = train(recipe, show_progress=False)
 
     by_backbone = {}
     for backbone, kept, held_out in folds_seen:
@@ -77,6 +78,7 @@ def test_candidates_share_folds_and_the_best_trains_under_its_backbone(tiny_bert
     assert selection["cv_accuracy"] == max(scores) and selection["trainings"] == 4
     assert card.backbone == chosen_backbone and card.task == "sentiment"  # the selecting recipe's task and store
     assert result.adapter_path.parent.parent == tmp_path / "store"
+    assert result.adapter_path.name == recipe.adapter_name and card.settings_digest == recipe.settings_digest
     assert card.recipe["backbone"] == chosen_backbone and card.recipe["method"]["r"] == 4
     assert card.recipe["training"]["select"] is None and card.recipe["data"]["path"] == "demo:sentiment"
 

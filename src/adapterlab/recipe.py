@@ -541,7 +541,10 @@ def candidate_recipes(recipe: Recipe) -> list[Recipe]:
     """The recipes `training.select.candidates` names, each with `recipe`'s task, data and output, so that
     all train and score on the same rows and store where `recipe` would."""
     shared = recipe.model_dump(include={"task", "data", "output"})
-    return [_candidate(path, shared) for path in recipe.training.select.candidates]
+    candidates = [_candidate(path, shared) for path in recipe.training.select.candidates]
+    for candidate in candidates:  # the adapter is named and carded by the settings the user gave
+        candidate._pinned_digest = recipe._pinned_digest
+    return candidates
 
 
 def _candidate(path: str, shared: dict) -> Recipe:
