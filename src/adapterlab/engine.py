@@ -156,7 +156,8 @@ class Engine:
         card, recipe = stored.card, stored.recipe
         weights = method_module(card.method).inference_weights(stored.tensors, stored.adapter_config)
         weights = weights.on_host(self.backbone.dtype, pinned=self.backbone.device.type == "cuda")
-        prompt = prompt_settings(recipe.head, self.backbone, recipe.training.inference_max_length)
+        prompt = prompt_settings(recipe.head, self.backbone, recipe.training.inference_max_length,
+                                 label_names=card.labels, label_descriptions=card.label_descriptions)
         return Servable(f"{card.task}/{card.name}", card.labels, weights, stored.head, prompt, stored.nbytes, card.kind)
 
     def _evict(self) -> None:
@@ -177,7 +178,8 @@ class Engine:
         card = self.card(reference)
         recipe = Recipe.model_validate(card.recipe)
         head = build_head(recipe.head, self.backbone, card.labels, card.label_descriptions)
-        prompt = prompt_settings(recipe.head, self.backbone, recipe.training.inference_max_length)
+        prompt = prompt_settings(recipe.head, self.backbone, recipe.training.inference_max_length,
+                                 label_names=card.labels, label_descriptions=card.label_descriptions)
         return Servable(f"{card.task}/{card.name}@start", card.labels, AdapterWeights(), head.eval(), prompt, 0)
 
     def zero_shot(self, labels: tuple[str, ...], descriptions: tuple[str, ...] | None = None) -> Servable:

@@ -119,13 +119,14 @@ def _group_scores(kind: tuple, heads: list[nn.Module], feats: Features, which: t
         return torch.bmm(weights.index_select(0, which), pooled[:, :, None]).squeeze(2) + bias.index_select(0, which)
     if kind[0] == "label_words":
         ids = pad_sequence([head.token_ids for head in heads], batch_first=True, padding_value=-1).index_select(0, which)
-        return feats.next_token_logits.gather(1, ids.clamp(min=0)).float().masked_fill(ids < 0, float("-inf"))
+        return feats.label_logits(ids.clamp(min=0)).float().masked_fill(ids < 0, float("-inf"))
     return heads[0](feats).float()
 
 
 def _select(feats: Features, index: torch.Tensor) -> Features:
     pick = lambda t: t[index] if t is not None else None  # noqa: E731
-    return Features(pick(feats.hidden), feats.attention_mask[index], pick(feats.next_token_logits))
+    return Features(pick(feats.hidden), feats.attention_mask[index], pick(feats.last_state), feats.output_head,
+                    pick(feats.next_token_logits))
 
 
 def _tokenize_rows(backbone: Backbone, rows: list[Row]) -> tuple[dict[str, torch.Tensor], list[bool]]:
