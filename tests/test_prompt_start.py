@@ -8,7 +8,7 @@ import torch
 from adapterlab.backbones import load_backbone
 from adapterlab.backbones.prompt_start import after_start, start_ids
 from adapterlab.data import load_task
-from adapterlab.engine import Engine
+from adapterlab.engine import Engine, Request
 from adapterlab.model import build_adapter_model
 from adapterlab.recipe import validate_recipe
 from adapterlab.training import train
@@ -85,3 +85,22 @@ def test_a_label_word_head_without_a_template_lists_the_labels_with_their_descri
     model, _ = lora_model(tiny_llama, tmp_path)
     assert model.prompt.template == prompt.template  # training read what the engine serves
     assert result.adapter_path.exists()
+
+
+def test_engine_rows_of_lora_prefix_and_zero_shot_with_starts_equal_whole_prompts(tiny_llama, tmp_path):
+    methods = {"lora": {"name": "lora", "r": 4}, "prefix": {"name": "prefix_tuning", "num_virtual_tokens": 3,
+                                                             "init": "random"}}
+    for name, method in methods.items():
+        train(validate_recipe(tiny_recipe(tiny_llama, tmp_path, method=method, head={"template": TEMPLATE},
+                                          output={"store": str(tmp_path), "name": name},
+                                          training={"max_steps": 3, "batch_size": 8, "lr": 5e-2})),
+              show_progress=False)
+    engine = Engine(tiny_llama, tmp_path, dtype="float32", batch_size=7)
+    requests = [Request(f"sentiment/{name}", text) for name in methods for text in TEXTS]
+    requests += [Request(None, text, labels=("good", "bad")) for text in TEXTS]
+    cached = [p.scores for p in engine.predict_batch(requests)]
+    assert len(engine.starts._cache) == 3  # one start per adapter and zero-shot classifier
+    engine.starts = None
+    whole = [p.scores for p in engine.predict_batch(requests)]
+    for a, b in zip(cached, whole):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
