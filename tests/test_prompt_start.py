@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from adapterlab.backbones import load_backbone
-from adapterlab.backbones.prompt_start import after_start, start_ids
+from adapterlab.backbones.prompt_start import after_start
 from adapterlab.data import load_task
 from adapterlab.engine import Engine, Request
+from adapterlab.zeroshot import ZeroShotConfig, zero_shot_servable
 from adapterlab.model import build_adapter_model
-from adapterlab.recipe import validate_recipe
+from adapterlab.recipe import load_recipe, validate_recipe
 from adapterlab.training import train
-from conftest import shared, tiny_recipe
+from conftest import ROOT, shared, tiny_recipe
 
 TEXTS = ["a gorgeous, moving film", "dull", "the plot never lands and the actors look bored throughout",
          "fine", "one of the best films of the year, I laughed and cried", "it 's a charming journey ."]
@@ -104,3 +105,27 @@ def test_engine_rows_of_lora_prefix_and_zero_shot_with_starts_equal_whole_prompt
     whole = [p.scores for p in engine.predict_batch(requests)]
     for a, b in zip(cached, whole):
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
+
+
+@pytest.mark.slow
+def test_smollm2_scores_with_the_start_run_once_equal_whole_prompts(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "sst2-lora-smollm2.yaml", [f"data.path={shared('sst2')}", "data.test_limit=8"])
+    task = load_task(recipe.data)
+    backbone = load_backbone(recipe.backbone)
+    torch.manual_seed(0)
+    model = build_adapter_model(recipe, backbone, task.label_names, task.label_descriptions)
+    for name, parameter in model.peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    cached = model.scores(task.test.texts, batch_size=4)
+    model.prompt_start = ()
+    whole = model.scores(task.test.texts, batch_size=4)
+    assert torch.allclose(cached, whole, atol=1e-4) and cached.argmax(-1).tolist() == whole.argmax(-1).tolist()
+    model.release_backbone()
+
+    engine = Engine(backbone, tmp_path)
+    zero_shot = zero_shot_servable(backbone, task.label_names, task.label_descriptions, ZeroShotConfig())
+    cached = [p.scores for p in engine.classify(zero_shot, task.test.texts)]
+    engine.starts = None
+    whole = [p.scores for p in engine.classify(zero_shot, task.test.texts)]
+    assert all(abs(a[k] - b[k]) < 1e-4 for a, b in zip(cached, whole) for k in a)
