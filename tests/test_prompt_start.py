@@ -11,6 +11,7 @@ from adapterlab.data import load_task
 from adapterlab.engine import Engine, Request
 from adapterlab.zeroshot import ZeroShotConfig, zero_shot_servable
 from adapterlab.model import build_adapter_model
+from adapterlab.prompts import PLAIN_TEMPLATE, template_of
 from adapterlab.recipe import load_recipe, validate_recipe
 from adapterlab.training import train
 from conftest import ROOT, shared, tiny_recipe
@@ -77,15 +78,19 @@ def test_rows_that_do_not_begin_with_the_start_run_whole(tiny_llama):
 def test_a_label_word_head_without_a_template_lists_the_labels_with_their_descriptions(tiny_llama, tmp_path):
     recipe = validate_recipe(tiny_recipe(tiny_llama, tmp_path, output={"store": str(tmp_path), "name": "a"}))
     assert recipe.head.template is None
-    result = train(recipe, show_progress=False)
-    engine = Engine(tiny_llama, tmp_path, dtype="float32")
-    prompt = engine.servable("sentiment/a").prompt
-    assert prompt.template == ("Classify the text as one of: Negative (The text expresses a negative opinion about "
-                               "a product, restaurant, or movie), Positive (The text expresses a positive opinion "
-                               "about a product, restaurant, or movie).\n\nText: {text}")
+    written = ("Classify the text as one of: Negative (The text expresses a negative opinion about a product, "
+               "restaurant, or movie), Positive (The text expresses a positive opinion about a product, restaurant, "
+               "or movie).\n\nText: {text}")
     model, _ = lora_model(tiny_llama, tmp_path)
-    assert model.prompt.template == prompt.template  # training read what the engine serves
-    assert result.adapter_path.exists()
+    assert model.prompt.template == written
+    train(recipe, show_progress=False)
+    engine = Engine(tiny_llama, tmp_path, dtype="float32")
+    assert engine.card("sentiment/a").recipe["head"]["template"] == written  # the recipe as it ran
+    assert engine.servable("sentiment/a").prompt.template == written
+    bare_names = validate_recipe(tiny_recipe(tiny_llama, tmp_path, data={"path": "demo:sentiment", "k": 4}))
+    assert template_of(bare_names.head, ["neg", "pos"], ["neg", "pos"], load_backbone(tiny_llama)) == (
+        "Classify the text as one of: Neg, Pos.\n\nText: {text}")  # no descriptions: the words alone
+    assert template_of(bare_names.head, ["neg", "pos"], ["neg", "pos"], None) == PLAIN_TEMPLATE  # not an LLM
 
 
 def test_engine_rows_of_lora_prefix_and_zero_shot_with_starts_equal_whole_prompts(tiny_llama, tmp_path):

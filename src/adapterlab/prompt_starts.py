@@ -21,14 +21,13 @@ class PromptStarts:
 
     def __init__(self, max_entries: int = DEFAULT_STARTS):
         self.max_entries = max_entries
-        self._ids: dict[tuple[PromptSettings, int], tuple[int, ...]] = {}
+        self._ids: dict[PromptSettings, tuple[int, ...]] = {}  # the engine's one tokenizer reads them
         self._cache: OrderedDict[tuple[AdapterWeights, tuple[int, ...]], KeyValues] = OrderedDict()
 
     def start_of(self, tokenizer, prompt: PromptSettings) -> tuple[int, ...]:
-        key = (prompt, id(tokenizer))
-        if key not in self._ids:
-            self._ids[key] = start_ids(tokenizer, prompt)
-        return self._ids[key]
+        if prompt not in self._ids:
+            self._ids[prompt] = start_ids(tokenizer, prompt)
+        return self._ids[prompt]
 
     def discard(self, weights: AdapterWeights) -> None:
         """Drop an adapter's starts (it left the engine)."""

@@ -38,9 +38,10 @@ def template_of(head_config, label_names: list[str] = (), label_descriptions: li
     words with their descriptions (`labels_template`); otherwise `PLAIN_TEMPLATE`."""
     if head_config.template is not None:
         return head_config.template
-    if not label_names or head_config.type not in ("auto", "label_words"):
+    decoder = backbone is not None and backbone.kind == "decoder"
+    if not label_names or not (head_config.type == "label_words" or (head_config.type == "auto" and decoder)):
         return PLAIN_TEMPLATE
-    chat = backbone is not None and uses_chat(head_config, backbone)
+    chat = decoder and uses_chat(head_config, backbone)
     words = [(head_config.label_words or {}).get(name, label_word(name, chat)).strip() for name in label_names]
     return labels_template(words, list(label_descriptions) or list(label_names), label_names)
 
