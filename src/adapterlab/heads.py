@@ -57,6 +57,8 @@ class ClassifierHead(nn.Module):
 
 
 class LabelWordHead(nn.Module):
+    """Each label's word as the LLM's next token after the prompt: its logit, no weights of its own."""
+
     needs_hidden = False
 
     def __init__(self, token_ids: list[int]):
@@ -64,7 +66,7 @@ class LabelWordHead(nn.Module):
         self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long))
 
     def forward(self, features: Features) -> torch.Tensor:
-        return features.next_token_logits[:, self.token_ids].float()
+        return features.label_logits(self.token_ids).float()
 
 
 class TextHead(nn.Module):

@@ -85,8 +85,10 @@ class HeadConfig(_Section):
     label_templates: list[str] = Field(
         ["{label}", "This text is about {label}."], min_length=1,
         description="Each label description is embedded through these templates, then averaged.")
-    template: str = Field(
-        "Text: {text}\nLabel:", description="LLM prompt; {text} (and {text_pair}) are filled in.")
+    template: str | None = Field(
+        None, description="LLM prompt; {text} (and {text_pair}) are filled in. null: for a label_words head, "
+        "'Classify the text as one of: WORD (DESCRIPTION), ...' then 'Text: {text}', from the task's labels.json "
+        "(a description that repeats its name is left out); for other heads 'Text: {text}\\nLabel:'.")
     chat: bool | None = Field(
         None, description="LLMs: send the prompt as a user turn of the tokenizer's chat template, so the "
         "label word opens the assistant's answer. null: when the tokenizer has a chat template.")
