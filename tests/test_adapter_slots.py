@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapterlab.adapter_slots import AdapterSlots
+from adapterlab.adapter_slots import DEFAULT_MAX_BYTES, AdapterSlots
 from adapterlab.engine import Engine, GenerationRequest, Request
 from adapterlab.generation import Sampling
 from adapterlab.methods.base import AdapterWeights
@@ -172,3 +172,13 @@ def test_a_decode_step_waits_for_the_device_once_whatever_its_rows(llm, device):
         counts.append(len(waits))
     # Two steps: one copy of the chosen ids each (on a GPU, as for the batch, the model's own waits too).
     assert counts[0] == counts[1] <= (2 if device == "cpu" else 6), counts
+
+
+def test_the_servers_generations_share_the_engines_slots_and_byte_budget(tiny_llama, tmp_path):
+    """`serve --max-adapter-bytes` bounds the one set of device slots that classification and generation share."""
+    from adapterlab.server.settings import Settings
+    from adapterlab.server.worker import Server
+
+    server = Server(tmp_path / "store", tiny_llama, Settings(max_adapter_bytes=4096))
+    assert server.engine.slots.max_bytes == 4096 and server.decoder.slots is server.engine.slots
+    assert Server(tmp_path / "store", tiny_llama).engine.slots.max_bytes == DEFAULT_MAX_BYTES

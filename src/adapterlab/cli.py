@@ -538,9 +538,9 @@ def serve(store: Path = STORE,
           allow_admin_without_token: bool = typer.Option(False, "--allow-admin-without-token",
                                                          help="Admin endpoints open to anyone who reaches the "
                                                          "server (local use only)."),
-          max_adapter_bytes: int = typer.Option(SERVER.max_adapter_bytes, "--max-adapter-bytes", min=1,
-                                                help="Adapter weights kept on the device at once (least recently "
-                                                "used leave first; all stay in host memory)."),
+          max_adapter_bytes: Optional[int] = typer.Option(None, "--max-adapter-bytes", min=1, help="Adapter "
+                                                          "weights kept on the device at once (least recently used "
+                                                          "leave first; all stay in host memory). Default: 1 GiB."),
           device: str = DEVICE, dtype: str = DTYPE,
           ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: replicas, each with the backbone and "
                                    "an engine, requests routed by adapter (pip install adapterlab[ray])."),

@@ -53,7 +53,9 @@ class Server:
         self.store = Path(store).resolve()
         self.settings = settings or Settings()
         self.engine = Engine(backbone or backbone_from_store(self.store), self.store, device=self.settings.device,
-                             dtype=self.settings.dtype, max_device_bytes=self.settings.max_adapter_bytes)
+                             dtype=self.settings.dtype,
+                             **({"max_device_bytes": self.settings.max_adapter_bytes}
+                                if self.settings.max_adapter_bytes else {}))
         self.store.mkdir(parents=True, exist_ok=True)
         self.metrics = Metrics()
         self.decoder = self.engine.decoder()  # the running generation batch, stepped on the worker
