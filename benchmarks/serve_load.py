@@ -4,7 +4,9 @@ plus p95 latency at light load (one client) for both. The servers run as `adapte
 loopback; every loop is bounded in requests and in time. Random LoRA weights on MiniLM (see
 random_adapter_store in benchmarks/_common.py): fine for speed, meaningless for accuracy.
 
-    .venv/bin/python benchmarks/serve_load.py [--clients 32] [--adapters 64] [--requests 40]
+    .venv/bin/python benchmarks/serve_load.py [--clients 32] [--adapters 64] [--requests 40] [--store DIR]
+
+`--store DIR` keeps the random adapters there (made once, reused), as in benchmarks/engine.py.
 """
 
 import argparse
@@ -14,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import SERVE_TEXTS, classify_clients, random_adapter_store, start_server
+from _common import SERVE_TEXTS, classify_clients, kept_adapter_store, start_server
 
 PHASE_SECONDS = 120  # no phase runs longer, whatever the request counts
 
@@ -26,11 +28,11 @@ def run_clients(url: str, refs: list[str], clients: int, requests: int) -> dict:
     return classify_clients(url, plan, PHASE_SECONDS)
 
 
-def measure(store: Path, refs: list[str], args) -> dict:
+def measure(store: Path, refs: list[str], args, logs: Path) -> dict:
     """Both servers up at once, their phases interleaved: on a shared machine, background load then
     weighs on both alike."""
     modes = {"batching": True, "no_batching": False}
-    servers = {mode: start_server(store, batching, store.parent / f"{mode}.log") for mode, batching in modes.items()}
+    servers = {mode: start_server(store, batching, logs / f"{mode}.log") for mode, batching in modes.items()}
     try:
         for _, url in servers.values():  # warm-up: every adapter loaded once
             run_clients(url, refs, 8, -(-len(refs) // 8))
@@ -51,11 +53,12 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=64)
     parser.add_argument("--requests", type=int, default=40, help="Per client under load.")
     parser.add_argument("--light-requests", type=int, default=100, help="Of the single client.")
+    parser.add_argument("--store", type=Path, help="Keep (and reuse) the random adapters here.")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="adapterlab-serve-bench-", ignore_cleanup_errors=True) as root:
-        store = Path(root) / "store"
-        refs = random_adapter_store(store, args.adapters)
-        figures = measure(store, refs, args)
+    with tempfile.TemporaryDirectory(prefix="adapterlab-serve-bench-", ignore_cleanup_errors=True) as scratch:
+        store = args.store or Path(scratch) / "store"
+        refs = kept_adapter_store(store, args.adapters)
+        figures = measure(store, refs, args, Path(scratch))
         batched, unbatched = figures["batching"], figures["no_batching"]
         ratio = batched["loaded"]["requests_per_s"] / unbatched["loaded"]["requests_per_s"]
         light_ratio = batched["light"]["p95_ms"] / unbatched["light"]["p95_ms"]

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from _common import SERVE_TEXTS, random_copies, start_server
+from _common import SERVE_TEXTS, provenance, random_copies, start_server
 
 TOKEN = "soak-admin"
 SPARE = 16  # adapters of each family that the churn client registers and deletes
@@ -236,8 +236,8 @@ def main() -> None:
         wrong = wrong_answers(root, tally.sample)
         server_errors = sum(count for status, count in tally.statuses.items() if status >= 500)
         print(json.dumps({
-            "benchmark": "soak", "backbone": "minilm", "requests": args.requests, "clients": args.clients,
-            "adapters": args.adapters, "churn_adapters": len(refs["churn"]), "cpu_cores": os.cpu_count(),
+            "benchmark": "soak", **provenance(), "backbone": "minilm", "requests": args.requests, "clients": args.clients,
+            "adapters": args.adapters, "churn_adapters": len(refs["churn"]),
             "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "seconds": round(elapsed, 1), "requests_per_s": round(len(tally.latencies) / elapsed, 1),
             **milliseconds(tally.latencies), "statuses": dict(sorted(tally.statuses.items())),

@@ -20,7 +20,7 @@ import adapterlab.training.loop
 import adapterlab.training.select
 from adapterlab.training.checkpoint import CheckpointError, checkpoint_folder, read_selection
 from adapterlab.cli import app
-from adapterlab.recipe import validate_recipe
+from adapterlab.recipe import load_recipe, validate_recipe
 from adapterlab.store import list_adapters, read_card, verify
 from adapterlab.training import train
 from conftest import ROOT, shared, tiny_recipe
@@ -45,19 +45,20 @@ def stop_after_checkpoint(monkeypatch, at_step: int) -> None:
 TIED = {"head": {"tie_labels": True, "tie_labels_per_step": 4}, "data": {"path": "demo:intent", "k": 4}}
 
 
-def recipe_in(store: Path, tiny_bert: str, tied: bool = False, **training):
+def recipe_in(store: Path, tiny_bert: str, tied: bool = False, name: str | None = None, **training):
     # Dropout stays on (LoRA and head): resuming must draw the same masks as the uninterrupted run.
     return validate_recipe(tiny_recipe(tiny_bert, store, training={"max_steps": 6, "batch_size": 4,
                                                                    "checkpoint_every": 2, **training},
-                                       **(TIED if tied else {})))
+                                       output={"name": name}, **(TIED if tied else {})))
 
 
 def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return {**load_file(folder / "adapter_model.safetensors"), **load_file(folder / "head.safetensors")}
 
 
-def interrupted_run(store: Path, tiny_bert: str, monkeypatch, at_step: int = 4, tied: bool = False, **training) -> Path:
-    recipe = recipe_in(store, tiny_bert, tied, **training)
+def interrupted_run(store: Path, tiny_bert: str, monkeypatch, at_step: int = 4, tied: bool = False,
+                    name: str | None = None, **training) -> Path:
+    recipe = recipe_in(store, tiny_bert, tied, name, **training)
     with monkeypatch.context() as patch:
         stop_after_checkpoint(patch, at_step)
         with pytest.raises(Stopped):
@@ -79,7 +80,7 @@ def test_resumed_run_equals_the_uninterrupted_one(tiny_bert, tmp_path, monkeypat
     for name in expected:
         assert torch.allclose(expected[name], got[name], atol=1e-6), name
     assert not folder.exists() and not (tmp_path / "resumed" / ".checkpoints").exists()  # removed once saved
-    assert [c.name for c in list_adapters(tmp_path / "resumed")] == ["lora-k4-s0"]
+    assert [c.name for c in list_adapters(tmp_path / "resumed")] == [whole.adapter_path.name]
     assert verify(resumed.adapter_path) == []
 
 
@@ -128,17 +129,19 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(tiny_bert, tmp_pa
 
 
 def test_checkpoint_of_another_run_is_refused(tiny_bert, tmp_path, monkeypatch):
-    interrupted_run(tmp_path, tiny_bert, monkeypatch)
+    # other settings under a default name are another name, with checkpoints of their own
+    assert checkpoint_folder(recipe_in(tmp_path, tiny_bert, lr=3e-3)) != checkpoint_folder(recipe_in(tmp_path, tiny_bert))
+    interrupted_run(tmp_path, tiny_bert, monkeypatch, name="run")  # an explicit name: any recipe may take it
     with pytest.raises(CheckpointError, match="belongs to another run .another recipe."):
-        train(recipe_in(tmp_path, tiny_bert, lr=3e-3), show_progress=False, resume=True)
+        train(recipe_in(tmp_path, tiny_bert, name="run", lr=3e-3), show_progress=False, resume=True)
     with pytest.raises(CheckpointError, match="another recipe"):  # the schedule depends on the step count
-        train(recipe_in(tmp_path, tiny_bert, max_steps=8), show_progress=False, resume=True)
-    index = checkpoint_folder(recipe_in(tmp_path, tiny_bert)) / "checkpoint.json"
+        train(recipe_in(tmp_path, tiny_bert, name="run", max_steps=8), show_progress=False, resume=True)
+    index = checkpoint_folder(recipe_in(tmp_path, tiny_bert, name="run")) / "checkpoint.json"
     index.write_text(json.dumps({**json.loads(index.read_text()), "processes": 2}))
     with pytest.raises(CheckpointError, match="2 processes, now 1"):
-        train(recipe_in(tmp_path, tiny_bert), show_progress=False, resume=True)
+        train(recipe_in(tmp_path, tiny_bert, name="run"), show_progress=False, resume=True)
     # Without --resume the run starts over, replaces the checkpoint and removes it at the end.
-    assert train(recipe_in(tmp_path, tiny_bert), show_progress=False).adapter_path.is_dir()
+    assert train(recipe_in(tmp_path, tiny_bert, name="run"), show_progress=False).adapter_path.is_dir()
     assert not index.exists()
 
 
@@ -178,7 +181,8 @@ def test_killed_minilm_run_resumes_to_the_uninterrupted_adapter(tmp_path):
                              text=True)
     killed = subprocess.Popen(command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    index = tmp_path / "killed" / ".checkpoints" / "sst2" / "lora-k8-s0" / "checkpoint.json"
+    name = load_recipe(ROOT / "recipes/sst2-lora-minilm.yaml", overrides).adapter_name
+    index = tmp_path / "killed" / ".checkpoints" / "sst2" / name / "checkpoint.json"
     deadline = time.monotonic() + 120
     while not index.exists() and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -58,14 +58,15 @@ def test_predict_eval_and_adapters_commands(trained, tiny_bert):
     assert set(first) == {"text", "label", "score", "scores", "truncated"} and first["text"] == "great"
     assert {s["label"]: s["score"] for s in first["scores"]} == pytest.approx(expected[0].scores, abs=1e-6)
     assert [s["score"] for s in first["scores"]] == sorted(expected[0].scores.values(), reverse=True)  # as HTTP answers
-    evaluated = last_json(invoke("eval", "sentiment/lora-k4-s0", "--store", store, "--data", "demo:sentiment",
+    name = Path(out["adapter_path"]).name
+    evaluated = last_json(invoke("eval", f"sentiment/{name}", "--store", store, "--data", "demo:sentiment",
                                  "--limit", "6", "--json", "--dtype", "float32"))
     rows = load_task(DataConfig(path="demo:sentiment", k=None)).test.select(range(6))
-    right = sum(p.label == ["negative", "positive"][y] for p, y in zip(engine.predict("sentiment/lora-k4-s0",
+    right = sum(p.label == ["negative", "positive"][y] for p, y in zip(engine.predict(f"sentiment/{name}",
                                                                                       rows.texts), rows.labels))
     assert evaluated["rows"] == 6 and evaluated["accuracy"] == right / 6
     listed = last_json(invoke("adapters", "list", "--store", store, "--json"))
-    assert [(a["task"], a["name"]) for a in listed["adapters"]] == [("sentiment", "lora-k4-s0")]
+    assert [(a["task"], a["name"]) for a in listed["adapters"]] == [("sentiment", name)]
     shown = last_json(invoke("adapters", "show", "sentiment", "--store", store, "--json"))
     assert shown["labels"] == ["negative", "positive"]
     assert last_json(invoke("adapters", "verify", "--store", store, "--json"))["ok"] is True
@@ -148,10 +149,11 @@ def test_eval_with_labels_of_another_task(trained):
 
 def test_predict_with_adapter_option_and_batch_file(trained, tmp_path):
     store, out = trained
-    single = last_json(invoke("predict", "--adapter", "sentiment/lora-k4-s0", "--store", store, "nice", "--json"))
+    reference = f"sentiment/{Path(out['adapter_path']).name}"
+    single = last_json(invoke("predict", "--adapter", reference, "--store", store, "nice", "--json"))
     assert len(single["predictions"]) == 1
     rows = tmp_path / "rows.jsonl"
-    rows.write_text('{"adapter": "sentiment/lora-k4-s0", "text": "nice"}\n'
+    rows.write_text(json.dumps({"adapter": reference, "text": "nice"}) + "\n"
                     '{"adapter": null, "text": "nice", "labels": ["cats", "dogs", "fish"]}\n')
     result = invoke("predict", "--batch", rows, "--store", store, "--output", tmp_path / "answers.jsonl")
     assert result.exit_code == 0, result.output
@@ -162,7 +164,7 @@ def test_predict_with_adapter_option_and_batch_file(trained, tmp_path):
         [s["score"] for s in single["predictions"][0]["scores"]], abs=1e-6)
     assert {s["label"] for s in answers[1]["scores"]} == {"cats", "dogs", "fish"}
     assert set(answers[1]) == {"adapter", "text", "label", "score", "scores", "truncated"}
-    rows.write_text('{"adapter": "sentiment/lora-k4-s0", "text": "nice"}\nnot json\n')
+    rows.write_text(json.dumps({"adapter": reference, "text": "nice"}) + "\nnot json\n")
     assert_clean_error(invoke("predict", "--batch", rows, "--store", store), "rows.jsonl:2: expected a JSON object")
 
 
@@ -252,17 +254,36 @@ def test_store_and_name_options_and_the_store_variable(tiny_bert, tmp_path):
     env = {"ADAPTERLAB_STORE": str(from_env)}
     quick = ["--quiet", "--json", "--set", "training.max_steps=1"]
     out = last_json(runner.invoke(app, ["train", str(recipe), *quick], env=env))
-    assert Path(out["adapter_path"]) == from_env / "sentiment" / "lora-k4-s0"
+    name = Path(out["adapter_path"]).name
+    assert Path(out["adapter_path"]) == from_env / "sentiment" / name and name.startswith("lora-k4-s0-")
     out = last_json(runner.invoke(app, ["train", str(recipe), *quick, "--store", str(given), "--name", "2024"], env=env))
     assert Path(out["adapter_path"]) == given / "sentiment" / "2024"  # --store beats the variable; a number stays a name
     out = last_json(invoke("train", recipe, *quick))
-    assert Path(out["adapter_path"]) == tmp_path / "recipe-store" / "sentiment" / "lora-k4-s0"
+    assert Path(out["adapter_path"]) == tmp_path / "recipe-store" / "sentiment" / name  # the store is no setting
     listed = last_json(runner.invoke(app, ["adapters", "list", "--json"], env=env))
-    assert listed["store"] == str(from_env) and [a["name"] for a in listed["adapters"]] == ["lora-k4-s0"]
+    assert listed["store"] == str(from_env) and [a["name"] for a in listed["adapters"]] == [name]
     listed = last_json(runner.invoke(app, ["adapters", "list", "--json", "--store", str(given)], env=env))
     assert [a["name"] for a in listed["adapters"]] == ["2024"]
     assert_clean_error(runner.invoke(app, ["train", str(recipe), "--quiet", "--name", "../x"], env=env),
                        "must be a plain name")
+
+
+def test_runs_of_other_settings_coexist_and_a_rerun_is_refused_naming_the_reason(tiny_bert, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_bert, tmp_path / "store", training={"max_steps": 1})))
+    first = Path(last_json(invoke("train", recipe, "--quiet", "--json"))["adapter_path"])
+    other = Path(last_json(invoke("train", recipe, "--quiet", "--json", "--set", "training.lr=0.01"))["adapter_path"])
+    assert first.parent == other.parent and first.name != other.name
+    assert first.name.startswith("lora-k4-s0-") and other.name.startswith("lora-k4-s0-")
+    shown = [last_json(invoke("adapters", "show", f"sentiment/{folder.name}", "--store", tmp_path / "store", "--json"))
+             for folder in (first, other)]
+    assert [card["settings_digest"] for card in shown] == [first.name[-6:], other.name[-6:]]
+    assert_clean_error(invoke("train", recipe, "--quiet"), f"the same settings were already trained: {first}")
+    # an explicit name wins; taken by a run of other settings, the refusal says only that it is taken
+    last_json(invoke("train", recipe, "--quiet", "--json", "--name", "mine"))
+    assert_clean_error(invoke("train", recipe, "--quiet", "--name", "mine", "--set", "training.lr=0.01"),
+                       f"adapter folder {first.parent / 'mine'} already exists")
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, other.name, "mine"])
 
 
 def test_version():

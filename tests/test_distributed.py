@@ -1,5 +1,6 @@
-"""A real 2-process data-parallel training of the MiniLM LoRA recipe, through `accelerate launch`
-and MPI (Debian's openmpi-bin; .ci/run installs it), against the same training in one process."""
+"""Real 2-process data-parallel trainings through `accelerate launch` and MPI (Debian's openmpi-bin; .ci/run
+installs it): the MiniLM LoRA recipe against the same training in one process, a tiny BERT's stored adapter
+against what each rank trained, and a checkpoint resumed."""
 
 import json
 import os
@@ -12,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adapterlab.backbones import load_backbone
+from adapterlab.loading import load_adapter
 from conftest import ROOT, shared
 
 pytestmark = [pytest.mark.slow,
@@ -71,8 +74,57 @@ def test_two_processes_train_one_adapter_like_one_process(tmp_path):
                   *[a for o in overrides(4, tmp_path / "cli") for a in ("--set", o)], cwd=tmp_path)
     outputs = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(outputs) == 1 and Path(outputs[0]["adapter_path"]).is_dir()
-    assert [p.name for p in (tmp_path / "cli" / "sst2").iterdir()] == ["lora-k8-s0"]
+    assert [p.name for p in (tmp_path / "cli" / "sst2").iterdir()] == [Path(outputs[0]["adapter_path"]).name]
     assert done.stderr.count("trainable parameters:") == 1
+
+
+# Trains a tiny BERT adapter with gradient accumulation and stores it like `adapterlab train`; every rank
+# dumps its adapter and head tensors and the learning rate at each optimizer step.
+TRAIN_AND_STORE = """
+import json, sys
+from safetensors.torch import save_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from adapterlab.recipe import validate_recipe
+from adapterlab.training.builders import logged_parameter_counts, setup
+from adapterlab.training.loop import fit
+from adapterlab.training.result import save_run
+backbone, out = sys.argv[1:3]
+recipe = validate_recipe({"task": "sentiment", "backbone": backbone, "method": {"name": "lora", "r": 4},
+                          "data": {"path": "demo:sentiment", "k": 4}, "output": {"store": out},
+                          "training": {"max_steps": 5, "batch_size": 2, "grad_accum": 2, "warmup_ratio": 0.4,
+                                       "lr": 1e-3, "mixed_precision": "no"}})
+accelerator, task, model = setup(recipe)
+rates = []
+register_optimizer_step_pre_hook(lambda optimizer, *_: rates.append(optimizer.param_groups[0]["lr"]))
+fit(model, task.train, recipe, accelerator, show_progress=False)
+result = save_run(model, recipe, task, accelerator, logged_parameter_counts(model, accelerator), 0.0)
+rank = accelerator.process_index
+save_file({k: v.detach().contiguous() for k, v in model.state_dict().items() if "lora_" in k or k.startswith("head.")},
+          f"{out}/rank{rank}.safetensors")
+json.dump({"rates": rates, "adapter_path": result.adapter_path and str(result.adapter_path)},
+          open(f"{out}/rank{rank}.json", "w"))
+"""
+
+
+def adapter_and_head(model) -> dict[str, torch.Tensor]:
+    """As the script dumps them."""
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if "lora_" in k or k.startswith("head.")}
+
+
+def test_two_processes_agree_and_store_what_rank_0_trained(tiny_bert, tmp_path):
+    script = tmp_path / "train_and_store.py"
+    script.write_text(TRAIN_AND_STORE)
+    launch("cpu-2proc.yaml", str(script), tiny_bert, str(tmp_path), cwd=tmp_path)
+    ranks = [load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1)]
+    runs = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and any("lora_" in k for k in ranks[0])
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # DDP keeps the ranks identical
+    # one rate per optimizer step (10 batches a rank), warming up over 2 of 5 steps as in one process
+    assert runs[0]["rates"] == runs[1]["rates"] == pytest.approx([0, 5e-4, 1e-3, 1e-3 * 2 / 3, 1e-3 / 3])
+    assert runs[1]["adapter_path"] is None  # only the main process stores
+    stored, _ = load_adapter(runs[0]["adapter_path"], load_backbone(tiny_bert))
+    loaded = adapter_and_head(stored)
+    assert loaded.keys() == ranks[0].keys() and all(torch.equal(loaded[k], ranks[0][k]) for k in loaded)
 
 
 # Trains a tiny recipe under `accelerate launch`; with "stop", the main process dies right after its
@@ -106,10 +158,11 @@ def test_two_processes_resume_a_checkpoint_to_the_uninterrupted_adapter(tiny_ber
     stopped = subprocess.run([*run, "stop", tiny_bert, str(tmp_path / "resumed")], capture_output=True, text=True,
                              timeout=900, cwd=ROOT, env=env)
     assert stopped.returncode != 0
-    assert (tmp_path / "resumed/.checkpoints/sentiment/lora-k4-s0/step-4.safetensors").is_file()
+    adapter = next((tmp_path / "whole/sentiment").iterdir()).name  # the recipe's default name, in both stores
+    assert (tmp_path / f"resumed/.checkpoints/sentiment/{adapter}/step-4.safetensors").is_file()
     launch("cpu-2proc.yaml", str(script), "resume", tiny_bert, str(tmp_path / "resumed"), cwd=tmp_path)
     for name in ("adapter_model.safetensors", "head.safetensors"):
-        whole = load_file(tmp_path / "whole/sentiment/lora-k4-s0" / name)
-        resumed = load_file(tmp_path / "resumed/sentiment/lora-k4-s0" / name)
+        whole = load_file(tmp_path / "whole/sentiment" / adapter / name)
+        resumed = load_file(tmp_path / "resumed/sentiment" / adapter / name)
         assert all(torch.allclose(whole[k], resumed[k], atol=1e-6) for k in whole), name
     assert not (tmp_path / "resumed/.checkpoints").exists()

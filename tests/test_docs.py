@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from adapterlab.recipe import Recipe
+from adapterlab.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -81,3 +81,19 @@ def test_reference_is_written_into_the_recipes_page():
     written = hook.on_page_markdown(page, page=None, config=None, files=None)
     assert hook.MARKER in page and hook.MARKER not in written
     assert "| `training.self_train.teachers` |" in written
+
+
+def test_pages_show_the_names_the_shipped_recipes_train():
+    """A default name ends in a digest of the recipe's settings: where a page shows the adapter of a task
+    that one shipped recipe trains (the demo tasks, e2e), it shows the name that recipe really gets."""
+    trained: dict[str, list[str]] = {}
+    for path in (ROOT / "recipes").rglob("*.yaml"):
+        if "sweeps" not in path.parts:
+            recipe = load_recipe(path)
+            trained.setdefault(recipe.task, []).append(recipe.adapter_name)
+    shown = [(page.name, task, name.rstrip(".")) for page in [*PAGES, *(ROOT / "recipes").rglob("*.yaml")]
+             for task, name in re.findall(r"\b([\w-]+)/((?:lora|prefix_tuning)-k[\w.-]+)", page.read_text(encoding="utf-8"))
+             if len(trained.get(task, ())) == 1]
+    assert {"demo-sentiment", "e2e"} <= {task for _, task, _ in shown}
+    wrong = [f"{page}: {task}/{name}" for page, task, name in shown if name != trained[task][0]]
+    assert not wrong, f"names the shipped recipes do not train: {wrong}"

@@ -5,6 +5,7 @@ import io
 import json
 import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,7 +169,7 @@ def test_cli_trains_an_ensemble_and_lists_it(tiny_bert, tmp_path):
     result = runner.invoke(app, ["train", str(recipe), "--ensemble", "2", "--json", "--quiet"])
     assert result.exit_code == 0, result.output
     trained = json.loads(result.output.strip().splitlines()[-1])
-    assert trained["adapter_path"].endswith("sentiment/lora-k4-s0-ens2")
+    assert Path(trained["adapter_path"]).name.startswith("lora-k4-s0-ens2-")
     listed = runner.invoke(app, ["adapters", "list", "--store", str(tmp_path / "store"), "--json"])
     assert json.loads(listed.output.strip().splitlines()[-1])["adapters"][0]["members"] == 2
     refused = runner.invoke(app, ["train", str(recipe), "--ensemble", "-1"])

@@ -68,7 +68,8 @@ def family_folder(request, tmp_path_factory) -> tuple[str, str]:
 def trained(folder: str, store, method: dict, name: str):
     """An adapter trained hard enough in a few steps that serving it wrong would show."""
     recipe = validate_recipe(tiny_recipe(folder, store, method=method, output={"store": str(store), "name": name},
-                                         training={"max_steps": 4, "batch_size": 8, "lr": 5e-2}))
+                                         training={"max_steps": 4, "batch_size": 8, "lr": 5e-2},
+                                         head={"template": "Text: {text}\nLabel:"}))  # short: a random prefix shows
     return train(recipe, show_progress=False).adapter_path
 
 
@@ -91,7 +92,7 @@ def test_family_trains_serves_mixed_batches_equal_to_peft_and_refuses_the_rest(f
         expected[method] = model.scores(TEXTS)
         bare = load_backbone(folder)  # the same head on the bare backbone: the adapter must matter
         unadapted = AdapterModel(bare, bare.model, model.head, card.labels, Recipe.model_validate(card.recipe).head,
-                                 model.max_length).scores(TEXTS)
+                                 model.max_length, label_descriptions=card.label_descriptions).scores(TEXTS)
         assert (expected[method] - unadapted).abs().max() > 1e-3, method
 
     engine = Engine(folder, tmp_path, device=device, dtype="float32")

@@ -144,6 +144,11 @@ def library(tmp_path_factory):
     return store
 
 
+def library_name(library, task) -> str:
+    """TASK/NAME of the library adapter of `task`."""
+    return f"{task}/{real_recipe(library, task, None).adapter_name}"
+
+
 def right(engine, reference, rows) -> list[bool]:
     """Whether the adapter labels each row right."""
     labels = engine.card(reference).labels
@@ -155,7 +160,7 @@ def test_a_related_source_beats_a_fresh_start_on_the_same_rows(library, tmp_path
     """MPQA at 4 rows a class, trained from SST-2's library adapter and from scratch: on the same 500 MPQA
     test rows the started one wins by a paired sign test, as the learning tests judge an adapter."""
     fresh = train(real_recipe(tmp_path, "mpqa", 4), show_progress=False)
-    started = train(real_recipe(library, "mpqa", 4, init_from="sst2/lora-kall-s0"), show_progress=False)
+    started = train(real_recipe(library, "mpqa", 4, init_from=library_name(library, "sst2")), show_progress=False)
     engine = Engine("minilm", tmp_path, dtype="float32")
     rows = load_task(real_recipe(tmp_path, "mpqa", 4).data).test
     a, b = right(engine, str(fresh.adapter_path), rows), right(engine, str(started.adapter_path), rows)
@@ -168,8 +173,9 @@ def test_auto_keeps_a_fresh_start_when_the_library_holds_only_an_unrelated_adapt
     """MPQA at 8 rows a class with only the AG News adapter in the store: auto scores it as a start, and the
     cross-validation on the k-shot rows keeps none: the adapter trains from scratch."""
     store = tmp_path / "unrelated"
+    source = library_name(library, "agnews")
     (store / "agnews").mkdir(parents=True)
-    (store / "agnews" / "lora-kall-s0").symlink_to(library / "agnews" / "lora-kall-s0", target_is_directory=True)
+    (store / source).symlink_to(library / source, target_is_directory=True)
     card = read_card(train(real_recipe(store, "mpqa", 8, init_from="auto"), show_progress=False).adapter_path)
-    assert [c["adapter"] for c in card.init_from["candidates"]] == ["agnews/lora-kall-s0"]
+    assert [c["adapter"] for c in card.init_from["candidates"]] == [source]
     assert card.init_from["source"] is None and card.recipe["training"]["init_from"] is None

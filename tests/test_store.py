@@ -38,7 +38,7 @@ def trained(tiny_bert, tmp_path_factory):
 def test_saved_folder_is_complete_and_peft_loadable(trained, tiny_bert):
     store, result = trained
     folder = result.adapter_path
-    assert folder == store / "sentiment" / "lora-k4-s0"
+    assert folder.parent == store / "sentiment" and folder.name.startswith("lora-k4-s0-")
     assert sorted(p.name for p in folder.iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "card.json", "head.safetensors"]
     assert verify(folder) == []
@@ -46,6 +46,7 @@ def test_saved_folder_is_complete_and_peft_loadable(trained, tiny_bert):
     assert card.labels == ["negative", "positive"] and card.k == 4 and card.method == "lora"
     assert card.backbone_fingerprint.startswith("sha256:") and card.recipe["data"]["k"] == 4
     assert card.adapter_bytes == result.adapter_bytes > 0
+    assert card.settings_digest == folder.name.removeprefix("lora-k4-s0-")  # the name's last part
     assert set(card.metrics) == {"accuracy", "macro_f1"}
     from peft import PeftModel  # the standard loader reads our files as they are
     PeftModel.from_pretrained(load_backbone(tiny_bert).model, str(folder))
@@ -184,7 +185,7 @@ def test_one_rule_for_names_in_recipes_cards_the_store_and_combine(trained, tiny
     with pytest.raises(AdapterlabError, match="must be a plain name"):  # a copied card skips its validators
         save_adapter(model, card.model_copy(update={"task": bad}), store)
     with pytest.raises(AdapterlabError, match="must be a plain name"):
-        combine_adapters(store, ["sentiment/lora-k4-s0", "sentiment/lora-k4-s0"], [0.5, 0.5], "linear", "ok", task=bad)
+        combine_adapters(store, [f"sentiment/{card.name}"] * 2, [0.5, 0.5], "linear", "ok", task=bad)
     assert sorted(p.name for p in store.iterdir()) == ["sentiment"]  # nothing written outside
 
 

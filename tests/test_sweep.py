@@ -63,7 +63,8 @@ def test_a_cell_that_selects_its_settings_reports_its_estimate_and_counts_the_se
     folder = run_sweep(sweep.model_copy(update={"methods": {"cv": str(cv_recipe)}, "k": [4], "seeds": [0],
                                                 "datasets": {"topic": {"path": "demo:topic"}}}), show_progress=False)
     [row] = sweep_module.read_results(folder / "results.jsonl")
-    card = Engine(sweep.backbone, folder / "adapters").card("topic/cv-k4-s0")
+    assert row["adapter"].startswith("topic/cv-k4-s0-")  # the sweep's name of the method, then the settings digest
+    card = Engine(sweep.backbone, folder / "adapters").card(row["adapter"])
     assert row["cv_accuracy"] == card.selection["cv_accuracy"] and row["chosen"] == card.selection["chosen"]
     assert row["select_seconds"] == card.selection["seconds"] > 0
     assert row["train_seconds"] == pytest.approx(row["fit_seconds"] + row["select_seconds"])
@@ -88,6 +89,9 @@ def test_cells_of_a_changed_recipe_run_again(sweep_file, monkeypatch):
     reported = list(csv.DictReader(open(folder / "results.csv")))
     assert len(reported) == len(first)  # ... and out of the report
     assert {r["settings"] for r in reported if r["method"] == "lora"} == {r["settings"] for r in rows[-2:]}
+    # the adapters of the earlier settings stay beside the new ones, under names of their own
+    adapters = [row["adapter"] for row in rows if row["method"] == "lora"]
+    assert len(set(adapters)) == 4 and all((folder / "adapters" / adapter).is_dir() for adapter in adapters)
 
 
 def test_recipes_that_differ_only_in_their_method_digest_apart(sweep_file, tmp_path):
@@ -147,9 +151,10 @@ def test_a_generation_sweep_reports_bleu_with_zero_shot_prompting(generation_swe
     assert sorted((row["method"], row["k"], row["seed"]) for row in rows) == [("lora", 4, 0), ("lora", 4, 1),
                                                                                ("zeroshot", 0, 0)]
     assert all({"bleu", "chrf", "rouge_l", "slot_coverage"} <= set(row) for row in rows)
-    for seed in (0, 1):
-        card = json.loads((folder / f"adapters/e2e/lora-k4-s{seed}/card.json").read_text())
-        assert card["kind"] == "generate" and card["k"] == 4 and card["seed"] == seed
+    for row in rows:
+        if row["method"] == "lora":
+            card = json.loads((folder / "adapters" / row["adapter"] / "card.json").read_text())
+            assert card["kind"] == "generate" and card["k"] == 4 and card["seed"] == row["seed"]
     zero = next(row for row in rows if row["method"] == "zeroshot")
     recipe = sweep_module.cell_recipe(sweep, {"dataset": "e2e", "method": "zeroshot", "k": 0, "seed": 0}, folder)
     assert zero["bleu"] == pytest.approx(evaluate_prompting(Engine(tiny_llama, dtype="float32"), recipe)["bleu"])
@@ -230,10 +235,11 @@ def test_sweep_on_minilm_and_real_data(tmp_path):
     assert summary["lora"]["seeds"] == 2
     engine = Engine("minilm", folder / "adapters", dtype="float32")
     rows = load_task(DataConfig(path=shared("agnews"), k=None, test_limit=200)).test
-    for seed in (0, 1):
-        assert_beats_its_start(engine, f"agnews/lora-k8-s{seed}", rows)
+    results = sweep_module.read_results(folder / "results.jsonl")
+    for adapter in [row["adapter"] for row in results if row["method"] == "lora"]:
+        assert_beats_its_start(engine, adapter, rows)
     # the zero-shot cell is scored in float32, as the LoRA cells are, whatever this CPU computes fast
-    zero = next(row for row in sweep_module.read_results(folder / "results.jsonl") if row["method"] == "zeroshot")
+    zero = next(row for row in results if row["method"] == "zeroshot")
     assert zero["dtype"] == "float32"
     assert zero["accuracy"] == evaluate_zero_shot(engine, DataConfig(path=shared("agnews"), k=None), limit=200)["accuracy"]
 

@@ -1,11 +1,15 @@
-"""Training choices that need no model: where each process puts a (quantized) backbone."""
+"""Training choices that need no model: where each process puts a (quantized) backbone, and which launches
+are refused."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
+from accelerate.utils import DistributedType
 
-from adapterlab.recipe import QuantizationConfig
-from adapterlab.training.builders import backbone_device_map
+from adapterlab.errors import AdapterlabError
+from adapterlab.recipe import QuantizationConfig, TrainingConfig
+from adapterlab.training.builders import backbone_device_map, new_accelerator, refuse_unsupported_launch
 
 
 def process(device: str, local_index: int) -> SimpleNamespace:
@@ -23,3 +27,18 @@ def test_quantized_backbone_loads_whole_on_each_process_gpu():
 
 def test_full_precision_backbone_is_left_to_accelerate():
     assert backbone_device_map(QuantizationConfig(), process("cuda:1", 1)) is None
+
+
+def test_a_launcher_accumulation_against_the_recipe_is_refused(monkeypatch):
+    # e.g. a DeepSpeed config's gradient_accumulation_steps: Accelerate would follow it, the loop the recipe
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    with pytest.raises(AdapterlabError, match="training.grad_accum is 4"):
+        new_accelerator(TrainingConfig(grad_accum=4, mixed_precision="no"))
+    assert new_accelerator(TrainingConfig(grad_accum=1, mixed_precision="no")).gradient_accumulation_steps == 1
+
+
+def test_fsdp_is_refused():
+    # Accelerate runs FSDP on GPUs only: none has run it here (docs/training.md)
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, gradient_accumulation_steps=1)
+    with pytest.raises(AdapterlabError, match="FSDP is not supported"):
+        refuse_unsupported_launch(fsdp, 1)

@@ -16,6 +16,7 @@ import adapterlab.store as store_module
 from adapterlab.backbones import load_backbone
 from adapterlab.cli import app
 from adapterlab.loading import load_adapter
+from adapterlab.recipe import load_recipe
 from adapterlab.store import StoreError, read_card, save_adapter, swap_into_place, verify
 from conftest import tiny_recipe
 
@@ -34,7 +35,7 @@ def first_run(tiny_bert, tmp_path_factory) -> tuple[Path, Path]:
     recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_bert, folder / "store", training={"max_steps": 1})))
     result = train_command(recipe)
     assert result.exit_code == 0, result.output
-    return recipe, folder / "store" / "sentiment" / "lora-k4-s0"
+    return recipe, folder / "store" / "sentiment" / load_recipe(recipe).adapter_name
 
 
 def test_train_refuses_a_taken_name_before_training_unless_told_to_overwrite(first_run):
@@ -43,7 +44,7 @@ def test_train_refuses_a_taken_name_before_training_unless_told_to_overwrite(fir
     refused = train_command(recipe)
     assert refused.exit_code == 2
     lines = refused.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0] == (f"error: adapter folder {folder} already exists "
+    assert len(lines) == 1 and lines[0] == (f"error: the same settings were already trained: {folder} "
                                             "(pass --overwrite to replace it)")
     assert (folder / "note.txt").exists()
 
@@ -118,8 +119,8 @@ def test_of_two_runs_saving_one_new_name_one_wins_and_the_other_is_told(stored, 
     assert len(winners) == 1, outcomes
     folder = store / card.task / card.name
     loser = outcomes[3 - winners[0]]
-    assert loser == (f"refused: adapter folder {folder} already exists (another run may have saved it meanwhile): "
-                     "this run's adapter is discarded, not saved (pass --overwrite to replace it)")
+    assert loser == (f"refused: the same settings were already trained: {folder} (another run may have saved it "
+                     "meanwhile): this run's adapter is discarded, not saved (pass --overwrite to replace it)")
     assert_one_whole_adapter_of(folder, winners[0], model)
 
 

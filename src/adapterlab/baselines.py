@@ -5,7 +5,7 @@ from adapterlab.data import load_pairs
 from adapterlab.engine import Engine, GenerationRequest
 from adapterlab.generation import Sampling
 from adapterlab.metrics import generation_metrics
-from adapterlab.prompts import prompt_request, uses_chat
+from adapterlab.prompts import prompt_request, template_of, uses_chat
 
 
 def evaluate_prompting(engine: Engine, recipe, shots: int = 0) -> dict:
@@ -16,7 +16,7 @@ def evaluate_prompting(engine: Engine, recipe, shots: int = 0) -> dict:
     demonstrations = tuple(zip(task.train.inputs, task.train.targets))[:shots]
     chat = uses_chat(recipe.head, engine.backbone)
     sampling = Sampling(recipe.head.max_new_tokens)
-    requests = [GenerationRequest(None, **prompt_request(recipe.head.template, chat, text, demonstrations),
+    requests = [GenerationRequest(None, **prompt_request(template_of(recipe.head), chat, text, demonstrations),
                                   sampling=sampling) for text in task.test.inputs]
     outputs = [sequence.text.strip() for sequence in engine.generate(requests)]
     return generation_metrics(outputs, task.test.references, task.test.inputs, tuple(recipe.training.metrics))

@@ -37,6 +37,9 @@ class AdapterCard(BaseModel):
     k: int | None
     seed: int
     recipe: dict
+    # the digest of the settings that change the trained adapter (Recipe.settings_digest, the default name's
+    # last part): equal for two runs of the same settings; None on cards written before it was recorded
+    settings_digest: str | None = None
     metrics: dict[str, float] = {}
     trainable_params: int
     backbone_params: int

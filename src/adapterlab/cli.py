@@ -136,7 +136,7 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML."),
           store: Optional[Path] = typer.Option(None, "--store", envvar=STORE_ENV, help="Adapter store folder "
                                                "(default: the recipe's output.store)."),
           name: Optional[str] = typer.Option(None, "--name", help="Adapter name (default: the recipe's output.name, "
-                                             "else METHOD-kK-sSEED).")):
+                                             "else METHOD-kK-sSEED-DIGEST: a digest of the settings, see output.name).")):
     """Train one few-shot adapter (also under `accelerate launch -m adapterlab train`)."""
     from adapterlab.backbones import check_backbone
     from adapterlab.data import check_source
@@ -155,7 +155,8 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML."),
     check_backbone(loaded.backbone)
     check_source(loaded.data.path, loaded.data.test_path)
     if not overwrite:
-        refuse_existing(Path(loaded.output.store) / loaded.task / loaded.adapter_name)
+        refuse_existing(Path(loaded.output.store) / loaded.task / loaded.adapter_name,
+                        settings_digest=loaded.settings_digest)
     result = run_training(loaded, show_progress=not quiet, resume=resume)
     if result.adapter_path is None:  # not the main process: it wrote nothing and reports nothing
         return
@@ -537,6 +538,9 @@ def serve(store: Path = STORE,
           allow_admin_without_token: bool = typer.Option(False, "--allow-admin-without-token",
                                                          help="Admin endpoints open to anyone who reaches the "
                                                          "server (local use only)."),
+          max_adapter_bytes: int = typer.Option(SERVER.max_adapter_bytes, "--max-adapter-bytes", min=1,
+                                                help="Adapter weights kept on the device at once (least recently "
+                                                "used leave first; all stay in host memory)."),
           device: str = DEVICE, dtype: str = DTYPE,
           ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: replicas, each with the backbone and "
                                    "an engine, requests routed by adapter (pip install adapterlab[ray])."),
@@ -560,7 +564,7 @@ def serve(store: Path = STORE,
                         max_upload_bytes=int(max_upload_mb * 2**20), body_seconds=body_seconds,
                         drain_seconds=drain_seconds, admin_token=admin_token,
                         client_token=client_token, allow_admin_without_token=allow_admin_without_token,
-                        device=device, dtype=dtype)
+                        device=device, dtype=dtype, max_adapter_bytes=max_adapter_bytes)
     ray_options = {"replicas": replicas, "adapters_per_replica": adapters_per_replica}
     if not ray:
         _only_with_ray(address=address, **ray_options)

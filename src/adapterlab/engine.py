@@ -24,6 +24,7 @@ from adapterlab.methods.base import AdapterWeights
 from adapterlab.metrics import classification_metrics, generation_metrics
 from adapterlab.mixed_batch import Row, Servable, forward_mixed
 from adapterlab.precision import COMPARISON_DTYPE, resolve_device, resolve_dtype
+from adapterlab.prompt_starts import PromptStarts
 from adapterlab.prompts import has_chat_template, prompt_ids, prompt_settings, request_ids
 from adapterlab.recipe import DataConfig, Recipe
 from adapterlab.store import (AdapterCard, StoredAdapter, StoreError, check_folder, read_adapter, read_card,
@@ -83,6 +84,7 @@ class Engine:
         self.store = Path(store)
         self.max_adapters, self.max_bytes, self.batch_size = max_adapters, max_bytes, batch_size
         self.slots = AdapterSlots(backbone.device, backbone.dtype, max_device_bytes)
+        self.starts = PromptStarts()  # LLM prompts' shared starts, run once per adapter
         self._resident: OrderedDict[Path, Servable] = OrderedDict()
         self._zero_shot: OrderedDict[tuple[str, ...], Servable] = OrderedDict()  # label sets clients sent
         self._stats = {"hits": 0, "misses": 0, "evictions": 0}
@@ -156,7 +158,8 @@ class Engine:
         card, recipe = stored.card, stored.recipe
         weights = method_module(card.method).inference_weights(stored.tensors, stored.adapter_config)
         weights = weights.on_host(self.backbone.dtype, pinned=self.backbone.device.type == "cuda")
-        prompt = prompt_settings(recipe.head, self.backbone, recipe.training.inference_max_length)
+        prompt = prompt_settings(recipe.head, self.backbone, recipe.training.inference_max_length,
+                                 label_names=card.labels, label_descriptions=card.label_descriptions)
         return Servable(f"{card.task}/{card.name}", card.labels, weights, stored.head, prompt, stored.nbytes, card.kind)
 
     def _evict(self) -> None:
@@ -169,6 +172,7 @@ class Engine:
     def _leave_device(self, servable: Servable) -> None:
         for member in servable.members or [servable]:
             self.slots.discard(member.weights)
+            self.starts.discard(member.weights)
 
     def baseline(self, reference: str) -> Servable:
         """The classifier adapter `reference` started from, with no adapter weights: its head before
@@ -177,7 +181,8 @@ class Engine:
         card = self.card(reference)
         recipe = Recipe.model_validate(card.recipe)
         head = build_head(recipe.head, self.backbone, card.labels, card.label_descriptions)
-        prompt = prompt_settings(recipe.head, self.backbone, recipe.training.inference_max_length)
+        prompt = prompt_settings(recipe.head, self.backbone, recipe.training.inference_max_length,
+                                 label_names=card.labels, label_descriptions=card.label_descriptions)
         return Servable(f"{card.task}/{card.name}@start", card.labels, AdapterWeights(), head.eval(), prompt, 0)
 
     def zero_shot(self, labels: tuple[str, ...], descriptions: tuple[str, ...] | None = None) -> Servable:
@@ -249,7 +254,7 @@ class Engine:
         predictions: list[Prediction | None] = [None] * len(rows)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            answers, truncated = forward_mixed(self.backbone, self.slots, [rows[i] for i in chunk])
+            answers, truncated = forward_mixed(self.backbone, self.slots, [rows[i] for i in chunk], self.starts)
             for i, probabilities, cut in zip(chunk, answers, truncated):
                 predictions[i] = _prediction(rows[i].servable.labels, probabilities, cut)
         return predictions

@@ -33,11 +33,14 @@ class ClassifierHead(nn.Module):
         """Scores against the classifier's rows, or (tied training) against `rows`, the vectors of
         the labels `label_ids`, in their place."""
         pooled = self.dropout(pool(features, self.pooling))
+        # The linear layer computes in its weight's dtype: float32, or bfloat16 where DeepSpeed has cast
+        # the whole model without autocast (autocast, under DDP, picks the dtype itself).
+        dtype = self.linear.weight.dtype
         if self.cosine_scale is None:
-            return self.linear(nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled)
+            return self.linear((nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled).to(dtype))
         weight = nn.functional.normalize(self.linear.weight if rows is None else rows, dim=-1)
         bias = self.linear.bias if label_ids is None else self.linear.bias[label_ids]
-        return self.cosine_scale * nn.functional.normalize(pooled, dim=-1) @ weight.T + bias
+        return self.cosine_scale * nn.functional.normalize(pooled, dim=-1).to(weight.dtype) @ weight.T + bias
 
     @torch.no_grad()
     def scores_of_unit_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -54,6 +57,8 @@ class ClassifierHead(nn.Module):
 
 
 class LabelWordHead(nn.Module):
+    """Each label's word as the LLM's next token after the prompt: its logit, no weights of its own."""
+
     needs_hidden = False
 
     def __init__(self, token_ids: list[int]):
@@ -61,7 +66,7 @@ class LabelWordHead(nn.Module):
         self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long))
 
     def forward(self, features: Features) -> torch.Tensor:
-        return features.next_token_logits[:, self.token_ids].float()
+        return features.label_logits(self.token_ids).float()
 
 
 class TextHead(nn.Module):

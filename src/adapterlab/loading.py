@@ -21,7 +21,8 @@ def load_adapter(folder: str | Path, backbone: Backbone) -> tuple[AdapterModel |
     head_config, max_length = stored.recipe.head, stored.recipe.training.inference_max_length
     if stored.card.kind == "generate":
         return GenerativeModel(backbone, peft_model, head_config, max_length).eval(), stored.card
-    model = AdapterModel(backbone, peft_model, stored.head, stored.card.labels, head_config, max_length)
+    model = AdapterModel(backbone, peft_model, stored.head, stored.card.labels, head_config, max_length,
+                         label_descriptions=stored.card.label_descriptions)
     return model.eval(), stored.card
 
 

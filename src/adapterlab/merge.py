@@ -60,7 +60,7 @@ def load_merged(path: str | Path) -> AdapterModel:
     backbone, stored = read_merged(path)
     recipe = stored.recipe
     model = AdapterModel(backbone, backbone.model, stored.head, stored.card.labels, recipe.head,
-                         recipe.training.inference_max_length)
+                         recipe.training.inference_max_length, label_descriptions=stored.card.label_descriptions)
     return model.eval()
 
 
@@ -94,7 +94,8 @@ def combine_adapters(store: str | Path, references: list[str], weights: list[flo
     recipe = parents[0].recipe.model_copy(update={"task": task or cards[0].task, "method": parents[0].recipe.method
                                                   .model_copy(update={"r": combined.r, "alpha": combined.lora_alpha})})
     head = build_head(recipe.head, backbone, cards[0].labels, cards[0].labels, _combined_head(parents, weights))
-    model = AdapterModel(backbone, peft_model, head, cards[0].labels, recipe.head, recipe.training.inference_max_length)
+    model = AdapterModel(backbone, peft_model, head, cards[0].labels, recipe.head, recipe.training.inference_max_length,
+                         label_descriptions=cards[0].label_descriptions)
     trainable = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
     card = AdapterCard(
         task=recipe.task, name=name, labels=cards[0].labels, label_descriptions=cards[0].label_descriptions,

@@ -20,6 +20,7 @@ from adapterlab.adapter_slots import AdapterSlots, upload
 from adapterlab.backbones import Backbone, Features, features, tokenize
 from adapterlab.heads import ClassifierHead, LabelWordHead, pool
 from adapterlab.methods.base import AdapterWeights
+from adapterlab.prompt_starts import PromptStarts
 from adapterlab.prompts import PromptSettings
 
 
@@ -45,27 +46,33 @@ class Row:
 
 
 @torch.no_grad()
-def forward_mixed(backbone: Backbone, slots: AdapterSlots, rows: list[Row]) -> tuple[list[list[float]], list[bool]]:
+def forward_mixed(backbone: Backbone, slots: AdapterSlots, rows: list[Row],
+                  starts: PromptStarts | None = None) -> tuple[list[list[float]], list[bool]]:
     """Label probabilities for each row, from its own adapter and head (an ensemble's: the mean of its
     members'), in one backbone pass that waits for the device once, for the answers; and whether each
-    row's input was cut to its adapter's token limit."""
+    row's input was cut to its adapter's token limit. With `starts`, an LLM row whose head reads its last
+    position runs only its tokens after its prompt's start, whose cache `starts` keeps per adapter."""
     counts = [len(row.servable.members) or 1 for row in rows]
     member_rows = [Row(member, row.text, row.text_pair) for row in rows for member in row.servable.members or [row.servable]]
-    probabilities, truncated = _forward_rows(backbone, slots, member_rows)
+    probabilities, truncated = _forward_rows(backbone, slots, member_rows, starts)
     ends = list(itertools.accumulate(counts))
     return ([probabilities[end - 1] if n == 1 else [sum(column) / n for column in zip(*probabilities[end - n:end])]
              for n, end in zip(counts, ends)],
             [any(truncated[end - n:end]) for n, end in zip(counts, ends)])
 
 
-def _forward_rows(backbone: Backbone, slots: AdapterSlots, rows: list[Row]) -> tuple[list[list[float]], list[bool]]:
-    adapters = slots.batch([row.servable.weights for row in rows])
-    batch, truncated = _tokenize_rows(backbone, rows)
+def _forward_rows(backbone: Backbone, slots: AdapterSlots, rows: list[Row],
+                  starts: PromptStarts | None) -> tuple[list[list[float]], list[bool]]:
+    weights = [row.servable.weights for row in rows]
+    adapters = slots.batch(weights)
+    need_hidden = any(row.servable.head.needs_hidden for row in rows)
+    if backbone.kind != "decoder" or need_hidden:
+        starts = None  # an encoder reads its text both ways; a pooling head reads every position
+    batch, truncated, row_starts = _tokenize_rows(backbone, rows, starts)
     batch = {key: upload(value, backbone.device) for key, value in batch.items()}
-    prefix = adapters.prefix()
+    prefix = adapters.prefix() if starts is None else starts.prefix(backbone, adapters, weights, row_starts)
     if prefix is not None and "token_type_ids" in batch:  # peft drops them under prompt learning: so must we
         batch["token_type_ids"] = batch["token_type_ids"] * (prefix.lengths == 0)[:, None]
-    need_hidden = any(row.servable.head.needs_hidden for row in rows)
     with adapters.applied(backbone):
         feats = features(backbone, backbone.model, batch, need_hidden, prefix)
     return _head_probabilities(backbone, rows, feats), truncated
@@ -119,23 +126,27 @@ def _group_scores(kind: tuple, heads: list[nn.Module], feats: Features, which: t
         return torch.bmm(weights.index_select(0, which), pooled[:, :, None]).squeeze(2) + bias.index_select(0, which)
     if kind[0] == "label_words":
         ids = pad_sequence([head.token_ids for head in heads], batch_first=True, padding_value=-1).index_select(0, which)
-        return feats.next_token_logits.gather(1, ids.clamp(min=0)).float().masked_fill(ids < 0, float("-inf"))
+        return feats.label_logits(ids.clamp(min=0)).float().masked_fill(ids < 0, float("-inf"))
     return heads[0](feats).float()
 
 
 def _select(feats: Features, index: torch.Tensor) -> Features:
     pick = lambda t: t[index] if t is not None else None  # noqa: E731
-    return Features(pick(feats.hidden), feats.attention_mask[index], pick(feats.next_token_logits))
+    return Features(pick(feats.hidden), feats.attention_mask[index], pick(feats.last_state), feats.output_head,
+                    pick(feats.next_token_logits))
 
 
-def _tokenize_rows(backbone: Backbone, rows: list[Row]) -> tuple[dict[str, torch.Tensor], list[bool]]:
+def _tokenize_rows(backbone: Backbone, rows: list[Row], starts: PromptStarts | None
+                   ) -> tuple[dict[str, torch.Tensor], list[bool], list[tuple[int, ...]]]:
     """Tokenize each prompt-settings group its own way, then pad all rows to one batch (on the
-    right for encoders, on the left for LLMs, as `backbones.tokenize` does); and which rows were cut."""
+    right for encoders, on the left for LLMs, as `backbones.tokenize` does); which rows were cut; and
+    with `starts`, the prompt start each row began with and lost (its cache stands for it), else ()."""
     groups: dict[tuple[PromptSettings, bool], list[int]] = {}  # pairs and single texts tokenize apart
     for i, row in enumerate(rows):
         groups.setdefault((row.servable.prompt, row.text_pair is not None), []).append(i)
     per_row: list[dict[str, torch.Tensor]] = [{}] * len(rows)
     truncated = [False] * len(rows)
+    row_starts: list[tuple[int, ...]] = [()] * len(rows)
     for (prompt, paired), indices in groups.items():
         pairs = [rows[i].text_pair for i in indices] if paired else None
         encoded, cut = tokenize(backbone, [rows[i].text for i in indices], pairs, prompt.template, prompt.max_length,
@@ -144,6 +155,13 @@ def _tokenize_rows(backbone: Backbone, rows: list[Row]) -> tuple[dict[str, torch
             keep = encoded["attention_mask"][j].bool()
             per_row[i] = {key: value[j][keep] for key, value in encoded.items()}
             truncated[i] = cut[j]
+        if starts is not None:
+            start = starts.start_of(backbone.tokenizer, prompt)
+            for i in indices:
+                ids = per_row[i]["input_ids"]
+                if start and len(ids) > len(start) and tuple(ids[:len(start)].tolist()) == start:
+                    per_row[i] = {key: value[len(start):] for key, value in per_row[i].items()}
+                    row_starts[i] = start
     left = backbone.kind == "decoder"
     pad_id = backbone.tokenizer.pad_token_id or 0
     width = max(len(r["input_ids"]) for r in per_row)
@@ -151,7 +169,7 @@ def _tokenize_rows(backbone: Backbone, rows: list[Row]) -> tuple[dict[str, torch
     for key in per_row[0]:
         fill = pad_id if key == "input_ids" else 0
         batch[key] = torch.stack([_pad(r[key], width, fill, left) for r in per_row])
-    return batch, truncated
+    return batch, truncated, row_starts
 
 
 def _pad(values: torch.Tensor, width: int, fill: int, left: bool) -> torch.Tensor:

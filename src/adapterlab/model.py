@@ -9,6 +9,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from adapterlab.backbones import Backbone, Features, Stem, features, stem_states, tokenize
+from adapterlab.backbones.prompt_start import start_features, start_ids
 from adapterlab.data import Split
 from adapterlab.errors import AdapterlabError
 from adapterlab.heads import ClassifierHead, build_head, pool, tokenize_label_texts
@@ -26,13 +27,15 @@ class AdapterModel(nn.Module):
     sides, as a bi-encoder; `settle_label_vectors` then writes them into the head's rows."""
 
     def __init__(self, backbone: Backbone, peft_model: PeftModel, head: nn.Module, label_names: list[str],
-                 head_config, max_length: int, label_texts: dict[str, torch.Tensor] | None = None):
+                 head_config, max_length: int, label_texts: dict[str, torch.Tensor] | None = None,
+                 label_descriptions: list[str] | None = None):
         super().__init__()
         self.backbone = backbone  # a plain attribute: its model is already inside peft_model
         self.peft_model = peft_model
         self.head = head
         self.label_names = label_names
-        self.prompt = prompt_settings(head_config, backbone, max_length)
+        self.prompt = prompt_settings(head_config, backbone, max_length, label_names=label_names,
+                                      label_descriptions=label_descriptions or label_names)
         # the settings' parts as training reads and records them
         self.template, self.chat, self.text_prompt = self.prompt.template, self.prompt.chat, self.prompt.text_prompt
         self.max_length = max_length
@@ -65,7 +68,11 @@ class AdapterModel(nn.Module):
             described = Features(joined.hidden[texts:], joined.attention_mask[texts:])
             return self.head(hidden, self._description_vectors(described, len(label_ids)), label_ids)
         stem = Stem(self.stem_layers, stem_states) if stem_states is not None else None
-        hidden = features(self.backbone, self.peft_model, batch, self.head.needs_hidden, stem=stem, packed=packed)
+        hidden = None
+        if self.prompt_start and stem is None:
+            hidden = start_features(self.backbone, self.peft_model, batch, self.prompt_start)
+        if hidden is None:
+            hidden = features(self.backbone, self.peft_model, batch, self.head.needs_hidden, stem=stem, packed=packed)
         if label_ids is None:
             return self.head(hidden)
         return self.head(hidden, self.label_vectors(label_ids), label_ids)
@@ -149,6 +156,16 @@ class AdapterModel(nn.Module):
         """Whether training runs its rows packed, without padding (backbones/packing.py): not under
         prompt learning, whose prefix peft joins to a padded batch's mask."""
         return not self.peft_model.active_peft_config.is_prompt_learning
+
+    @functools.cached_property
+    def prompt_start(self) -> tuple[int, ...]:
+        """The tokens every LLM prompt of this model starts with, run once per batch (`start_features`);
+        none for encoders, for heads that read every position, or under prompt learning (whose peft
+        forward adds its virtual tokens itself)."""
+        if self.backbone.kind != "decoder" or self.head.needs_hidden or (
+                isinstance(self.peft_model, PeftModel) and self.peft_model.active_peft_config.is_prompt_learning):
+            return ()
+        return start_ids(self.backbone.tokenizer, self.prompt)
 
     @functools.cached_property
     def stem_layers(self) -> int:
@@ -256,7 +273,7 @@ def build_adapter_model(recipe, backbone: Backbone, label_names: list[str],
     peft_model = get_peft_model(backbone.model, method.peft_config(recipe.method, backbone))
     method.start(peft_model, recipe.method, backbone, recipe.head, label_descriptions)
     return AdapterModel(backbone, peft_model, head, label_names, recipe.head, recipe.training.inference_max_length,
-                        label_texts)
+                        label_texts, label_descriptions)
 
 
 def parameter_counts(model: AdapterModel) -> tuple[int, int]:

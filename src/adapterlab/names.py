@@ -1,6 +1,9 @@
 """The one rule for names that become folders of the store (tasks, adapters): recipes, cards,
-combine, the store and the server all ask `name_problem`, so no name can reach outside its folder."""
+combine, the store and the server all ask `name_problem`, so no name can reach outside its folder.
+And the digest that tells settings apart in names and records (`json_digest`)."""
 
+import hashlib
+import json
 import re
 
 from adapterlab.errors import AdapterlabError
@@ -27,3 +30,9 @@ def check_name(value: str, what: str) -> str:
     if problem:
         raise AdapterlabError(f"{what} {value!r} {problem}")
     return value
+
+
+def json_digest(value: dict, chars: int) -> str:
+    """The first `chars` hex digits of the SHA-256 of `value` as canonical JSON (keys sorted): the same in
+    every process and on every machine, unlike Python's hash()."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:chars]

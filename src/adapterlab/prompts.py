@@ -21,10 +21,37 @@ class PromptSettings:
     text_prompt: str = ""  # encoders: before every text (a sentence-transformers model's prompt)
 
 
-def prompt_settings(head_config, backbone, max_length: int, demonstrations: Demonstrations = ()) -> PromptSettings:
-    """The settings a head config (a recipe's `head:` section) gives on `backbone`."""
-    return PromptSettings(head_config.template, uses_chat(head_config, backbone), max_length, demonstrations,
+PLAIN_TEMPLATE = "Text: {text}\nLabel:"  # a template-less head without labels to list (generation, classifier)
+
+
+def prompt_settings(head_config, backbone, max_length: int, demonstrations: Demonstrations = (),
+                    label_names: list[str] = (), label_descriptions: list[str] = ()) -> PromptSettings:
+    """The settings a head config (a recipe's `head:` section) gives on `backbone` for a task of
+    `label_names` (described by `label_descriptions`)."""
+    return PromptSettings(template_of(head_config, label_names, label_descriptions, backbone),
+                          uses_chat(head_config, backbone), max_length, demonstrations,
                           text_prompt_of(head_config, backbone))
+
+
+def template_of(head_config, label_names: list[str] = (), label_descriptions: list[str] = (), backbone=None) -> str:
+    """head.template, or when the recipe gives none: for a label-word head, a prompt listing the labels'
+    words with their descriptions (`labels_template`); otherwise `PLAIN_TEMPLATE`."""
+    if head_config.template is not None:
+        return head_config.template
+    decoder = backbone is not None and backbone.kind == "decoder"
+    if not label_names or not (head_config.type == "label_words" or (head_config.type == "auto" and decoder)):
+        return PLAIN_TEMPLATE
+    chat = decoder and uses_chat(head_config, backbone)
+    words = [(head_config.label_words or {}).get(name, label_word(name, chat)).strip() for name in label_names]
+    return labels_template(words, list(label_descriptions) or list(label_names), label_names)
+
+
+def labels_template(words: list[str], descriptions: list[str], names: list[str]) -> str:
+    """'Classify the text as one of: positive (a positive opinion), negative (...).' then the text; a
+    description that only repeats its label's name is left out."""
+    listed = [word if description.replace("_", " ").lower() in (name.replace("_", " ").lower(), word.lower())
+              else f"{word} ({description.rstrip('.')})" for word, description, name in zip(words, descriptions, names)]
+    return f"Classify the text as one of: {_escape(', '.join(listed))}.\n\nText: {{text}}"
 
 
 def has_chat_template(tokenizer) -> bool:

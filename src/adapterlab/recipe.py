@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from adapterlab.methods import METHODS, MethodConfig
 from adapterlab.errors import AdapterlabError
 from adapterlab.metrics import BUILTIN
-from adapterlab.names import name_problem
+from adapterlab.names import json_digest, name_problem
 
 
 class RecipeError(AdapterlabError):
@@ -85,8 +85,10 @@ class HeadConfig(_Section):
     label_templates: list[str] = Field(
         ["{label}", "This text is about {label}."], min_length=1,
         description="Each label description is embedded through these templates, then averaged.")
-    template: str = Field(
-        "Text: {text}\nLabel:", description="LLM prompt; {text} (and {text_pair}) are filled in.")
+    template: str | None = Field(
+        None, description="LLM prompt; {text} (and {text_pair}) are filled in. null: for a label_words head, "
+        "'Classify the text as one of: WORD (DESCRIPTION), ...' then 'Text: {text}', from the task's labels.json "
+        "(a description that repeats its name is left out); for other heads 'Text: {text}\\nLabel:'.")
     chat: bool | None = Field(
         None, description="LLMs: send the prompt as a user turn of the tokenizer's chat template, so the "
         "label word opens the assistant's answer. null: when the tokenizer has a chat template.")
@@ -155,15 +157,25 @@ class SelectionConfig(_Section):
         2, ge=2, le=10, description="Stratified folds of the k-shot rows: each grid point trains on folds-1 parts "
         "and is scored on the one left out, every part in turn. Every class needs at least this many rows "
         "(data.k >= folds). More folds train on more rows each (a closer estimate) and cost more trainings.")
-    grid: dict[str, list] = Field(
-        min_length=1, description="Settings to choose among: a dotted training.* or head.* key (training.epochs, "
-        "training.max_steps, training.lr, head.tie_labels, head.prototype_weight, ...) → the values to try; every "
-        "combination is a grid point. Ties go to the point of fewer optimizer steps, then to the first written. "
-        "head.prototype_weight costs no training: the points that differ only in it share their trainings.")
+    grid: dict[str, list] | None = Field(
+        None, min_length=1, description="Settings to choose among: a dotted training.* or head.* key "
+        "(training.epochs, training.max_steps, training.lr, head.tie_labels, head.prototype_weight, ...) → the "
+        "values to try; every combination is a grid point. Ties go to the point of fewer optimizer steps, then to "
+        "the first written. head.prototype_weight costs no training: the points that differ only in it share their "
+        "trainings. A selection has a grid or candidates.")
+    candidates: list[str] = Field(
+        [], description="Other recipe files (paths relative to this recipe's file) to choose among beside this "
+        "recipe as written, each with its own backbone, method, head and training settings but this recipe's task, "
+        "data and output, so that all see the same k-shot rows and folds. Each is cross-validated on its own "
+        "backbone, cheapest first (backbone weight bytes × training tokens), within training.budget_seconds; the "
+        "best cross-validated accuracy trains (ties: the cheaper). A candidate selects nothing itself (no "
+        "training.select, no init_from auto) and trains one classifier. The card's selection lists each "
+        "candidate's cv_accuracy and seconds.")
     max_cost: float = Field(
         3.0, gt=0, description="The selection may train at most this many times the optimizer steps of one run of "
         "the recipe as written (all grid points × folds, each on folds-1 parts of the rows); a grid that costs "
-        "more is refused before anything trains. The card records the measured time ratio.")
+        "more is refused before anything trains. The card records the measured time ratio. Candidates are bounded "
+        "by training.budget_seconds instead.")
     fallback: Literal["none", "zero_shot"] = Field(
         "none", description="When the chosen point's cross-validated accuracy is below the zero-shot classifier "
         "the adapter starts from (scored on the same rows: the card's below_zero_shot) by more than chance (a "
@@ -171,8 +183,16 @@ class SelectionConfig(_Section):
         "that start untrained, so the adapter answers exactly as its zero-shot classifier; none trains it anyway.")
 
     @model_validator(mode="after")
+    def _grid_or_candidates(self):
+        if self.grid is not None and self.candidates:
+            raise ValueError("training.select takes a grid or candidates, not both: each candidate trains as written")
+        if self.grid is None and not self.candidates:
+            raise ValueError("training.select needs a grid or candidates to choose among")
+        return self
+
+    @model_validator(mode="after")
     def _grid_names_settings(self):
-        for key, values in self.grid.items():
+        for key, values in (self.grid or {}).items():
             section, _, name = key.partition(".")
             fields = {"training": TrainingConfig.model_fields, "head": HeadConfig.model_fields}.get(section, {})
             if name not in fields or key in _NOT_SELECTABLE:
@@ -187,7 +207,9 @@ class SelectionConfig(_Section):
 
     @property
     def points(self) -> list[dict]:
-        """Every combination of the grid's values, in the order written."""
+        """Every combination of the grid's values, in the order written (none without a grid)."""
+        if self.grid is None:
+            return []
         return [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())]
 
 
@@ -252,6 +274,12 @@ class TrainingConfig(_Section):
         None, description="Choose settings by cross-validation on the k-shot rows alone (never the test rows), then "
         "train on all of them with the best; the card records the choice, its estimate and the zero-shot one. "
         "null: train the recipe as written.")
+    budget_seconds: float | None = Field(
+        None, gt=0, description="Wall-time budget of a selection among training.select.candidates, which run "
+        "cheapest first: a candidate whose estimate (its backbone load plus its first fold's seconds × folds) would "
+        "take the selection past the budget is skipped, and the card records it as skipped with its estimate; the "
+        "cheapest always runs. A soft bound: a candidate's first fold runs before it is judged, and the final run "
+        "is not counted. null: every candidate runs.")
     self_train: SelfTrainingConfig | None = Field(
         None, description="Self-training on data.unlabeled: after the k-shot run, rounds of confident, class-balanced "
         "pseudo-labels and a fresh adapter retrained on the k-shot rows and them; the card's self_training records "
@@ -284,10 +312,24 @@ class TrainingConfig(_Section):
 
 class OutputConfig(_Section):
     store: str = Field("adapters", description="Adapter store folder.")
-    name: str | None = Field(None, description="Adapter name (default: METHOD-kK-sSEED, -ensN for an ensemble).")
+    name: str | None = Field(
+        None, description="Adapter name. Default: METHOD-kK-sSEED (-ensN for an ensemble), then a digest of the "
+        "settings that change the trained adapter (lora-k16-s0-f2fa1d): 6 hex digits of SHA-256 over the recipe's "
+        "fields written differently from their defaults, as written (backbone and data.path as given, never "
+        "resolved), but "
+        "output.*, data.test_path, data.test_limit, data.references_field, training.eval_batch_size, "
+        "training.metrics, training.trust_hub_metrics and training.checkpoint_every, which only decide how a run "
+        "is scored, checkpointed or stored. Same settings, same name; other settings, another name.")
     overwrite: bool = Field(True, description="Replace an adapter of the same name in the store; false: refuse, "
                             "before training and again, under the adapter's lock, when saving (another run may "
                             "have saved that name meanwhile). `adapterlab train` sets it from --overwrite.")
+
+
+# Settings that decide how a run is scored on the test rows, checkpointed or stored, never the adapter it
+# trains: left out of its settings digest (OutputConfig.name states the rule).
+NOT_IN_SETTINGS_DIGEST = {"output": True, "data": {"test_path", "test_limit", "references_field"},
+                          "training": {"eval_batch_size", "metrics", "trust_hub_metrics", "checkpoint_every"}}
+SETTINGS_DIGEST_CHARS = 6
 
 
 class Recipe(_Section):
@@ -299,6 +341,8 @@ class Recipe(_Section):
     data: DataConfig
     training: TrainingConfig = TrainingConfig()
     output: OutputConfig = OutputConfig()
+    # with_name_pinned: the digest of the settings as given, kept while a run chooses and resolves settings
+    _pinned_digest: str | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _names_are_safe(self):
@@ -338,6 +382,32 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
+    def _candidates_can_run(self):
+        training = self.training
+        if not (training.select and training.select.candidates):
+            if training.budget_seconds is not None:
+                raise ValueError("training.budget_seconds bounds a selection among training.select.candidates, "
+                                 "and this recipe offers none")
+            return self
+        for refused, setting in ((training.init_from == AUTO_SOURCE, "training.init_from auto"),
+                                 (training.self_train is not None, "training.self_train")):
+            if refused:
+                raise ValueError(f"training.select.candidates and {setting} do not combine: each candidate trains "
+                                 "one classifier as written")
+        try:
+            candidates = candidate_recipes(self)
+        except RecipeError as error:
+            raise ValueError(str(error)) from None
+        for path, candidate in zip(training.select.candidates, candidates):
+            if training.select.fallback == "zero_shot" and not METHODS[candidate.method.name].UNTRAINED_IS_BACKBONE:
+                raise ValueError(f"training.select.fallback zero_shot stores the untrained adapter, but candidate "
+                                 f"{path}'s untrained {candidate.method.name} adapter changes the backbone's answers")
+            if candidate.training.mixed_precision != training.mixed_precision:  # one Accelerator runs them all
+                raise ValueError(f"candidate {path} sets training.mixed_precision {candidate.training.mixed_precision}"
+                                 f", this recipe {training.mixed_precision}: one run has one precision")
+        return self
+
+    @model_validator(mode="after")
     def _self_training_has_texts(self):
         self_train, unlabeled = self.training.self_train, self.data.unlabeled
         if (self_train is None) != (unlabeled is None):
@@ -363,7 +433,7 @@ class Recipe(_Section):
         if init_from == AUTO_SOURCE and self.training.ensemble > 1:
             raise ValueError("training.init_from auto chooses by cross-validation, which training.ensemble does not "
                              "combine with: name the source (TASK/NAME) for an ensemble")
-        if self.training.select and "training.init_from" in self.training.select.grid and init_from == AUTO_SOURCE:
+        if self.training.select and "training.init_from" in (self.training.select.grid or {}) and init_from == AUTO_SOURCE:
             raise ValueError("training.init_from auto fills training.select.grid's training.init_from itself: "
                              "give one or the other")
         return self
@@ -387,12 +457,39 @@ class Recipe(_Section):
             raise ValueError(f"{feature}: it needs a classification task, not head.type generate")
 
     def with_settings(self, settings: dict) -> "Recipe":
-        """This recipe with dotted `section.field` settings replaced, validated anew."""
+        """This recipe with dotted `section.field` settings replaced, validated anew (a pinned digest kept)."""
         raw = self.model_dump()
         for key, value in settings.items():
             section, _, name = key.partition(".")
             raw[section][name] = value
-        return Recipe.model_validate(raw)
+        changed = Recipe.model_validate(raw)
+        changed._pinned_digest = self._pinned_digest
+        return changed
+
+    def with_name_pinned(self) -> "Recipe":
+        """This recipe with its adapter name written into output.name and its settings digest kept, so that
+        the settings a run chooses (training.select, init_from auto) or resolves (the head's auto fields)
+        change neither the folder it saves to nor the digest its card records."""
+        pinned = self.with_settings({"output.name": self.adapter_name})
+        pinned._pinned_digest = self.settings_digest
+        return pinned
+
+    def written_settings(self, exclude: dict) -> dict:
+        """The fields written differently from their defaults, but `exclude` (as pydantic's), as JSON; with
+        the method's name, its section's default: without it LoRA and prefix-tuning at their defaults read alike."""
+        settings = self.model_dump(mode="json", exclude=exclude, exclude_defaults=True)
+        settings["method"] = {**settings.get("method", {}), "name": self.method.name}
+        return settings
+
+    @property
+    def settings_digest(self) -> str:
+        """What tells this recipe's adapter from one trained with other settings (OutputConfig.name's rule).
+        Defaults are left out so that a new field of a later version keeps the names of earlier runs."""
+        if self._pinned_digest:
+            return self._pinned_digest
+        written = self.written_settings(NOT_IN_SETTINGS_DIGEST)
+        # a section whose written fields are all left out reads as one not written
+        return json_digest({key: value for key, value in written.items() if value != {}}, SETTINGS_DIGEST_CHARS)
 
     @property
     def generates(self) -> bool:
@@ -400,26 +497,77 @@ class Recipe(_Section):
 
     @property
     def adapter_name(self) -> str:
+        """output.name, else METHOD-kK-sSEED (-ensN), then the settings digest."""
         ensemble = f"-ens{self.training.ensemble}" if self.training.ensemble > 1 else ""
-        return self.output.name or f"{self.method.name}-k{self.data.k or 'all'}-s{self.data.seed}{ensemble}"
+        return self.output.name or (f"{self.method.name}-k{self.data.k or 'all'}-s{self.data.seed}{ensemble}-"
+                                    f"{self.settings_digest}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe, apply `key.sub=value` overrides, validate."""
+    """Read a YAML recipe, apply `key.sub=value` overrides, read its candidates' paths from its folder, validate."""
     path = Path(path)
+    raw = _read_recipe_file(path)
+    for override in overrides:
+        apply_override(raw, override)
+    _candidates_from(raw, path.parent)
+    return validate_recipe(raw, source=str(path))
+
+
+def _read_recipe_file(path: Path) -> dict:
+    """A recipe file's YAML mapping, not yet validated."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError(f"recipe not found: {path}") from None
     except UnicodeDecodeError as error:
         raise RecipeError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    except OSError as error:  # a folder, a file it may not read
+        raise RecipeError(f"{path}: cannot be read ({error.strerror})") from None
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: malformed YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
-    for override in overrides:
-        apply_override(raw, override)
-    return validate_recipe(raw, source=str(path))
+    return raw
+
+
+def _candidates_from(raw: dict, folder: Path) -> None:
+    """training.select.candidates as paths from `folder`, the recipe file's (absolute ones stay)."""
+    training = raw.get("training")
+    select = training.get("select") if isinstance(training, dict) else None
+    candidates = select.get("candidates") if isinstance(select, dict) else None
+    if isinstance(candidates, list):
+        select["candidates"] = [str(folder / path) if isinstance(path, str) else path for path in candidates]
+
+
+def candidate_recipes(recipe: Recipe) -> list[Recipe]:
+    """The recipes `training.select.candidates` names, each with `recipe`'s task, data and output, so that
+    all train and score on the same rows and store where `recipe` would."""
+    shared = recipe.model_dump(include={"task", "data", "output"})
+    candidates = [_candidate(path, shared) for path in recipe.training.select.candidates]
+    for candidate in candidates:  # the adapter is named and carded by the settings the user gave
+        candidate._pinned_digest = recipe._pinned_digest
+    return candidates
+
+
+def _candidate(path: str, shared: dict) -> Recipe:
+    where = f"training.select.candidates {path}"
+    try:
+        raw = _read_recipe_file(Path(path))
+    except RecipeError as error:
+        raise RecipeError(f"training.select.candidates: {error}") from None
+    training = raw.get("training")
+    if isinstance(training, dict) and training.get("select") is not None:  # refused unread: it may name this recipe
+        raise RecipeError(f"{where} has its own training.select: a candidate trains as written (no nested selections)")
+    own = validate_recipe(raw, source=where)
+    for refused, why in ((own.generates, "is a generation recipe (head.type generate): candidates are classifiers, "
+                                         "compared by held-out accuracy"),
+                         (own.training.init_from == AUTO_SOURCE, "chooses its source (training.init_from auto): a "
+                                                                 "candidate trains as written (no nested selections)"),
+                         (own.training.ensemble > 1 or own.training.self_train is not None,
+                          "trains an ensemble or self-trains: a candidate trains one classifier")):
+        if refused:
+            raise RecipeError(f"{where} {why}")
+    return validate_recipe({**own.model_dump(), **shared}, source=where)
 
 
 def apply_override(raw: dict, override: str) -> None:

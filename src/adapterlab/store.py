@@ -111,7 +111,7 @@ def _save_atomically(card: AdapterCard, store: str | Path, write: Callable[[Path
             _tidy_leftovers(task_dir, card.name)
             if not overwrite:
                 refuse_existing(target, "(another run may have saved it meanwhile): this run's adapter is "
-                                        "discarded, not saved")
+                                        "discarded, not saved", card.settings_digest)
             _swap(staging, target)  # staging now holds the replaced adapter, if any
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -122,12 +122,17 @@ class AdapterExists(StoreError):
     """A save that would replace a stored adapter without being told to overwrite it."""
 
 
-def refuse_existing(folder: Path, consequence: str = "") -> None:
+def refuse_existing(folder: Path, consequence: str = "", settings_digest: str | None = None) -> None:
     """AdapterExists when `folder` (STORE/TASK/NAME) is taken; `consequence` says what became of the
-    new adapter."""
-    if folder.exists():
-        raise AdapterExists(" ".join(filter(None, [f"adapter folder {folder} already exists", consequence,
-                                                   "(pass --overwrite to replace it)"])))
+    new adapter. The message says when the adapter there was trained with the settings of `settings_digest`."""
+    if not folder.exists():
+        return
+    try:
+        same = settings_digest is not None and read_card(folder).settings_digest == settings_digest
+    except StoreError:  # a damaged folder is still taken
+        same = False
+    taken = f"the same settings were already trained: {folder}" if same else f"adapter folder {folder} already exists"
+    raise AdapterExists(" ".join(filter(None, [taken, consequence, "(pass --overwrite to replace it)"])))
 
 
 @contextmanager

@@ -13,7 +13,6 @@ this process, or through another runner (`ray_sweep.on_ray`: as tasks on a Ray c
 
 import csv
 import functools
-import hashlib
 import json
 import statistics
 from collections.abc import Callable, Iterator
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from adapterlab.errors import AdapterlabError
 from adapterlab.metrics import BUILTIN, GENERATION
+from adapterlab.names import json_digest
 from adapterlab.precision import cpu_capability
 from adapterlab.recipe import DataConfig, Recipe, load_recipe
 from adapterlab.store import read_card
@@ -141,12 +141,9 @@ def _settings_digest(sweep: Sweep, cell: dict) -> str:
         if prompt_recipe(sweep):  # the prompt comes from a recipe's head
             settings["head"] = cell_recipe(sweep, cell, Path(sweep.output)).head.model_dump(mode="json")
     else:
-        recipe = cell_recipe(sweep, cell, Path(sweep.output))
-        settings = recipe.model_dump(mode="json", exclude={"output"}, exclude_defaults=True)
-        # a method's name is its section's default: without it LoRA and prefix-tuning at their defaults digest alike
-        settings["method"] = {**settings.get("method", {}), "name": recipe.method.name}
+        settings = cell_recipe(sweep, cell, Path(sweep.output)).written_settings({"output": True})
     settings["data"] = {key: value for key, value in settings["data"].items() if key != "path"}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(settings, 16)
 
 
 def finished_cells(sweep: Sweep, grid: list[dict] | None = None) -> list[dict]:
@@ -254,16 +251,19 @@ def _prompting(engine, sweep: Sweep, cell: dict, folder: Path) -> dict:
 
 def cell_recipe(sweep: Sweep, cell: dict, folder: Path) -> Recipe:
     """The recipe a training cell runs: its method's recipe on the cell's dataset, k and seed (a
-    generation sweep's prompting cell: its prompt recipe on the dataset, at the cell's k and seed)."""
+    generation sweep's prompting cell: its prompt recipe on the dataset, at the cell's k and seed). Its
+    adapter is named as a default name is, with the sweep's name of the method: METHOD-kK-sSEED-DIGEST."""
     data = sweep.datasets[cell["dataset"]]
     file = sweep.methods[cell["method"]]
     overrides = [f"data.{key}={json.dumps(value)}" for key, value in data.items()] + [
         f"task={cell['dataset']}", f"backbone={sweep.backbone}", f"data.k={cell['k'] or 'null'}",
         f"data.seed={cell['seed']}", f"training.seed={cell['seed']}", f"output.store={folder / 'adapters'}",
-        f"output.name={cell['method']}-k{cell['k']}-s{cell['seed']}", *sweep.overrides]
+        *sweep.overrides]
     if sweep.test_limit:
         overrides.append(f"data.test_limit={sweep.test_limit}")
-    return load_recipe(prompt_recipe(sweep) if file in PROMPTING else file, overrides)
+    recipe = load_recipe(prompt_recipe(sweep) if file in PROMPTING else file, overrides)
+    name = f"{cell['method']}-k{cell['k']}-s{cell['seed']}-{recipe.settings_digest}"
+    return recipe.with_settings({"output.name": name})
 
 
 def _train(sweep: Sweep, cell: dict, folder: Path) -> tuple[dict, float]:
@@ -271,7 +271,8 @@ def _train(sweep: Sweep, cell: dict, folder: Path) -> tuple[dict, float]:
 
     result = train(cell_recipe(sweep, cell, folder), show_progress=False)
     card = read_card(result.adapter_path)
-    row = {**result.metrics, "mixed_precision": card.recipe["training"]["mixed_precision"]}
+    row = {**result.metrics, "mixed_precision": card.recipe["training"]["mixed_precision"],
+           "adapter": f"{card.task}/{card.name}"}
     if not card.selection:
         return row, result.train_seconds
     # training.select: its estimate beside the test metrics; the selection's seconds count as training time

@@ -6,6 +6,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from peft import PeftModel
+from torch import nn
 from transformers import DynamicCache
 
 from adapterlab.backbones.loading import Backbone
@@ -15,11 +17,28 @@ from adapterlab.prompts import Demonstrations, prompt_format
 
 @dataclass
 class Features:
-    """What heads read: token states (B, T, H) with their mask, or an LLM's next-token logits (B, V)."""
+    """What heads read: token states (B, T, H) with their mask; for an LLM, its final state at the last
+    position (B, H) and the vocabulary projection that turns it into next-token logits, or (where the
+    model alters its logits after that projection) the next-token logits themselves (B, V)."""
 
     hidden: torch.Tensor | None
     attention_mask: torch.Tensor
+    last_state: torch.Tensor | None = None
+    output_head: torch.nn.Linear | None = None
     next_token_logits: torch.Tensor | None = None
+
+    def label_logits(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits of `token_ids`, (L,) for every row or (B, L) per row: only those rows of the
+        vocabulary projection are computed, never all V logits."""
+        if self.next_token_logits is not None:
+            logits = self.next_token_logits
+            return logits[:, token_ids] if token_ids.dim() == 1 else logits.gather(1, token_ids)
+        head = self.output_head
+        if token_ids.dim() == 1:
+            return nn.functional.linear(self.last_state, head.weight[token_ids],
+                                        None if head.bias is None else head.bias[token_ids])
+        logits = torch.bmm(head.weight[token_ids], self.last_state[:, :, None]).squeeze(2)
+        return logits if head.bias is None else logits + head.bias[token_ids]
 
 
 @dataclass
@@ -58,8 +77,7 @@ def tokenize(backbone: Backbone, texts: list[str], pairs: list[str] | None, temp
             return batch
         full = tokenizer(texts, pairs, truncation=False, verbose=False)["input_ids"]
         return batch, [len(ids) > max_length for ids in full]
-    shown = tuple((_cut(tokenizer, text, 64), answer) for text, answer in demonstrations)
-    prompt = prompt_format(tokenizer, template, chat, shown)
+    prompt = llm_prompt_format(tokenizer, template, chat, demonstrations)
     budget = max(8, max_length - len(tokenizer(prompt.format(text="", text_pair=""), add_special_tokens=False).input_ids))
     pairs = pairs or [""] * len(texts)
     cut = [(_cut(tokenizer, text, budget // (2 if pair else 1)), _cut(tokenizer, pair, budget // 2))
@@ -70,6 +88,13 @@ def tokenize(backbone: Backbone, texts: list[str], pairs: list[str] | None, temp
     if not report_truncation:
         return batch
     return batch, [(text, pair) != kept for text, pair, kept in zip(texts, pairs, cut)]
+
+
+def llm_prompt_format(tokenizer, template: str, chat: bool, demonstrations: Demonstrations = ()) -> str:
+    """The format string an LLM's texts are filled into: any demonstrations (each text cut to 64 tokens)
+    before the template, as a chat turn when `chat`."""
+    shown = tuple((_cut(tokenizer, text, 64), answer) for text, answer in demonstrations)
+    return prompt_format(tokenizer, template, chat, shown)
 
 
 def _cut(tokenizer, text: str, budget: int) -> str:
@@ -95,9 +120,30 @@ def features(backbone: Backbone, model: torch.nn.Module, batch: dict, need_hidde
     if backbone.kind == "encoder":
         with _from_layer(backbone, model, stem):
             return Features(model(**inputs).last_hidden_state, mask)
-    out = model(**inputs, logits_to_keep=1, output_hidden_states=need_hidden)
-    hidden = out.hidden_states[-1] if need_hidden else None
-    return Features(hidden, mask, out.logits[:, -1])
+    if _alters_logits(model):
+        out = model(**inputs, logits_to_keep=1, output_hidden_states=need_hidden)
+        return Features(out.hidden_states[-1] if need_hidden else None, mask, next_token_logits=out.logits[:, -1])
+    hidden = decoder_of(model)(**inputs).last_hidden_state
+    return Features(hidden if need_hidden else None, mask, hidden[:, -1], model.get_output_embeddings())
+
+
+# Config keys of decoders that change logits after the vocabulary projection (Gemma 2's soft cap, Cohere's scale)
+LOGIT_CHANGES = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _alters_logits(model: torch.nn.Module) -> bool:
+    """Whether the decoder alone does not give what the full model's logits read: peft's prompt learning
+    (its forward adds the virtual tokens), a plain projection missing, or logits changed after it."""
+    if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
+        return True
+    config = model.config
+    return (type(model.get_output_embeddings()) is not nn.Linear
+            or any(getattr(config, key, None) not in (None, 1, 1.0) for key in LOGIT_CHANGES))
+
+
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer under a causal LM's vocabulary projection (through a peft wrapper)."""
+    return (model.get_base_model() if isinstance(model, PeftModel) else model).get_decoder()
 
 
 def model_inputs(backbone: Backbone, batch: dict, prefix: Prefix | None = None) -> dict:

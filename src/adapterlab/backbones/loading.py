@@ -199,6 +199,11 @@ def _hub_snapshot(repo_id: str) -> Path:
                             f"could not provide it ({type(error).__name__})") from None
 
 
+def weight_bytes(name: str) -> int:
+    """The size of a backbone's safetensors weights, read without loading them: what the cost of a step grows with."""
+    return sum(file.stat().st_size for file in resolve_path(name).glob("*.safetensors"))
+
+
 def fingerprint(path: Path) -> str:
     """sha256 over the architecture config and the weight files; memoised per file size and mtime."""
     digest = hashlib.sha256()

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from adapterlab.errors import AdapterlabError
 from adapterlab.methods.base import AdapterWeights
+from adapterlab.prompts import template_of
 
 # Prefixes need a larger step than LoRA weights to move the frozen attention.
 DEFAULT_LR = 1e-2
@@ -68,7 +69,7 @@ def start(peft_model, config: Config, backbone, head_config, label_descriptions:
         return
     if backbone.kind != "decoder" or config.projection:
         raise AdapterlabError("prefix_tuning init 'words' needs an LLM backbone and projection: false")
-    words = " ".join([head_config.template.replace("{text}", "").replace("{text_pair}", ""), *label_descriptions])
+    words = " ".join([template_of(head_config).replace("{text}", "").replace("{text_pair}", ""), *label_descriptions])
     ids = backbone.tokenizer(words, add_special_tokens=False, return_tensors="pt").input_ids[0]
     ids = ids.repeat(config.num_virtual_tokens // len(ids) + 1)[:config.num_virtual_tokens]
     with torch.no_grad():

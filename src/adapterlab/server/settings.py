@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from adapterlab.adapter_slots import DEFAULT_MAX_BYTES
 from adapterlab.server.errors import ApiError
 
 
@@ -30,6 +31,7 @@ class Settings:
     allow_admin_without_token: bool = False
     device: str = "auto"  # where the backbone runs (precision.resolve_device)
     dtype: str = "auto"  # its dtype: auto is bfloat16 where the device computes it natively, else float32
+    max_adapter_bytes: int | None = DEFAULT_MAX_BYTES  # adapters' weights in the device's slots (an LRU); None: no bound
 
     def check_size(self, count: int, *texts: str | None) -> None:
         """413 for more inputs than max_inputs, or a text longer than max_chars."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import AsyncGenerator, BinaryIO, Callable
 
 from adapterlab.engine import Engine, GenerationRequest, Prediction, Request
-from adapterlab.generation import Decoder, Sequence
+from adapterlab.generation import Sequence
 from adapterlab.errors import AdapterlabError
 from adapterlab.names import name_problem
 from adapterlab.server.backend import Update
@@ -53,10 +53,10 @@ class Server:
         self.store = Path(store).resolve()
         self.settings = settings or Settings()
         self.engine = Engine(backbone or backbone_from_store(self.store), self.store, device=self.settings.device,
-                             dtype=self.settings.dtype)
+                             dtype=self.settings.dtype, max_device_bytes=self.settings.max_adapter_bytes)
         self.store.mkdir(parents=True, exist_ok=True)
         self.metrics = Metrics()
-        self.decoder = Decoder(self.engine.backbone)  # the running generation batch, stepped on the worker
+        self.decoder = self.engine.decoder()  # the running generation batch, stepped on the worker
         self.listeners: dict[Sequence, tuple[asyncio.Queue, int]] = {}  # where each sequence's updates go
 
     async def start(self) -> None:
@@ -344,7 +344,7 @@ class Server:
                 try:
                     advanced = await self.on_worker(self.decoder.step)
                 except Exception as error:  # a bug, not bad input: every running request gets a 500
-                    self.decoder = Decoder(self.engine.backbone)
+                    self.decoder = self.engine.decoder()
                     for queue, _ in self.listeners.values():
                         queue.put_nowait(error)
                     self.listeners.clear()

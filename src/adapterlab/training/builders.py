@@ -5,7 +5,7 @@ import logging
 
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from adapterlab.backbones import Backbone, load_backbone
 from adapterlab.data import TaskData, load_pairs, load_task
@@ -39,7 +39,7 @@ def new_model(recipe: Recipe, task: TaskData, accelerator: Accelerator,
     # parameter reaches the loss (LoRA leaves the encoder's unused pooler alone; tests/test_methods.py).
     set_seed(recipe.training.seed)  # loading draws nothing from the generator: the seed reaches the adapter's init
     if backbone is None:
-        backbone = load_backbone(recipe.backbone, recipe.quantization, backbone_device_map(recipe.quantization, accelerator))
+        backbone = frozen_backbone(recipe, accelerator)
     if recipe.generates:
         return build_generative_model(recipe, backbone)
     recipe = with_source_method(recipe)
@@ -47,6 +47,11 @@ def new_model(recipe: Recipe, task: TaskData, accelerator: Accelerator,
     if recipe.training.init_from:
         start_from_source(model, recipe, task, backbone)
     return model
+
+
+def frozen_backbone(recipe: Recipe, accelerator: Accelerator) -> Backbone:
+    """The recipe's backbone, loaded frozen where this process trains it."""
+    return load_backbone(recipe.backbone, recipe.quantization, backbone_device_map(recipe.quantization, accelerator))
 
 
 def logged_parameter_counts(model: AdapterModel | GenerativeModel, accelerator: Accelerator) -> tuple[int, int]:
@@ -74,9 +79,24 @@ def new_accelerator(config) -> Accelerator:
             log.info("mixed precision: %s (auto, on %s%s)", precision, device,
                      f": {_describe_cpu()}" if device.type == "cpu" else "")
     try:
-        return Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=precision)
+        accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=precision)
     except ValueError as error:  # e.g. fp16 without a GPU
         raise AdapterlabError(f"training.mixed_precision {precision}: {error}") from None
+    refuse_unsupported_launch(accelerator, config.grad_accum)
+    return accelerator
+
+
+def refuse_unsupported_launch(accelerator: Accelerator, grad_accum: int) -> None:
+    """Refuses a launch that training would follow wrongly: FSDP (see docs/training.md), or a gradient
+    accumulation the launcher set against the recipe's (Accelerate lets its environment win, while the
+    loop counts its steps from the recipe)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise AdapterlabError("FSDP is not supported: use DDP (accelerate_configs/multi-gpu.yaml), with "
+                              "quantization.mode for a backbone too large for one GPU, or DeepSpeed ZeRO-2")
+    if accelerator.gradient_accumulation_steps != grad_accum:
+        raise AdapterlabError(f"the launcher sets gradient accumulation to {accelerator.gradient_accumulation_steps} "
+                              f"(ACCELERATE_GRADIENT_ACCUMULATION_STEPS) but training.grad_accum is {grad_accum}: "
+                              "leave it to the recipe (remove gradient_accumulation_steps from the Accelerate config)")
 
 
 def _describe_cpu() -> str:

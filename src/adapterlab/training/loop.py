@@ -67,12 +67,12 @@ def fit(model: TrainableModel, rows: Split | Pairs, recipe: Recipe, accelerator:
     loader = DataLoader(order, batch_size=config.batch_size,
                         collate_fn=lambda indices: model.batch(rows, indices, config.max_length, stem))
     optimizer = torch.optim.AdamW(_param_groups(model, recipe), weight_decay=config.weight_decay)
-    prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    scheduler = linear_schedule(optimizer, steps, config.warmup_ratio, accelerator.num_processes)
+    # One call, as Accelerate documents for DeepSpeed: prepared alone, the scheduler came back bare there,
+    # stepped at every batch instead of once per optimizer step.
+    prepared, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     stem = stem or frozen_stem_states(model, rows, config)  # read by the loader's collate_fn
-    # The prepared scheduler advances once per process at each step, hence the factor.
-    n = accelerator.num_processes
-    scheduler = accelerator.prepare(get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps) * n, steps * n))
-    identity = run_identity(recipe, model.backbone.fingerprint, n)
+    identity = run_identity(recipe, model.backbone.fingerprint, accelerator.num_processes)
     step = _start_step(recipe, identity, model, optimizer, scheduler, accelerator, resume)
     if step:  # the row stream is fixed, so skipping the batches already trained on continues it exactly
         loader = accelerator.skip_first_batches(loader, step * config.grad_accum)
@@ -94,18 +94,35 @@ def fit(model: TrainableModel, rows: Split | Pairs, recipe: Recipe, accelerator:
             if config.checkpoint_every and step % config.checkpoint_every == 0 and accelerator.is_main_process:
                 save_checkpoint(checkpoint_folder(recipe), step, model, optimizer, scheduler, identity)
     progress.close()
-    if settle and ties_labels(model):
-        model.settle_label_vectors(rows, recipe.head.prototype_weight)
     prepared.eval()
     accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)  # drops autocast: evaluated as the engine serves
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _release_deepspeed(model, accelerator)
+    if settle and ties_labels(model):
+        model.settle_label_vectors(rows, recipe.head.prototype_weight)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_ratio: float, processes: int):
+    """Linear warmup over `warmup_ratio` of the `steps` optimizer steps, then linear decay to 0. Accelerate's
+    prepared scheduler advances once per process at each optimizer step, hence the factor; so it does under
+    DeepSpeed, whose engine drives only schedulers of its own kinds, not this LambdaLR."""
+    return get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * steps) * processes, steps * processes)
+
+
+def _release_deepspeed(model: TrainableModel, accelerator: Accelerator) -> None:
+    """After training under DeepSpeed: the model back in float32 (the engine cast all of it to bf16, without
+    autocast), so that it is evaluated and stored as a single process leaves it; and the engine let go, since
+    Accelerate ties `backward` to the first engine prepared and a later fit (a fold, an ensemble member)
+    prepares its own."""
+    accelerator.free_memory()
+    model.float()
 
 
 def _start_step(recipe: Recipe, identity: dict, model: TrainableModel, optimizer, scheduler, accelerator: Accelerator,
                 resume: bool) -> int:
     """0, or with `resume` the step of the run's checkpoint, restored into model, optimizer and scheduler."""
-    if (resume or recipe.training.checkpoint_every) and accelerator.distributed_type in (DistributedType.FSDP,
-                                                                                         DistributedType.DEEPSPEED):
-        raise CheckpointError("checkpoints need one process or DDP: under FSDP or DeepSpeed a process holds a shard")
+    if (resume or recipe.training.checkpoint_every) and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise CheckpointError("checkpoints need one process or DDP: under DeepSpeed a process holds a shard")
     folder = checkpoint_folder(recipe)
     if not resume:
         if has_checkpoint(folder) and accelerator.is_main_process:

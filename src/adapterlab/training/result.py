@@ -61,19 +61,21 @@ def make_card(recipe: Recipe, task: TaskData, model: AdapterModel | GenerativeMo
         labels=task.label_names,
         label_descriptions=task.label_descriptions, backbone=recipe.backbone,
         backbone_fingerprint=model.backbone.fingerprint, method=recipe.method.name, k=recipe.data.k,
-        seed=recipe.data.seed, recipe=recipe.model_dump(mode="json"), metrics=metrics,
+        seed=recipe.data.seed, recipe=recipe.model_dump(mode="json"), settings_digest=recipe.settings_digest,
+        metrics=metrics,
         trainable_params=trainable, backbone_params=total - trainable,
         train_seconds=round(train_seconds, 3), selection=selection, self_training=self_training, init_from=init_from)
 
 
 def resolved_recipe(recipe: Recipe, model: AdapterModel | GenerativeModel, accelerator: Accelerator) -> Recipe:
     """The recipe as it ran: settings left to the backbone (the chat template, a sentence-transformers
-    folder's pooling, normalisation and prompt), the task (tie_labels auto) or the hardware and launcher
+    folder's pooling, normalisation and prompt), the task (tie_labels auto, the LLM prompt written from
+    the labels) or the hardware and launcher
     (mixed precision) written out, and a source adapter's method settings (`training.init_from`)."""
     recipe = with_source_method(recipe)
     backbone = model.backbone
     head = recipe.head.model_copy(update={
-        "chat": model.chat, "tie_labels": ties_labels(model), "pooling": pooling_of(recipe.head, backbone),
+        "chat": model.chat, "template": model.template, "tie_labels": ties_labels(model), "pooling": pooling_of(recipe.head, backbone),
         "text_prompt": text_prompt_of(recipe.head, backbone), "normalize": getattr(model.head, "normalize", None)})
     training = recipe.training.model_copy(update={"mixed_precision": str(accelerator.mixed_precision)})
     return recipe.model_copy(update={"head": head, "training": training})

@@ -1,5 +1,6 @@
 """Choosing a recipe's settings by cross-validation on its k-shot rows alone (`training.select`): the
-stratified folds, the grid's trainings through the loop (`select_settings`), the choice, the comparison
+stratified folds and their trainings through the loop (`Folds`, `FoldTrainer`: tiers.py cross-validates
+whole recipes with them too), the grid's (`select_settings`), the choice, the comparison
 with the adapter's untrained start (the fallback), and the record the card keeps. `choose_source`
 prepares the choice of a stored adapter to start from (`training.init_from: auto`) as one more grid key."""
 
@@ -13,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from adapterlab.backbones import fingerprint, resolve_path
+from adapterlab.backbones import Backbone, fingerprint, resolve_path
 from adapterlab.data import Split, TaskData
 from adapterlab.errors import AdapterlabError
 from adapterlab.model import AdapterModel
@@ -161,18 +162,64 @@ def chosen_settings(recipe: Recipe, task: TaskData, accelerator: Accelerator, sh
     return selection
 
 
+@dataclass
+class Folds:
+    """The k-shot rows cut into stratified parts (`stratified_folds`): each part is held out once, and a
+    fold trains on the rows of the others."""
+
+    held_out: list[list[int]]
+    kept: list[list[int]]
+
+    @classmethod
+    def of(cls, task: TaskData, folds: int, seed: int) -> "Folds":
+        held_out = stratified_folds(task.train.labels, folds, seed, task.label_names)
+        return cls(held_out, [[i for part in held_out if part is not out for i in part] for out in held_out])
+
+    def recipes(self, trial: Recipe, rows: int) -> list[Recipe]:
+        """The trial as each fold trains it (`_fold_recipe`)."""
+        return [_fold_recipe(trial, len(kept), rows) for kept in self.kept]
+
+
+class FoldTrainer:
+    """Trains trials fold by fold on one backbone: loaded once, each fold's adapter built on it and taken
+    out of it again, and every k-shot row's frozen stem states computed once per way of reading the rows
+    (the folds' rows are among them)."""
+
+    def __init__(self, task: TaskData, accelerator: Accelerator, backbone: Backbone | None = None):
+        self.task, self.accelerator, self.backbone = task, accelerator, backbone
+        self.stems: dict[tuple, list | None] = {}
+
+    def train_and_score(self, fold: Recipe, kept: list[int], held_out: list[int], group: list[PointResult]) -> None:
+        """Trains `fold` on the `kept` rows and adds to each point of `group` the `held_out` rows it gets right."""
+        rows = self.task.train
+        model = new_model(fold, self.task, self.accelerator, self.backbone)
+        reading = (fold.training.max_length, model.template, model.chat, model.text_prompt, model.stem_layers)
+        if reading not in self.stems:
+            self.stems[reading] = frozen_stem_states(model, rows, fold.training)
+        stem = self.stems[reading]
+        fit(model, rows.select(kept), fold, self.accelerator, show_progress=False,
+            stem=[stem[i] for i in kept] if stem else None, settle=False)
+        if model.tied:  # each prototype weight settles the same trained label vectors anew
+            weights = [result.settings.get(PROTOTYPE_WEIGHT, fold.head.prototype_weight) for result in group]
+            right = right_per_prototype_weight(model, rows.select(kept), rows.select(held_out), weights)
+        else:
+            right = [right_rows(model, rows.select(held_out), fold)] * len(group)
+        for result, positions in zip(group, right):
+            result.right += [held_out[i] for i in positions]
+        self.accelerator.free_memory()  # drops the prepared model before the next fold's
+        self.backbone = model.release_backbone()
+
+
 def select_settings(recipe: Recipe, task: TaskData, accelerator: Accelerator, show_progress: bool) -> Selection:
     """Cross-validates the grid of `training.select` on the k-shot rows (`task.train`; the test rows are
     never read): each training on folds-1 parts, scored on the part left out, every part in turn."""
     select, rows = recipe.training.select, task.train
-    held_out_parts = stratified_folds(rows.labels, select.folds, recipe.data.seed, task.label_names)
-    kept_parts = [[i for part in held_out_parts if part is not held_out for i in part] for held_out in held_out_parts]
+    parts = Folds.of(task, select.folds, recipe.data.seed)
     groups = list(trainings(select.points).values())
     trials = [recipe.with_settings({**points[0], "training.select": None, "training.checkpoint_every": None})
               for points in groups]
-    folds = [[_fold_recipe(trial, len(kept), len(rows)) for kept in kept_parts] for trial in trials]
-    steps = [sum(schedule(len(kept), fold.training, accelerator.num_processes)[0]
-                 for kept, fold in zip(kept_parts, trial_folds)) for trial_folds in folds]
+    folds = [parts.recipes(trial, len(rows)) for trial in trials]
+    steps = [fold_steps(parts, trial_folds, accelerator) for trial_folds in folds]
     cost = sum(steps) / schedule(len(rows), recipe.training, accelerator.num_processes)[0]
     if cost > select.max_cost:
         raise SelectionError(f"training.select would train {cost:.2f}x the optimizer steps of one run of this recipe "
@@ -182,30 +229,20 @@ def select_settings(recipe: Recipe, task: TaskData, accelerator: Accelerator, sh
     progress = tqdm(total=len(trials) * select.folds, desc=f"select {recipe.task}",
                     disable=not (show_progress and accelerator.is_main_process))
     started = time.perf_counter()
-    backbone = None  # loaded once: each fold's adapter is built on it, then taken out of it
-    stems = {}  # every k-shot row's stem states, by how rows are read: the folds' rows are among them
+    trainer = FoldTrainer(task, accelerator)
     for trial_folds, group in zip(folds, results):
-        for fold, kept, held_out in zip(trial_folds, kept_parts, held_out_parts):
-            model = new_model(fold, task, accelerator, backbone)
-            reading = (fold.training.max_length, model.template, model.chat, model.text_prompt, model.stem_layers)
-            if reading not in stems:
-                stems[reading] = frozen_stem_states(model, rows, fold.training)
-            stem = stems[reading]
-            fit(model, rows.select(kept), fold, accelerator, show_progress=False,
-                stem=[stem[i] for i in kept] if stem else None, settle=False)
-            if model.tied:  # each prototype weight settles the same trained label vectors anew
-                weights = [result.settings.get(PROTOTYPE_WEIGHT, fold.head.prototype_weight) for result in group]
-                right = right_per_prototype_weight(model, rows.select(kept), rows.select(held_out), weights)
-            else:
-                right = [right_rows(model, rows.select(held_out), fold)] * len(group)
-            for result, positions in zip(group, right):
-                result.right += [held_out[i] for i in positions]
-            accelerator.free_memory()  # drops the prepared model before the next fold's
-            backbone = model.release_backbone()
+        for fold, kept, held_out in zip(trial_folds, parts.kept, parts.held_out):
+            trainer.train_and_score(fold, kept, held_out, group)
             progress.update(1)
     progress.close()
     return Selection(select.folds, select.grid, len(rows), [r for group in results for r in group],
                      len(trials) * select.folds, cost, time.perf_counter() - started)
+
+
+def fold_steps(parts: Folds, fold_recipes: list[Recipe], accelerator: Accelerator) -> int:
+    """The optimizer steps of a trial's trainings over all its folds."""
+    return sum(schedule(len(kept), fold.training, accelerator.num_processes)[0]
+               for kept, fold in zip(parts.kept, fold_recipes))
 
 
 def _fold_recipe(trial: Recipe, kept: int, rows: int) -> Recipe:
@@ -217,12 +254,12 @@ def _fold_recipe(trial: Recipe, kept: int, rows: int) -> Recipe:
     return trial.with_settings({"training.max_steps": max(1, round(trial.training.max_steps * kept / rows))})
 
 
-def falls_back(selection: Selection, start: AdapterModel, rows: Split, recipe: Recipe,
-               accelerator: Accelerator) -> bool:
+def falls_back(selection: Selection, start: AdapterModel, rows: Split, recipe: Recipe, accelerator: Accelerator,
+               fallback: str) -> bool:
     """Scores the untrained `start` on every k-shot row (the rows the folds held out, one by one) into
-    `selection`; whether the run stores that start untrained (`fallback: zero_shot`) instead of training."""
+    `selection`; whether the run stores that start untrained (`fallback` zero_shot) instead of training."""
     selection.zero_shot_right = right_rows(start, rows, recipe)
-    fall_back = selection.clearly_below_zero_shot and recipe.training.select.fallback == "zero_shot"
+    fall_back = selection.clearly_below_zero_shot and fallback == "zero_shot"
     if selection.below_zero_shot and accelerator.is_main_process:
         log.warning("cross-validation puts the adapter below its zero-shot start (%d against %d of %d rows, "
                     "p=%.3f)%s", selection.chosen.correct, selection.zero_shot_correct, selection.rows,

@@ -1,6 +1,6 @@
 """One few-shot classifier: setup → fit → evaluate → save. With `training.select`, a cross-validation on
-the k-shot rows chooses the recipe's settings first, and may keep the adapter at its untrained start
-(the fallback)."""
+the k-shot rows chooses the recipe's settings (select.py) or among whole recipes (tiers.py) first, and
+may keep the adapter at its untrained start (the fallback)."""
 
 import time
 from dataclasses import dataclass
@@ -15,19 +15,20 @@ from adapterlab.training.library import named_source_record
 from adapterlab.training.loop import fit
 from adapterlab.training.result import TrainResult, save_run
 from adapterlab.training.select import Selection, choose_source, chosen_settings, falls_back
+from adapterlab.training.tiers import TierChoice, choose_candidate
 
 
 @dataclass
 class KShotStart:
-    """A k-shot run before it trains: its recipe (with the chosen settings), the fresh adapter, and the
-    selection that chose them (None without `training.select`)."""
+    """A k-shot run before it trains: its recipe (with the chosen settings, or the chosen candidate), the
+    fresh adapter, and the selection that chose them (None without `training.select`)."""
 
     recipe: Recipe
     accelerator: Accelerator
     task: TaskData
     model: AdapterModel
     counts: tuple[int, int]  # (trainable, total) parameters
-    selection: Selection | None
+    selection: Selection | TierChoice | None  # a grid's or the candidates': each records itself for the card
     fell_back: bool  # the selection keeps the adapter untrained, at its zero-shot start
     library: dict | None  # the card's init_from: the stored adapter it starts from, and how it was chosen
 
@@ -40,19 +41,23 @@ class KShotStart:
 
 def start_k_shot(recipe: Recipe, show_progress: bool, resume: bool) -> KShotStart:
     """The Accelerator, the k-shot rows, the stored adapter to start from (`training.init_from: auto` adds
-    it to the selection's grid), the settings `training.select` chooses, and the fresh adapter."""
+    it to the selection's grid), the settings or the candidate `training.select` chooses, and the fresh adapter."""
     accelerator, task = new_accelerator(recipe.training), load_data(recipe)
     choice = choose_source(recipe, task, accelerator, show_progress) if recipe.training.init_from == AUTO_SOURCE else None
     if choice:
         recipe = choice.recipe(recipe)
-    selection = chosen_settings(recipe, task, accelerator, show_progress, resume) if recipe.training.select else None
-    if selection:
+    select, tiers, selection = recipe.training.select, None, None
+    if select and select.candidates:
+        tiers = choose_candidate(recipe, task, accelerator, show_progress)
+        recipe, selection = tiers.chosen.recipe, tiers.chosen.selection
+    elif select:
+        selection = chosen_settings(recipe, task, accelerator, show_progress, resume)
         recipe = recipe.with_settings(selection.chosen.settings)
     model = new_model(recipe, task, accelerator)
     counts = logged_parameter_counts(model, accelerator)
-    fell_back = falls_back(selection, model, task.train, recipe, accelerator) if selection else False
+    fell_back = falls_back(selection, model, task.train, recipe, accelerator, select.fallback) if select else False
     library = choice.record(recipe.training.init_from) if choice else named_source_record(recipe, task)
-    return KShotStart(recipe, accelerator, task, model, counts, selection, fell_back, library)
+    return KShotStart(recipe, accelerator, task, model, counts, tiers or selection, fell_back, library)
 
 
 def train_single(recipe: Recipe, show_progress: bool = True, resume: bool = False) -> TrainResult:
