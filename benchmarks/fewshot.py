@@ -13,6 +13,9 @@ For each dataset × seed at k examples per class:
     (SETFIT_SETTINGS below; --setfit-num-iterations for fewer pairs), and is evaluated on the same test
     rows; train seconds are the seconds in `Trainer.train()` (pair generation, contrastive body phase,
     logistic-regression head).
+--backbone mpnet runs it all on all-mpnet-base-v2 (110M parameters; its folder is made once from PyPI, about
+400 MB) instead of MiniLM: the recipes as written but for their backbone, SetFit on that body. Each backbone
+keeps its own cells and report (mpnet's files are named fewshot-mpnet*), so no report mixes the two.
 Every finished cell is kept (the sweep's results.jsonl, fewshot-setfit.jsonl), so a rerun skips it.
 Prints one JSON object on stdout (last line) and writes fewshot.json, fewshot.md and fewshot.png to --out
 (on a CPU without fast bf16, to --out/no-fast-bf16: time ratios compare within one kind of CPU);
@@ -22,6 +25,7 @@ progress goes to stderr.
     .venv/bin/python benchmarks/fewshot.py --datasets sst2 --seeds 0 --test-limit 200 --out /tmp/fewshot
     .venv/bin/python benchmarks/fewshot.py --methods setfit --setfit-time-limit 900
     .venv/bin/python benchmarks/fewshot.py --methods setfit --datasets banking77 --setfit-num-iterations 20
+    .venv-compare/bin/python benchmarks/fewshot.py --backbone mpnet --methods zeroshot adapterlab setfit
 """
 
 import argparse
@@ -38,14 +42,13 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from _common import (PAIR_FIELDS, SHARED_DATA, append_jsonl, cell_cpu, describe_cpu, plot_accuracy_bars, read_jsonl,
-                     sample_std)
+from _common import (BACKBONES, PAIR_FIELDS, SHARED_DATA, append_jsonl, backbone_path, cell_cpu, describe_cpu,
+                     fewshot_files, of_backbone, plot_accuracy_bars, read_jsonl, sample_std)
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILE = ROOT / "recipes" / "sweeps" / "minilm-single-text.yaml"
 ADAPTER_METHOD = "lora"                 # the sweep method adapterlab is represented by
 CV_METHOD, CV_RECIPE = "lora-cv", ROOT / "recipes" / "sst2-lora-minilm-tied-cv.yaml"
-SETFIT_CELLS = "fewshot-setfit.jsonl"
 METHODS = ("zeroshot", "adapterlab", "adapterlab-cv", "setfit")
 SWEEP_METHODS = {"zeroshot": "zeroshot", "adapterlab": ADAPTER_METHOD, "adapterlab-cv": CV_METHOD}
 # The pair tasks of the shared data beside the shipped sweep's single-text ones (SetFit reads a pair as one
@@ -64,7 +67,8 @@ SETFIT_SETTINGS = {
     "head": "sklearn LogisticRegression() (SetFit's default head)",
     "loss": "CosineSimilarityLoss on generated pairs", "sampling_strategy": "oversampling",
     "num_iterations": None, "batch_size": 16, "num_epochs": 1, "body_learning_rate": 2e-5,
-    "warmup_proportion": 0.1, "max_length": "the body's max_seq_length (256 for all-MiniLM-L6-v2)",
+    "warmup_proportion": 0.1,
+    "max_length": "the body's max_seq_length (256 for all-MiniLM-L6-v2, 384 for all-mpnet-base-v2)",
     "seed": "the cell's seed (also the k-shot draw's)", "save_strategy": "no", "report_to": "none",
     "text_pairs": "a pair's two texts joined by the body's separator token, read as one text",
 }
@@ -78,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="k-shot draw and training seeds")
     parser.add_argument("--k", type=int, default=16, help="training examples per class")
     parser.add_argument("--test-limit", type=int, default=1000, help="first N test rows (0: the whole test split)")
+    parser.add_argument("--backbone", choices=BACKBONES, default="minilm",
+                        help="the backbone of every cell (mpnet: all-mpnet-base-v2, made once from PyPI)")
     parser.add_argument("--methods", nargs="+", default=["zeroshot", "adapterlab", "setfit"], choices=METHODS,
                         help="cells to run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
@@ -89,18 +95,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_sweep(datasets: list[str], seeds: list[int], k: int, test_limit: int | None, out: Path):
+def build_sweep(datasets: list[str], seeds: list[int], k: int, test_limit: int | None, out: Path,
+                backbone: str = "minilm"):
     """The shipped MiniLM sweep narrowed to these datasets, zero-shot, LoRA and LoRA with CV, one k, these
-    seeds. Its folder is named by the test limit, so cells evaluated on other test rows never mix."""
+    seeds, on `backbone` (one of BACKBONES). Its folder is named by the backbone and the test limit, so
+    cells of another backbone or evaluated on other test rows never mix."""
     from adapterlab.sweep import ZERO_SHOT, Sweep
 
     shipped = yaml.safe_load(SWEEP_FILE.read_text())
     known = {**shipped["datasets"], **PAIR_DATASETS}
     data = {name: {**known[name], "path": str((ROOT / known[name]["path"]).resolve())} for name in datasets}
-    return Sweep(name=f"fewshot-sweep-test{test_limit or 'all'}", backbone=shipped["backbone"], datasets=data,
-                 methods={ZERO_SHOT: ZERO_SHOT, ADAPTER_METHOD: str(ROOT / shipped["methods"][ADAPTER_METHOD]),
-                          CV_METHOD: str(CV_RECIPE)},
-                 k=[k], seeds=seeds, test_limit=test_limit, output=str(out))
+    methods = {ZERO_SHOT: ZERO_SHOT, ADAPTER_METHOD: str(ROOT / shipped["methods"][ADAPTER_METHOD]),
+               CV_METHOD: str(CV_RECIPE)}
+    return Sweep(name=fewshot_files(backbone, test_limit)["sweep"], backbone=backbone_path(backbone),
+                 datasets=data, methods=methods, k=[k], seeds=seeds, test_limit=test_limit, output=str(out))
 
 
 def run_sweep_cells(sweep, methods: list[str]) -> None:
@@ -236,22 +244,24 @@ def _machine() -> dict:
     return {**cell_cpu(cpu), "isa": cpu["isa"], "onednn_bf16": cpu["onednn_bf16"]}
 
 
-def run_setfit(sweep, out: Path, time_limit: float, num_iterations: int | None = None) -> None:
-    """Train the SetFit cells not yet in fewshot-setfit.jsonl under these settings (timeouts under a
-    longer limit count as done)."""
+def run_setfit(sweep, out: Path, time_limit: float, num_iterations: int | None = None,
+               backbone: str = "minilm") -> None:
+    """Train the SetFit cells of `backbone` not yet in its SetFit cells file under these settings (timeouts
+    under a longer limit count as done); each cell records its backbone."""
     import setfit
 
     from adapterlab.backbones import resolve_path
 
-    file = out / SETFIT_CELLS
-    done = {_setfit_key(r) for r in read_jsonl(file) if r.get("num_iterations") == num_iterations
+    file = out / fewshot_files(backbone)["setfit"]
+    done = {_setfit_key(r) for r in of_backbone(read_jsonl(file), backbone)
+            if r.get("num_iterations") == num_iterations
             and (r["status"] == "ok" or (time_limit and r.get("time_limit", math.inf) >= time_limit))}
     todo = [(d, s) for d in sweep.datasets for s in sweep.seeds
             if (d, sweep.k[0], s, sweep.test_limit) not in done]
     body = str(resolve_path(sweep.backbone))
     for dataset, seed in tqdm(todo, desc="setfit"):
         result = train_setfit(setfit_task(sweep, dataset, seed), body, seed, time_limit, num_iterations)
-        row = {"dataset": dataset, "method": "setfit", "k": sweep.k[0], "seed": seed,
+        row = {"dataset": dataset, "method": "setfit", "backbone": backbone, "k": sweep.k[0], "seed": seed,
                "test_limit": sweep.test_limit, **result, "setfit_version": setfit.__version__}
         print(json.dumps(row), file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
@@ -262,10 +272,10 @@ def _setfit_key(row: dict) -> tuple:
     return row["dataset"], row["k"], row["seed"], row["test_limit"]
 
 
-def setfit_rows(sweep, out: Path) -> list[dict]:
-    """SetFit cells of this comparison; of two runs of a cell, a finished one before a timeout (e.g. a
-    run with fewer pairs where the default ran out of time), then the later one."""
-    rows = [r for r in read_jsonl(out / SETFIT_CELLS)
+def setfit_rows(sweep, out: Path, backbone: str = "minilm") -> list[dict]:
+    """SetFit cells of this comparison on `backbone`; of two runs of a cell, a finished one before a
+    timeout (e.g. a run with fewer pairs where the default ran out of time), then the later one."""
+    rows = [r for r in of_backbone(read_jsonl(out / fewshot_files(backbone)["setfit"]), backbone)
             if r["dataset"] in sweep.datasets and r["k"] == sweep.k[0] and r["seed"] in sweep.seeds
             and r["test_limit"] == sweep.test_limit]
     chosen = {}
@@ -545,24 +555,25 @@ def main(argv=None) -> dict:
     test_limit = options.test_limit or None
     options.out = results_folder(options.out)
     options.out.mkdir(parents=True, exist_ok=True)
-    sweep = build_sweep(options.datasets, options.seeds, options.k, test_limit, options.out)
+    sweep = build_sweep(options.datasets, options.seeds, options.k, test_limit, options.out, options.backbone)
     run_sweep_cells(sweep, options.methods)
     if "setfit" in options.methods:
-        run_setfit(sweep, options.out, options.setfit_time_limit, options.setfit_num_iterations)
+        run_setfit(sweep, options.out, options.setfit_time_limit, options.setfit_num_iterations, options.backbone)
     rows = sweep_rows(sweep)
     zero_shot = {r["dataset"]: r["accuracy"] for r in rows if r["method"] == "zeroshot"}
     report = build_report(zero_shot, [r for r in rows if r["method"] == ADAPTER_METHOD],
-                          setfit_rows(sweep, options.out), options.datasets, options.seeds, options.k,
-                          [r for r in rows if r["method"] == CV_METHOD])
-    result = {"benchmark": "fewshot", "backbone": sweep.backbone, "k": options.k, "seeds": options.seeds,
+                          setfit_rows(sweep, options.out, options.backbone), options.datasets, options.seeds,
+                          options.k, [r for r in rows if r["method"] == CV_METHOD])
+    result = {"benchmark": "fewshot", "backbone": options.backbone, "k": options.k, "seeds": options.seeds,
               "test_limit": test_limit, **report, "setfit_settings": SETFIT_SETTINGS, "target_setting": TARGETS,
               "adapter_recipe": str(Path(sweep.methods[ADAPTER_METHOD]).relative_to(ROOT)),
               "cv_recipe": str(CV_RECIPE.relative_to(ROOT)), "cpu": cpu_capability(), "cpu_count": os.cpu_count()}
-    (options.out / "fewshot.json").write_text(json.dumps(result, indent=2))
-    heading = (f"k={options.k}, seeds {options.seeds}, {test_limit or 'all'} test rows; "
-               f"CPU: {describe_cpu(result['cpu'])}.\n\n")
-    (options.out / "fewshot.md").write_text(heading + markdown(report))
-    plot(report, options.out / "fewshot.png", options.k)
+    files = options.out / fewshot_files(options.backbone)["report"]
+    files.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    heading = (f"Backbone {options.backbone}, k={options.k}, seeds {options.seeds}, {test_limit or 'all'} test "
+               f"rows; CPU: {describe_cpu(result['cpu'])}.\n\n")
+    files.with_suffix(".md").write_text(heading + markdown(report))
+    plot(report, files.with_suffix(".png"), options.k)
     return result
 
 

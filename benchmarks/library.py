@@ -12,11 +12,14 @@
      reads the test rows, not a method;
    zero-shot and SetFit come from the few-shot report's cells (benchmarks/results/fewshot-sweep-test1000,
    fewshot-setfit.jsonl): the same k-shot rows, seeds and test rows; each names the CPU it ran on.
-Every finished cell is kept in OUT/cells.jsonl (a rerun skips it). Writes library.json, library.md and
+--backbone mpnet does it all on all-mpnet-base-v2 (the recipes as written but for their backbone), with a
+library, stores, cells and report of its own (WORK and OUT named -mpnet) beside the few-shot report's mpnet
+cells. Every finished cell is kept in OUT/cells.jsonl (a rerun skips it). Writes library.json, library.md and
 library.png to OUT; prints the report's JSON as the last line.
 
     .venv/bin/python benchmarks/library.py --library-only                       # the nine library adapters
     .venv/bin/python benchmarks/library.py --datasets sst2 mpqa --seeds 0 1 2   # and their cells
+    .venv/bin/python benchmarks/library.py --backbone mpnet --library-only      # all-mpnet-base-v2's library
 """
 
 import argparse
@@ -26,8 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (PAIR_FIELDS, SHARED_DATA, append_jsonl, cell_cpu, describe_cell_cpu, git_commit,
-                     plot_accuracy_bars, read_jsonl, sample_std, wait_for_quiet)
+from _common import (BACKBONES, PAIR_FIELDS, SHARED_DATA, append_jsonl, backbone_path, backbone_tag, cell_cpu,
+                     describe_cell_cpu, fewshot_files, git_commit, of_backbone, plot_accuracy_bars, read_jsonl,
+                     sample_std, wait_for_quiet)
 from adapterlab.precision import cpu_capability
 from adapterlab.recipe import load_recipe
 from adapterlab.store import read_card
@@ -49,10 +53,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--test-limit", type=int, default=1000)
     parser.add_argument("--library-only", action="store_true", help="train the library adapters and stop")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "library", help="cells and report")
-    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "adapterlab" / "library-benchmark",
-                        help="the library and the leave-one-out stores (adapters, not committed)")
-    return parser.parse_args(argv)
+    parser.add_argument("--backbone", choices=BACKBONES, default="minilm",
+                        help="the library's and every cell's backbone (mpnet: all-mpnet-base-v2, made once from PyPI)")
+    parser.add_argument("--out", type=Path,
+                        help="cells and report (default benchmarks/results/library, library-mpnet for mpnet)")
+    parser.add_argument("--work", type=Path,
+                        help="the library and the leave-one-out stores (adapters, not committed; default "
+                             "~/.cache/adapterlab/library-benchmark, library-benchmark-mpnet for mpnet)")
+    args = parser.parse_args(argv)
+    tag = backbone_tag(args.backbone)
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"library{tag}"
+    args.work = args.work or Path.home() / ".cache" / "adapterlab" / f"library-benchmark{tag}"
+    return args
 
 
 def data_settings(dataset: str) -> list[str]:
@@ -60,13 +72,14 @@ def data_settings(dataset: str) -> list[str]:
     return [f"data.path={SHARED_DATA / dataset}", f"task={dataset}"] + ([f"data.text_pair_field={pair}"] if pair else [])
 
 
-def build_library(out: Path) -> None:
-    """One library adapter per shared dataset (kept: a rerun trains only the missing ones)."""
+def build_library(out: Path, backbone: str) -> None:
+    """One library adapter per shared dataset on `backbone` (kept: a rerun trains only the missing ones)."""
     for dataset in DATASETS:
         if (out / "library" / dataset / "library" / "card.json").is_file():
             continue
         wait_for_quiet()
-        recipe = load_recipe(LIBRARY_RECIPE, [*data_settings(dataset), f"output.store={out / 'library'}"])
+        recipe = load_recipe(LIBRARY_RECIPE, [*data_settings(dataset), f"backbone={backbone_path(backbone)}",
+                                              f"output.store={out / 'library'}"])
         result = train(recipe, show_progress=False)
         print(f"library {dataset}: {result.metrics} in {result.train_seconds:.0f}s", file=sys.stderr)
 
@@ -86,7 +99,8 @@ def run_cell(work: Path, target: str, seed: int, method: str, args) -> dict:
     """One trained cell: its test metrics and seconds (auto: counting the choice), what auto chose."""
     store = target_store(work, target)
     settings = [*data_settings(target), f"data.k={args.k}", f"data.seed={seed}", f"training.seed={seed}",
-                f"data.test_limit={args.test_limit}", f"output.store={store}"]
+                f"data.test_limit={args.test_limit}", f"output.store={store}",
+                f"backbone={backbone_path(args.backbone)}"]
     if method == "oracle":
         sources = [f"{d}/library" for d in DATASETS if d != target]
         runs = [run_recipe(settings + [f"training.init_from={s}", f"output.name=oracle-{s.split('/')[0]}-s{seed}"])
@@ -106,11 +120,13 @@ def run_recipe(settings: list[str]) -> dict:
             "source": choice.get("source"), "tried": choice.get("tried"), "candidates": choice.get("candidates")}
 
 
-def fewshot_cells(k: int) -> list[dict]:
-    """The few-shot report's zero-shot, recipe and SetFit cells (same rows, seeds and test rows)."""
+def fewshot_cells(k: int, backbone: str) -> list[dict]:
+    """The few-shot report's zero-shot, recipe and SetFit cells on `backbone` (same rows, seeds, test rows)."""
+    files = fewshot_files(backbone)
     sweep = [{**row, "method": {"lora": "scratch (few-shot report)"}.get(row["method"], row["method"])}
-             for row in read_jsonl(FEWSHOT / "fewshot-sweep-test1000" / "results.jsonl") if row["k"] in (0, k)]
-    setfit = [row for row in read_jsonl(FEWSHOT / "fewshot-setfit.jsonl") if row.get("status") == "ok"]
+             for row in read_jsonl(FEWSHOT / files["sweep"] / "results.jsonl") if row["k"] in (0, k)]
+    setfit = [row for row in of_backbone(read_jsonl(FEWSHOT / files["setfit"]), backbone)
+              if row.get("status") == "ok"]
     return [{**row, "seconds": row.get("train_seconds", 0.0)} for row in sweep + setfit]
 
 
@@ -152,8 +168,8 @@ def _ratio(table: dict):
     return statistics.mean(ratios) if ratios else None
 
 
-def markdown(result: dict, cpu: str, when: str, head: str) -> str:
-    lines = [f"# The adapter library, leave-one-out (k=16, {when}, {cpu}, commit {head})", "",
+def markdown(result: dict, cpu: str, when: str, head: str, backbone: str) -> str:
+    lines = [f"# The adapter library, leave-one-out ({backbone}, k=16, {when}, {cpu}, commit {head})", "",
              "| dataset | zero-shot | scratch | auto | oracle | SetFit | auto chose | auto s / SetFit s |",
              "|---|---|---|---|---|---|---|---|"]
     for dataset, row in result["table"].items():
@@ -174,11 +190,11 @@ def markdown(result: dict, cpu: str, when: str, head: str) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    build_library(args.work)
+    build_library(args.work, args.backbone)
     if args.library_only:
         return {}
     cells_file = args.out / "cells.jsonl"
-    done = {(c["dataset"], c["seed"], c["method"]) for c in read_jsonl(cells_file)}
+    done = {(c["dataset"], c["seed"], c["method"]) for c in of_backbone(read_jsonl(cells_file), args.backbone)}
     cpu = cpu_capability()
     for dataset in args.datasets:
         for seed in args.seeds:
@@ -186,19 +202,19 @@ def main(argv=None) -> dict:
                 if (dataset, seed, method) in done:
                     continue
                 started = time.strftime("%Y-%m-%d")
-                row = {"dataset": dataset, "seed": seed, "method": method, "k": args.k,
+                row = {"dataset": dataset, "seed": seed, "method": method, "backbone": args.backbone, "k": args.k,
                        **run_cell(args.work, dataset, seed, method, args), **cell_cpu(cpu), "date": started,
                        "commit": git_commit()}
                 append_jsonl(cells_file, row)
                 print(f"{dataset} s{seed} {method}: {row['accuracy']:.3f} in {row['seconds']:.0f}s"
                       f"{' from ' + str(row['source']) if method != 'scratch' else ''}", file=sys.stderr)
-    cells = read_jsonl(cells_file)
-    result = report(cells, fewshot_cells(args.k), args.datasets, args.seeds)
+    cells = of_backbone(read_jsonl(cells_file), args.backbone)
+    result = report(cells, fewshot_cells(args.k, args.backbone), args.datasets, args.seeds)
     cpus = sorted({describe_cell_cpu(c) for c in cells if c["dataset"] in args.datasets})
     dates = sorted({c["date"] for c in cells})
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}" if dates else "-"
     (args.out / "library.json").write_text(json.dumps(result, indent=1))
-    (args.out / "library.md").write_text(markdown(result, "; ".join(cpus), when, git_commit()))
+    (args.out / "library.md").write_text(markdown(result, "; ".join(cpus), when, git_commit(), args.backbone))
     shown = [d for d in args.datasets if result["table"][d]]
     bars = [(m, [result["table"][d].get(m, {}).get("mean", 0) for d in shown],
              [result["table"][d].get(m, {}).get("std", 0) for d in shown]) for m in METHODS]

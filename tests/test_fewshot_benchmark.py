@@ -114,7 +114,7 @@ def test_setfit_with_fewer_pairs_fills_in_for_a_timeout_and_is_reported(tmp_path
     default = {**cells("setfit", {"sst2": [0.70]}, seconds=20.0)[0], "test_limit": 1000, "num_iterations": None}
     sweep = type("Sweep", (), {"datasets": ["sst2", "banking77"], "k": [16], "seeds": [0], "test_limit": 1000})
     for order in ([timeout, finished, default], [finished, timeout, default]):
-        (tmp_path / fewshot.SETFIT_CELLS).write_text("".join(json.dumps(row) + "\n" for row in order))
+        (tmp_path / fewshot.fewshot_files("minilm")["setfit"]).write_text("".join(json.dumps(row) + "\n" for row in order))
         assert sorted(r["status"] for r in fewshot.setfit_rows(sweep, tmp_path)) == ["ok", "ok"]
 
     adapter = cells("lora", {"sst2": [0.80], "banking77": [0.86]}, seconds=3.0)
