@@ -1,19 +1,27 @@
-"""Shared fixtures: a tiny random BERT and a tiny random chat Llama for fast unit tests, and the paths of
-the real data."""
+"""Shared fixtures: a tiny random BERT and a tiny random chat Llama for fast unit tests, a store of adapters on
+the Llama that several server suites serve, and the paths of the real data."""
 
+import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from adapterlab.backbones import resolve_path
+from adapterlab.engine import Engine
 from adapterlab.precision import cpu_capability
+from adapterlab.recipe import validate_recipe
+from adapterlab.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+E2E = {"text_field": "mr", "target_field": "ref", "references_field": "refs", "k": 8, "test_limit": 2}
+SPARE = ["new/first", "new/second"]  # beside the chat store: registered (and deleted) by the server tests
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The Ray clusters the tests start bind to the loopback address, not the machine's network one (read by Ray
@@ -72,6 +80,49 @@ def tiny_llama(tmp_path_factory) -> str:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def chat_adapters(tiny_llama, tmp_path_factory) -> Path:
+    """A folder of store/ (sentiment/lora and a copy with weights of its own, sentiment/other; the generative
+    e2e/lora and e2e/prefix, template "Describe: {text}") and spare/ (SPARE), on the tiny chat Llama. Shared:
+    a suite serves a copy of store/."""
+    root = tmp_path_factory.mktemp("chat-adapters")
+    train(validate_recipe(tiny_recipe(tiny_llama, root / "store", output={"name": "lora"},
+                                      training={"max_steps": 3, "lr": 0.05})), show_progress=False)
+    for name, method in (("lora", {"name": "lora", "r": 4}), ("prefix", {"name": "prefix_tuning", "num_virtual_tokens": 4})):
+        train(validate_recipe(tiny_recipe(tiny_llama, root / "store", method=method, task="e2e", output={"name": name},
+                                          head={"type": "generate", "template": "Describe: {text}"},
+                                          data={**E2E, "path": shared("e2e")},
+                                          training={"max_steps": 3, "batch_size": 4, "lr": 0.05})), show_progress=False)
+    copy_adapter(root / "store/sentiment/lora", root / "store", "sentiment/other", 1)
+    for seed, reference in enumerate(SPARE, start=2):
+        copy_adapter(root / "store/sentiment/lora", root / "spare", reference, seed)
+    return root
+
+
+@pytest.fixture(scope="session")
+def chat_engine(tiny_llama, chat_adapters) -> Engine:
+    """What a server of the chat store must answer: a local engine on the same adapters (spare ones included)."""
+    store = chat_adapters / "all"
+    shutil.copytree(chat_adapters / "store", store)
+    shutil.copytree(chat_adapters / "spare", store, dirs_exist_ok=True)
+    return Engine(tiny_llama, store, dtype="float32")
+
+
+def copy_adapter(source: Path, store: Path, reference: str, seed: int) -> Path:
+    """A copy of an adapter as TASK/NAME with random weights of the same shapes (answers of its own),
+    written under a hidden name and renamed into place, as anything put in a live store must be."""
+    task, name = reference.split("/")
+    staging = store / task / f".{name}.copying"
+    shutil.copytree(source, staging)
+    card = json.loads((staging / "card.json").read_text())
+    (staging / "card.json").write_text(json.dumps({**card, "task": task, "name": name}))
+    generator = torch.Generator().manual_seed(seed)
+    for file in ("adapter_model.safetensors", "head.safetensors"):
+        tensors = load_file(staging / file)
+        save_file({k: v + 0.5 * torch.randn(v.shape, generator=generator) for k, v in tensors.items()}, staging / file)
+    return staging.rename(store / task / name)
 
 
 def paired_counts(engine, reference: str, rows) -> tuple[int, int, float]:

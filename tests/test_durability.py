@@ -28,7 +28,7 @@ from test_server import archive, assert_answer, copy_adapter, folder_files
 
 NAMES = [f"crash/a{i}" for i in range(6)]  # each with weights of its own: a mix-up changes the answers
 TEXTS = ["the soup was cold", "loved every minute", "please cancel my order"]
-KILLS = 24
+KILLS = 20
 CHANGES = {"upload": 4, "path": 2, "delete": 3, "classify": 3}  # how often the client does each
 
 
@@ -69,7 +69,7 @@ class Client:
 
     def __init__(self, url: str, store: Path, spare: Path, expected: dict, ledger: Ledger, rng: random.Random):
         self.url, self.store, self.spare, self.expected, self.ledger, self.rng = url, store, spare, expected, ledger, rng
-        self.changing, self.problems = threading.Event(), []
+        self.changing, self.answered, self.problems = threading.Event(), threading.Semaphore(0), []
 
     def run(self) -> None:
         with httpx.Client(base_url=self.url, timeout=30) as http:
@@ -83,6 +83,7 @@ class Client:
                 except httpx.TransportError:  # the server died meanwhile
                     self.ledger.unanswered(name, kind)
                     return
+                self.answered.release()
 
     def ask(self, http: httpx.Client, kind: str, name: str) -> None:
         if kind != "classify":
@@ -164,8 +165,9 @@ def test_what_was_answered_survives_kill_9(spare, tiny_bert, tmp_path):
             if rng.random() < 0.5:  # in the middle of a change, most likely
                 assert client.changing.wait(30)
                 threading.Event().wait(rng.uniform(0, 0.03))
-            else:
-                threading.Event().wait(rng.uniform(0.05, 0.5))
+            else:  # after a few answers: paced by the client, not by the clock
+                for _ in range(rng.randint(1, 4)):
+                    assert client.answered.acquire(timeout=30)
             server.signal(signal.SIGKILL)
             thread.join(60)
             assert not thread.is_alive()

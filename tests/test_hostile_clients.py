@@ -37,7 +37,7 @@ from test_server import archive, folder_files, running
 ADMIN, CLIENT = {"Authorization": "Bearer admin"}, {"Authorization": "Bearer client"}
 LIMITS = Settings(dtype="float32", admin_token="admin", client_token="client", max_inputs=8, max_chars=400,
                   max_new_tokens=4, max_upload_bytes=2_000_000, max_body_bytes=1_000_000, body_seconds=2)
-EXAMPLES = 50  # per operation and mode (sent three times each)
+EXAMPLES = 20  # per operation and mode (sent three times each)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           negative_data_rejection]
 

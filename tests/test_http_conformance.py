@@ -21,23 +21,18 @@ from prometheus_client.parser import text_string_to_metric_families
 import adapterlab
 from adapterlab.engine import Engine, GenerationRequest, Request
 from adapterlab.generation import Sampling
-from adapterlab.recipe import validate_recipe
 from adapterlab.server import Settings, create_app
 from adapterlab.server.metrics import Metrics
-from adapterlab.training import train
-from conftest import shared, tiny_recipe
-from test_server import archive, copy_adapter, folder_files, running
+from test_server import archive, folder_files, running
 
 TEXTS = ["the soup was cold", "what a match last night", "loved every minute", "a dull and lifeless film"]
 ZERO_SHOT = ("food", "sport", "money")
-E2E = {"text_field": "mr", "target_field": "ref", "references_field": "refs", "k": 8, "test_limit": 2}
 MR = "name[Alimentum], area[city centre]"  # a text the generative adapters' template "Describe: {text}" takes
 CHAT = [{"role": "user", "content": MR}]
 ADMIN, CLIENT = {"Authorization": "Bearer admin"}, {"Authorization": "Bearer client"}
 SETTINGS = {"dtype": "float32", "admin_token": "admin", "client_token": "client", "max_inputs": 8,
             "max_chars": 4000, "max_new_tokens": 480, "max_upload_bytes": 200_000}
 CLASSIFIERS = ["sentiment/lora", "sentiment/other"]
-SPARE = ["new/first", "new/second"]  # registered (and deleted) by the tests
 LEAVE_AT = 8  # tokens a leaving client waits for
 
 
@@ -47,36 +42,10 @@ class Served:
     store: Path
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_llama, tmp_path_factory) -> Path:
-    """A store (sentiment/lora and a copy with weights of its own, e2e/lora, e2e/prefix) and spare/ beside it."""
-    root = tmp_path_factory.mktemp("conformance")
-    train(validate_recipe(tiny_recipe(tiny_llama, root / "store", output={"name": "lora"},
-                                      training={"max_steps": 3, "lr": 0.05})), show_progress=False)
-    for name, method in (("lora", {"name": "lora", "r": 4}), ("prefix", {"name": "prefix_tuning", "num_virtual_tokens": 4})):
-        train(validate_recipe(tiny_recipe(tiny_llama, root / "store", method=method, task="e2e", output={"name": name},
-                                          head={"type": "generate", "template": "Describe: {text}"},
-                                          data={**E2E, "path": shared("e2e")},
-                                          training={"max_steps": 3, "batch_size": 4, "lr": 0.05})), show_progress=False)
-    copy_adapter(root / "store/sentiment/lora", root / "store", "sentiment/other", 1)
-    for seed, reference in enumerate(SPARE, start=2):
-        copy_adapter(root / "store/sentiment/lora", root / "spare", reference, seed)
-    return root
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama, trained) -> Engine:
-    """What every backend must answer: a local engine on the same adapters (spare ones included)."""
-    store = trained / "all"
-    shutil.copytree(trained / "store", store)
-    shutil.copytree(trained / "spare", store, dirs_exist_ok=True)
-    return Engine(tiny_llama, store, dtype="float32")
-
-
 @pytest.fixture(scope="module", params=["local", "ray"])
-def served(request, trained, tiny_llama, tmp_path_factory):
+def served(request, chat_adapters, tiny_llama, tmp_path_factory):
     store = tmp_path_factory.mktemp(request.param) / "store"
-    shutil.copytree(trained / "store", store)
+    shutil.copytree(chat_adapters / "store", store)
     if request.param == "local":
         with running(create_app(store, tiny_llama, Settings(**SETTINGS))) as (url, _):
             yield Served(url, store)
@@ -132,10 +101,10 @@ def greedy(engine: Engine, model: str, max_tokens: int, **prompt) -> str:
 
 
 # --- the API's own routes ------------------------------------------------------------------------
-def test_health_metrics_and_openapi(client, engine):
+def test_health_metrics_and_openapi(client, chat_engine):
     client.post("/v1/classify", json={"adapter": "sentiment/lora", "inputs": ["x"]})
     client.post("/v1/classify", json={"adapter": "sentiment/nope", "inputs": ["x"]})
-    assert client.get("/health").json() == {"status": "ok", "backbone": engine.backbone.name, "kind": "decoder",
+    assert client.get("/health").json() == {"status": "ok", "backbone": chat_engine.backbone.name, "kind": "decoder",
                                             "batching": True}
     metrics = client.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
@@ -165,39 +134,39 @@ def test_each_server_counts_in_its_own_registry_and_escapes_label_values():
     assert "adapterlab_requests_total{" not in second.render()
 
 
-def test_classification_batches_and_zero_shot_answer_as_the_engine(client, engine):
+def test_classification_batches_and_zero_shot_answer_as_the_engine(client, chat_engine):
     for adapter in CLASSIFIERS:
         response = client.post("/v1/classify", json={"adapter": adapter, "inputs": TEXTS})
         assert response.status_code == 200 and response.json()["adapter"] == adapter, response.text
-        for answer, expected in zip(response.json()["predictions"], engine.predict(adapter, TEXTS)):
+        for answer, expected in zip(response.json()["predictions"], chat_engine.predict(adapter, TEXTS)):
             assert_answer(answer, expected)
     pairs = [{"text": text, "text_pair": "a second text"} for text in TEXTS[:2]]
     response = client.post("/v1/classify", json={"adapter": "sentiment/other", "inputs": [TEXTS[0], *pairs], "top_k": 1})
-    wanted = engine.predict("sentiment/other", TEXTS[:1]) + engine.predict("sentiment/other", TEXTS[:2],
+    wanted = chat_engine.predict("sentiment/other", TEXTS[:1]) + chat_engine.predict("sentiment/other", TEXTS[:2],
                                                                            ["a second text"] * 2)
     for answer, prediction in zip(response.json()["predictions"], wanted):  # rows with and without a pair
         [best] = answer["scores"]
         assert abs(best["score"] - prediction.score) < 1e-5 and answer["label"] == best["label"] == prediction.label
     rows = [{"adapter": CLASSIFIERS[i % 2], "text": text} for i, text in enumerate(TEXTS)]
     rows.append({"adapter": None, "text": TEXTS[0], "labels": list(ZERO_SHOT)})
-    expected = [engine.predict(row["adapter"], [row["text"]])[0] for row in rows[:-1]]
-    expected += engine.predict_batch([Request(None, TEXTS[0], labels=ZERO_SHOT)])
+    expected = [chat_engine.predict(row["adapter"], [row["text"]])[0] for row in rows[:-1]]
+    expected += chat_engine.predict_batch([Request(None, TEXTS[0], labels=ZERO_SHOT)])
     response = client.post("/v1/classify/batch", json={"rows": rows})
     for row, answer, prediction in zip(rows, response.json()["predictions"], expected):
         assert answer["adapter"] == row["adapter"]
         assert_answer(answer, prediction)
     zero_shot = client.post("/v1/classify", json={"adapter": None, "labels": list(ZERO_SHOT), "inputs": TEXTS[:2]})
     for answer, prediction in zip(zero_shot.json()["predictions"],
-                                  engine.predict_batch([Request(None, text, labels=ZERO_SHOT) for text in TEXTS[:2]])):
+                                  chat_engine.predict_batch([Request(None, text, labels=ZERO_SHOT) for text in TEXTS[:2]])):
         assert_answer(answer, prediction)
 
 
-def test_register_by_path_and_by_upload_then_delete(served, client, engine, trained):
-    store, spare = served.store, trained / "spare"
+def test_register_by_path_and_by_upload_then_delete(served, client, chat_engine, chat_adapters):
+    store, spare = served.store, chat_adapters / "spare"
 
     def answers_as(reference: str) -> None:
         response = client.post("/v1/classify", json={"adapter": "new/first", "inputs": TEXTS})
-        for answer, prediction in zip(response.json()["predictions"], engine.predict(reference, TEXTS)):
+        for answer, prediction in zip(response.json()["predictions"], chat_engine.predict(reference, TEXTS)):
             assert_answer(answer, prediction)
 
     shutil.copytree(spare / "new/first", store / "new" / ".incoming")
@@ -206,7 +175,7 @@ def test_register_by_path_and_by_upload_then_delete(served, client, engine, trai
     assert response.status_code == 201 and response.json()["adapter"] == "new/first", response.text
     answers_as("new/first")
     listing = client.get("/v1/adapters").json()
-    assert listing["backbone"] == engine.backbone.name and "new/first" in listing["resident"]
+    assert listing["backbone"] == chat_engine.backbone.name and "new/first" in listing["resident"]
     available = {item["adapter"]: item for item in listing["available"]}
     assert available.keys() == {*CLASSIFIERS, "e2e/lora", "e2e/prefix", "new/first"}
     assert available["new/first"]["resident"] and available["new/first"]["card"]["labels"] == ["negative", "positive"]
@@ -319,68 +288,68 @@ def test_truncated_inputs_are_flagged_and_counted(client):
     assert count() == before + 2  # a Ray replica's count too, through the ingress
 
 
-def test_generation_bare_and_under_an_adapter(client, engine):
+def test_generation_bare_and_under_an_adapter(client, chat_engine):
     for adapter in (None, "e2e/lora", "sentiment/lora", None):
         response = client.post("/v1/generate", json={"adapter": adapter, "prompt": "the movie was", "max_new_tokens": 6})
-        wanted = greedy(engine, adapter or engine.backbone.name, 6, prompt="the movie was")
+        wanted = greedy(chat_engine, adapter or chat_engine.backbone.name, 6, prompt="the movie was")
         assert response.status_code == 200 and response.json() == {"adapter": adapter, "text": wanted}, response.text
 
 
 # --- the OpenAI-compatible routes ------------------------------------------------------------------
-def test_models_list_the_backbone_and_every_adapter(openai_client, engine):
+def test_models_list_the_backbone_and_every_adapter(openai_client, chat_engine):
     models = {model.id: model for model in openai_client.models.list()}
-    assert models.keys() == {engine.backbone.name, *CLASSIFIERS, "e2e/lora", "e2e/prefix"}
-    assert models["e2e/lora"].owned_by == "adapterlab" and models["e2e/lora"].parent == engine.backbone.name
+    assert models.keys() == {chat_engine.backbone.name, *CLASSIFIERS, "e2e/lora", "e2e/prefix"}
+    assert models["e2e/lora"].owned_by == "adapterlab" and models["e2e/lora"].parent == chat_engine.backbone.name
 
 
-def test_completion_and_chat_equal_the_engine_with_usage(openai_client, engine):
-    backbone = engine.backbone.name
+def test_completion_and_chat_equal_the_engine_with_usage(openai_client, chat_engine):
+    backbone = chat_engine.backbone.name
     plain = openai_client.completions.create(model=backbone, prompt="Once upon a time", max_tokens=6, temperature=0)
-    assert plain.choices[0].text == greedy(engine, backbone, 6, prompt="Once upon a time")
-    assert plain.usage.prompt_tokens == len(engine.backbone.tokenizer("Once upon a time").input_ids)
+    assert plain.choices[0].text == greedy(chat_engine, backbone, 6, prompt="Once upon a time")
+    assert plain.usage.prompt_tokens == len(chat_engine.backbone.tokenizer("Once upon a time").input_ids)
     assert plain.usage.completion_tokens == 6 and plain.choices[0].finish_reason == "length"
     for model in ("e2e/lora", "e2e/prefix"):
         chat = openai_client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0)
-        assert chat.choices[0].message.content == greedy(engine, model, 8, text=MR)  # through the adapter's template
+        assert chat.choices[0].message.content == greedy(chat_engine, model, 8, text=MR)  # through the adapter's template
         assert chat.choices[0].message.role == "assistant" and chat.id.startswith("chatcmpl-")
 
 
-def test_the_template_is_the_default_of_a_chat_and_an_option_of_a_completion(openai_client, engine):
+def test_the_template_is_the_default_of_a_chat_and_an_option_of_a_completion(openai_client, chat_engine):
     """A chat to a generative adapter reaches it through its template (the last user message, after a system
     one, as `text`) unless it opts out; a completion's prompt is read as is unless it opts in."""
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}, *CHAT]
     answer = openai_client.chat.completions.create(model="e2e/lora", messages=chat, max_tokens=8, temperature=0)
-    assert answer.choices[0].message.content == greedy(engine, "e2e/lora", 8, text=MR)
-    assert answer.usage.prompt_tokens == len(engine.prompt_ids(GenerationRequest("e2e/lora", text=MR),
-                                                               engine.servable("e2e/lora")))
+    assert answer.choices[0].message.content == greedy(chat_engine, "e2e/lora", 8, text=MR)
+    assert answer.usage.prompt_tokens == len(chat_engine.prompt_ids(GenerationRequest("e2e/lora", text=MR),
+                                                               chat_engine.servable("e2e/lora")))
     raw = openai_client.chat.completions.create(model="e2e/lora", messages=chat, max_tokens=8, temperature=0,
                                                 extra_body={"adapterlab": {"template": False}})
-    assert raw.choices[0].message.content == greedy(engine, "e2e/lora", 8, messages=chat)
+    assert raw.choices[0].message.content == greedy(chat_engine, "e2e/lora", 8, messages=chat)
     for template, wanted in ((None, {"prompt": MR}), (True, {"text": MR})):
         completion = openai_client.completions.create(model="e2e/prefix", prompt=MR, max_tokens=6, temperature=0,
                                                       extra_body={"adapterlab": {"template": template}})
-        assert completion.choices[0].text == greedy(engine, "e2e/prefix", 6, **wanted)
+        assert completion.choices[0].text == greedy(chat_engine, "e2e/prefix", 6, **wanted)
     with pytest.raises(openai.BadRequestError, match="messages hold no user message"):
         openai_client.chat.completions.create(model="e2e/lora", messages=chat[:1], max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="the backbone has no template"):
-        openai_client.chat.completions.create(model=engine.backbone.name, messages=CHAT, max_tokens=2,
+        openai_client.chat.completions.create(model=chat_engine.backbone.name, messages=CHAT, max_tokens=2,
                                               extra_body={"adapterlab": {"template": True}})
 
 
-def test_streams_send_the_same_text_in_pieces(served, openai_client, engine):
+def test_streams_send_the_same_text_in_pieces(served, openai_client, chat_engine):
     stream = openai_client.chat.completions.create(model="e2e/lora", messages=CHAT, max_tokens=8, temperature=0,
                                                    stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"  # the role first
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert sum(bool(piece) for piece in pieces) >= 2  # streamed, not sent whole
-    assert "".join(pieces) == greedy(engine, "e2e/lora", 8, text=MR)
+    assert "".join(pieces) == greedy(chat_engine, "e2e/lora", 8, text=MR)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
     assert not chunks[-1].choices and chunks[-1].usage.completion_tokens > 0  # the usage last, alone
     assert all(c.usage is None for c in chunks[:-1])
     completion = "".join(c.choices[0].text for c in openai_client.completions.create(
         model="e2e/prefix", prompt="Describe: name[Alimentum]", max_tokens=5, temperature=0, stream=True))
-    assert completion == greedy(engine, "e2e/prefix", 5, prompt="Describe: name[Alimentum]")
+    assert completion == greedy(chat_engine, "e2e/prefix", 5, prompt="Describe: name[Alimentum]")
     body = {"model": "e2e/lora", "prompt": "Describe:", "max_tokens": 3, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{served.url}/v1/completions", json=body, headers=CLIENT, timeout=120) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
@@ -389,17 +358,17 @@ def test_streams_send_the_same_text_in_pieces(served, openai_client, engine):
     assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
 
 
-def test_a_classification_adapter_answers_with_its_label(openai_client, engine):
-    label = engine.predict("sentiment/lora", ["great"])[0].label
+def test_a_classification_adapter_answers_with_its_label(openai_client, chat_engine):
+    label = chat_engine.predict("sentiment/lora", ["great"])[0].label
     answer = openai_client.chat.completions.create(model="sentiment/lora", messages=[{"role": "user", "content": "great"}])
     assert answer.choices[0].message.content == label and answer.choices[0].finish_reason == "stop"
-    assert answer.usage.completion_tokens == len(engine.backbone.tokenizer(label).input_ids)
+    assert answer.usage.completion_tokens == len(chat_engine.backbone.tokenizer(label).input_ids)
     streamed = openai_client.completions.create(model="sentiment/lora", prompt="great", n=2, stream=True)
     assert sorted((c.choices[0].index, c.choices[0].text) for c in streamed if c.choices) == [(0, label), (1, label)]
 
 
-def test_two_adapters_at_once_each_answer_their_own(openai_client, engine):
-    expected = {model: greedy(engine, model, 8, text=MR) for model in ("e2e/lora", "e2e/prefix")}
+def test_two_adapters_at_once_each_answer_their_own(openai_client, chat_engine):
+    expected = {model: greedy(chat_engine, model, 8, text=MR) for model in ("e2e/lora", "e2e/prefix")}
     assert len(set(expected.values())) == 2
     answers, threads = {}, []
     for model in expected:
@@ -420,7 +389,7 @@ def test_sampling_n_and_seed(openai_client):
     assert [c.text for c in first.choices] == [c.text for c in again.choices]
 
 
-def test_errors_in_openai_shape(openai_client, engine):
+def test_errors_in_openai_shape(openai_client, chat_engine):
     for model, stream in (("nope/nope", False), ("e2e/nope", True), ("nope", False)):
         with pytest.raises(openai.NotFoundError, match="does not exist") as missing:
             openai_client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, stream=stream)

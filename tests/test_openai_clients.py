@@ -11,16 +11,16 @@ from langchain_core.messages import HumanMessage, SystemMessage
 from langchain_openai import ChatOpenAI, OpenAI
 
 from adapterlab.server import Settings, create_app
-from test_http_conformance import CLIENT, MR, SETTINGS, engine, greedy, trained  # noqa: F401 (fixtures)
+from test_http_conformance import CLIENT, MR, SETTINGS, greedy
 from test_server import running
 
 API_KEY = CLIENT["Authorization"].removeprefix("Bearer ")
 
 
 @pytest.fixture(scope="module")
-def url(trained, tiny_llama, tmp_path_factory):  # noqa: F811
+def url(chat_adapters, tiny_llama, tmp_path_factory):
     store = tmp_path_factory.mktemp("clients") / "store"
-    shutil.copytree(trained / "store", store)
+    shutil.copytree(chat_adapters / "store", store)
     with running(create_app(store, tiny_llama, Settings(**SETTINGS))) as (served, _):
         yield f"{served}/v1"
 
@@ -30,9 +30,9 @@ def client(url):
     return openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=120)
 
 
-def test_the_openai_client_with_the_fields_it_sends(client, engine):  # noqa: F811
+def test_the_openai_client_with_the_fields_it_sends(client, chat_engine):
     """A developer message, text parts and every field that leaves the answer alone: the adapter's answer."""
-    wanted = greedy(engine, "e2e/lora", 8, text=MR)
+    wanted = greedy(chat_engine, "e2e/lora", 8, text=MR)
     messages = [{"role": "developer", "content": "Answer in English."},
                 {"role": "user", "content": [{"type": "text", "text": MR}]}]
     fields = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "user": "someone", "metadata": {"run": "1"},
@@ -51,8 +51,8 @@ def test_the_openai_client_with_the_fields_it_sends(client, engine):  # noqa: F8
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
 
 
-def test_langchain_chat_openai_plain_and_streamed(url, engine):  # noqa: F811
-    wanted = greedy(engine, "e2e/prefix", 8, text=MR)
+def test_langchain_chat_openai_plain_and_streamed(url, chat_engine):
+    wanted = greedy(chat_engine, "e2e/prefix", 8, text=MR)
     chat = ChatOpenAI(model="e2e/prefix", base_url=url, api_key=API_KEY, temperature=0, max_tokens=8,
                       frequency_penalty=0.0, presence_penalty=0.0, max_retries=0, stream_usage=True)
     messages = [SystemMessage("Answer in English."), HumanMessage(MR)]
@@ -66,9 +66,9 @@ def test_langchain_chat_openai_plain_and_streamed(url, engine):  # noqa: F811
         chat.bind_tools([{"type": "function", "function": {"name": "f", "parameters": {}}}]).invoke(messages)
 
 
-def test_langchain_completions_read_the_prompt_as_is(url, engine):  # noqa: F811
+def test_langchain_completions_read_the_prompt_as_is(url, chat_engine):
     """LangChain's `OpenAI` sends zero penalties, logprobs null and n; the prompt is read as is (as vLLM does)."""
     llm = OpenAI(model="e2e/lora", base_url=url, api_key=API_KEY, temperature=0, max_tokens=6, max_retries=0)
     prompt = f"Describe: {MR}"
-    assert llm.invoke(prompt) == greedy(engine, "e2e/lora", 6, prompt=prompt)
-    assert "".join(llm.stream(prompt)) == greedy(engine, "e2e/lora", 6, prompt=prompt)
+    assert llm.invoke(prompt) == greedy(chat_engine, "e2e/lora", 6, prompt=prompt)
+    assert "".join(llm.stream(prompt)) == greedy(chat_engine, "e2e/lora", 6, prompt=prompt)

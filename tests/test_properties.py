@@ -18,7 +18,7 @@ from adapterlab.errors import AdapterlabError
 from adapterlab.names import check_name, name_problem
 from adapterlab.recipe import Recipe, RecipeError, load_recipe
 
-BOUNDED = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+BOUNDED = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 BASE = {"task": "sentiment", "backbone": "minilm", "method": {"name": "lora", "r": 4},
         "data": {"path": "demo:sentiment", "k": 4}, "output": {"store": "adapters"}}

@@ -18,9 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 import uvicorn
-from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from adapterlab.backbones import load_backbone
@@ -30,7 +28,7 @@ from adapterlab.errors import AdapterlabError
 from adapterlab.recipe import validate_recipe
 from adapterlab.server import Settings, backbone_from_store, create_app
 from adapterlab.training import train
-from conftest import tiny_recipe  # conftest also sets HF_HUB_OFFLINE=1
+from conftest import copy_adapter, tiny_recipe  # conftest also sets HF_HUB_OFFLINE=1
 
 TEXTS = ["the soup was cold", "what a match last night", "please cancel my order", "loved every minute",
          "markets slid on rate fears"]
@@ -45,21 +43,6 @@ ZERO_SHOT = ("food", "sport", "money")
 ADMIN = {"Authorization": "Bearer admin-token"}
 SETTINGS = Settings(max_inputs=64, max_chars=2000, max_upload_bytes=200_000, dtype="float32",
                     admin_token="admin-token")
-
-
-def copy_adapter(source: Path, store: Path, reference: str, seed: int) -> Path:
-    """A copy of an adapter as TASK/NAME with random weights of the same shapes (answers of its own),
-    written under a hidden name and renamed into place, as anything put in a live store must be."""
-    task, name = reference.split("/")
-    staging = store / task / f".{name}.copying"
-    shutil.copytree(source, staging)
-    card = json.loads((staging / "card.json").read_text())
-    (staging / "card.json").write_text(json.dumps({**card, "task": task, "name": name}))
-    generator = torch.Generator().manual_seed(seed)
-    for file in ("adapter_model.safetensors", "head.safetensors"):
-        tensors = load_file(staging / file)
-        save_file({k: v + 0.5 * torch.randn(v.shape, generator=generator) for k, v in tensors.items()}, staging / file)
-    return staging.rename(store / task / name)
 
 
 def archive(files: dict[str, bytes], kind: str = "zip", links: tuple[str, ...] = ()) -> bytes:
