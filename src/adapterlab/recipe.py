@@ -364,8 +364,7 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _selection_can_run(self):
-        select = self.training.select
-        if select is None:
+        if (select := self.training.select) is None:
             return self
         self._classification_only("training.select scores grid points by held-out accuracy")
         if self.data.k is not None and self.data.k < select.folds:
