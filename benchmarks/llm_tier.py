@@ -9,8 +9,8 @@ same SST-2 test rows (../shared/data/sst2), the same adapter, each tree in its o
     beside SetFit's seconds on the same dataset and seed from benchmarks/results/fewshot-setfit.jsonl.
 Prints one JSON object on stdout (last line); everything else goes to stderr.
 
-    git -C /work/main worktree add --detach /work/wt-llmbase ca8c7d8   # today's path, once
-    .venv/bin/python benchmarks/llm_tier.py [--rows 1000] [--rounds 1] [--base-src ../wt-llmbase/src] [--train-base]
+    git worktree add --detach ../llm-base ca8c7d8   # today's path, once (beside this checkout)
+    .venv/bin/python benchmarks/llm_tier.py [--rows 1000] [--rounds 1] [--base-src ../llm-base/src] [--train-base]
     .venv/bin/python benchmarks/llm_tier.py --rows 64 --set training.max_steps=2     # a quick check
 """
 
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", help="the engines' dtype (both trees)")
-    parser.add_argument("--base-src", type=Path, default=ROOT.parent / "wt-llmbase" / "src")
+    parser.add_argument("--base-src", type=Path, default=ROOT.parent / "llm-base" / "src")
     parser.add_argument("--train-base", action="store_true", help="time training under today's tree too")
     parser.add_argument("--set", action="append", default=[], dest="overrides",
                         help="a recipe override for training (e.g. training.max_steps=2 for a quick run)")
