@@ -12,7 +12,7 @@ from adapterlab.precision import resolve_device, resolve_dtype
 from adapterlab.recipe import validate_recipe
 from adapterlab.store import StoreError
 from adapterlab.training import train
-from conftest import tiny_recipe
+from conftest import assert_same_scores, tiny_recipe
 
 TEXTS = ["the soup was cold", "what a match last night", "please cancel my order", "loved every minute",
          "markets slid on rate fears", "my card is gone"]
@@ -70,9 +70,8 @@ def test_mixed_batch_equals_separate_runs(store, tiny_bert, device):
     mixed = engine.predict_batch(requests)
     alone = [engine.predict_batch([request])[0] for request in requests]
     for m, a, request in zip(mixed, alone, requests):
-        assert m.scores.keys() == a.scores.keys()
-        assert m.label == a.label
-        assert max(abs(m.scores[k] - a.scores[k]) for k in m.scores) < 1e-5, request
+        assert m.label == a.label, request
+        assert_same_scores(m.scores, a.scores)
     assert {len(m.scores) for m in mixed} == {2, 3, 4, 5}
 
 
@@ -109,7 +108,7 @@ def test_rows_with_and_without_text_pairs_share_a_batch(store, tiny_bert, device
     mixed = engine.predict_batch(requests)
     for m, request in zip(mixed, requests):
         alone = engine.predict_batch([request])[0]
-        assert max(abs(m.scores[k] - alone.scores[k]) for k in m.scores) < 1e-5
+        assert_same_scores(m.scores, alone.scores)
 
 
 def test_bfloat16_engine_keeps_every_tensor_in_its_dtype_and_the_float32_answers(store, tiny_bert, device):

@@ -15,7 +15,7 @@ from adapterlab.precision import cpu_capability
 from adapterlab.recipe import load_recipe
 from adapterlab.store import StoreError, verify
 from adapterlab.training import train
-from conftest import ROOT, shared
+from conftest import ROOT, assert_same_scores, shared
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,8 @@ def texts():
 
 def assert_same(mixed, alone):
     for m, a in zip(mixed, alone):
-        assert m.label == a.label and max(abs(m.scores[k] - a.scores[k]) for k in m.scores) < 1e-5
+        assert m.label == a.label
+        assert_same_scores(m.scores, a.scores)
 
 
 def test_minilm_mixed_batch_lora_prefix_heads_and_base(minilm_store, texts):

@@ -20,7 +20,7 @@ from adapterlab.merge import combine_adapters, merge_adapter
 from adapterlab.recipe import DataConfig, RecipeError, load_recipe, validate_recipe
 from adapterlab.store import StoreError, read_card, verify
 from adapterlab.training import train
-from conftest import ROOT, assert_beats_its_start, shared, tiny_recipe
+from conftest import ROOT, assert_answer, assert_beats_its_start, shared, tiny_recipe
 
 TEXTS = ["the soup was cold", "loved every minute", "what a dull film", "a gorgeous, moving story"]
 METHODS = {"lora": {"name": "lora", "r": 4}, "prefix": {"name": "prefix_tuning", "num_virtual_tokens": 4}}
@@ -90,9 +90,7 @@ def test_the_http_server_serves_an_ensemble_as_the_engine_does(store, tiny_bert)
         listed = client.get("/v1/adapters").json()
     assert response.status_code == 200, response.text
     for answer, prediction in zip(response.json()["predictions"], expected):
-        scores = {item["label"]: item["score"] for item in answer["scores"]}
-        assert answer["label"] == prediction.label
-        assert max(abs(scores[label] - prediction.scores[label]) for label in scores) < 1e-5
+        assert_answer(answer, prediction)
     assert "sentiment/lora" in json.dumps(listed)
 
 

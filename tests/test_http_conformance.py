@@ -23,6 +23,7 @@ from adapterlab.engine import Engine, GenerationRequest, Request
 from adapterlab.generation import Sampling
 from adapterlab.server import Settings, create_app
 from adapterlab.server.metrics import Metrics
+from conftest import BATCH_TOLERANCE, assert_answer
 from test_server import archive, folder_files, running
 
 TEXTS = ["the soup was cold", "what a match last night", "loved every minute", "a dull and lifeless film"]
@@ -89,11 +90,6 @@ def openai_client(served):
     return openai.OpenAI(base_url=f"{served.url}/v1", api_key="client", max_retries=0, timeout=120)
 
 
-def assert_answer(answer: dict, expected) -> None:
-    scores = {item["label"]: item["score"] for item in answer["scores"]}
-    assert answer["label"] == expected.label and scores.keys() == expected.scores.keys()
-    assert max(abs(scores[label] - expected.scores[label]) for label in scores) < 1e-5
-
 
 def greedy(engine: Engine, model: str, max_tokens: int, **prompt) -> str:
     adapter = None if model == engine.backbone.name else model
@@ -146,7 +142,7 @@ def test_classification_batches_and_zero_shot_answer_as_the_engine(client, chat_
                                                                            ["a second text"] * 2)
     for answer, prediction in zip(response.json()["predictions"], wanted):  # rows with and without a pair
         [best] = answer["scores"]
-        assert abs(best["score"] - prediction.score) < 1e-5 and answer["label"] == best["label"] == prediction.label
+        assert abs(best["score"] - prediction.score) < BATCH_TOLERANCE and answer["label"] == best["label"] == prediction.label
     rows = [{"adapter": CLASSIFIERS[i % 2], "text": text} for i, text in enumerate(TEXTS)]
     rows.append({"adapter": None, "text": TEXTS[0], "labels": list(ZERO_SHOT)})
     expected = [chat_engine.predict(row["adapter"], [row["text"]])[0] for row in rows[:-1]]

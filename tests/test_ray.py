@@ -34,7 +34,7 @@ from adapterlab.ray_serve import RayServeOptions, build_app  # noqa: E402
 from adapterlab.recipe import validate_recipe  # noqa: E402
 from adapterlab.sweep import SweepError, load_sweep, run_sweep  # noqa: E402
 from adapterlab.training import train  # noqa: E402
-from conftest import ROOT, tiny_recipe  # noqa: E402
+from conftest import ROOT, assert_answer, tiny_recipe  # noqa: E402
 from test_server import archive, copy_adapter, folder_files  # noqa: E402
 
 TEXTS = ["the soup was cold", "what a match last night", "please cancel my order", "loved every minute",
@@ -93,11 +93,6 @@ def url(cluster, store):
     yield f"http://127.0.0.1:{port}"
     serve.delete("adapterlab")
 
-
-def assert_answer(answer: dict, expected) -> None:
-    scores = {item["label"]: item["score"] for item in answer["scores"]}
-    assert answer["label"] == expected.label
-    assert max(abs(scores[label] - expected.scores[label]) for label in expected.scores) < 1e-5
 
 
 def per_replica(client: httpx.Client, metric: str = "adapterlab_replica_adapter_loads_total") -> dict[str, float]:

@@ -28,7 +28,7 @@ from adapterlab.errors import AdapterlabError
 from adapterlab.recipe import validate_recipe
 from adapterlab.server import Settings, backbone_from_store, create_app
 from adapterlab.training import train
-from conftest import copy_adapter, tiny_recipe  # conftest also sets HF_HUB_OFFLINE=1
+from conftest import assert_answer, copy_adapter, tiny_recipe  # conftest also sets HF_HUB_OFFLINE=1
 
 TEXTS = ["the soup was cold", "what a match last night", "please cancel my order", "loved every minute",
          "markets slid on rate fears"]
@@ -115,11 +115,6 @@ def url(adapters):
     with running(create_app(adapters[0], settings=SETTINGS)) as (base_url, _):  # the backbone: the store's
         yield base_url
 
-
-def assert_answer(answer: dict, expected) -> None:
-    scores = {item["label"]: item["score"] for item in answer["scores"]}
-    assert answer["label"] == expected.label and scores.keys() == expected.scores.keys()
-    assert max(abs(scores[label] - expected.scores[label]) for label in scores) < 1e-5
 
 
 def test_concurrent_load_while_adapters_come_and_go(url, adapters):
