@@ -4,13 +4,15 @@ SmolLM2-135M-Instruct with a k-shot LoRA adapter (recipes/sst2-lora-smollm2.yaml
 same SST-2 test rows (../shared/data/sst2), the same adapter, each tree in its own process:
   - scoring: seconds for the engine to answer `--rows` rows (loaded and warmed first), today's tree
     (`--base-src`, a checkout of the commit before the prompt-start cache) and this one, alternating for
-    `--rounds`; the answers compared row by row (argmax equal, largest probability difference);
-  - training: seconds in `fit` of the k-shot adapter under this tree (and with --train-base today's),
-    beside SetFit's seconds on the same dataset and seed from benchmarks/results/fewshot-setfit.jsonl.
+    `--rounds`, on the adapter today's tree trained (its card is one both trees read; today's refuses the
+    keys cards have gained since); the answers compared row by row (argmax equal, largest probability
+    difference);
+  - training: seconds in `fit` of the k-shot adapter under each tree, beside SetFit's seconds on the same
+    dataset and seed from benchmarks/results/fewshot-setfit.jsonl.
 Prints one JSON object on stdout (last line); everything else goes to stderr.
 
     git worktree add --detach ../llm-base ca8c7d8   # today's path, once (beside this checkout)
-    .venv/bin/python benchmarks/llm_tier.py [--rows 1000] [--rounds 1] [--base-src ../llm-base/src] [--train-base]
+    .venv/bin/python benchmarks/llm_tier.py [--rows 1000] [--rounds 1] [--base-src ../llm-base/src]
     .venv/bin/python benchmarks/llm_tier.py --rows 64 --set training.max_steps=2     # a quick check
 """
 
@@ -86,7 +88,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", help="the engines' dtype (both trees)")
     parser.add_argument("--base-src", type=Path, default=ROOT.parent / "llm-base" / "src")
-    parser.add_argument("--train-base", action="store_true", help="time training under today's tree too")
     parser.add_argument("--set", action="append", default=[], dest="overrides",
                         help="a recipe override for training (e.g. training.max_steps=2 for a quick run)")
     args = parser.parse_args()
@@ -94,11 +95,9 @@ def main() -> None:
         sys.exit(f"--base-src {args.base_src}: no adapterlab there (make the worktree: see this script's docstring)")
     new_src = ROOT / "src"
     with tempfile.TemporaryDirectory() as store:
-        training = {"new": run_worker(new_src, "train", store, str(args.k), str(args.seed), "new", *args.overrides)}
-        if args.train_base:
-            training["base"] = run_worker(args.base_src, "train", store, str(args.k), str(args.seed), "base",
-                                          *args.overrides)
-        adapter = training["new"]["adapter"]
+        training = {tree: run_worker(src, "train", store, str(args.k), str(args.seed), tree, *args.overrides)
+                    for tree, src in (("base", args.base_src), ("new", new_src))}
+        adapter = training["base"]["adapter"]
         seconds, answers = {"base": [], "new": []}, {}
         for round_ in range(args.rounds):
             for tree, src in (("base", args.base_src), ("new", new_src)):

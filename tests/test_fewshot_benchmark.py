@@ -229,3 +229,15 @@ def test_reports_name_their_cpu_and_an_emulated_avx2_one(cpu, words):
     from _common import describe_cpu
 
     assert describe_cpu(cpu).startswith(words)
+
+
+def test_the_frontier_compares_each_path_with_setfit_on_the_cells_both_have():
+    spec = importlib.util.spec_from_file_location("frontier", ROOT / "benchmarks" / "frontier.py")
+    frontier = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(frontier)
+    peer = {("a", 0): (0.5, 10.0), ("a", 1): (0.7, 30.0), ("b", 0): (0.6, 100.0)}
+    path = {("a", 0): (0.6, 5.0), ("a", 1): (0.8, 5.0), ("c", 0): (0.9, 1.0)}  # c: no SetFit cell, left out
+    row = frontier.against_peer(path, peer)
+    assert row["cells"] == 2 and row["datasets"] == ["a"]
+    assert row["points_over_peer"] == pytest.approx(10.0) and row["time_ratio"] == pytest.approx(5 / 20)
+    assert frontier.against_peer({("c", 0): (0.9, 1.0)}, peer) is None

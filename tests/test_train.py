@@ -12,8 +12,9 @@ from adapterlab.recipe import QuantizationConfig, TrainingConfig
 from adapterlab.training.builders import backbone_device_map, new_accelerator, refuse_unsupported_launch
 
 
-def process(device: str, local_index: int) -> SimpleNamespace:
-    return SimpleNamespace(device=torch.device(device), local_process_index=local_index)
+def process(device: str, local_index: int, distributed_type=DistributedType.MULTI_GPU) -> SimpleNamespace:
+    return SimpleNamespace(device=torch.device(device), local_process_index=local_index,
+                           distributed_type=distributed_type)
 
 
 def test_quantized_backbone_loads_whole_on_each_process_gpu():
@@ -23,6 +24,13 @@ def test_quantized_backbone_loads_whole_on_each_process_gpu():
     assert backbone_device_map(eight_bit, process("cuda:3", 3)) == {"": 3}
     assert backbone_device_map(QuantizationConfig(mode="4bit"), process("cuda:0", 0)) == {"": 0}
     assert backbone_device_map(eight_bit, process("cpu", 1)) == {"": "cpu"}  # CPU processes (MPI)
+
+
+def test_deepspeed_with_a_quantized_backbone_is_refused():
+    deepspeed = process("cuda:0", 0, DistributedType.DEEPSPEED)
+    with pytest.raises(AdapterlabError, match="DeepSpeed with a quantized backbone .quantization.mode 4bit"):
+        backbone_device_map(QuantizationConfig(mode="4bit"), deepspeed)
+    assert backbone_device_map(QuantizationConfig(), deepspeed) is None
 
 
 def test_full_precision_backbone_is_left_to_accelerate():

@@ -24,7 +24,7 @@ from adapterlab.methods.base import AdapterWeights
 from adapterlab.metrics import classification_metrics, generation_metrics
 from adapterlab.mixed_batch import Row, Servable, forward_mixed
 from adapterlab.precision import COMPARISON_DTYPE, resolve_device, resolve_dtype
-from adapterlab.prompt_starts import PromptStarts
+from adapterlab.prompt_start_cache import PromptStarts
 from adapterlab.prompts import has_chat_template, prompt_ids, prompt_settings, request_ids
 from adapterlab.recipe import DataConfig, Recipe
 from adapterlab.store import (AdapterCard, StoredAdapter, StoreError, check_folder, read_adapter, read_card,

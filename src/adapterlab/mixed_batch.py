@@ -20,7 +20,7 @@ from adapterlab.adapter_slots import AdapterSlots, upload
 from adapterlab.backbones import Backbone, Features, features, tokenize
 from adapterlab.heads import ClassifierHead, LabelWordHead, pool
 from adapterlab.methods.base import AdapterWeights
-from adapterlab.prompt_starts import PromptStarts
+from adapterlab.prompt_start_cache import PromptStarts
 from adapterlab.prompts import PromptSettings
 
 

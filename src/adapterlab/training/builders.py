@@ -108,7 +108,12 @@ def _describe_cpu() -> str:
 def backbone_device_map(quantization, accelerator: Accelerator) -> dict | None:
     """Where this process loads the backbone. Full-precision weights load on the CPU and Accelerate
     moves them; quantized ones are placed as they load, a whole copy per process on its own GPU
-    ("auto" would spread one copy over all the GPUs, which DDP cannot train)."""
+    ("auto" would spread one copy over all the GPUs, which DDP cannot train). DeepSpeed is refused with a
+    quantized backbone: its engine casts and wraps the whole model, bitsandbytes layers included, and no
+    GPU here has tried that pairing."""
     if quantization.mode == "none":
         return None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise AdapterlabError(f"DeepSpeed with a quantized backbone (quantization.mode {quantization.mode}) is not "
+                              "supported: use DDP (accelerate_configs/multi-gpu.yaml), which trains it")
     return {"": "cpu"} if accelerator.device.type == "cpu" else {"": accelerator.local_process_index}

@@ -1,0 +1,129 @@
+"""The few-shot frontier: every path the project ships against SetFit, in accuracy and training time.
+
+Reads the kept cells (k=16, one row per dataset × seed; nothing is trained here):
+  - the few-shot report (fewshot.json: zero-shot, the recommended recipe, the same with CV, SetFit on MiniLM;
+    fewshot-mpnet.json where it exists: the recipe and SetFit on all-mpnet-base-v2);
+  - the library benchmark (library/cells.jsonl: `init_from: auto`, its seconds counting the choice);
+  - the LLM tier (smollm2-sst2-agnews/results.jsonl: SmolLM2 LoRA, prefix-tuning, in-context).
+Each path is compared with SetFit (MiniLM) on the cells both have, so that paths measured on fewer datasets
+still compare fairly: the mean accuracy difference in points and the mean per-dataset ratio of training
+seconds. Writes frontier.json, frontier.md and frontier.png (points over SetFit against the time ratio, log
+scale; SetFit at 1, zero-shot as a line) to benchmarks/results/.
+
+    .venv/bin/python benchmarks/frontier.py
+"""
+
+import json
+import statistics
+import textwrap
+from pathlib import Path
+
+from _common import describe_cpu, git_commit, pyplot, read_jsonl, save_figure
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PEER = "SetFit (MiniLM)"
+
+
+def report_cells(file: Path, methods: dict[str, str]) -> dict[str, dict]:
+    """{path name: {(dataset, seed): (accuracy, seconds)}} from a few-shot report's per-seed figures."""
+    if not file.exists():
+        return {}
+    report = json.loads(file.read_text())
+    paths = {name: {} for name in methods.values()}
+    for dataset, entry in report["datasets"].items():
+        for key, name in methods.items():
+            for seed, cell in ((entry.get(key) or {}).get("per_seed") or {}).items():
+                paths[name][dataset, int(seed)] = (cell["accuracy"], cell["train_seconds"])
+    return {name: cells for name, cells in paths.items() if cells}
+
+
+def zero_shot_cells(file: Path) -> dict[tuple[str, int], tuple[float, float]]:
+    """Zero-shot's accuracy per dataset, as a cell for each seed SetFit ran (no training: 0 s)."""
+    report = json.loads(file.read_text())
+    return {(dataset, int(seed)): (entry["zero_shot"], 0.0) for dataset, entry in report["datasets"].items()
+            for seed in ((entry.get("setfit") or {}).get("per_seed") or {}) if entry["zero_shot"] is not None}
+
+
+def jsonl_cells(file: Path, methods: dict[str, str], seconds: str) -> dict[str, dict]:
+    paths: dict[str, dict] = {}
+    for row in read_jsonl(file):
+        if row.get("method") in methods and row.get("backbone", "minilm") == "minilm":
+            paths.setdefault(methods[row["method"]], {})[row["dataset"], row["seed"]] = (row["accuracy"], row[seconds])
+    return paths
+
+
+def gather() -> dict[str, dict]:
+    paths = report_cells(RESULTS / "fewshot.json", {"adapterlab": "tied recipe (MiniLM)",
+                                                    "adapterlab_cv": "tied recipe + CV (MiniLM)", "setfit": PEER})
+    paths |= report_cells(RESULTS / "fewshot-mpnet.json", {"adapterlab": "tied recipe (mpnet)",
+                                                           "setfit": "SetFit (mpnet)"})
+    paths |= jsonl_cells(RESULTS / "library" / "cells.jsonl", {"auto": "library auto (MiniLM)"}, "seconds")
+    paths |= jsonl_cells(RESULTS / "smollm2-sst2-agnews" / "results.jsonl",
+                         {"lora": "SmolLM2 LoRA", "prefix": "SmolLM2 prefix", "incontext": "SmolLM2 in-context"},
+                         "train_seconds")
+    paths["zero-shot (MiniLM)"] = zero_shot_cells(RESULTS / "fewshot.json")
+    return paths
+
+
+def against_peer(cells: dict, peer: dict) -> dict | None:
+    """Mean accuracy and points over the peer on the cells both have; the mean per-dataset time ratio."""
+    shared = sorted(set(cells) & set(peer))
+    if not shared:
+        return None
+    datasets = sorted({dataset for dataset, _ in shared})
+    seconds = lambda source, d: statistics.fmean(source[c][1] for c in shared if c[0] == d)  # noqa: E731
+    return {"cells": len(shared), "datasets": datasets,
+            "accuracy": round(statistics.fmean(cells[c][0] for c in shared), 4),
+            "peer_accuracy": round(statistics.fmean(peer[c][0] for c in shared), 4),
+            "points_over_peer": round(100 * statistics.fmean(cells[c][0] - peer[c][0] for c in shared), 2),
+            "seconds": round(statistics.fmean(cells[c][1] for c in shared), 2),
+            "time_ratio": round(statistics.fmean(seconds(cells, d) / seconds(peer, d) for d in datasets), 4)}
+
+
+def plot(rows: dict[str, dict], file: Path, heading: str) -> None:
+    figure, axis = pyplot().subplots(figsize=(7.5, 4.8))
+    for name, row in rows.items():
+        if name == PEER:
+            axis.scatter([1.0], [0.0], marker="*", s=220, color="black", zorder=3)
+            axis.annotate(PEER, (1.0, 0.0), textcoords="offset points", xytext=(6, -12), fontsize=8)
+        elif row["time_ratio"] == 0:
+            axis.axhline(row["points_over_peer"], linestyle="--", color="grey", linewidth=1)
+            axis.annotate(f"{name}, no training ({row['cells']} cells)", (0.02, row["points_over_peer"]),
+                          xycoords=("axes fraction", "data"), textcoords="offset points", xytext=(0, 4), fontsize=8)
+        else:
+            axis.scatter([row["time_ratio"]], [row["points_over_peer"]], s=40, zorder=3)
+            axis.annotate(f"{name} ({row['cells']} cells)", (row["time_ratio"], row["points_over_peer"]),
+                          textcoords="offset points", xytext=(6, 4), fontsize=8)
+    axis.set_xscale("log")
+    axis.axhline(0, color="black", linewidth=0.5)
+    axis.set(xlabel="training seconds ÷ SetFit's (mean per dataset, log scale)",
+             ylabel="accuracy − SetFit's (points)")
+    axis.set_title(textwrap.fill(heading, 100), fontsize=8)
+    save_figure(figure, file)
+
+
+def markdown(rows: dict[str, dict], heading: str) -> str:
+    lines = [f"# {heading}", "", "| path | cells | datasets | accuracy | SetFit (MiniLM) on those cells | points "
+             "over it | train s | time ratio |", "|---|---|---|---|---|---|---|---|"]
+    for name, row in sorted(rows.items(), key=lambda item: -item[1]["points_over_peer"]):
+        lines.append(f"| {name} | {row['cells']} | {len(row['datasets'])} | {100 * row['accuracy']:.1f} | "
+                     f"{100 * row['peer_accuracy']:.1f} | {row['points_over_peer']:+.2f} | {row['seconds']:.1f} | "
+                     f"{row['time_ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> dict:
+    paths = gather()
+    peer = paths[PEER]
+    rows = {name: row for name, cells in paths.items() if (row := against_peer(cells, peer))}
+    cpus = describe_cpu(json.loads((RESULTS / "fewshot.json").read_text())["cpu"])
+    heading = (f"Few-shot frontier, k=16, each path against SetFit (MiniLM) on the same rows and seeds "
+               f"(the few-shot report measured on {cpus}; commit {git_commit()})")
+    (RESULTS / "frontier.json").write_text(json.dumps({"heading": heading, "paths": rows}, indent=1))
+    (RESULTS / "frontier.md").write_text(markdown(rows, heading))
+    plot(rows, RESULTS / "frontier.png", heading)
+    return rows
+
+
+if __name__ == "__main__":
+    print(json.dumps(main()))
