@@ -42,6 +42,9 @@ TEXTS = ["the soup was cold", "what a match last night", "please cancel my order
 ADAPTERS = [f"{task}/r{i}" for task in ("sentiment", "topic") for i in range(10)]  # 2 and 4 labels
 ADMIN = {"Authorization": "Bearer admin"}
 SETTINGS = {"dtype": "float32", "admin_token": "admin"}
+# Seconds for a new replica to answer after a kill: a bound on waiting, not a speed (~20 s alone; 90.7 s has
+# been seen on a 2-core machine running other jobs)
+REPLACEMENT_WAIT = 300
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +191,7 @@ def test_a_killed_replica_is_replaced_and_no_request_fails(url, store):
             os.kill(int(next(iter(before))), signal.SIGKILL)
             killed_at = time.monotonic()
             killed.set()
-            while time.monotonic() - killed_at < 90 and not set(per_replica(client)) - set(before):
+            while time.monotonic() - killed_at < REPLACEMENT_WAIT and not set(per_replica(client)) - set(before):
                 time.sleep(0.5)
             restart_seconds = time.monotonic() - killed_at
             time.sleep(1)  # traffic on the new replica too
@@ -198,7 +201,7 @@ def test_a_killed_replica_is_replaced_and_no_request_fails(url, store):
                       if line.startswith("adapterlab_resent_requests_total"))
     print(f"replica replaced in {restart_seconds:.1f}s; {len(statuses)} requests, "
           f"{sum(s != 200 for s in statuses)} failed; {resent}")
-    assert restart_seconds < 90, "no new replica answered"
+    assert restart_seconds < REPLACEMENT_WAIT, "no new replica answered"
     assert len(statuses) > 100 and statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}
 
 
