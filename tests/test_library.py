@@ -17,6 +17,7 @@ from adapterlab.store import read_adapter, read_card
 from adapterlab.training import train
 from adapterlab.training.builders import setup
 from adapterlab.training.library import label_map
+from adapterlab.training.select import sources_to_try
 from conftest import ROOT, shared, tiny_recipe
 
 TOPIC = {"path": "demo:topic", "k": 4}
@@ -72,12 +73,24 @@ def test_auto_scores_every_candidate_and_cross_validates_the_kept_ones_with_none
     card = read_card(train(recipe, show_progress=False).adapter_path)
     record = card.init_from
     assert record["mode"] == "auto" and {c["adapter"] for c in record["candidates"]} == {"reviews/src", "news/src"}
-    kept = [c["adapter"] for c in record["candidates"] if c["start_accuracy"] > record["zero_shot_start_accuracy"]]
-    assert set(record["tried"][1:]) == set(kept[:2]) and (record["tried"][:1] == [None] if kept else True)
+    kept = sources_to_try(record["candidates"], record["zero_shot_start_accuracy"], 2)
+    assert record["tried"] == ([None, *kept] if kept else [])
     assert record["source"] in record["tried"] or (record["source"] is None and not kept)
     if kept:  # the selection chose among them, and its record says so
         assert card.selection["grid"]["training.init_from"] == record["tried"]
         assert card.selection["chosen"]["training.init_from"] == record["source"]
+
+
+def test_related_sources_are_tried_before_unrelated_ones_that_start_higher():
+    scored = [{"adapter": "news/a", "start_accuracy": 0.84, "labels_matched": False},
+              {"adapter": "reviews/a", "start_accuracy": 0.72, "labels_matched": True},
+              {"adapter": "emotion/a", "start_accuracy": 0.81, "labels_matched": False},
+              {"adapter": "reviews/b", "start_accuracy": 0.60, "labels_matched": True},
+              {"adapter": "films/a", "start_accuracy": 0.78, "labels_matched": True}]
+    assert sources_to_try(scored, 0.65, 2) == ["films/a", "reviews/a"]  # reviews/b starts below zero-shot
+    assert sources_to_try(scored, 0.65, 4) == ["films/a", "reviews/a", "news/a", "emotion/a"]
+    assert sources_to_try(scored, 0.72, 2) == ["films/a", "news/a"]  # a tie with zero-shot is not above it
+    assert sources_to_try(scored, 0.90, 2) == []
 
 
 @pytest.mark.parametrize("init_from, message", [

@@ -289,6 +289,16 @@ def right_per_prototype_weight(model: AdapterModel, kept: Split, held_out: Split
     return right
 
 
+def sources_to_try(candidates: list[dict], zero_shot_accuracy: float, count: int) -> list[str]:
+    """The sources worth a cross-validation: those that start above the zero-shot classifier, related
+    tasks first (a source that knows every label by name: a sentiment adapter for a sentiment task), each
+    group best start first, `count` of them. 32 k-shot rows rank starts too noisily to let an unrelated
+    task's adapter displace a related one that also starts above zero-shot."""
+    above = [c for c in candidates if c["start_accuracy"] > zero_shot_accuracy]
+    ranked = sorted(above, key=lambda c: (not c["labels_matched"], -c["start_accuracy"]))  # stable: store order
+    return [c["adapter"] for c in ranked[:count]]
+
+
 @dataclass
 class SourceChoice:
     """What `init_from: auto` found in the store: each candidate's start accuracy on the k-shot rows beside
@@ -321,8 +331,7 @@ class SourceChoice:
 
 def choose_source(recipe: Recipe, task: TaskData, accelerator: Accelerator, show_progress: bool) -> SourceChoice:
     """Every stored adapter that could start this recipe's (`library.candidates`) scored as a start on the
-    k-shot rows; those that start above the zero-shot classifier, the best `training.init_candidates` of
-    them, go to the cross-validation with none. Scoring a start trains nothing: a source whose adapted
+    k-shot rows; those `sources_to_try` keeps go to the cross-validation with none. Scoring a start trains nothing: a source whose adapted
     backbone only hurts this task is left out before any training."""
     started = time.perf_counter()
     fresh = recipe.with_settings({"training.init_from": None, "training.select": None})
@@ -330,18 +339,17 @@ def choose_source(recipe: Recipe, task: TaskData, accelerator: Accelerator, show
     model = new_model(fresh, task, accelerator)
     zero_shot = len(right_rows(model, task.train, fresh))
     backbone = model.release_backbone()
-    scored, right = [], []
+    scored = []
     for source in tqdm(found, desc=f"library {recipe.task}", disable=not (show_progress and accelerator.is_main_process)):
         trial = fresh.with_settings({"training.init_from": source.reference})
         model = new_model(trial, task, accelerator, backbone)
-        right.append(len(right_rows(model, task.train, trial)))
+        right = len(right_rows(model, task.train, trial))
         backbone = model.release_backbone()
-        scored.append({"adapter": source.reference, "start_accuracy": round(right[-1] / len(task.train), 4),
+        scored.append({"adapter": source.reference, "start_accuracy": round(right / len(task.train), 4),
                        "labels_matched": label_map(task.label_names, source.card.labels) is not None})
-    above = sorted((i for i in range(len(scored)) if right[i] > zero_shot), key=lambda i: -right[i])  # stable: store order
-    tried = [scored[i]["adapter"] for i in above[:recipe.training.init_candidates]]
+    zero_shot_accuracy = round(zero_shot / len(task.train), 4)  # rounded as the candidates are: a tie stays one
+    tried = sources_to_try(scored, zero_shot_accuracy, recipe.training.init_candidates)
     if accelerator.is_main_process:
-        log.info("library: %d candidates, %d start above the zero-shot classifier (%.3f on the k-shot rows); "
-                 "cross-validating %s", len(scored), len(above), zero_shot / len(task.train),
-                 ["none", *tried] if tried else "none")
-    return SourceChoice(zero_shot / len(task.train), scored, tried, time.perf_counter() - started)
+        log.info("library: %d candidates (zero-shot start %.3f on the k-shot rows); cross-validating %s",
+                 len(scored), zero_shot_accuracy, ["none", *tried] if tried else "none")
+    return SourceChoice(zero_shot_accuracy, scored, tried, time.perf_counter() - started)
