@@ -241,3 +241,25 @@ def test_the_frontier_compares_each_path_with_setfit_on_the_cells_both_have():
     assert row["cells"] == 2 and row["datasets"] == ["a"]
     assert row["points_over_peer"] == pytest.approx(10.0) and row["time_ratio"] == pytest.approx(5 / 20)
     assert frontier.against_peer({("c", 0): (0.9, 1.0)}, peer) is None
+
+
+def test_the_library_report_sets_the_oracle_beside_auto_on_its_seeds_and_counts_seeds_below_zero_shot():
+    spec = importlib.util.spec_from_file_location("library_benchmark", ROOT / "benchmarks" / "library.py")
+    library = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(library)
+    cell = lambda method, seed, accuracy, source=None: {"dataset": "sst2", "seed": seed, "method": method,  # noqa: E731
+                                                        "accuracy": accuracy, "seconds": 10.0, "source": source}
+    cells = [cell("scratch", 0, 0.70), cell("scratch", 1, 0.74), cell("auto", 0, 0.60, "imdb/library"),
+             cell("auto", 1, 0.80), cell("oracle", 0, 0.83, "imdb/library")]
+    previous = [{"dataset": "sst2", "seed": 0, "method": "zeroshot", "accuracy": 0.65, "seconds": 0.0},
+                *({"dataset": "sst2", "seed": s, "method": "setfit", "accuracy": 0.66, "seconds": 20.0} for s in (0, 1))]
+    result = library.report(cells, previous, ["sst2"], [0, 1])
+    row = result["table"]["sst2"]
+    assert row["auto"]["mean"] == pytest.approx(0.70) and row["oracle"]["seeds"] == 1
+    assert row["auto_on_oracle_seeds"] == pytest.approx(0.60)  # seed 0 only, where the oracle ran
+    assert row["auto_chose"] == ["imdb/library", None]
+    assert result["summary"]["auto_seeds_below_zero_shot"] == 1
+    assert result["summary"]["auto_minus_setfit"] == pytest.approx(0.04)
+    assert result["summary"]["auto_time_ratio_to_setfit"] == pytest.approx(0.5)
+    assert "| sst2 | 65.0 ± 0.0 | 72.0 ± 2.8 | 70.0 ± 14.1 | 66.0 ± 0.0 | imdb/library, none | 10 / 20 | 83.0 (60.0) |" \
+        in library.markdown(result, "a CPU", "today", "abc1234", "minilm")

@@ -104,6 +104,16 @@ def per_replica(client: httpx.Client, metric: str = "adapterlab_replica_adapter_
     return {line.split('pid="')[1].split('"')[0]: float(line.split()[-1]) for line in lines}
 
 
+def replicas_answering(client: httpx.Client, expected: dict, replicas: int = 2) -> dict[str, float]:
+    """`per_replica` once every replica has answered (a replica shows in /metrics from its first load on):
+    traffic is sent until then, so a test run alone sees the replicas an earlier test would have warmed."""
+    for step in range(400):
+        if len(seen := per_replica(client)) == replicas:
+            return seen
+        assert send(client, step, expected) == 200
+    raise AssertionError(f"only {len(seen)} of {replicas} replicas answered 400 requests")
+
+
 def request_for(step: int) -> tuple[str, dict, list[tuple[str, str]]]:
     """(path, body, [(adapter, text) per row]): one adapter with 1-3 texts, or every 5th request rows
     of three adapters."""
@@ -176,7 +186,7 @@ def test_a_killed_replica_is_replaced_and_no_request_fails(url, store):
     _, _, expected = store
     killed, replaced = threading.Event(), threading.Event()
     with httpx.Client(base_url=url, timeout=120) as client:
-        before = per_replica(client)
+        before = replicas_answering(client, expected)
 
         def traffic(worker: int) -> list[int]:
             statuses, step = [], worker
