@@ -230,7 +230,9 @@ def main(argv=None) -> dict:
     (args.out / "library.json").write_text(json.dumps(result, indent=1))
     (args.out / "library.md").write_text(markdown(result, "; ".join(cpus), when, git_commit(), args.backbone))
     shown = [d for d in measured if result["table"][d]]
-    bars = [(m, [result["table"][d].get(m, {}).get("mean", 0) for d in shown],
+    oracle_seeds = sorted({c["seed"] for c in cells if c["method"] == "oracle"})
+    label = lambda m: f"oracle (seed {', '.join(map(str, oracle_seeds))})" if m == "oracle" else m  # noqa: E731
+    bars = [(label(m), [result["table"][d].get(m, {}).get("mean", 0) for d in shown],
              [result["table"][d].get(m, {}).get("std", 0) for d in shown]) for m in METHODS]
     plot_accuracy_bars(args.out / "library.png", shown, bars, args.k)
     print(json.dumps(result["summary"]))
