@@ -259,6 +259,8 @@ def test_the_library_report_sets_the_oracle_beside_auto_on_its_seeds_and_counts_
     assert row["auto_on_oracle_seeds"] == pytest.approx(0.60)  # seed 0 only, where the oracle ran
     assert row["auto_chose"] == ["imdb/library", None]
     assert result["summary"]["auto_seeds_below_zero_shot"] == 1
+    assert result["summary"]["oracle_minus_auto_on_its_seeds"] == pytest.approx(0.23)
+    assert result["summary"]["oracle_datasets"] == 1
     assert result["summary"]["auto_minus_setfit"] == pytest.approx(0.04)
     assert result["summary"]["auto_time_ratio_to_setfit"] == pytest.approx(0.5)
     assert "| sst2 | 65.0 ± 0.0 | 72.0 ± 2.8 | 70.0 ± 14.1 | 66.0 ± 0.0 | imdb/library, none | 10 / 20 | 83.0 (60.0) |" \
