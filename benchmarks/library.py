@@ -142,14 +142,14 @@ def report(cells: list[dict], previous: list[dict], datasets: list[str], seeds: 
                 accuracies = [row["accuracy"] for row in rows]
                 table[dataset][method] = {"mean": statistics.mean(accuracies), "std": sample_std(accuracies),
                                           "seeds": len(rows), "seconds": statistics.mean(r["seconds"] for r in rows)}
-        table[dataset]["auto_chose"] = [c["source"] for c in cells if c["dataset"] == dataset and c["method"] == "auto"]
+        auto = [c for c in cells if c["dataset"] == dataset and c["method"] == "auto"]
         oracle_seeds = {c["seed"] for c in cells if c["dataset"] == dataset and c["method"] == "oracle"}
-        table[dataset]["auto_on_oracle_seeds"] = statistics.mean(
-            [c["accuracy"] for c in cells if c["dataset"] == dataset and c["method"] == "auto"
-             and c["seed"] in oracle_seeds] or [float("nan")]) if oracle_seeds else None
+        on_oracle_seeds = [c["accuracy"] for c in auto if c["seed"] in oracle_seeds]
         zero_shot = table[dataset].get("zeroshot", {}).get("mean")
-        table[dataset]["auto_seeds_below_zero_shot"] = None if zero_shot is None else sum(
-            c["accuracy"] < zero_shot for c in cells if c["dataset"] == dataset and c["method"] == "auto")
+        table[dataset] |= {
+            "auto_chose": [c["source"] for c in auto],
+            "auto_on_oracle_seeds": statistics.mean(on_oracle_seeds) if on_oracle_seeds else None,
+            "auto_seeds_below_zero_shot": None if zero_shot is None else sum(c["accuracy"] < zero_shot for c in auto)}
     return {"table": table, "summary": summary(table)}
 
 

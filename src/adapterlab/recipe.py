@@ -291,8 +291,8 @@ class TrainingConfig(_Section):
         "are the start, and so are its head rows when it knows every label of this task by name; otherwise the head "
         "starts from this task's label descriptions embedded through the source. auto: each stored classifier of "
         "other tasks is scored as a start on the k-shot rows; those that start above the zero-shot classifier (the "
-        "best init_candidates of them, those that know every label of this task by name first) and none are cross-validated on the k-shot rows (training.select), and the "
-        "best trains; the card's init_from records the candidates and the choice. null: a fresh adapter.")
+        "best init_candidates of them, those that know every label of this task by name first) and none are "
+        "cross-validated on the k-shot rows (training.select), and the best trains; the card's init_from records the candidates and the choice. null: a fresh adapter.")
     init_candidates: int = Field(
         2, ge=1, le=16, description="With init_from auto: how many of the best-starting stored adapters the "
         "cross-validation tries beside none (each adds one training of the recipe, in folds).")

@@ -331,8 +331,8 @@ class SourceChoice:
 
 def choose_source(recipe: Recipe, task: TaskData, accelerator: Accelerator, show_progress: bool) -> SourceChoice:
     """Every stored adapter that could start this recipe's (`library.candidates`) scored as a start on the
-    k-shot rows; those `sources_to_try` keeps go to the cross-validation with none. Scoring a start trains nothing: a source whose adapted
-    backbone only hurts this task is left out before any training."""
+    k-shot rows; those `sources_to_try` keeps go to the cross-validation with none. Scoring a start trains
+    nothing: a source whose adapted backbone only hurts this task is left out before any training."""
     started = time.perf_counter()
     fresh = recipe.with_settings({"training.init_from": None, "training.select": None})
     found = candidates(recipe, fingerprint(resolve_path(recipe.backbone)))
