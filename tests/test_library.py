@@ -194,3 +194,16 @@ def test_auto_keeps_a_fresh_start_when_the_library_holds_only_an_unrelated_adapt
     card = read_card(train(real_recipe(store, "mpqa", 8, init_from="auto"), show_progress=False).adapter_path)
     assert [c["adapter"] for c in card.init_from["candidates"]] == [source]
     assert card.init_from["source"] is None and card.recipe["training"]["init_from"] is None
+
+
+@pytest.mark.slow
+def test_auto_cross_validates_the_related_source_on_real_data(library, tmp_path):
+    """MPQA at 16 rows a class with SST-2's and AG News's adapters in the store and room for one source in
+    the cross-validation: the card records which source knows MPQA's labels (SST-2: negative, positive),
+    and that one is tried. (Here AG News starts no higher than zero-shot, so the related-first order is
+    shown by `test_related_sources_are_tried_before_unrelated_ones_that_start_higher`.)"""
+    card = read_card(train(real_recipe(library, "mpqa", 16, init_from="auto", init_candidates=1),
+                           show_progress=False).adapter_path)
+    matched = {c["adapter"]: c["labels_matched"] for c in card.init_from["candidates"]}
+    assert matched == {library_name(library, "sst2"): True, library_name(library, "agnews"): False}
+    assert card.init_from["tried"] == [None, library_name(library, "sst2")], card.init_from
