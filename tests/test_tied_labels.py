@@ -13,7 +13,7 @@ from adapterlab.recipe import RecipeError, validate_recipe
 from adapterlab.store import save_adapter
 from adapterlab.training import train
 from adapterlab.training.builders import setup
-from adapterlab.training.loop import fit
+from adapterlab.training.loop import fit, schedule
 from adapterlab.training.result import make_card
 from conftest import tiny_recipe
 
@@ -112,6 +112,29 @@ def test_prototypes_pull_each_row_towards_its_examples(tiny_bert, tmp_path):
     cosine = normalize(vectors, dim=-1) @ normalize(rows, dim=-1).T
     expected = (recipe.head.cosine_scale * cosine + model.head.linear.bias).softmax(-1)
     assert torch.allclose(model.scores(task.train.texts), expected, atol=1e-5)
+
+
+def test_prototypes_are_the_rows_the_steps_drew(tiny_bert, tmp_path):
+    """A run of training.max_steps that draws only part of its rows (a library adapter: 500 steps on a
+    whole split) settles each label's prototype from the rows it trained on, not the whole split; a label
+    none of whose rows were drawn keeps its description alone."""
+    recipe = validate_recipe(tiny_recipe(tiny_bert, tmp_path, head={**TIED, "prototype_weight": 0.5},
+                                         data={"path": "demo:intent", "k": 8},
+                                         training={"max_steps": 1, "batch_size": 4, "lr": 5e-2}))
+    accelerator, task, model = setup(recipe)
+    fit(model, task.train, recipe, accelerator, show_progress=False)
+    _, order = schedule(len(task.train), recipe.training, processes=1)
+    drawn = task.train.select(sorted(set(order)))
+    assert len(drawn) == 4 < len(task.train)
+    normalize = torch.nn.functional.normalize
+    with torch.no_grad():
+        described = normalize(model.label_vectors(torch.arange(len(task.label_names))), dim=-1)
+    vectors, labels = model.text_vectors(drawn.texts), torch.tensor(drawn.labels)
+    expected = described.clone()
+    for label in labels.unique():
+        expected[label] += 0.5 * normalize(vectors[labels == label].mean(0), dim=-1)
+    assert len(labels.unique()) < len(task.label_names)  # some labels were never drawn
+    assert torch.allclose(model.head.linear.weight, expected, atol=1e-5)
 
 
 def test_many_labels_are_sampled_per_step():

@@ -80,7 +80,8 @@ class HeadConfig(_Section):
         "plus randomly drawn others up to this many (a sampled softmax), so its cost stays flat.")
     prototype_weight: float = Field(
         0.5, ge=0, description="With tie_labels: when training ends, each label's row is its description "
-        "vector plus this much of its prototype (the mean vector of its training texts), both unit length; "
+        "vector plus this much of its prototype (the mean vector of the texts it trained on: with "
+        "training.max_steps, those its steps drew), both unit length; "
         "0: the description alone. 0.5 scored +0.3 on the few-shot report's datasets (docs/benchmarks.md).")
     label_templates: list[str] = Field(
         ["{label}", "This text is about {label}."], min_length=1,

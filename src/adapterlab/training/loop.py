@@ -98,8 +98,9 @@ def fit(model: TrainableModel, rows: Split | Pairs, recipe: Recipe, accelerator:
     accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)  # drops autocast: evaluated as the engine serves
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _release_deepspeed(model, accelerator)
-    if settle and ties_labels(model):
-        model.settle_label_vectors(rows, recipe.head.prototype_weight)
+    if settle and ties_labels(model):  # prototypes of the rows trained on: a run of max_steps may draw a part
+        seen = sorted(set(order))
+        model.settle_label_vectors(rows if len(seen) == len(rows) else rows.select(seen), recipe.head.prototype_weight)
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_ratio: float, processes: int):
