@@ -12,6 +12,7 @@ from adapterlab.baselines import evaluate_prompting
 from adapterlab.data import load_task
 from adapterlab.engine import Engine
 from adapterlab.recipe import DataConfig
+from adapterlab.store import read_card
 from adapterlab.sweep import SweepError, factory_sweep, load_sweep, run_sweep
 from adapterlab.zeroshot import ZeroShotConfig, demonstration_indices, evaluate_zero_shot
 from conftest import shared, tiny_recipe
@@ -52,6 +53,30 @@ def test_sweep_writes_table_and_plots_then_resumes(sweep_file, monkeypatch):
     monkeypatch.setattr(sweep_module, "_prompting", must_not_train)
     run_sweep(load_sweep(sweep_file), show_progress=False)
     assert len(list(csv.DictReader(open(folder / "results.csv")))) == len(rows)
+
+
+def test_a_whole_split_cell_trains_on_every_train_row(sweep_file, tmp_path):
+    """k: null in a sweep (library adapters): the cell's recipe reads the whole train split; it is named,
+    tabled and plotted as k 'all', after the numeric k."""
+    raw = yaml.safe_load(sweep_file.read_text())
+    sweep_file.write_text(yaml.safe_dump({**raw, "datasets": {"topic": {"path": "demo:topic"}}, "k": [2, None],
+                                          "seeds": [0]}))
+    sweep = load_sweep(sweep_file)
+    folder = run_sweep(sweep, show_progress=False)
+    whole = next(row for row in sweep_module.read_results(folder / "results.jsonl") if row["k"] is None)
+    assert whole["adapter"].startswith("topic/lora-kall-s0-")
+    card = read_card(folder / "adapters" / whole["adapter"])
+    assert card.k is None
+    recipe = sweep_module.cell_recipe(sweep, whole, folder)
+    assert recipe.data.k is None and len(load_task(recipe.data).train) == len(load_task(
+        DataConfig(path="demo:topic", k=None)).train) > 2 * len(card.labels)
+    summary = [s for s in json.loads((folder / "summary.json").read_text()) if s["method"] == "lora"]
+    assert [s["k"] for s in summary] == [2, None]
+    assert "| topic | lora | all |" in (folder / "summary.md").read_text()
+    assert matplotlib.image.imread(folder / "accuracy_vs_k.png").std() > 0.05
+    sweep_file.write_text(yaml.safe_dump({**raw, "k": [0]}))
+    with pytest.raises(SweepError, match="k.0: Input should be greater than 0"):
+        load_sweep(sweep_file)
 
 
 def test_a_cell_that_selects_its_settings_reports_its_estimate_and_counts_the_selection(sweep_file, tmp_path):
@@ -253,7 +278,6 @@ def test_the_factory_refuses_what_it_cannot_train(tiny_bert, tmp_path):
         factory_sweep(recipe, [tmp_path / "nowhere"], "f", str(tmp_path))
     with pytest.raises(SweepError, match="distinct names"):
         factory_sweep(recipe, [tmp_path / "a/same", tmp_path / "b/same"], "f", str(tmp_path))
-    with pytest.raises(SweepError, match="the factory trains k-shot: set data.k"):
-        factory_sweep(recipe, [tmp_path / "a/same"], "f", str(tmp_path), ["data.k=null"])
     sweep = factory_sweep(recipe, [tmp_path / "a/same"], "f", str(tmp_path), ["data.k=3"])
     assert (sweep.k, sweep.seeds, list(sweep.datasets)) == ([3], [0], ["same"])
+    assert factory_sweep(recipe, [tmp_path / "a/same"], "f", str(tmp_path), ["data.k=null"]).k == [None]

@@ -1,8 +1,8 @@
 """Sweeps: datasets × methods × k × seeds in one command, resumable, with a table and plots.
 
 A sweep file names a backbone, datasets (data sections), methods (recipe files, `zeroshot`, or
-`incontext`: the bare backbone shown `shots` of each cell's k-shot rows per class), the k values and the
-seeds. Its recipes classify (the report's score: accuracy) or generate (BLEU; zero-shot and in-context
+`incontext`: the bare backbone shown `shots` of each cell's k-shot rows per class), the k values (null:
+the whole train split, as library adapters train) and the seeds. Its recipes classify (the report's score: accuracy) or generate (BLEU; zero-shot and in-context
 prompt the bare backbone with the first recipe's template); `metric` picks another score. Each finished cell is appended to results.jsonl at once, with a digest of the
 settings it ran under, so an interrupted sweep resumes where it stopped and a cell whose recipe has
 changed since runs again; the report (CSV, JSON, markdown with mean ± std over seeds, PNG plots) is
@@ -14,11 +14,13 @@ this process, or through another runner (`ray_sweep.on_ray`: as tasks on a Ray c
 import csv
 import functools
 import json
+import math
 import statistics
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -46,7 +48,8 @@ class Sweep(BaseModel):
     backbone: str = Field(description="Every recipe runs on this backbone.")
     datasets: dict[str, dict] = Field(description="Dataset name → data section (path, fields, labels).")
     methods: dict[str, str] = Field(description="Method name → recipe file, 'zeroshot' or 'incontext'.")
-    k: list[int] = Field(description="Examples per class.", min_length=1)
+    k: list[Annotated[int, Field(gt=0)] | None] = Field(
+        description="Examples per class; null: the whole train split (library adapters).", min_length=1)
     seeds: list[int] = Field([0, 1, 2], min_length=1)
     test_limit: int | None = Field(None, gt=0, description="Evaluate on the first N test rows.")
     shots: int = Field(4, gt=0, description="In-context cells: demonstrations (per class when classifying), the "
@@ -103,8 +106,6 @@ def factory_sweep(recipe: str | Path, folders: list[Path], name: str, output: st
     """The adapter factory: a sweep that trains `recipe` once on each task folder (a dataset named after
     its folder, at the recipe's k and seed), so it runs, resumes and reports as a sweep does."""
     recipe_settings = load_recipe(recipe, list(overrides))
-    if recipe_settings.data.k is None:
-        raise SweepError(f"{recipe}: the factory trains k-shot: set data.k (or --set data.k=N)")
     missing = [str(folder) for folder in folders if not Path(folder).is_dir()]
     if missing:
         raise SweepError(f"task folders not found: {', '.join(missing)}")
@@ -117,7 +118,7 @@ def factory_sweep(recipe: str | Path, folders: list[Path], name: str, output: st
 
 
 def cells(sweep: Sweep) -> list[dict]:
-    """Every run of the sweep; zero-shot runs once per dataset (no k, no training seed); in-context per
+    """Every run of the sweep; zero-shot runs once per dataset (k 0, no training seed); in-context per
     k and seed (its demonstrations are that draw's rows)."""
     grid = []
     for dataset in sweep.datasets:
@@ -188,7 +189,7 @@ def run_sweep(sweep: Sweep, show_progress: bool = True, runner: Runner | None = 
     write_report(finished_cells(sweep, grid), folder, main_metric(sweep))
     if failures:
         raise SweepError(f"{len(failures)} cells failed (run the sweep again to retry them): " + "; ".join(
-            f"{f.cell['dataset']}/{f.cell['method']}/k{f.cell['k']}/s{f.cell['seed']}: {f.reason}" for f in failures))
+            f"{f.cell['dataset']}/{f.cell['method']}/k{k_shown(f.cell['k'])}/s{f.cell['seed']}: {f.reason}" for f in failures))
     return folder
 
 
@@ -240,7 +241,7 @@ def _prompting(engine, sweep: Sweep, cell: dict, folder: Path) -> dict:
     from adapterlab.baselines import evaluate_prompting
     from adapterlab.zeroshot import ZeroShotConfig, evaluate_zero_shot
 
-    shots = min(sweep.shots, cell["k"]) if sweep.methods[cell["method"]] == IN_CONTEXT else 0
+    shots = min(sweep.shots, cell["k"] or sweep.shots) if sweep.methods[cell["method"]] == IN_CONTEXT else 0
     if prompt_recipe(sweep):
         return {**evaluate_prompting(engine, cell_recipe(sweep, cell, folder), shots), **({"shots": shots} if shots else {})}
     data = DataConfig.model_validate({**sweep.datasets[cell["dataset"]], "k": None})
@@ -262,7 +263,7 @@ def cell_recipe(sweep: Sweep, cell: dict, folder: Path) -> Recipe:
     if sweep.test_limit:
         overrides.append(f"data.test_limit={sweep.test_limit}")
     recipe = load_recipe(prompt_recipe(sweep) if file in PROMPTING else file, overrides)
-    name = f"{cell['method']}-k{cell['k']}-s{cell['seed']}-{recipe.settings_digest}"
+    name = f"{cell['method']}-k{k_shown(cell['k'])}-s{cell['seed']}-{recipe.settings_digest}"
     return recipe.with_settings({"output.name": name})
 
 
@@ -294,13 +295,23 @@ def summarize(rows: list[dict], metric: str = "accuracy") -> list[dict]:
     for row in rows:
         groups.setdefault((row["dataset"], row["method"], row["k"]), []).append(row)
     summary = []
-    for (dataset, method, k), group in sorted(groups.items()):
+    for (dataset, method, k), group in sorted(groups.items(), key=lambda item: (*item[0][:2], _k_order(item[0][2]))):
         scores = [row[metric] for row in group]
         mean, std = statistics.fmean(scores), statistics.stdev(scores) if len(scores) > 1 else 0.0
         summary.append({"dataset": dataset, "method": method, "k": k, "seeds": len(group), "metric": metric,
                         f"{metric}_mean": mean, f"{metric}_std": std, "score_mean": mean, "score_std": std,
                         "train_seconds_mean": statistics.fmean(row["train_seconds"] for row in group)})
     return summary
+
+
+def k_shown(k: int | None) -> str:
+    """A cell's k in names and tables: 'all' for the whole train split."""
+    return "all" if k is None else str(k)
+
+
+def _k_order(k: int | None) -> float:
+    """The whole split (None) after every k."""
+    return math.inf if k is None else k
 
 
 def _shown(metric: str, value: float) -> str:
@@ -320,7 +331,7 @@ def write_report(rows: list[dict], folder: Path, metric: str = "accuracy") -> No
     summary = summarize(rows, metric)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     lines = [f"| dataset | method | k | {metric} (mean ± std) | seeds | train s |", "|---|---|---|---|---|---|"]
-    lines += [f"| {s['dataset']} | {s['method']} | {s['k'] or '-'} | {_shown(metric, s['score_mean'])} ± "
+    lines += [f"| {s['dataset']} | {s['method']} | {k_shown(s['k']) if s['k'] != 0 else '-'} | {_shown(metric, s['score_mean'])} ± "
               f"{_shown(metric, s['score_std'])} | {s['seeds']} | {s['train_seconds_mean']:.1f} |" for s in summary]
     (folder / "summary.md").write_text("\n".join(lines) + "\n")
     plot(summary, folder)
@@ -337,22 +348,24 @@ def plot(summary: list[dict], folder: Path) -> None:
 
     datasets = sorted({s["dataset"] for s in summary})
     label = f"test {summary[0]['metric'].replace('_', ' ')}"
-    methods = sorted({s["method"] for s in summary if s["k"]})
-    ks = sorted({s["k"] for s in summary if s["k"]})
+    methods = sorted({s["method"] for s in summary if s["k"] != 0})
+    ks = sorted({s["k"] for s in summary if s["k"] != 0}, key=_k_order)
+    numeric = [k for k in ks if k is not None]  # the whole split sits one doubling right of the largest k
+    position = {k: k for k in numeric} | {None: 2 * max(numeric, default=1)}
     figure, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
     for axis, dataset in zip(axes[0], datasets):
         for method in methods:
-            points = sorted((s["k"], s["score_mean"], s["score_std"]) for s in summary
+            points = sorted((position[s["k"]], s["score_mean"], s["score_std"]) for s in summary
                             if s["dataset"] == dataset and s["method"] == method)
             xs, means, stds = zip(*points)
             axis.plot(xs, means, marker="o", label=method)
             axis.fill_between(xs, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)], alpha=0.2)
         for s in summary:
-            if s["dataset"] == dataset and not s["k"]:
+            if s["dataset"] == dataset and s["k"] == 0:
                 axis.axhline(s["score_mean"], linestyle="--", color="grey", label=f"{s['method']} (no training)")
         axis.set(title=dataset, xlabel="k (training examples; per class when classifying)", ylabel=label, xscale="log")
         axis.minorticks_off()
-        axis.set_xticks(ks, labels=[str(k) for k in ks])
+        axis.set_xticks([position[k] for k in ks], labels=[k_shown(k) for k in ks])
         axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(folder / "accuracy_vs_k.png", dpi=110)
@@ -367,10 +380,10 @@ def plot(summary: list[dict], folder: Path) -> None:
         values = [next((s for s in summary if s["dataset"] == d and s["method"] == method and s["k"] == largest), None)
                   for d in datasets]
         axis.bar([j + i * width for j in range(len(datasets))], [v["score_mean"] if v else 0 for v in values],
-                 width, yerr=[v["score_std"] if v else 0 for v in values], label=f"{method} (k={largest})")
+                 width, yerr=[v["score_std"] if v else 0 for v in values], label=f"{method} (k={k_shown(largest)})")
     for j, dataset in enumerate(datasets):
         for s in summary:
-            if s["dataset"] == dataset and not s["k"]:
+            if s["dataset"] == dataset and s["k"] == 0:
                 axis.hlines(s["score_mean"], j - width / 2, j + len(methods) * width - width / 2, colors="black",
                             linestyles="--", label="zero-shot" if j == 0 else None)
     axis.set_xticks([j + (len(methods) - 1) * width / 2 for j in range(len(datasets))], labels=datasets)
