@@ -3,6 +3,8 @@ texts a classifier scores in batches and the prompts a generation request carrie
 
 from transformers import AutoTokenizer
 
+from adapterlab.backbones import load_backbone
+from adapterlab.backbones.forward import tokenize
 from adapterlab.prompts import chat_text, prompt_format, prompt_ids, prompt_request, request_ids
 
 TEMPLATE = "Review: {text}\nLabel:"
@@ -29,3 +31,19 @@ def test_chat_demonstrations_are_earlier_turns_through_one_chat_template(tiny_ll
     assert ids == list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                      return_dict=False))
     assert request_ids(tokenizer, prompt="Review: fine") == tokenizer("Review: fine").input_ids
+
+
+def test_an_llm_reads_both_texts_of_a_pair_whatever_the_template(tiny_llama):
+    """A template with {text_pair} places the second text there; one without it (the prompt written from
+    the labels, or a user's) shows it on the line after the first, never drops it; both fit max_length."""
+    backbone = load_backbone(tiny_llama)
+    decode = backbone.tokenizer.batch_decode
+    premise, hypothesis = "A man is playing a guitar on stage.", "Someone makes music."
+    slotted = tokenize(backbone, [premise], [hypothesis], "Premise: {text}\nHypothesis: {text_pair}", 96)
+    assert f"Premise: {premise}\nHypothesis: {hypothesis}" in decode(slotted["input_ids"])[0]
+    joined = tokenize(backbone, [premise, "Short."], [hypothesis, ""], "Text: {text}", 96)
+    rows = decode(joined["input_ids"], skip_special_tokens=True)
+    assert rows[0].endswith(f"Text: {premise}\n{hypothesis}") and rows[1].endswith("Text: Short.")
+    long = " ".join(["word"] * 200)
+    for template in ("Text: {text}", "Premise: {text}\nHypothesis: {text_pair}"):
+        assert tokenize(backbone, [long], [long], template, 64)["input_ids"].shape[1] <= 64

@@ -80,11 +80,12 @@ def tokenize(backbone: Backbone, texts: list[str], pairs: list[str] | None, temp
     prompt = llm_prompt_format(tokenizer, template, chat, demonstrations)
     budget = max(8, max_length - len(tokenizer(prompt.format(text="", text_pair=""), add_special_tokens=False).input_ids))
     pairs = pairs or [""] * len(texts)
-    cut = [(_cut(tokenizer, text, budget // (2 if pair else 1)), _cut(tokenizer, pair, budget // 2))
+    joined = "{text_pair}" not in prompt  # no slot for the pair: its second text follows the first on a new line
+    cut = [(_cut(tokenizer, text, budget // (2 if pair else 1)), _cut(tokenizer, pair, budget // 2 - joined))
            for text, pair in zip(texts, pairs)]
     tokenizer.padding_side = "left"
-    batch = dict(tokenizer([prompt.format(text=text, text_pair=pair) for text, pair in cut], padding=True,
-                           add_special_tokens=not chat, return_tensors="pt"))
+    filled = [prompt.format(text=f"{text}\n{pair}" if joined and pair else text, text_pair=pair) for text, pair in cut]
+    batch = dict(tokenizer(filled, padding=True, add_special_tokens=not chat, return_tensors="pt"))
     if not report_truncation:
         return batch
     return batch, [(text, pair) != kept for text, pair, kept in zip(texts, pairs, cut)]
