@@ -1,11 +1,16 @@
 """Prompts: one format of in-context demonstrations and one application of the chat template, for the
 texts a classifier scores in batches and the prompts a generation request carries alike."""
 
+import pytest
 from transformers import AutoTokenizer
 
 from adapterlab.backbones import load_backbone
 from adapterlab.backbones.forward import tokenize
-from adapterlab.prompts import chat_text, prompt_format, prompt_ids, prompt_request, request_ids
+from adapterlab.errors import AdapterlabError
+from adapterlab.heads import build_head
+from adapterlab.prompts import chat_text, label_words, prompt_format, prompt_ids, prompt_request, request_ids, template_of
+from adapterlab.recipe import HeadConfig
+from adapterlab.zeroshot import zero_shot_servable
 
 TEMPLATE = "Review: {text}\nLabel:"
 SHOWN = (("tasty soup", "positive"), ("cold and late", "negative"))
@@ -47,3 +52,31 @@ def test_an_llm_reads_both_texts_of_a_pair_whatever_the_template(tiny_llama):
     long = " ".join(["word"] * 200)
     for template in ("Text: {text}", "Premise: {text}\nHypothesis: {text_pair}"):
         assert tokenize(backbone, [long], [long], template, 64)["input_ids"].shape[1] <= 64
+
+
+SST5 = ["very negative", "negative", "neutral", "positive", "very positive"]
+
+
+def test_labels_that_start_alike_are_lettered_in_a_written_prompt(tiny_llama):
+    """SST-5's 'very negative' and 'very positive' open with one token: where the prompt is written from
+    the labels they become A-E, each listed with its label, for a trained head and a zero-shot one alike;
+    a user's template keeps its words and must name them apart (head.label_words)."""
+    backbone = load_backbone(tiny_llama)
+    tokenizer = backbone.tokenizer
+    written = HeadConfig(type="label_words")
+    assert template_of(written, SST5, SST5, backbone).startswith(
+        "Classify the text as one of: A (very negative), B (negative), C (neutral), D (positive), E (very positive).")
+    head = build_head(written, backbone, SST5, SST5)
+    assert head.token_ids.tolist() == [tokenizer(letter, add_special_tokens=False).input_ids[0] for letter in "ABCDE"]
+    assert len(set(head.token_ids.tolist())) == 5
+    zero_shot = zero_shot_servable(backbone, SST5, SST5)
+    assert "A (very negative), B (negative)" in zero_shot.prompt.template
+    assert zero_shot.head.token_ids.tolist() == head.token_ids.tolist()
+    # names that start apart keep their words
+    assert template_of(written, ["negative", "positive"], ["negative", "positive"], backbone).startswith(
+        "Classify the text as one of: Negative, Positive.")
+    with pytest.raises(AdapterlabError, match="start with the same token; set head.label_words"):
+        build_head(HeadConfig(type="label_words", template="Review: {text}"), backbone, SST5, SST5)
+    given = HeadConfig(type="label_words", label_words={"very negative": "awful", "very positive": "great"})
+    assert label_words(tokenizer, SST5, given.label_words, chat=True) == [
+        "awful", "Negative", "Neutral", "Positive", "great"]

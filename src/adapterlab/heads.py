@@ -10,7 +10,7 @@ from torch import nn
 from adapterlab.backbones import Features, features, tokenize
 from adapterlab.backbones.sentence_folders import POOLING
 from adapterlab.errors import AdapterlabError
-from adapterlab.prompts import label_word_ids, text_prompt_of, uses_chat
+from adapterlab.prompts import label_word_ids, label_words, text_prompt_of, uses_chat
 
 
 class ClassifierHead(nn.Module):
@@ -118,8 +118,9 @@ def _new_head(config, backbone, label_names: list[str], label_descriptions: list
     if kind == "label_words":
         if backbone.kind != "decoder":
             raise AdapterlabError("head.type label_words needs an LLM backbone; encoders use 'classifier'")
-        head = LabelWordHead(label_word_ids(backbone.tokenizer, label_names, config.label_words or {},
-                                            uses_chat(config, backbone)))
+        chat = uses_chat(config, backbone)
+        words = label_words(backbone.tokenizer, label_names, config.label_words or {}, chat, config.template is None)
+        head = LabelWordHead(label_word_ids(backbone.tokenizer, words, chat))
         return head.to(backbone.device)
     pooling = pooling_of(config, backbone)
     normalize = config.normalize if config.normalize is not None else backbone.sentence.normalize

@@ -42,14 +42,16 @@ def template_of(head_config, label_names: list[str] = (), label_descriptions: li
     if not label_names or not (head_config.type == "label_words" or (head_config.type == "auto" and decoder)):
         return PLAIN_TEMPLATE
     chat = decoder and uses_chat(head_config, backbone)
-    words = [(head_config.label_words or {}).get(name, label_word(name, chat)).strip() for name in label_names]
+    tokenizer = backbone.tokenizer if decoder else None
+    words = label_words(tokenizer, label_names, head_config.label_words or {}, chat)
     return labels_template(words, list(label_descriptions) or list(label_names), label_names)
 
 
 def labels_template(words: list[str], descriptions: list[str], names: list[str]) -> str:
     """'Classify the text as one of: positive (a positive opinion), negative (...).' then the text; a
-    description that only repeats its label's name is left out."""
-    listed = [word if description.replace("_", " ").lower() in (name.replace("_", " ").lower(), word.lower())
+    description that only repeats its label's name is left out, unless the label is lettered."""
+    lettered = words == lettered_words(len(names))
+    listed = [word if not lettered and description.replace("_", " ").lower() in (name.replace("_", " ").lower(), word.lower())
               else f"{word} ({description.rstrip('.')})" for word, description, name in zip(words, descriptions, names)]
     return f"Classify the text as one of: {_escape(', '.join(listed))}.\n\nText: {{text}}"
 
@@ -133,15 +135,37 @@ def label_word(name: str, chat: bool) -> str:
     return word.capitalize() if chat else word
 
 
-def label_word_ids(tokenizer, label_names: list[str], label_words: dict[str, str], chat: bool) -> list[int]:
-    """First token of each label's word: ' word' after a plain prompt, 'Word' opening a chat answer.
-    Labels must start with different tokens."""
-    unknown = set(label_words) - set(label_names)
+def lettered_words(count: int) -> list[str]:
+    return list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:count])
+
+
+def label_words(tokenizer, label_names: list[str], given: dict[str, str], chat: bool, written: bool = True) -> list[str]:
+    """Each label's word: head.label_words (`given`), else its name (`label_word`). Where the prompt is
+    `written` from the labels, no word is given and two names would start with the same token (SST-5's
+    'very negative' and 'very positive'), the labels are lettered A, B, C, ... in order instead (up to
+    26), and the prompt lists each letter with its label. `tokenizer` None: the names, unchecked."""
+    unknown = set(given) - set(label_names)
     if unknown:
         raise AdapterlabError(f"head.label_words names unknown labels: {', '.join(sorted(unknown))}")
-    words = [label_words.get(name, label_word(name, chat)).strip() for name in label_names]
-    ids = [tokenizer(word if chat else " " + word, add_special_tokens=False)["input_ids"][0] for word in words]
-    clashes = {w for w, i in zip(words, ids) if ids.count(i) > 1}
+    words = [given.get(name, label_word(name, chat)).strip() for name in label_names]
+    if given or not written or tokenizer is None or len(label_names) > 26 or not _clashes(tokenizer, words, chat):
+        return words
+    return lettered_words(len(label_names))
+
+
+def label_word_ids(tokenizer, words: list[str], chat: bool) -> list[int]:
+    """First token of each label's word (`label_words`): ' word' after a plain prompt, 'Word' opening a chat
+    answer. Labels must start with different tokens."""
+    clashes = _clashes(tokenizer, words, chat)
     if clashes:
         raise AdapterlabError(f"label words {sorted(clashes)} start with the same token; set head.label_words")
-    return ids
+    return _first_tokens(tokenizer, words, chat)
+
+
+def _first_tokens(tokenizer, words: list[str], chat: bool) -> list[int]:
+    return [tokenizer(word if chat else " " + word, add_special_tokens=False)["input_ids"][0] for word in words]
+
+
+def _clashes(tokenizer, words: list[str], chat: bool) -> set[str]:
+    ids = _first_tokens(tokenizer, words, chat)
+    return {word for word, first in zip(words, ids) if ids.count(first) > 1}

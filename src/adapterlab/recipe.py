@@ -96,7 +96,8 @@ class HeadConfig(_Section):
         "label word opens the assistant's answer. null: when the tokenizer has a chat template.")
     label_words: dict[str, str] | None = Field(
         None, description="Label name → word the LLM should say (default: the label name, capitalised "
-        "in chat mode, '_' read as a space).")
+        "in chat mode, '_' read as a space; with a written prompt (template null), labels whose names start "
+        "with the same token are lettered A, B, C, ... and the prompt lists each letter's label).")
 
     def ties(self, num_labels: int) -> bool:
         """Whether a task with `num_labels` labels trains with tied label descriptions."""

@@ -16,7 +16,7 @@ from adapterlab.heads import build_head
 from adapterlab.methods.base import AdapterWeights
 from adapterlab.metrics import classification_metrics
 from adapterlab.mixed_batch import Servable
-from adapterlab.prompts import Demonstrations, label_word, prompt_settings, uses_chat
+from adapterlab.prompts import Demonstrations, label_word, label_words, lettered_words, prompt_settings, uses_chat
 from adapterlab.recipe import HeadConfig
 
 
@@ -51,6 +51,11 @@ def _head_config(backbone: Backbone, labels: list[str], config: ZeroShotConfig) 
     label words after a prompt listing them."""
     if backbone.kind == "encoder":
         return HeadConfig(type="classifier", dropout=0.0, cosine_scale=config.scale, label_templates=config.templates)
+    words = zero_shot_words(backbone, labels, config)
+    if words == lettered_words(len(labels)):  # names that start alike: the prompt lists each letter's label
+        listed = ", ".join(f"{word} ({label})" for word, label in zip(words, labels))
+        return HeadConfig(type="label_words", template=config.prompt.replace("{labels}", listed), chat=config.chat,
+                          label_words=dict(zip(labels, words)))
     template = config.prompt.replace("{labels}", ", ".join(label_word(label, chat=False) for label in labels))
     return HeadConfig(type="label_words", template=template, chat=config.chat)
 
@@ -68,7 +73,7 @@ def evaluate_zero_shot(engine, data_config, config: ZeroShotConfig = ZeroShotCon
     demonstrations = ()
     if config.shots:
         chosen = task.train.select(demonstration_indices(task.train.labels, task.label_names, config))
-        words = [label_word_for(name, engine, config) for name in task.label_names]
+        words = zero_shot_words(engine.backbone, task.label_names, config)
         demonstrations = tuple((text, words[label]) for text, label in zip(chosen.texts, chosen.labels))
     servable = zero_shot_servable(engine.backbone, task.label_names, task.label_descriptions, config, demonstrations)
     predictions = engine.classify(servable, rows.texts, rows.text_pairs)
@@ -90,6 +95,7 @@ def demonstration_indices(labels: list[int], names: list[str], config: ZeroShotC
     return chosen
 
 
-def label_word_for(name: str, engine, config: ZeroShotConfig) -> str:
-    """The answer a demonstration shows: the word the label-word head scores."""
-    return label_word(name, uses_chat(config, engine.backbone))
+def zero_shot_words(backbone: Backbone, labels: list[str], config: ZeroShotConfig) -> list[str]:
+    """The words an LLM's zero-shot head scores (and demonstrations answer): the labels' names, or
+    letters where names start alike (`label_words`)."""
+    return label_words(backbone.tokenizer, list(labels), {}, uses_chat(config, backbone))
