@@ -108,9 +108,10 @@ def test_the_shipped_tiered_recipe_is_the_tied_recipe_against_smollm2(tmp_path, 
     tied = load_recipe(ROOT / "recipes" / "sst2-lora-minilm-tied.yaml")
     assert recipe.with_settings({"training.select": None, "training.budget_seconds": None}) == tied
     assert recipe.training.budget_seconds and recipe.training.select.candidates == [
-        str(ROOT / "recipes" / "sst2-lora-smollm2.yaml")]
+        str(ROOT / "recipes" / "sst2-prefix-smollm2-label-prompt.yaml")]
     (llm,) = candidate_recipes(recipe)
     assert llm.backbone == "smollm2-135m" and llm.head.type == "label_words" and llm.data == recipe.data
+    assert llm.head.template is None  # the prompt is written from the task's labels, whatever the task
 
 
 def nested(folder) -> str:
