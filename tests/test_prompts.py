@@ -8,7 +8,8 @@ from adapterlab.backbones import load_backbone
 from adapterlab.backbones.forward import tokenize
 from adapterlab.errors import AdapterlabError
 from adapterlab.heads import build_head
-from adapterlab.prompts import chat_text, label_words, prompt_format, prompt_ids, prompt_request, request_ids, template_of
+from adapterlab.prompts import (chat_text, label_words, prompt_format, prompt_ids, prompt_request, request_ids,
+                                template_of)
 from adapterlab.recipe import HeadConfig
 from adapterlab.zeroshot import zero_shot_servable
 

@@ -51,9 +51,14 @@ def labels_template(words: list[str], descriptions: list[str], names: list[str])
     """'Classify the text as one of: positive (a positive opinion), negative (...).' then the text; a
     description that only repeats its label's name is left out, unless the label is lettered."""
     lettered = words == lettered_words(len(names))
-    listed = [word if not lettered and description.replace("_", " ").lower() in (name.replace("_", " ").lower(), word.lower())
-              else f"{word} ({description.rstrip('.')})" for word, description, name in zip(words, descriptions, names)]
+    listed = [f"{word} ({description.rstrip('.')})" if lettered or not _repeats(description, name, word) else word
+              for word, description, name in zip(words, descriptions, names)]
     return f"Classify the text as one of: {_escape(', '.join(listed))}.\n\nText: {{text}}"
+
+
+def _repeats(description: str, name: str, word: str) -> bool:
+    """Whether a label's description says no more than its name or word."""
+    return description.replace("_", " ").lower() in (name.replace("_", " ").lower(), word.lower())
 
 
 def has_chat_template(tokenizer) -> bool:

@@ -87,8 +87,8 @@ class HeadConfig(_Section):
         ["{label}", "This text is about {label}."], min_length=1,
         description="Each label description is embedded through these templates, then averaged.")
     template: str | None = Field(
-        None, description="LLM prompt; {text} (and {text_pair}) are filled in: without {text_pair}, a pair's second text "
-        "follows the first on a new line. null: for a label_words head, "
+        None, description="LLM prompt; {text} (and {text_pair}) are filled in: without {text_pair}, a pair's "
+        "second text follows the first on a new line. null: for a label_words head, "
         "'Classify the text as one of: WORD (DESCRIPTION), ...' then 'Text: {text}', from the task's labels.json "
         "(a description that repeats its name is left out); for other heads 'Text: {text}\\nLabel:'.")
     chat: bool | None = Field(

@@ -2,10 +2,11 @@
 
 A sweep file names a backbone, datasets (data sections), methods (recipe files, `zeroshot`, or
 `incontext`: the bare backbone shown `shots` of each cell's k-shot rows per class), the k values (null:
-the whole train split, as library adapters train) and the seeds. Its recipes classify (the report's score: accuracy) or generate (BLEU; zero-shot and in-context
-prompt the bare backbone with the first recipe's template); `metric` picks another score. Each finished cell is appended to results.jsonl at once, with a digest of the
-settings it ran under, so an interrupted sweep resumes where it stopped and a cell whose recipe has
-changed since runs again; the report (CSV, JSON, markdown with mean ± std over seeds, PNG plots) is
+the whole train split, as library adapters train) and the seeds. Its recipes classify (the report's
+score: accuracy) or generate (BLEU; zero-shot and in-context prompt the bare backbone with the first
+recipe's template); `metric` picks another score. Each finished cell is appended to results.jsonl at
+once, with a digest of the settings it ran under, so an interrupted sweep resumes where it stopped and a
+cell whose recipe has changed since runs again; the report (CSV, JSON, markdown with mean ± std over seeds, PNG plots) is
 rebuilt after every run from the cells of the sweep as it now stands. Cells run one after another in
 this process, or through another runner (`ray_sweep.on_ray`: as tasks on a Ray cluster); the factory
 (`factory_sweep`) is a sweep of one cell per task folder.
@@ -189,7 +190,8 @@ def run_sweep(sweep: Sweep, show_progress: bool = True, runner: Runner | None = 
     write_report(finished_cells(sweep, grid), folder, main_metric(sweep))
     if failures:
         raise SweepError(f"{len(failures)} cells failed (run the sweep again to retry them): " + "; ".join(
-            f"{f.cell['dataset']}/{f.cell['method']}/k{k_shown(f.cell['k'])}/s{f.cell['seed']}: {f.reason}" for f in failures))
+            f"{f.cell['dataset']}/{f.cell['method']}/k{k_shown(f.cell['k'])}/s{f.cell['seed']}: {f.reason}"
+            for f in failures))
     return folder
 
 
@@ -331,8 +333,9 @@ def write_report(rows: list[dict], folder: Path, metric: str = "accuracy") -> No
     summary = summarize(rows, metric)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     lines = [f"| dataset | method | k | {metric} (mean ± std) | seeds | train s |", "|---|---|---|---|---|---|"]
-    lines += [f"| {s['dataset']} | {s['method']} | {k_shown(s['k']) if s['k'] != 0 else '-'} | {_shown(metric, s['score_mean'])} ± "
-              f"{_shown(metric, s['score_std'])} | {s['seeds']} | {s['train_seconds_mean']:.1f} |" for s in summary]
+    lines += [f"| {s['dataset']} | {s['method']} | {k_shown(s['k']) if s['k'] != 0 else '-'} | "
+              f"{_shown(metric, s['score_mean'])} ± {_shown(metric, s['score_std'])} | {s['seeds']} | "
+              f"{s['train_seconds_mean']:.1f} |" for s in summary]
     (folder / "summary.md").write_text("\n".join(lines) + "\n")
     plot(summary, folder)
 
