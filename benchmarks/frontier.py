@@ -4,7 +4,11 @@ Reads the kept cells (k=16, one row per dataset × seed; nothing is trained here
   - the few-shot report (fewshot.json: zero-shot, the recommended recipe, the same with CV, SetFit on MiniLM;
     fewshot-mpnet.json where it exists: the recipe and SetFit on all-mpnet-base-v2);
   - the library benchmark (library/cells.jsonl: `init_from: auto`, its seconds counting the choice);
-  - the LLM tier (smollm2-sst2-agnews/results.jsonl: SmolLM2 LoRA, prefix-tuning, in-context).
+  - the LLM tier (smollm2-sst2-agnews/results.jsonl: SmolLM2 LoRA, prefix-tuning, in-context, 200 test rows;
+    smollm2-nine/results.jsonl: prefix-tuning and zero-shot with the prompt written from the label
+    descriptions, the report's test rows, every shared dataset but banking77);
+  - the tier choice (tiered-nine/results.jsonl: recipes/tiered-minilm-smollm2.yaml, MiniLM or SmolLM2 chosen
+    per cell by cross-validation, its seconds counting the selection).
 Each path is compared with SetFit (MiniLM) on the cells both have, so that paths measured on fewer datasets
 still compare fairly: the mean accuracy difference in points and the mean per-dataset ratio of training
 seconds. Writes frontier.json, frontier.md and frontier.png (points over SetFit against the time ratio, log
@@ -61,7 +65,13 @@ def gather() -> dict[str, dict]:
     paths |= jsonl_cells(RESULTS / "smollm2-sst2-agnews" / "results.jsonl",
                          {"lora": "SmolLM2 LoRA", "prefix": "SmolLM2 prefix", "incontext": "SmolLM2 in-context"},
                          "train_seconds")
+    llm = RESULTS / "smollm2-nine" / "results.jsonl"  # the same test rows as SetFit's, prompts from the labels
+    paths |= jsonl_cells(llm, {"prefix": "SmolLM2 prefix, prompt from labels"}, "train_seconds")
+    paths |= jsonl_cells(RESULTS / "tiered-nine" / "results.jsonl", {"tiered": "tiered: MiniLM or SmolLM2 by CV"},
+                         "train_seconds")  # the selection's seconds counted
     paths["zero-shot (MiniLM)"] = zero_shot_cells(RESULTS / "fewshot.json")
+    paths["zero-shot (SmolLM2)"] = {(row["dataset"], seed): (row["accuracy"], 0.0) for row in read_jsonl(llm)
+                                    if row["method"] == "zeroshot" for seed in (0, 1, 2)}
     return paths
 
 
