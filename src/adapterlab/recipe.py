@@ -542,16 +542,17 @@ def _candidates_from(raw: dict, folder: Path) -> None:
 
 
 def candidate_recipes(recipe: Recipe) -> list[Recipe]:
-    """The recipes `training.select.candidates` names, each with `recipe`'s task, data and output, so that
-    all train and score on the same rows and store where `recipe` would."""
+    """The recipes `training.select.candidates` names, each with `recipe`'s task, data, output and training
+    seed, so that all train and score on the same rows, store where `recipe` would, and a sweep over seeds
+    varies the candidates' initialisation with the recipe's."""
     shared = recipe.model_dump(include={"task", "data", "output"})
-    candidates = [_candidate(path, shared) for path in recipe.training.select.candidates]
+    candidates = [_candidate(path, shared, recipe.training.seed) for path in recipe.training.select.candidates]
     for candidate in candidates:  # the adapter is named and carded by the settings the user gave
         candidate._pinned_digest = recipe._pinned_digest
     return candidates
 
 
-def _candidate(path: str, shared: dict) -> Recipe:
+def _candidate(path: str, shared: dict, seed: int) -> Recipe:
     where = f"training.select.candidates {path}"
     try:
         raw = _read_recipe_file(Path(path))
@@ -569,7 +570,9 @@ def _candidate(path: str, shared: dict) -> Recipe:
                           "trains an ensemble or self-trains: a candidate trains one classifier")):
         if refused:
             raise RecipeError(f"{where} {why}")
-    return validate_recipe({**own.model_dump(), **shared}, source=where)
+    mixed = {**own.model_dump(), **shared}
+    mixed["training"]["seed"] = seed
+    return validate_recipe(mixed, source=where)
 
 
 def apply_override(raw: dict, override: str) -> None:
