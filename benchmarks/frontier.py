@@ -22,6 +22,8 @@ import statistics
 import textwrap
 from pathlib import Path
 
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
 from _common import describe_cpu, git_commit, pyplot, read_jsonl, save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -94,17 +96,21 @@ def plot(rows: dict[str, dict], file: Path, heading: str) -> None:
     """Trained paths as points, no-training ones as dashed lines, each named in a legend beside the axes
     (paths crowd near SetFit's time: labels on the points overlap)."""
     figure, axis = pyplot().subplots(figsize=(10, 5))
+    colors = pyplot().get_cmap("tab20").colors[::2] + pyplot().get_cmap("tab20").colors[1::2]
     for index, (name, row) in enumerate(rows.items()):
         if name == PEER:
             axis.scatter([1.0], [0.0], marker="*", s=220, color="black", zorder=3, label=PEER)
         elif row["time_ratio"] == 0:
-            axis.axhline(row["points_over_peer"], linestyle="--", linewidth=1, color=f"C{index}",
+            axis.axhline(row["points_over_peer"], linestyle="--", linewidth=1, color=colors[index % len(colors)],
                          label=f"{name}, no training: {row['points_over_peer']:+.1f} ({row['cells']} cells)")
         else:
-            axis.scatter([row["time_ratio"]], [row["points_over_peer"]], s=50, zorder=3, color=f"C{index}",
+            axis.scatter([row["time_ratio"]], [row["points_over_peer"]], s=50, zorder=3, color=colors[index % len(colors)],
                          label=f"{name}: {row['points_over_peer']:+.1f} at {row['time_ratio']:.2f}× "
                                f"({row['cells']} cells)")
     axis.set_xscale("log")
+    axis.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}×"))
+    axis.xaxis.set_minor_formatter(NullFormatter())
     axis.axhline(0, color="black", linewidth=0.5)
     axis.set(xlabel="training seconds ÷ SetFit's (mean per dataset, log scale)",
              ylabel="accuracy − SetFit's (points)")
