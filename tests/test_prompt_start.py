@@ -11,7 +11,7 @@ from adapterlab.data import load_task
 from adapterlab.engine import Engine, Request
 from adapterlab.zeroshot import ZeroShotConfig, zero_shot_servable
 from adapterlab.model import build_adapter_model
-from adapterlab.prompts import PLAIN_TEMPLATE, template_of
+from adapterlab.prompts import PLAIN_TEMPLATE, UNLISTED_TEMPLATE, template_of
 from adapterlab.recipe import load_recipe, validate_recipe
 from adapterlab.training import train
 from conftest import ROOT, shared, tiny_recipe
@@ -89,8 +89,26 @@ def test_a_label_word_head_without_a_template_lists_the_labels_with_their_descri
     assert engine.servable("sentiment/a").prompt.template == written
     bare_names = validate_recipe(tiny_recipe(tiny_llama, tmp_path, data={"path": "demo:sentiment", "k": 4}))
     assert template_of(bare_names.head, ["neg", "pos"], ["neg", "pos"], load_backbone(tiny_llama)) == (
-        "Classify the text as one of: Neg, Pos.\n\nText: {text}")  # no descriptions: the words alone
+        UNLISTED_TEMPLATE)  # descriptions that only repeat the names: no list
     assert template_of(bare_names.head, ["neg", "pos"], ["neg", "pos"], None) == PLAIN_TEMPLATE  # not an LLM
+
+
+def test_labels_that_only_name_themselves_are_not_listed_and_a_prefix_starts_from_the_prompt(tiny_llama, tmp_path):
+    """Descriptions that repeat the names add nothing to list: the written prompt is UNLISTED_TEMPLATE, and a
+    prefix starts as the backbone reading that prompt's words and the labels', not some other prompt's."""
+    recipe = validate_recipe(tiny_recipe(tiny_llama, tmp_path, method={"name": "prefix_tuning", "num_virtual_tokens": 6}))
+    backbone = load_backbone(tiny_llama)
+    names = ["negative", "positive"]
+    model = build_adapter_model(recipe, backbone, names, names)
+    assert model.prompt.template == UNLISTED_TEMPLATE
+    ids = backbone.tokenizer(" ".join([UNLISTED_TEMPLATE.replace("{text}", ""), *names]), add_special_tokens=False,
+                             return_tensors="pt").input_ids[0]
+    prefix = ids.repeat(6 // len(ids) + 1)[:6]
+    text = backbone.tokenizer("a fine film", add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        adapted = model.peft_model(input_ids=text, attention_mask=torch.ones_like(text)).logits[0, -1]
+        read = backbone.model(input_ids=torch.cat([prefix[None], text], 1)).logits[0, -1]
+    assert torch.allclose(adapted, read, atol=1e-4)
 
 
 def test_engine_rows_of_lora_prefix_and_zero_shot_with_starts_equal_whole_prompts(tiny_llama, tmp_path):

@@ -74,8 +74,8 @@ def test_labels_that_start_alike_are_lettered_in_a_written_prompt(tiny_llama):
     assert "A (very negative), B (negative)" in zero_shot.prompt.template
     assert zero_shot.head.token_ids.tolist() == head.token_ids.tolist()
     # names that start apart keep their words
-    assert template_of(written, ["negative", "positive"], ["negative", "positive"], backbone).startswith(
-        "Classify the text as one of: Negative, Positive.")
+    assert template_of(written, ["negative", "positive"], ["negative, that is bad", "positive"], backbone).startswith(
+        "Classify the text as one of: Negative (negative, that is bad), Positive.")
     with pytest.raises(AdapterlabError, match="start with the same token; set head.label_words"):
         build_head(HeadConfig(type="label_words", template="Review: {text}"), backbone, SST5, SST5)
     given = HeadConfig(type="label_words", label_words={"very negative": "awful", "very positive": "great"})

@@ -10,7 +10,7 @@ from adapterlab.data import Pairs
 from adapterlab.errors import AdapterlabError
 from adapterlab.heads import TextHead
 from adapterlab.methods import method_module
-from adapterlab.prompts import prompt_ids, prompt_settings
+from adapterlab.prompts import prompt_ids, prompt_settings, template_of
 
 IGNORED = -100  # the label of tokens the loss does not read (cross_entropy's ignore_index)
 
@@ -84,5 +84,5 @@ def build_generative_model(recipe, backbone: Backbone) -> GenerativeModel:
                               "generation head trains completions to end with; use a chat or causal-LM tokenizer")
     method = method_module(recipe.method.name)
     peft_model = get_peft_model(backbone.model, method.peft_config(recipe.method, backbone))
-    method.start(peft_model, recipe.method, backbone, recipe.head, [])
+    method.start(peft_model, recipe.method, backbone, template_of(recipe.head), [])
     return GenerativeModel(backbone, peft_model, recipe.head, recipe.training.inference_max_length)

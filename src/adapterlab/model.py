@@ -14,7 +14,7 @@ from adapterlab.data import Split
 from adapterlab.errors import AdapterlabError
 from adapterlab.heads import ClassifierHead, build_head, pool, tokenize_label_texts
 from adapterlab.methods import method_module
-from adapterlab.prompts import prompt_settings, text_prompt_of
+from adapterlab.prompts import prompt_settings, template_of, text_prompt_of
 
 log = logging.getLogger("adapterlab")
 
@@ -271,7 +271,8 @@ def build_adapter_model(recipe, backbone: Backbone, label_names: list[str],
                                            text_prompt_of(recipe.head, backbone))
     method = method_module(recipe.method.name)
     peft_model = get_peft_model(backbone.model, method.peft_config(recipe.method, backbone))
-    method.start(peft_model, recipe.method, backbone, recipe.head, label_descriptions)
+    method.start(peft_model, recipe.method, backbone, template_of(recipe.head, label_names, label_descriptions, backbone),
+                 label_descriptions)
     return AdapterModel(backbone, peft_model, head, label_names, recipe.head, recipe.training.inference_max_length,
                         label_texts, label_descriptions)
 

@@ -22,6 +22,9 @@ class PromptSettings:
 
 
 PLAIN_TEMPLATE = "Text: {text}\nLabel:"  # a template-less head without labels to list (generation, classifier)
+# A label-word head's written prompt where the labels' descriptions only repeat their names: a trained prefix
+# read the labels' list as a distraction (seed 0 of seven shared datasets: 2-10 points lower on six)
+UNLISTED_TEMPLATE = "Classify this text.\n\nText: {text}"
 
 
 def prompt_settings(head_config, backbone, max_length: int, demonstrations: Demonstrations = (),
@@ -34,8 +37,8 @@ def prompt_settings(head_config, backbone, max_length: int, demonstrations: Demo
 
 
 def template_of(head_config, label_names: list[str] = (), label_descriptions: list[str] = (), backbone=None) -> str:
-    """head.template, or when the recipe gives none: for a label-word head, a prompt listing the labels'
-    words with their descriptions (`labels_template`); otherwise `PLAIN_TEMPLATE`."""
+    """head.template, or when the recipe gives none: for a label-word head, a prompt written from the labels
+    (`labels_template`); otherwise `PLAIN_TEMPLATE`."""
     if head_config.template is not None:
         return head_config.template
     decoder = backbone is not None and backbone.kind == "decoder"
@@ -48,9 +51,13 @@ def template_of(head_config, label_names: list[str] = (), label_descriptions: li
 
 
 def labels_template(words: list[str], descriptions: list[str], names: list[str]) -> str:
-    """'Classify the text as one of: positive (a positive opinion), negative (...).' then the text; a
-    description that only repeats its label's name is left out, unless the label is lettered."""
+    """'Classify the text as one of: positive (a positive opinion), negative (...).' then the text, where a
+    label's description says more than its name (a description that only repeats it is left out) or the
+    labels are lettered (the letters need their key); else `UNLISTED_TEMPLATE`."""
     lettered = words == lettered_words(len(names))
+    if not lettered and all(_repeats(description, name, word) for word, description, name in
+                            zip(words, descriptions, names)):
+        return UNLISTED_TEMPLATE
     listed = [f"{word} ({description.rstrip('.')})" if lettered or not _repeats(description, name, word) else word
               for word, description, name in zip(words, descriptions, names)]
     return f"Classify the text as one of: {_escape(', '.join(listed))}.\n\nText: {{text}}"

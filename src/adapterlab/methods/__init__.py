@@ -3,7 +3,7 @@
 A method module defines `Config` (its recipe section, a pydantic model whose `name` field is the
 registry key), `DEFAULT_LR`, `UNTRAINED_IS_BACKBONE` (whether an untrained adapter leaves the
 backbone's outputs unchanged), `peft_config(config, backbone) -> peft.PeftConfig` for training,
-`start(peft_model, config, backbone, head_config, label_descriptions)` (where its weights begin),
+`start(peft_model, config, backbone, template, label_descriptions)` (where its weights begin),
 `fit_problems(state, adapter_config, method_config, backbone) -> list[str]` (why saved files do not fit
 each other, their recipe or the backbone; the store asks before anything serves them), and
 `inference_weights(state, adapter_config) -> AdapterWeights` for the engine. Adding a method

@@ -61,7 +61,7 @@ def _pooler_modules(model) -> list[str]:
     return [name for name, _ in model.named_modules() if name == "pooler" or name.startswith("pooler.")]
 
 
-def start(peft_model, config: Config, backbone, head_config, label_descriptions: list[str]) -> None:
+def start(peft_model, config: Config, backbone, template: str, label_descriptions: list[str]) -> None:
     """LoRA starts as peft starts it: B at zero, so step 0 is the bare backbone."""
 
 

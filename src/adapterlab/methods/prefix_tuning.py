@@ -9,7 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from adapterlab.errors import AdapterlabError
 from adapterlab.methods.base import AdapterWeights
-from adapterlab.prompts import template_of
 
 # Prefixes need a larger step than LoRA weights to move the frozen attention.
 DEFAULT_LR = 1e-2
@@ -61,15 +60,15 @@ def fit_problems(state: dict[str, torch.Tensor], adapter_config: dict, config: C
     return problems
 
 
-def start(peft_model, config: Config, backbone, head_config, label_descriptions: list[str]) -> None:
+def start(peft_model, config: Config, backbone, template: str, label_descriptions: list[str]) -> None:
     """With init words (auto on LLMs): the prefix becomes the backbone's own keys and values for the
-    task's words (prompt and label names, cycled to the prefix's length), read at positions 0..P-1 as
-    the text after it is read from P on."""
+    task's words (the prompt `template` it will read and the labels' descriptions, cycled to the prefix's
+    length), read at positions 0..P-1 as the text after it is read from P on."""
     if config.init == "random" or (config.init == "auto" and backbone.kind != "decoder"):
         return
     if backbone.kind != "decoder" or config.projection:
         raise AdapterlabError("prefix_tuning init 'words' needs an LLM backbone and projection: false")
-    words = " ".join([template_of(head_config).replace("{text}", "").replace("{text_pair}", ""), *label_descriptions])
+    words = " ".join([template.replace("{text}", "").replace("{text_pair}", ""), *label_descriptions])
     ids = backbone.tokenizer(words, add_special_tokens=False, return_tensors="pt").input_ids[0]
     ids = ids.repeat(config.num_virtual_tokens // len(ids) + 1)[:config.num_virtual_tokens]
     with torch.no_grad():
