@@ -90,7 +90,8 @@ class HeadConfig(_Section):
         None, description="LLM prompt; {text} (and {text_pair}) are filled in: without {text_pair}, a pair's "
         "second text follows the first on a new line. null: for a label_words head, "
         "'Classify the text as one of: WORD (DESCRIPTION), ...' then 'Text: {text}', from the task's labels.json "
-        "(a description that repeats its name is left out); for other heads 'Text: {text}\\nLabel:'.")
+        "(a description that repeats its name is left out), or 'Classify this text.' then 'Text: {text}' where "
+        "no description says more than its name; for other heads 'Text: {text}\\nLabel:'.")
     chat: bool | None = Field(
         None, description="LLMs: send the prompt as a user turn of the tokenizer's chat template, so the "
         "label word opens the assistant's answer. null: when the tokenizer has a chat template.")
