@@ -68,7 +68,7 @@ def gather() -> dict[str, dict]:
                          {"lora": "SmolLM2 LoRA", "prefix": "SmolLM2 prefix", "incontext": "SmolLM2 in-context"},
                          "train_seconds")
     llm = RESULTS / "smollm2-nine" / "results.jsonl"  # the same test rows as SetFit's, prompts from the labels
-    paths |= jsonl_cells(llm, {"prefix": "SmolLM2 prefix, prompt from labels"}, "train_seconds")
+    paths |= jsonl_cells(llm, {"prefix": "SmolLM2 prefix, written prompt"}, "train_seconds")
     paths |= jsonl_cells(RESULTS / "tiered-nine" / "results.jsonl", {"tiered": "tiered: MiniLM or SmolLM2 by CV"},
                          "train_seconds")  # the selection's seconds counted
     paths["zero-shot (MiniLM)"] = zero_shot_cells(RESULTS / "fewshot.json")
