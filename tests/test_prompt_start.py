@@ -96,7 +96,8 @@ def test_a_label_word_head_without_a_template_lists_the_labels_with_their_descri
 def test_labels_that_only_name_themselves_are_not_listed_and_a_prefix_starts_from_the_prompt(tiny_llama, tmp_path):
     """Descriptions that repeat the names add nothing to list: the written prompt is UNLISTED_TEMPLATE, and a
     prefix starts as the backbone reading that prompt's words and the labels', not some other prompt's."""
-    recipe = validate_recipe(tiny_recipe(tiny_llama, tmp_path, method={"name": "prefix_tuning", "num_virtual_tokens": 6}))
+    method = {"name": "prefix_tuning", "num_virtual_tokens": 6}
+    recipe = validate_recipe(tiny_recipe(tiny_llama, tmp_path, method=method))
     backbone = load_backbone(tiny_llama)
     names = ["negative", "positive"]
     model = build_adapter_model(recipe, backbone, names, names)

@@ -271,8 +271,8 @@ def build_adapter_model(recipe, backbone: Backbone, label_names: list[str],
                                            text_prompt_of(recipe.head, backbone))
     method = method_module(recipe.method.name)
     peft_model = get_peft_model(backbone.model, method.peft_config(recipe.method, backbone))
-    method.start(peft_model, recipe.method, backbone, template_of(recipe.head, label_names, label_descriptions, backbone),
-                 label_descriptions)
+    template = template_of(recipe.head, label_names, label_descriptions, backbone)
+    method.start(peft_model, recipe.method, backbone, template, label_descriptions)
     return AdapterModel(backbone, peft_model, head, label_names, recipe.head, recipe.training.inference_max_length,
                         label_texts, label_descriptions)
 
