@@ -46,13 +46,17 @@ def folds_seen(monkeypatch) -> list[tuple]:
     return seen
 
 
-@pytest.mark.parametrize("winner", ["llm", "tie"])
+@pytest.mark.parametrize("winner", ["llm", "narrow", "tie"])
 def test_candidates_share_folds_and_the_best_trains_under_its_backbone(tiny_bert, tiny_llama, tmp_path, monkeypatch,
                                                                      folds_seen, winner):
-    """Held-out scores forced: the LLM right on every row (it wins), or both wrong on all (a tie goes to the
-    cheaper, the tiny BERT recipe as written). Each candidate trains for real on its own backbone."""
+    """Held-out scores forced: the LLM right on every row and the BERT recipe on none (it wins clearly); the
+    LLM ahead by one row a fold only ("narrow": within chance, so the cheaper BERT recipe as written trains);
+    or both wrong on all (a tie goes to the cheaper). Each candidate trains for real on its own backbone."""
     def forced(model, rows, recipe):
-        return list(range(len(rows))) if recipe.backbone == tiny_llama and winner == "llm" else []
+        every = list(range(len(rows)))
+        if recipe.backbone == tiny_llama:
+            return every if winner in ("llm", "narrow") else []
+        return every[1:] if winner == "narrow" else []
 
     monkeypatch.setattr(cv, "right_rows", forced)
     llm = llm_candidate(tiny_llama, tmp_path)
@@ -65,6 +69,7 @@ def test_candidates_share_folds_and_the_best_trains_under_its_backbone(tiny_bert
     assert set(by_backbone) == {tiny_bert, tiny_llama}
     assert by_backbone[tiny_bert] == by_backbone[tiny_llama] and len(by_backbone[tiny_bert]) == 2  # the same folds
     assert [backbone for backbone, _, _ in folds_seen] == [tiny_bert] * 2 + [tiny_llama] * 2  # cheapest first
+    rows = sum(len(held_out) for _, held_out in by_backbone[tiny_bert])
 
     card = read_card(result.adapter_path)
     selection = card.selection
@@ -72,10 +77,13 @@ def test_candidates_share_folds_and_the_best_trains_under_its_backbone(tiny_bert
     assert [c["backbone"] for c in selection["candidates"]] == [tiny_bert, tiny_llama]
     assert all(not c["skipped"] and c["seconds"] > 0 and c["estimate_seconds"] > 0 for c in selection["candidates"])
     scores = [c["cv_accuracy"] for c in selection["candidates"]]
-    assert scores == ([0.0, 1.0] if winner == "llm" else [0.0, 0.0])
+    p_values = [c["p_value_over_cheapest"] for c in selection["candidates"]]
+    expected = {"llm": ([0.0, 1.0], [None, 0.5 ** rows]), "narrow": ([round(1 - 2 / rows, 4), 1.0], [None, 0.25]),
+                "tie": ([0.0, 0.0], [None, 1.0])}[winner]
+    assert (scores, p_values) == (expected[0], [None, pytest.approx(expected[1][1], abs=1e-4)])
     chosen_backbone = tiny_llama if winner == "llm" else tiny_bert
     assert selection["chosen"] == (llm if winner == "llm" else tiers.AS_WRITTEN)
-    assert selection["cv_accuracy"] == max(scores) and selection["trainings"] == 4
+    assert selection["cv_accuracy"] == scores[winner == "llm"] and selection["trainings"] == 4
     assert card.backbone == chosen_backbone and card.task == "sentiment"  # the selecting recipe's task and store
     assert result.adapter_path.parent.parent == tmp_path / "store"
     assert result.adapter_path.name == recipe.adapter_name and card.settings_digest == recipe.settings_digest

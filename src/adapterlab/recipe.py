@@ -171,10 +171,11 @@ class SelectionConfig(_Section):
         [], description="Other recipe files (paths relative to this recipe's file) to choose among beside this "
         "recipe as written, each with its own backbone, method, head and training settings but this recipe's task, "
         "data and output, so that all see the same k-shot rows and folds. Each is cross-validated on its own "
-        "backbone, cheapest first (backbone weight bytes × training tokens), within training.budget_seconds; the "
-        "best cross-validated accuracy trains (ties: the cheaper). A candidate selects nothing itself (no "
+        "backbone, cheapest first (backbone weight bytes × training tokens), within training.budget_seconds. The "
+        "cheapest trains unless costlier ones beat it clearly on the held-out rows they disagree on (a sign test, "
+        "p < 0.05): then the best cross-validated accuracy among those. A candidate selects nothing itself (no "
         "training.select, no init_from auto) and trains one classifier. The card's selection lists each "
-        "candidate's cv_accuracy and seconds.")
+        "candidate's cv_accuracy, p_value_over_cheapest and seconds.")
     max_cost: float = Field(
         3.0, gt=0, description="The selection may train at most this many times the optimizer steps of one run of "
         "the recipe as written (all grid points × folds, each on folds-1 parts of the rows); a grid that costs "

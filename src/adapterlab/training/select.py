@@ -58,6 +58,15 @@ def stratified_folds(labels: list[int], folds: int, seed: int, names: list[str])
     return parts
 
 
+def sign_test(leader_right, other_right) -> float:
+    """A one-sided sign test on the held-out rows where two predictors disagree (each given by the rows it got
+    right): how likely the leader's lead on them, or more, is if neither were better."""
+    leader, other = set(leader_right), set(other_right)
+    wins, losses = len(leader - other), len(other - leader)
+    disagreements = wins + losses
+    return sum(math.comb(disagreements, i) for i in range(wins, disagreements + 1)) / 2 ** disagreements
+
+
 def trainings(points: list[dict]) -> dict[tuple, list[dict]]:
     """Grid points grouped by what their training needs: all settings but the prototype weight."""
     groups: dict[tuple, list[dict]] = {}
@@ -117,12 +126,8 @@ class Selection:
 
     @property
     def below_zero_shot_p_value(self) -> float:
-        """A one-sided sign test on the rows where the chosen point and the zero-shot start disagree: how
-        likely the start's lead on them (or more) is if neither were better."""
-        start, chosen = set(self.zero_shot_right or ()), set(self.chosen.right)
-        wins, losses = len(start - chosen), len(chosen - start)
-        disagreements = wins + losses
-        return sum(math.comb(disagreements, i) for i in range(wins, disagreements + 1)) / 2 ** disagreements
+        """How likely the zero-shot start's lead over the chosen point is by chance (`sign_test`)."""
+        return sign_test(self.zero_shot_right or (), self.chosen.right)
 
     @property
     def clearly_below_zero_shot(self) -> bool:

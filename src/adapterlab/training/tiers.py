@@ -1,7 +1,8 @@
 """Choosing among whole recipes (`training.select.candidates`): the recipe as written and each candidate
 file, all with the recipe's task, data and output, cross-validated on the same folds of the k-shot rows,
-each on its own backbone. They run cheapest first within `training.budget_seconds`; the best held-out
-accuracy trains (ties: the cheaper). An LLM recipe wins where it scores higher, a MiniLM one elsewhere."""
+each on its own backbone. They run cheapest first within `training.budget_seconds`. The cheapest trains
+unless a costlier one beats it clearly on the held-out rows: an LLM recipe where it wins by more than a few
+dozen rows' chance, a MiniLM one elsewhere."""
 
 import logging
 import time
@@ -15,11 +16,15 @@ from adapterlab.data import TaskData
 from adapterlab.recipe import Recipe, candidate_recipes
 from adapterlab.training.builders import frozen_backbone
 from adapterlab.training.loop import schedule
-from adapterlab.training.select import FoldTrainer, Folds, PointResult, Selection, fold_steps
+from adapterlab.training.select import FALLBACK_P_VALUE, FoldTrainer, Folds, PointResult, Selection, fold_steps, sign_test
 
 log = logging.getLogger("adapterlab")
 
 AS_WRITTEN = "as written"  # how the card names the recipe itself among the candidates
+# How sure the held-out rows must make a costlier candidate's lead over the cheapest: the bar of a fallback.
+# Two folds of 32-96 rows move a path's estimate by several points, so without it the costlier path took
+# near ties it then lost on the test rows (emotion by 10 points).
+SWITCH_P_VALUE = FALLBACK_P_VALUE
 
 
 @dataclass
@@ -33,11 +38,19 @@ class Candidate:
     estimate: float | None = None  # seconds: its backbone's load plus its first fold's × folds (None: never started)
     seconds: float = 0.0  # spent on it, skipped or not
 
-    def record(self) -> dict:
+    @property
+    def right(self) -> list[int]:
+        """The held-out rows it got right."""
+        return self.selection.chosen.right
+
+    def record(self, cheapest: "Candidate") -> dict:
         accuracy = self.selection.accuracy(self.selection.chosen.correct) if self.selection else None
+        p_value = None if self is cheapest or self.selection is None else sign_test(self.right, cheapest.right)
         return {"recipe": self.name, "backbone": self.recipe.backbone, "method": self.recipe.method.name,
                 "head": self.recipe.head.type, "skipped": self.selection is None,
-                "cv_accuracy": None if accuracy is None else round(accuracy, 4), "seconds": round(self.seconds, 3),
+                "cv_accuracy": None if accuracy is None else round(accuracy, 4),
+                "p_value_over_cheapest": None if p_value is None else round(p_value, 4),
+                "seconds": round(self.seconds, 3),
                 "estimate_seconds": None if self.estimate is None else round(self.estimate, 3)}
 
 
@@ -50,16 +63,23 @@ class TierChoice:
     seconds: float
 
     @property
+    def cheapest(self) -> Candidate:
+        return self.candidates[0]  # it always runs
+
+    @property
     def chosen(self) -> Candidate:
-        """The best held-out accuracy among those that ran; ties go to the cheaper (max keeps the first)."""
-        return max((c for c in self.candidates if c.selection), key=lambda c: c.selection.chosen.correct)
+        """The cheapest, unless costlier ones beat it clearly on the rows where they disagree with it (a sign
+        test under SWITCH_P_VALUE): then the best held-out accuracy among those (ties: the cheaper)."""
+        clear = [c for c in self.candidates[1:]
+                 if c.selection and sign_test(c.right, self.cheapest.right) < SWITCH_P_VALUE]
+        return max(clear, key=lambda c: c.selection.chosen.correct) if clear else self.cheapest
 
     def record(self, fell_back: bool, train_seconds: float) -> dict:
         """The card's selection: the chosen candidate's estimate beside its zero-shot start (its fallback), and
         every candidate's estimate, seconds and whether the budget skipped it."""
         chosen = self.chosen.selection.record(fell_back, train_seconds)
         return {**{key: value for key, value in chosen.items() if key not in ("grid", "points", "steps_ratio")},
-                "chosen": self.chosen.name, "candidates": [candidate.record() for candidate in self.candidates],
+                "chosen": self.chosen.name, "candidates": [c.record(self.cheapest) for c in self.candidates],
                 "budget_seconds": self.budget, "seconds": round(self.seconds, 3),
                 "trainings": sum(c.selection.trainings for c in self.candidates if c.selection),
                 "time_ratio": None if fell_back else round(self.seconds / train_seconds, 3)}
