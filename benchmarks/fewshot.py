@@ -43,7 +43,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from _common import (BACKBONES, PAIR_FIELDS, SHARED_DATA, append_jsonl, backbone_path, cell_cpu, describe_cpu,
-                     fewshot_files, of_backbone, plot_accuracy_bars, read_jsonl, sample_std)
+                     fewshot_files, git_commit, of_backbone, plot_accuracy_bars, read_jsonl, sample_std)
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILE = ROOT / "recipes" / "sweeps" / "minilm-single-text.yaml"
@@ -567,11 +567,13 @@ def main(argv=None) -> dict:
     result = {"benchmark": "fewshot", "backbone": options.backbone, "k": options.k, "seeds": options.seeds,
               "test_limit": test_limit, **report, "setfit_settings": SETFIT_SETTINGS, "target_setting": TARGETS,
               "adapter_recipe": str(Path(sweep.methods[ADAPTER_METHOD]).relative_to(ROOT)),
-              "cv_recipe": str(CV_RECIPE.relative_to(ROOT)), "cpu": cpu_capability(), "cpu_count": os.cpu_count()}
+              "cv_recipe": str(CV_RECIPE.relative_to(ROOT)), "cpu": cpu_capability(), "cpu_count": os.cpu_count(),
+              "date": time.strftime("%Y-%m-%d"), "commit": git_commit()}
     files = options.out / fewshot_files(options.backbone)["report"]
     files.with_suffix(".json").write_text(json.dumps(result, indent=2))
     heading = (f"Backbone {options.backbone}, k={options.k}, seeds {options.seeds}, {test_limit or 'all'} test "
-               f"rows; CPU: {describe_cpu(result['cpu'])}.\n\n")
+               f"rows; CPU: {describe_cpu(result['cpu'])}; written {result['date']} at commit {result['commit']} "
+               "from the kept cells.\n\n")
     files.with_suffix(".md").write_text(heading + markdown(report))
     plot(report, files.with_suffix(".png"), options.k)
     return result

@@ -9,10 +9,11 @@ Reads the kept cells (k=16, one row per dataset × seed; nothing is trained here
     descriptions, the report's test rows, every shared dataset but banking77);
   - the tier choice (tiered-nine/results.jsonl: recipes/tiered-minilm-smollm2.yaml, MiniLM or SmolLM2 chosen
     per cell by cross-validation, its seconds counting the selection).
-Each path is compared with SetFit (MiniLM) on the cells both have, so that paths measured on fewer datasets
-still compare fairly: the mean accuracy difference in points and the mean per-dataset ratio of training
-seconds. Writes frontier.json, frontier.md and frontier.png (points over SetFit against the time ratio, log
-scale; SetFit at 1, zero-shot as a line) to benchmarks/results/.
+Each path is compared with SetFit on the cells both have, so that paths measured on fewer datasets still
+compare fairly: the mean accuracy difference in points and the mean per-dataset ratio of training seconds.
+Writes frontier.json, frontier.md and frontier.png (points over SetFit (MiniLM) against the time ratio, log
+scale; SetFit at 1, zero-shot as a line) to benchmarks/results/, and frontier-mpnet.* against SetFit on
+all-mpnet-base-v2 (the 110M budget) where its cells exist.
 
     .venv/bin/python benchmarks/frontier.py
 """
@@ -27,7 +28,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from _common import describe_cpu, git_commit, pyplot, read_jsonl, save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PEER = "SetFit (MiniLM)"
+PEERS = {"": "SetFit (MiniLM)", "-mpnet": "SetFit (mpnet)"}  # file suffix: the peer every path is held against
 
 
 def report_cells(file: Path, methods: dict[str, str]) -> dict[str, dict]:
@@ -60,9 +61,9 @@ def jsonl_cells(file: Path, methods: dict[str, str], seconds: str) -> dict[str, 
 
 def gather() -> dict[str, dict]:
     paths = report_cells(RESULTS / "fewshot.json", {"adapterlab": "tied recipe (MiniLM)",
-                                                    "adapterlab_cv": "tied recipe + CV (MiniLM)", "setfit": PEER})
+                                                    "adapterlab_cv": "tied recipe + CV (MiniLM)", "setfit": PEERS[""]})
     paths |= report_cells(RESULTS / "fewshot-mpnet.json", {"adapterlab": "tied recipe (mpnet)",
-                                                           "setfit": "SetFit (mpnet)"})
+                                                           "setfit": PEERS["-mpnet"]})
     paths |= jsonl_cells(RESULTS / "library" / "cells.jsonl", {"auto": "library auto (MiniLM)"}, "seconds")
     paths |= jsonl_cells(RESULTS / "smollm2-sst2-agnews" / "results.jsonl",
                          {"lora": "SmolLM2 LoRA", "prefix": "SmolLM2 prefix", "incontext": "SmolLM2 in-context"},
@@ -92,14 +93,14 @@ def against_peer(cells: dict, peer: dict) -> dict | None:
             "time_ratio": round(statistics.fmean(seconds(cells, d) / seconds(peer, d) for d in datasets), 4)}
 
 
-def plot(rows: dict[str, dict], file: Path, heading: str) -> None:
+def plot(rows: dict[str, dict], peer: str, file: Path, heading: str) -> None:
     """Trained paths as points, no-training ones as dashed lines, each named in a legend beside the axes
     (paths crowd near SetFit's time: labels on the points overlap)."""
     figure, axis = pyplot().subplots(figsize=(10, 5))
     colors = pyplot().get_cmap("tab20").colors[::2] + pyplot().get_cmap("tab20").colors[1::2]
     for index, (name, row) in enumerate(rows.items()):
-        if name == PEER:
-            axis.scatter([1.0], [0.0], marker="*", s=220, color="black", zorder=3, label=PEER)
+        if name == peer:
+            axis.scatter([1.0], [0.0], marker="*", s=220, color="black", zorder=3, label=peer)
         elif row["time_ratio"] == 0:
             axis.axhline(row["points_over_peer"], linestyle="--", linewidth=1, color=colors[index % len(colors)],
                          label=f"{name}, no training: {row['points_over_peer']:+.1f} ({row['cells']} cells)")
@@ -119,8 +120,8 @@ def plot(rows: dict[str, dict], file: Path, heading: str) -> None:
     save_figure(figure, file)
 
 
-def markdown(rows: dict[str, dict], heading: str) -> str:
-    lines = [f"# {heading}", "", "| path | cells | datasets | accuracy | SetFit (MiniLM) on those cells | points "
+def markdown(rows: dict[str, dict], peer: str, heading: str) -> str:
+    lines = [f"# {heading}", "", f"| path | cells | datasets | accuracy | {peer} on those cells | points "
              "over it | train s | time ratio |", "|---|---|---|---|---|---|---|---|"]
     for name, row in sorted(rows.items(), key=lambda item: -item[1]["points_over_peer"]):
         lines.append(f"| {name} | {row['cells']} | {len(row['datasets'])} | {100 * row['accuracy']:.1f} | "
@@ -131,15 +132,21 @@ def markdown(rows: dict[str, dict], heading: str) -> str:
 
 def main() -> dict:
     paths = gather()
-    peer = paths[PEER]
-    rows = {name: row for name, cells in paths.items() if (row := against_peer(cells, peer))}
     cpus = describe_cpu(json.loads((RESULTS / "fewshot.json").read_text())["cpu"])
-    heading = (f"Few-shot frontier, k=16, each path against SetFit (MiniLM) on the same rows and seeds "
-               f"(the few-shot report measured on {cpus}; commit {git_commit()})")
-    (RESULTS / "frontier.json").write_text(json.dumps({"heading": heading, "paths": rows}, indent=1))
-    (RESULTS / "frontier.md").write_text(markdown(rows, heading))
-    plot(rows, RESULTS / "frontier.png", heading)
-    return rows
+    frontiers = {}
+    for suffix, peer in PEERS.items():
+        if peer not in paths:
+            continue
+        rows = {name: row for name, cells in paths.items() if (row := against_peer(cells, paths[peer]))}
+        datasets = sorted({dataset for dataset, _ in paths[peer]})
+        heading = (f"Few-shot frontier, k=16, each path against {peer} on the same rows and seeds "
+                   f"({len(datasets)} datasets: {', '.join(datasets)}; the few-shot report measured on {cpus}; "
+                   f"commit {git_commit()})")
+        (RESULTS / f"frontier{suffix}.json").write_text(json.dumps({"heading": heading, "paths": rows}, indent=1))
+        (RESULTS / f"frontier{suffix}.md").write_text(markdown(rows, peer, heading))
+        plot(rows, peer, RESULTS / f"frontier{suffix}.png", heading)
+        frontiers[peer] = rows
+    return frontiers
 
 
 if __name__ == "__main__":
