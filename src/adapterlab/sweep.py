@@ -5,9 +5,11 @@ A sweep file names a backbone, datasets (data sections), methods (recipe files, 
 the whole train split, as library adapters train) and the seeds. Its recipes classify (the report's
 score: accuracy) or generate (BLEU; zero-shot and in-context prompt the bare backbone with the first
 recipe's template); `metric` picks another score. Each finished cell is appended to results.jsonl at
-once, with a digest of the settings it ran under, so an interrupted sweep resumes where it stopped and a
-cell whose recipe has changed since runs again; the report (CSV, JSON, markdown with mean ± std over seeds, PNG plots) is
-rebuilt after every run from the cells of the sweep as it now stands. Cells run one after another in
+once, with a digest of the settings it ran under, its date and commit, so an interrupted sweep resumes
+where it stopped and a cell whose recipe has changed since runs again (a change of code does not: the
+sweep warns of cells kept from another commit); the report (CSV, JSON, markdown with mean ± std over
+seeds and where the cells were measured, PNG plots) is rebuilt after every run from the cells of the
+sweep as it now stands. Cells run one after another in
 this process, or through another runner (`ray_sweep.on_ray`: as tasks on a Ray cluster); the factory
 (`factory_sweep`) is a sweep of one cell per task folder.
 """
@@ -15,8 +17,10 @@ this process, or through another runner (`ray_sweep.on_ray`: as tasks on a Ray c
 import csv
 import functools
 import json
+import logging
 import math
 import statistics
+import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -31,8 +35,11 @@ from adapterlab.errors import AdapterlabError
 from adapterlab.metrics import BUILTIN, GENERATION
 from adapterlab.names import json_digest
 from adapterlab.precision import cpu_capability
+from adapterlab.provenance import git_commit
 from adapterlab.recipe import DataConfig, Recipe, load_recipe
 from adapterlab.store import read_card
+
+log = logging.getLogger("adapterlab")
 
 ZERO_SHOT = "zeroshot"
 IN_CONTEXT = "incontext"
@@ -178,6 +185,7 @@ def run_sweep(sweep: Sweep, show_progress: bool = True, runner: Runner | None = 
     done = {_key(row) for row in read_results(results_file)}
     grid = cells(sweep)
     todo = [cell for cell in grid if _key(cell) not in done]
+    warn_of_other_code(finished_cells(sweep, grid))
     failures = []
     with closing((runner or run_here)(sweep, todo, folder)) as finished, \
             tqdm(total=len(todo), desc=f"sweep {sweep.name}", disable=not show_progress) as progress:
@@ -195,6 +203,16 @@ def run_sweep(sweep: Sweep, show_progress: bool = True, runner: Runner | None = 
     return folder
 
 
+def warn_of_other_code(kept: list[dict]) -> None:
+    """Kept cells are keyed by their settings, not by the code: say when some were measured at another commit."""
+    now = git_commit()
+    others = sorted({row["commit"] for row in kept if row.get("commit") not in (None, "unknown", now)})
+    if others and now != "unknown":
+        log.warning("%d kept cells were measured at commit %s, this code is %s: they are not run again (only a "
+                    "change of their settings does); remove their rows from results.jsonl to measure them anew",
+                    sum(row.get("commit") in others for row in kept), ", ".join(others), now)
+
+
 def run_here(sweep: Sweep, todo: list[dict], folder: Path) -> Iterator[dict]:
     """The cells one after another in this process."""
     for cell in todo:
@@ -202,8 +220,8 @@ def run_here(sweep: Sweep, todo: list[dict], folder: Path) -> Iterator[dict]:
 
 
 def run_cell(sweep: Sweep, cell: dict, folder: Path) -> dict:
-    """A cell's result row: the cell, its metrics and training time, and the CPU it ran on (timings
-    compare only between cells of the same kind of CPU)."""
+    """A cell's result row: the cell, its metrics and training time, the CPU it ran on (timings compare
+    only between cells of the same kind of CPU), the date and the commit."""
     if sweep.methods[cell["method"]] in PROMPTING:
         engine = _engine(sweep.backbone)
         metrics, seconds = _prompting(engine, sweep, cell, folder), 0.0
@@ -212,7 +230,7 @@ def run_cell(sweep: Sweep, cell: dict, folder: Path) -> dict:
         metrics, seconds = _train(sweep, cell, folder)
     cpu = cpu_capability()
     return {**cell, **metrics, "train_seconds": seconds, "cpu": cpu["cpu"], "fast_bf16": cpu["fast_bf16"],
-            "isa": cpu["isa"]}
+            "isa": cpu["isa"], "date": time.strftime("%Y-%m-%d"), "commit": git_commit()}
 
 
 def append_result(results_file: Path, row: dict) -> None:
@@ -332,12 +350,27 @@ def write_report(rows: list[dict], folder: Path, metric: str = "accuracy") -> No
         writer.writerows(rows)
     summary = summarize(rows, metric)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-    lines = [f"| dataset | method | k | {metric} (mean ± std) | seeds | train s |", "|---|---|---|---|---|---|"]
+    lines = [provenance_line(rows), "", f"| dataset | method | k | {metric} (mean ± std) | seeds | train s |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {s['dataset']} | {s['method']} | {k_shown(s['k']) if s['k'] != 0 else '-'} | "
               f"{_shown(metric, s['score_mean'])} ± {_shown(metric, s['score_std'])} | {s['seeds']} | "
               f"{s['train_seconds_mean']:.1f} |" for s in summary]
     (folder / "summary.md").write_text("\n".join(lines) + "\n")
     plot(summary, folder)
+
+
+def provenance_line(rows: list[dict]) -> str:
+    """Where the cells were measured: their dates, CPUs and commits (cells kept from before rows carried a
+    date and commit are counted as such)."""
+    def listed(key: str) -> str:
+        values = sorted({str(row[key]) for row in rows if row.get(key)})
+        missing = sum(not row.get(key) for row in rows)
+        return ", ".join(values + ([f"{missing} cells unrecorded"] if missing else [])) or "unrecorded"
+
+    cpus = sorted({f"{row['cpu']} ({'fast bf16' if row.get('fast_bf16') else 'no fast bf16'})"
+                   for row in rows if row.get("cpu")})
+    return (f"{len(rows)} cells measured on {', '.join(cpus) or 'an unrecorded CPU'}; dates: {listed('date')}; "
+            f"commits: {listed('commit')}.")
 
 
 def plot(summary: list[dict], folder: Path) -> None:
