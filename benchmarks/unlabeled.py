@@ -26,11 +26,12 @@ from pathlib import Path
 
 import yaml
 
-from _common import PAIR_FIELDS, SHARED_DATA, append_jsonl, describe_cpu, pyplot, read_jsonl, save_figure, wait_for_quiet
+from _common import (PAIR_FIELDS, SHARED_DATA, append_jsonl, describe_cpu, fewshot_files, of_backbone, pyplot,
+                     read_jsonl, save_figure, wait_for_quiet)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "sst2-lora-minilm-tied.yaml"
-SETFIT_CELLS = ROOT / "benchmarks" / "results" / "fewshot-setfit.jsonl"
+SETFIT_CELLS = ROOT / "benchmarks" / "results" / fewshot_files("minilm")["setfit"]  # the recipe's backbone
 SELF_TRAIN = "{rounds: 1, threshold: 0.0, keep_fraction: 0.2, balance: true, labelled_share: 0.5, steps: 1.0}"
 CELLS = "unlabeled.jsonl"
 SKIPPED = {"e2e": "a generation task: self-training keeps pseudo-labels by class probability"}
@@ -121,7 +122,7 @@ def plain_adapter(recipe):
 
 def setfit_cell(dataset: str, seed: int, k: int, test_limit: int) -> dict | None:
     """SetFit's finished cell of the few-shot report on the same k-shot and test rows, if it ran."""
-    for cell in read_jsonl(SETFIT_CELLS):
+    for cell in of_backbone(read_jsonl(SETFIT_CELLS), "minilm"):
         if (cell["dataset"], cell["seed"], cell["k"], cell["test_limit"], cell["status"]) == (dataset, seed, k, test_limit, "ok"):
             return cell
     return None
