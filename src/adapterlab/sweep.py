@@ -9,9 +9,9 @@ once, with a digest of the settings it ran under, its date and commit, so an int
 where it stopped and a cell whose recipe has changed since runs again (a change of code does not: the
 sweep warns of cells kept from another commit); the report (CSV, JSON, markdown with mean ± std over
 seeds and where the cells were measured, PNG plots) is rebuilt after every run from the cells of the
-sweep as it now stands. Cells run one after another in
-this process, or through another runner (`ray_sweep.on_ray`: as tasks on a Ray cluster); the factory
-(`factory_sweep`) is a sweep of one cell per task folder.
+sweep as it now stands. Cells run one after another in this process, or through another runner
+(`ray_sweep.on_ray`: as tasks on a Ray cluster); the factory (`factory_sweep`) is a sweep of one cell per
+task folder.
 """
 
 import csv
