@@ -2,7 +2,7 @@
 
 Reads the kept cells (k=16, one row per dataset × seed; nothing is trained here):
   - the few-shot report (fewshot.json: zero-shot, the recommended recipe, the same with CV, SetFit on MiniLM;
-    fewshot-mpnet.json where it exists: the recipe and SetFit on all-mpnet-base-v2);
+    fewshot-mpnet.json where it exists: the recipe, with CV, and SetFit on all-mpnet-base-v2);
   - the library benchmark (library/cells.jsonl: `init_from: auto`, its seconds counting the choice);
   - the LLM tier (smollm2-sst2-agnews/results.jsonl: SmolLM2 LoRA, prefix-tuning, in-context, 200 test rows;
     smollm2-nine/results.jsonl: prefix-tuning and zero-shot with the prompt written from the label
@@ -63,6 +63,7 @@ def gather() -> dict[str, dict]:
     paths = report_cells(RESULTS / "fewshot.json", {"adapterlab": "tied recipe (MiniLM)",
                                                     "adapterlab_cv": "tied recipe + CV (MiniLM)", "setfit": PEERS[""]})
     paths |= report_cells(RESULTS / "fewshot-mpnet.json", {"adapterlab": "tied recipe (mpnet)",
+                                                           "adapterlab_cv": "tied recipe + CV (mpnet)",
                                                            "setfit": PEERS["-mpnet"]})
     paths |= jsonl_cells(RESULTS / "library" / "cells.jsonl", {"auto": "library auto (MiniLM)"}, "seconds")
     paths |= jsonl_cells(RESULTS / "smollm2-sst2-agnews" / "results.jsonl",
