@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import matplotlib.image
 import pytest
@@ -11,6 +12,7 @@ import adapterlab.sweep as sweep_module
 from adapterlab.baselines import evaluate_prompting
 from adapterlab.data import load_task
 from adapterlab.engine import Engine
+from adapterlab.provenance import SOURCE_TREE, git_commit
 from adapterlab.recipe import DataConfig
 from adapterlab.store import read_card
 from adapterlab.sweep import SweepError, factory_sweep, load_sweep, run_sweep
@@ -135,6 +137,13 @@ def test_cells_name_their_date_and_commit_and_kept_cells_of_other_code_are_warne
     with caplog.at_level("WARNING", logger="adapterlab"):
         run_sweep(sweep, show_progress=False)
     assert f"{len(rows)} kept cells were measured at commit 1111111, this code is 2222222" in caplog.text
+
+
+def test_the_commit_is_the_checkouts_own_or_unknown(tmp_path):
+    """A folder that is no checkout root (an installed wheel's, or one inside another repository) has no commit."""
+    if (SOURCE_TREE / ".git").exists():  # run from a checkout (a clone, as CI's)
+        assert re.fullmatch(r"[0-9a-f]{7,}(\+changes)?", git_commit())
+    assert git_commit(tmp_path) == "unknown" and git_commit(SOURCE_TREE / "src") == "unknown"
 
 
 def test_recipes_that_differ_only_in_their_method_digest_apart(sweep_file, tmp_path):
