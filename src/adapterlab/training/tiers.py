@@ -43,9 +43,9 @@ class Candidate:
         """The held-out rows it got right."""
         return self.selection.chosen.right
 
-    def record(self, cheapest: "Candidate") -> dict:
+    def record(self, p_value: float | None) -> dict:
+        """Its row in the card; `p_value`: its lead over the cheapest by chance (None: the cheapest, or skipped)."""
         accuracy = self.selection.accuracy(self.selection.chosen.correct) if self.selection else None
-        p_value = None if self is cheapest or self.selection is None else sign_test(self.right, cheapest.right)
         return {"recipe": self.name, "backbone": self.recipe.backbone, "method": self.recipe.method.name,
                 "head": self.recipe.head.type, "skipped": self.selection is None,
                 "cv_accuracy": None if accuracy is None else round(accuracy, 4),
@@ -66,12 +66,18 @@ class TierChoice:
     def cheapest(self) -> Candidate:
         return self.candidates[0]  # it always runs
 
+    def p_value_over_cheapest(self, candidate: Candidate) -> float | None:
+        """The sign test of `candidate`'s lead over the cheapest on the held-out rows where they disagree."""
+        if candidate is self.cheapest or candidate.selection is None:
+            return None
+        return sign_test(candidate.right, self.cheapest.right)
+
     @property
     def chosen(self) -> Candidate:
-        """The cheapest, unless costlier ones beat it clearly on the rows where they disagree with it (a sign
-        test under SWITCH_P_VALUE): then the best held-out accuracy among those (ties: the cheaper)."""
+        """The cheapest, unless costlier ones beat it clearly (p-value under SWITCH_P_VALUE): then the best
+        held-out accuracy among those (ties: the cheaper)."""
         clear = [c for c in self.candidates[1:]
-                 if c.selection and sign_test(c.right, self.cheapest.right) < SWITCH_P_VALUE]
+                 if c.selection and self.p_value_over_cheapest(c) < SWITCH_P_VALUE]
         return max(clear, key=lambda c: c.selection.chosen.correct) if clear else self.cheapest
 
     def record(self, fell_back: bool, train_seconds: float) -> dict:
@@ -79,7 +85,7 @@ class TierChoice:
         every candidate's estimate, seconds and whether the budget skipped it."""
         chosen = self.chosen.selection.record(fell_back, train_seconds)
         return {**{key: value for key, value in chosen.items() if key not in ("grid", "points", "steps_ratio")},
-                "chosen": self.chosen.name, "candidates": [c.record(self.cheapest) for c in self.candidates],
+                "chosen": self.chosen.name, "candidates": [c.record(self.p_value_over_cheapest(c)) for c in self.candidates],
                 "budget_seconds": self.budget, "seconds": round(self.seconds, 3),
                 "trainings": sum(c.selection.trainings for c in self.candidates if c.selection),
                 "time_ratio": None if fell_back else round(self.seconds / train_seconds, 3)}
